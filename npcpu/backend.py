@@ -1,0 +1,88 @@
+"""Which BLAS NumPy uses, which Numba threading layer runs the kernels, and how many threads each gets.
+
+BLAS threads (for the GEMMs) and Numba threads (for the fused kernels between them) never run at the
+same time in a training step, so both are set to the same count, once, through `set_threads`.
+
+The Numba threading layer is chosen before the first parallel kernel runs: TBB where it is installed
+(fork-safe and thread-safe: the data loader's prefetch thread may launch kernels while the main
+thread does), otherwise OpenMP, otherwise Numba's own workqueue.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+_LAYER_PREFERENCE = ("tbb", "omp", "workqueue")
+
+
+def _choose_threading_layer() -> str:
+    """Set numba.config.THREADING_LAYER unless the user chose one through NUMBA_THREADING_LAYER."""
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return os.environ["NUMBA_THREADING_LAYER"]
+    for layer in _LAYER_PREFERENCE:
+        if layer == "tbb":
+            try:
+                from numba.np.ufunc import tbbpool  # noqa: F401  (import fails without libtbb)
+            except ImportError:
+                continue
+        elif layer == "omp":
+            try:
+                from numba.np.ufunc import omppool  # noqa: F401
+            except ImportError:
+                continue
+        numba.config.THREADING_LAYER = layer
+        return layer
+    return "default"
+
+
+_choose_threading_layer()
+
+
+def set_threads(n: int | None) -> int:
+    """Use `n` threads for BLAS and for Numba kernels (None: all cores). Returns the count in force."""
+    cores = numba.config.NUMBA_NUM_THREADS
+    if n is None:
+        n = cores
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    n = min(n, cores)
+    numba.set_num_threads(n)
+    threadpool_limits(limits=n, user_api="blas")
+    return n
+
+
+def blas_info() -> dict:
+    """The BLAS library NumPy calls (vendor, version, threads), as threadpoolctl reports it."""
+    np.ones((2, 2)) @ np.ones((2, 2))  # make sure the BLAS library is loaded
+    for pool in threadpool_info():
+        if pool.get("user_api") == "blas":
+            return {
+                "vendor": pool.get("internal_api"),
+                "version": pool.get("version"),
+                "threads": pool.get("num_threads"),
+                "architecture": pool.get("architecture"),
+            }
+    return {"vendor": "unknown", "version": None, "threads": None, "architecture": None}
+
+
+def threading_info() -> dict:
+    """Numba's threading layer (once a parallel kernel has run) and thread count."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = f"{numba.config.THREADING_LAYER} (not started)"
+    return {"layer": layer, "threads": numba.get_num_threads()}
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bfloat16 instructions (x86 AVX512_BF16 or Arm BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or " bf16" in flags

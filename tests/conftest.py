@@ -1,0 +1,34 @@
+"""Shared fixtures: torch (skip without it, fail under NPCPU_REQUIRE_TORCH=1) and thread counts."""
+
+import importlib
+import os
+
+import numba
+import pytest
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """The torch module for parity tests.
+
+    Without torch installed the test is skipped (and pytest's summary says why), unless
+    NPCPU_REQUIRE_TORCH=1, as CI sets: then a missing torch fails the test.
+    """
+    try:
+        module = importlib.import_module("torch")
+    except ImportError:
+        if os.environ.get("NPCPU_REQUIRE_TORCH") == "1":
+            pytest.fail("NPCPU_REQUIRE_TORCH=1 but torch is not installed")
+        pytest.skip("torch is not installed (pip install -e '.[torch]' to run parity tests)")
+    module.set_num_threads(1)
+    return module
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def num_threads(request):
+    """Run a kernel test with 1 and with 2 Numba threads (capped at the cores available)."""
+    previous = numba.get_num_threads()
+    n = min(request.param, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(n)
+    yield n
+    numba.set_num_threads(previous)
