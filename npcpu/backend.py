@@ -25,9 +25,11 @@ def _choose_threading_layer() -> str:
         return os.environ["NUMBA_THREADING_LAYER"]
     for layer in _LAYER_PREFERENCE:
         if layer == "tbb":
-            try:
-                from numba.np.ufunc import tbbpool  # noqa: F401  (import fails without libtbb)
-            except ImportError:
+            try:  # Numba's own check: loads libtbb and refuses versions it cannot use
+                from numba.np.ufunc.parallel import _check_tbb_version_compatible
+                _check_tbb_version_compatible()
+                from numba.np.ufunc import tbbpool  # noqa: F401
+            except (ImportError, OSError):
                 continue
         elif layer == "omp":
             try:
@@ -69,13 +71,16 @@ def blas_info() -> dict:
     return {"vendor": "unknown", "version": None, "threads": None, "architecture": None}
 
 
+@numba.njit(parallel=True, cache=True)
+def _start_threads(out):
+    for i in numba.prange(out.size):
+        out[i] = i
+
+
 def threading_info() -> dict:
-    """Numba's threading layer (once a parallel kernel has run) and thread count."""
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet
-        layer = f"{numba.config.THREADING_LAYER} (not started)"
-    return {"layer": layer, "threads": numba.get_num_threads()}
+    """Numba's threading layer and thread count (starting the thread pool if it has not started)."""
+    _start_threads(np.empty(2))
+    return {"layer": numba.threading_layer(), "threads": numba.get_num_threads()}
 
 
 def cpu_supports_bf16() -> bool:

@@ -1,28 +1,308 @@
-"""Conversions between float32 and the 16-bit storage types (placeholder: ml_dtypes/NumPy casts).
+"""Conversions between float32 and the 16-bit storage types bfloat16 and float16.
 
-TODO(issue 2): parallel Numba kernels over uint16 views; this placeholder keeps the interface.
+Numba knows neither ml_dtypes.bfloat16 nor float16 scalars, so a 16-bit value is handled as its
+`uint16` bit pattern and converted with integer operations on the float32 bits (`uint32`):
+
+    float32  s eeeeeeee mmmmmmmmmmmmmmmmmmmmmmm   (1, 8, 23 bits)
+    bfloat16 s eeeeeeee mmmmmmm                   (1, 8, 7): the top half of a float32
+    float16  s eeeee    mmmmmmmmmm                (1, 5, 10)
+
+Two layers:
+
+- scalar helpers, `@njit(inline="always")`, for other kernels to call element by element inside their
+  own fused loops (an optimizer step that writes bf16 parameters, a layer that stashes bf16
+  activations): `round_bf16_nearest_bits`, `round_bf16_stochastic_bits`, `bf16_bits_to_f32`,
+  `round_f16_nearest_bits`, `f16_bits_to_f32`. They take and return scalars; the caller owns the loop.
+- array functions (`f32_to_bf16`, `bf16_to_f32`, `f32_to_bf16_stochastic`, `f32_to_f16`,
+  `f16_to_f32`) that `npcpu.precision` calls: any shape, non-contiguous input is copied to C order
+  first, the result has the input's shape and is C-contiguous.
+
+Every function is bit-exact with the reference cast (ml_dtypes' `astype(bfloat16)`, NumPy's
+`astype(float16)`/`astype(float32)`) for every input bit pattern, NaNs included:
+
+- float32 -> bfloat16: a NaN becomes the quiet NaN 0x7fc0 with the input's sign (ml_dtypes drops the
+  payload); bfloat16 -> float32 keeps every bit (payloads too).
+- float32 -> float16: a NaN keeps its sign and the top 10 bits of its payload, and a payload that
+  would become zero becomes 1 so that the result stays a NaN (NumPy's `npy_floatbits_to_halfbits`);
+  float16 -> float32 keeps every bit.
+
+Arrays below `SERIAL_THRESHOLD` elements run a serial loop: for them, waking the thread pool costs
+more than the conversion. Both paths share the same scalar helper, so they give the same bits.
 """
 
 import numpy as np
+from numba import njit, prange, uint16, uint32
 
+from npcpu.kernels.rng import hash_index
 from npcpu.precision import bfloat16
 
+SERIAL_THRESHOLD = 1 << 14
+BF16_ROUNDING_STREAM = 0xB16
+"""The rng stream `f32_to_bf16_stochastic` draws from: element i of a call with seed s uses
+`hash_index(s, BF16_ROUNDING_STREAM, i)`. Other kernels that round stochastically pick their own."""
 
-def bf16_to_f32(x):
-    return x.astype(np.float32)
+_SIGN = uint32(0x80000000)
+_ABS = uint32(0x7FFFFFFF)
+_F32_INF = uint32(0x7F800000)
+_BF16_QUIET_NAN = uint32(0x7FC0)
+_LOW_HALF = uint32(0xFFFF)
+_F16_INF = uint32(0x7C00)
 
 
-def f16_to_f32(x):
-    return x.astype(np.float32)
+# ---------------------------------------------------------------- scalar helpers: bfloat16
+
+
+@njit(inline="always", cache=True)
+def _bf16_nan_or(bits, rounded):
+    """`rounded` (a bf16 pattern computed from float32 `bits`), or a quiet NaN if `bits` is a NaN."""
+    if (bits & _ABS) > _F32_INF:
+        return uint16((bits >> uint32(16)) & uint32(0x8000) | _BF16_QUIET_NAN)
+    return uint16(rounded)
+
+
+@njit(inline="always", cache=True)
+def round_bf16_nearest_bits(value):
+    """The bfloat16 bit pattern (uint16) nearest to `value`, ties to even.
+
+    `value` is taken as float32 (a float64 is first rounded to float32). Adding
+    ``0x7fff + lsb`` to the float32 bits, where ``lsb`` is bit 16 (the last bit kept), carries into
+    the kept half exactly when the dropped half is above 0x8000, or equal to it with an odd ``lsb``:
+    round-to-nearest-even. The carry may run into the exponent: that is the correct rounding up to
+    the next binade, and from the largest finite values to Inf. Inf stays Inf (its dropped half is
+    zero); a NaN becomes the quiet NaN 0x7fc0 with its sign, as in ml_dtypes.
+    """
+    bits = np.float32(value).view(np.uint32)
+    kept_lsb = (bits >> uint32(16)) & uint32(1)
+    return _bf16_nan_or(bits, (bits + uint32(0x7FFF) + kept_lsb) >> uint32(16))
+
+
+@njit(inline="always", cache=True)
+def round_bf16_stochastic_bits(value, seed, stream, index):
+    """A bfloat16 bit pattern (uint16) for `value`, rounded up or down at random, without bias.
+
+    With ``lo <= value < hi`` the two bfloat16 neighbours (in magnitude) and ``value = lo + f * (hi -
+    lo)``, the result is ``hi`` with probability ``f`` and ``lo`` otherwise, so E[result] = value.
+    It is done on the float32 bits: add a uniform 16-bit integer r from
+    ``hash_index(seed, stream, index)`` to the dropped low half, then truncate; the carry happens for
+    r >= 0x10000 - low half, i.e. with probability low half / 0x10000 = f. Exact values (low half
+    zero) never move. `value` is taken as float32 (a float64 is first rounded to float32).
+
+    Inf stays Inf and NaN becomes the quiet NaN 0x7fc0 with its sign. A finite value beyond the
+    largest finite bfloat16 (3.3895e38) rounds up to Inf with probability f, the ``hi`` neighbour of
+    the top binade being Inf: that keeps the rounding unbiased up to the overflow, and matches
+    round-to-nearest, which sends those values to Inf once f >= 1/2.
+    """
+    bits = np.float32(value).view(np.uint32)
+    random16 = uint32(hash_index(seed, stream, index) >> np.uint64(48))
+    return _bf16_nan_or(bits, (bits + random16) >> uint32(16))
+
+
+@njit(inline="always", cache=True)
+def bf16_bits_to_f32(bits):
+    """The float32 value of the bfloat16 pattern `bits` (uint16): the same bits in the top half."""
+    return np.uint32(uint32(bits) << uint32(16)).view(np.float32)
+
+
+# ---------------------------------------------------------------- scalar helpers: float16
+
+
+@njit(inline="always", cache=True)
+def round_f16_nearest_bits(value):
+    """The float16 bit pattern (uint16) nearest to `value`, ties to even, as NumPy's astype.
+
+    `value` is taken as float32. On the magnitude bits ``a`` (sign handled apart):
+
+    - ``a >= 2**16`` (exponent 143 and up): Inf, or for a NaN ``0x7c00 | max(payload >> 13, 1)``.
+    - normal range, ``2**-14 <= a < 2**16``: rebias the exponent (127 -> 15, i.e. subtract
+      112 << 23) and round the 23-bit mantissa to 10 bits like bfloat16 above (add 0xfff + lsb, keep
+      the bits from 13 up); a carry into the exponent gives 65520 and up -> Inf, correctly.
+    - below ``2**-14``: a float16 subnormal counts units of 2**-24; the float32 significand
+      ``m = 1.mantissa * 2**23`` of a value with exponent e is ``m * 2**(e - 126)`` such units, so
+      the result is ``m >> (126 - e)`` rounded to nearest, ties to even, on the bits shifted out.
+      A carry out of the subnormals gives 2**-14 (0x0400), correctly. float32 subnormals give 0.
+    """
+    bits = np.float32(value).view(np.uint32)
+    sign = (bits >> uint32(16)) & uint32(0x8000)
+    magnitude = bits & _ABS
+    if magnitude >= uint32(143 << 23):
+        if magnitude > _F32_INF:
+            payload = (magnitude >> uint32(13)) & uint32(0x3FF)
+            return uint16(sign | _F16_INF | max(payload, uint32(1)))
+        return uint16(sign | _F16_INF)
+    if magnitude >= uint32(113 << 23):
+        kept_lsb = (magnitude >> uint32(13)) & uint32(1)
+        rebiased = magnitude - uint32(112 << 23)
+        return uint16(sign | ((rebiased + uint32(0xFFF) + kept_lsb) >> uint32(13)))
+    exponent = magnitude >> uint32(23)
+    if exponent == uint32(0):
+        return uint16(sign)
+    significand = (magnitude & uint32(0x7FFFFF)) | uint32(0x800000)
+    shift = min(uint32(126) - exponent, uint32(25))  # >= 14; at 25 every value rounds to zero
+    kept = significand >> shift
+    dropped = significand & ((uint32(1) << shift) - uint32(1))
+    half = uint32(1) << (shift - uint32(1))
+    if dropped > half or (dropped == half and (kept & uint32(1)) == uint32(1)):
+        kept += uint32(1)
+    return uint16(sign | kept)
+
+
+@njit(inline="always", cache=True)
+def f16_bits_to_f32(bits):
+    """The float32 value of the float16 pattern `bits` (uint16), exactly; NaN payloads are kept.
+
+    Normal numbers and Inf/NaN move the exponent field (bias 15 -> 127, all-ones -> all-ones) and
+    shift the mantissa up by 13; a subnormal is ``mantissa * 2**-24``, exact in float32.
+    """
+    bits = uint32(bits)
+    sign = (bits & uint32(0x8000)) << uint32(16)
+    exponent = bits & _F16_INF
+    mantissa = bits & uint32(0x3FF)
+    if exponent == _F16_INF:
+        magnitude = _F32_INF | (mantissa << uint32(13))
+    elif exponent == uint32(0):
+        magnitude = np.float32(np.float32(mantissa) * np.float32(2.0**-24)).view(np.uint32)
+    else:
+        magnitude = ((bits & uint32(0x7FFF)) + uint32((127 - 15) << 10)) << uint32(13)
+    return np.uint32(sign | magnitude).view(np.float32)
+
+
+# ---------------------------------------------------------------- array kernels: flat, C order
+
+
+@njit(parallel=True, cache=True)
+def _round_bf16_nearest_kernel(src, dst):
+    """dst[i] = round_bf16_nearest_bits(src[i]); src: (n,) float32, dst: (n,) uint16."""
+    for i in prange(src.shape[0]):
+        dst[i] = round_bf16_nearest_bits(src[i])
+
+
+@njit(parallel=True, cache=True)
+def _round_bf16_stochastic_kernel(src, seed, stream, dst):
+    """dst[i] = round_bf16_stochastic_bits(src[i], seed, stream, i); shapes as above."""
+    for i in prange(src.shape[0]):
+        dst[i] = round_bf16_stochastic_bits(src[i], seed, stream, i)
+
+
+@njit(parallel=True, cache=True)
+def _widen_bf16_kernel(src, dst):
+    """dst[i] = bf16_bits_to_f32(src[i]); src: (n,) uint16, dst: (n,) float32."""
+    for i in prange(src.shape[0]):
+        dst[i] = bf16_bits_to_f32(src[i])
+
+
+@njit(parallel=True, cache=True)
+def _round_f16_nearest_kernel(src, dst):
+    """dst[i] = round_f16_nearest_bits(src[i]); src: (n,) float32, dst: (n,) uint16."""
+    for i in prange(src.shape[0]):
+        dst[i] = round_f16_nearest_bits(src[i])
+
+
+@njit(parallel=True, cache=True)
+def _widen_f16_kernel(src, dst):
+    """dst[i] = f16_bits_to_f32(src[i]); src: (n,) uint16, dst: (n,) float32."""
+    for i in prange(src.shape[0]):
+        dst[i] = f16_bits_to_f32(src[i])
+
+
+# ---------------------------------------------------------------- array functions
+
+
+def _flat_contiguous(x, dtype, name):
+    """`x` as a flat C-contiguous array (a copy only if `x` is not C-contiguous); checks the dtype."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} expects a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} expects a {dtype} array, got dtype {x.dtype}")
+    return np.ascontiguousarray(x).reshape(-1)
 
 
 def f32_to_bf16(x):
-    return x.astype(bfloat16)
+    """Round a float32 array to bfloat16, to nearest, ties to even (bit-exact with ml_dtypes).
 
+    Parameters
+    ----------
+    x : ndarray of float32, any shape (S...)
 
-def f32_to_f16(x):
-    return x.astype(np.float16)
+    Returns
+    -------
+    ndarray of ml_dtypes.bfloat16, shape (S...), C-contiguous
+    """
+    src = _flat_contiguous(x, np.float32, "f32_to_bf16")
+    out = np.empty(x.shape, dtype=np.uint16)
+    _round_bf16_nearest_kernel(src, out.reshape(-1))
+    return out.view(bfloat16)
 
 
 def f32_to_bf16_stochastic(x, seed):
-    return x.astype(bfloat16)
+    """Round a float32 array to bfloat16 stochastically: up with probability equal to the distance.
+
+    Element i (in C order) draws its 16 random bits from
+    ``hash_index(seed, BF16_ROUNDING_STREAM, i)``: the result depends on `seed` and the data only,
+    never on the thread count. See `round_bf16_stochastic_bits` for the rounding and for NaN/Inf.
+
+    Parameters
+    ----------
+    x : ndarray of float32, any shape (S...)
+    seed : int, 0 <= seed < 2**64
+
+    Returns
+    -------
+    ndarray of ml_dtypes.bfloat16, shape (S...), C-contiguous
+    """
+    src = _flat_contiguous(x, np.float32, "f32_to_bf16_stochastic")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise ValueError(f"f32_to_bf16_stochastic: seed must be an integer in [0, 2**64), got {seed!r}")
+    out = np.empty(x.shape, dtype=np.uint16)
+    _round_bf16_stochastic_kernel(src, np.uint64(seed), np.uint64(BF16_ROUNDING_STREAM), out.reshape(-1))
+    return out.view(bfloat16)
+
+
+def bf16_to_f32(x):
+    """Widen a bfloat16 array to float32, exactly (every bit, NaN payloads included).
+
+    Parameters
+    ----------
+    x : ndarray of ml_dtypes.bfloat16, any shape (S...)
+
+    Returns
+    -------
+    ndarray of float32, shape (S...), C-contiguous
+    """
+    src = _flat_contiguous(x, bfloat16, "bf16_to_f32")
+    out = np.empty(x.shape, dtype=np.float32)
+    _widen_bf16_kernel(src.view(np.uint16), out.reshape(-1))
+    return out
+
+
+def f32_to_f16(x):
+    """Round a float32 array to float16, to nearest, ties to even (bit-exact with NumPy's astype).
+
+    Parameters
+    ----------
+    x : ndarray of float32, any shape (S...)
+
+    Returns
+    -------
+    ndarray of float16, shape (S...), C-contiguous
+    """
+    src = _flat_contiguous(x, np.float32, "f32_to_f16")
+    out = np.empty(x.shape, dtype=np.uint16)
+    _round_f16_nearest_kernel(src, out.reshape(-1))
+    return out.view(np.float16)
+
+
+def f16_to_f32(x):
+    """Widen a float16 array to float32, exactly (every bit, NaN payloads included).
+
+    Parameters
+    ----------
+    x : ndarray of float16, any shape (S...)
+
+    Returns
+    -------
+    ndarray of float32, shape (S...), C-contiguous
+    """
+    src = _flat_contiguous(x, np.float16, "f16_to_f32")
+    out = np.empty(x.shape, dtype=np.float32)
+    _widen_f16_kernel(src.view(np.uint16), out.reshape(-1))
+    return out

@@ -175,6 +175,14 @@ class Module:
         return self
 
     # -- state ----------------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        """Non-parameter state a checkpoint must keep (JSON values), e.g. Dropout's call counter."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{self!r}: unexpected extra state {sorted(state)}")
+
     def state_dict(self) -> OrderedDict:
         """Parameter arrays under PyTorch's keys. The arrays are the parameters' own (not copies)."""
         return OrderedDict((name, p.data) for name, p in self.named_parameters())

@@ -1,0 +1,5 @@
+import sys
+
+from npcpu.cli import main
+
+sys.exit(main())

@@ -1,0 +1,150 @@
+"""The `npcpu` command: train, eval, info, bench (also `python -m npcpu ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from npcpu.config import PRESETS, SCHEMA, ConfigError, build_config, parse_cli_value
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("configuration fields (override the preset and --config)")
+    for section, fields in SCHEMA.items():
+        for name, field in fields.items():
+            choices = f" {{{', '.join(field.choices)}}}" if field.choices else ""
+            group.add_argument(f"--{section}.{name}", dest=f"cfg:{section}.{name}", metavar="VALUE",
+                               help=f"{field.help}{choices} (default {field.default!r})")
+
+
+def _overrides(args) -> dict:
+    overrides: dict = {}
+    for dest, text in vars(args).items():
+        if dest.startswith("cfg:") and text is not None:
+            key = dest[4:]
+            section, name = key.split(".", 1)
+            overrides.setdefault(section, {})[name] = parse_cli_value(key, text)
+    if getattr(args, "threads", None) is not None:
+        overrides.setdefault("train", {})["threads"] = args.threads
+    return overrides
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="npcpu", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model (no arguments: the embedded default run)")
+    train.add_argument("--config", action="append", default=[], metavar="FILE",
+                       help="TOML configuration file (may be given more than once)")
+    train.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                       help="embedded configuration to start from")
+    train.add_argument("--run-dir", type=Path, help="where checkpoints and metrics go "
+                       "(default: runs/<preset>-<time>)")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR from its latest checkpoint")
+    train.add_argument("--threads", type=int, help="threads for BLAS and Numba")
+    train.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the merged configuration as JSON and exit")
+    _add_config_options(train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a run's latest (or best) checkpoint")
+    evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("--best", action="store_true", help="use the best checkpoint")
+    evaluate.add_argument("--threads", type=int)
+
+    sub.add_parser("info", help="versions, BLAS, Numba threading layer, CPU bfloat16 support")
+
+    bench = sub.add_parser("bench", help="benchmarks against PyTorch (needs torch)")
+    bench.add_argument("name", nargs="?", default="all", help="benchmark to run")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from npcpu import backend
+    from npcpu.train.build import build_run, load_run_config, save_run_config
+
+    if args.resume is not None:
+        if args.config or args.preset != "default":
+            raise ConfigError("--resume takes its configuration from the run directory; "
+                              "drop --config/--preset (field options may still override it)")
+        config = load_run_config(args.resume, overrides=_overrides(args))
+        run_dir = args.resume
+    else:
+        config = build_config(preset=args.preset, files=args.config, overrides=_overrides(args))
+        run_dir = args.run_dir or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.print_config:
+        from npcpu.config import to_json
+        print(to_json(config))
+        return 0
+    backend.set_threads(config["train"]["threads"])
+    run = build_run(config)
+    if args.resume is not None:
+        info = run.trainer.resume(run_dir)
+        run.trainer.log(f"resumed from {info['path']} (step {run.trainer.step})")
+    else:
+        save_run_config(run_dir, config)
+    progress = {"auto": None, "bar": True, "lines": False}[args.progress]
+    result = run.fit(run_dir, progress=progress)
+    if "eval_accuracy" in result:
+        print(f"final eval: loss {result['eval_loss']:.4f}  accuracy {result['eval_accuracy']:.4f}"
+              f"  (chance {1 / run.num_classes:.4f})  run dir {run_dir}")
+    if run.trainer.interrupted is not None:
+        return 130 if run.trainer.interrupted == "SIGINT" else 143
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from npcpu import backend
+    from npcpu.checkpoint import best_checkpoint
+    from npcpu.train.build import build_run, load_run_config
+
+    backend.set_threads(args.threads)
+    config = load_run_config(args.run_dir)
+    run = build_run(config)
+    path = best_checkpoint(args.run_dir) if args.best else args.run_dir
+    info = run.trainer.resume(path)
+    result = run.trainer.evaluate(run.eval_data)
+    print(f"{info['path']} (step {run.trainer.step}): eval loss {result['eval_loss']:.4f}  "
+          f"accuracy {result['eval_accuracy']:.4f}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from npcpu.info import format_info, system_info
+    print(format_info(system_info()))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import runpy
+    bench_dir = Path(__file__).resolve().parent.parent / "bench"
+    if not bench_dir.is_dir():
+        raise ConfigError("npcpu bench runs the scripts in the source tree's bench/ directory, "
+                          "which this installation does not have (clone the repository)")
+    scripts = sorted(bench_dir.glob("bench_*.py"))
+    names = [s.stem[len("bench_"):] for s in scripts]
+    chosen = names if args.name == "all" else [args.name]
+    for name in chosen:
+        if name not in names:
+            raise ConfigError(f"unknown benchmark {name!r} (benchmarks: {', '.join(names)})")
+        sys.argv = [str(bench_dir / f"bench_{name}.py"), *args.rest]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    commands = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}
+    try:
+        return commands[args.command](args)
+    except ConfigError as e:
+        print(f"npcpu {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Run configuration: a schema, the embedded presets, TOML files and command-line overrides.
+
+A configuration is a dict of sections ("model", "data", "optim", "schedule", "train", "freeze"),
+each a dict of fields. Every field is declared once in SCHEMA with its type, default and allowed
+range; TOML files and `--section.field VALUE` command-line options are both checked against it
+before any work starts, and an error names the bad key.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run: unknown key, wrong type, value out of range."""
+
+
+@dataclass(frozen=True)
+class Field:
+    type: str                 # "int", "float", "bool", "str", "int_list", "float_list"
+    default: Any
+    help: str
+    choices: tuple = ()
+    min: float | None = None  # inclusive
+    max: float | None = None  # inclusive
+    optional: bool = False    # None allowed ("none" on the command line, omitted in TOML)
+
+
+SCHEMA: dict[str, dict[str, Field]] = {
+    "model": {
+        "hidden": Field("int_list", [512, 512, 256], "hidden layer widths (FusedLinearReLU each)",
+                        min=1),
+        "dropout": Field("float", 0.0, "dropout after each hidden layer", min=0.0, max=0.99),
+    },
+    "data": {
+        "kind": Field("str", "synthetic", "data set", choices=("synthetic", "digits", "mnist")),
+        "train_size": Field("int", 50_000, "synthetic: training samples", min=1),
+        "eval_size": Field("int", 10_000, "synthetic: evaluation samples", min=1),
+        "input_dim": Field("int", 128, "synthetic: features per sample", min=1),
+        "num_classes": Field("int", 10, "synthetic: classes", min=2),
+        "label_noise": Field("float", 0.0, "synthetic: fraction of labels replaced at random",
+                             min=0.0, max=1.0),
+        "seed": Field("int", 0, "data seed (synthetic teacher and samples; digits split)", min=0),
+        "path": Field("str", "", "mnist: directory holding the IDX files"),
+    },
+    "optim": {
+        "name": Field("str", "lamb", "optimizer", choices=("sgd", "adam", "adamw", "lamb")),
+        "lr": Field("float", 4e-3, "peak learning rate", min=0.0),
+        "weight_decay": Field("float", 0.01, "weight decay (L2 for sgd/adam, decoupled otherwise)",
+                              min=0.0),
+        "momentum": Field("float", 0.9, "sgd: momentum", min=0.0, max=1.0),
+        "betas": Field("float_list", [0.9, 0.999], "adam/adamw/lamb: (beta1, beta2)", min=0.0,
+                       max=1.0),
+        "eps": Field("float", 1e-6, "adam/adamw/lamb: epsilon", min=0.0),
+        "state_dtype": Field("str", "fp32", "storage of optimizer moments", choices=("fp32", "bf16")),
+        "lookahead": Field("bool", True, "wrap the optimizer in Lookahead"),
+        "lookahead_k": Field("int", 5, "Lookahead: fast steps per slow update", min=1),
+        "lookahead_alpha": Field("float", 0.5, "Lookahead: slow-weight step size", min=0.0, max=1.0),
+    },
+    "schedule": {
+        "name": Field("str", "warmup_cosine", "learning-rate schedule",
+                      choices=("constant", "warmup_cosine", "warmup_exponential")),
+        "warmup_steps": Field("int", 100, "linear warmup steps", min=0),
+        "min_lr_ratio": Field("float", 0.01, "warmup_cosine: final lr as a fraction of the peak",
+                              min=0.0, max=1.0),
+        "decay_factor": Field("float", 0.5, "warmup_exponential: factor per decay period",
+                              min=0.0, max=1.0),
+        "decay_steps": Field("int", 1000, "warmup_exponential: steps per decay period", min=1),
+    },
+    "train": {
+        "epochs": Field("int", 3, "epochs (the run ends at epochs or max_steps, the sooner)",
+                        min=1, optional=True),
+        "max_steps": Field("int", None, "optimizer steps", min=1, optional=True),
+        "batch_size": Field("int", 128, "micro-batch size", min=1),
+        "accumulation_steps": Field("int", 2, "micro-batches per optimizer step", min=1),
+        "precision": Field("str", "bf16", "storage precision", choices=("fp32", "bf16", "fp16")),
+        "clip_grad_norm": Field("float", 1.0, "clip the gradient norm", min=0.0, optional=True),
+        "seed": Field("int", 0, "seed for initialization and data order", min=0),
+        "eval_every": Field("int", 200, "evaluate every N steps", min=1, optional=True),
+        "checkpoint_every": Field("int", 200, "checkpoint every N steps", min=1, optional=True),
+        "keep_last": Field("int", 3, "checkpoints kept (plus the best)", min=1),
+        "log_every": Field("int", 20, "log every N steps", min=1),
+        "threads": Field("int", None, "threads for BLAS and Numba (default: all cores)", min=1,
+                         optional=True),
+    },
+    "freeze": {
+        "enabled": Field("bool", True, "dynamic layer freezing"),
+        "threshold": Field("float", 0.02, "gradient-norm threshold", min=0.0),
+        "patience": Field("int", 30, "quiet steps before a layer freezes", min=1),
+        "window": Field("int", 10, "steps averaged", min=1),
+        "prefix_only": Field("bool", True, "freeze only a prefix of the layers"),
+        "relative": Field("bool", False, "compare ||g||/||w|| with the threshold"),
+    },
+}
+
+PRESETS: dict[str, dict] = {
+    # The embedded default: the whole seed system, about a minute or two on a 2-core laptop.
+    "default": {},
+    # The mlp52m scale from DESIGN.md: 784-4096-4096-4096-4096-100, batch 128.
+    "mlp52m": {
+        "model": {"hidden": [4096, 4096, 4096, 4096]},
+        "data": {"input_dim": 784, "num_classes": 100, "train_size": 60_000, "eval_size": 5_000},
+        "optim": {"lr": 2e-3},
+        "train": {"epochs": 1, "accumulation_steps": 1, "eval_every": None,
+                  "checkpoint_every": 100, "log_every": 5},
+    },
+    # The digits set shipped with scikit-learn: a real data set, accuracy matters.
+    "digits": {
+        "model": {"hidden": [256, 128]},
+        "data": {"kind": "digits"},
+        "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 1e-4, "eps": 1e-8,
+                  "lookahead": False},
+        "schedule": {"warmup_steps": 20},
+        "train": {"epochs": 60, "batch_size": 64, "accumulation_steps": 1, "precision": "fp32",
+                  "eval_every": 500, "checkpoint_every": 500, "log_every": 100},
+        "freeze": {"enabled": False},
+    },
+}
+
+
+def defaults() -> dict:
+    return {section: {name: copy.deepcopy(f.default) for name, f in fields.items()}
+            for section, fields in SCHEMA.items()}
+
+
+def _check_value(key: str, field: Field, value: Any) -> Any:
+    """Return `value` checked (and widened: int -> float) against `field`, or raise ConfigError."""
+    if value is None:
+        if field.optional:
+            return None
+        raise ConfigError(f"config key {key!r} may not be empty")
+    kind = field.type
+    if kind in ("int_list", "float_list"):
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"config key {key!r} must be a non-empty list, got {value!r}")
+        item = Field(kind.split("_")[0], None, field.help, min=field.min, max=field.max)
+        return [_check_value(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+        if field.choices and value not in field.choices:
+            raise ConfigError(f"config key {key!r} must be one of {list(field.choices)}, got {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+        value = float(value)
+    if field.min is not None and value < field.min:
+        raise ConfigError(f"config key {key!r} must be >= {field.min}, got {value!r}")
+    if field.max is not None and value > field.max:
+        raise ConfigError(f"config key {key!r} must be <= {field.max}, got {value!r}")
+    return value
+
+
+def merge(config: dict, overrides: dict, source: str) -> dict:
+    """`config` updated with `overrides` (sections of fields), every key and value checked."""
+    merged = copy.deepcopy(config)
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{source}: expected a table of sections, got {type(overrides).__name__}")
+    for section, fields in overrides.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"{source}: unknown section {section!r} "
+                              f"(sections: {', '.join(SCHEMA)})")
+        if not isinstance(fields, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a table")
+        for name, value in fields.items():
+            if name not in SCHEMA[section]:
+                raise ConfigError(f"{source}: unknown key {section}.{name} "
+                                  f"(keys of [{section}]: {', '.join(SCHEMA[section])})")
+            merged[section][name] = _check_value(f"{section}.{name}", SCHEMA[section][name], value)
+    return merged
+
+
+def parse_cli_value(key: str, text: str) -> Any:
+    """A command-line string for `section.field` as the field's type ("none" for empty)."""
+    section, name = key.split(".", 1)
+    field = SCHEMA[section][name]
+    if text.lower() in ("none", "null") and field.optional:
+        return None
+    try:
+        if field.type in ("int_list", "float_list"):
+            cast = int if field.type == "int_list" else float
+            return [cast(v) for v in text.replace("[", "").replace("]", "").split(",") if v.strip()]
+        if field.type == "bool":
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if field.type == "int":
+            return int(text)
+        if field.type == "float":
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"--{key}: cannot read {text!r} as {field.type}") from None
+    return text
+
+
+def load_toml(path) -> dict:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def build_config(*, preset: str = "default", files=(), overrides: dict | None = None) -> dict:
+    """Defaults, then the preset, then each TOML file, then command-line overrides; all checked."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} (presets: {', '.join(PRESETS)})")
+    config = merge(defaults(), PRESETS[preset], f"preset {preset!r}")
+    for path in files:
+        config = merge(config, load_toml(path), str(path))
+    if overrides:
+        config = merge(config, overrides, "command line")
+    validate(config)
+    return config
+
+
+def validate(config: dict) -> None:
+    """Checks across fields, after every source is merged."""
+    train = config["train"]
+    if train["epochs"] is None and train["max_steps"] is None:
+        raise ConfigError("config: set train.epochs or train.max_steps")
+    if config["data"]["kind"] == "mnist" and not config["data"]["path"]:
+        raise ConfigError("config: data.kind = 'mnist' needs data.path (a directory of IDX files)")
+    betas = config["optim"]["betas"]
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {betas!r}")
+    if config["optim"]["eps"] <= 0:
+        raise ConfigError("config key 'optim.eps' must be > 0")
+    if config["optim"]["lookahead_alpha"] <= 0:
+        raise ConfigError("config key 'optim.lookahead_alpha' must be in (0, 1]")
+
+
+def to_json(config: dict) -> str:
+    return json.dumps(config, indent=2, sort_keys=True)
+
+
+def from_json(text: str, source: str) -> dict:
+    """A configuration saved by a run, checked again (a hand-edited file gets the same checks)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source}: not valid JSON: {e}") from None
+    config = merge(defaults(), data, source)
+    validate(config)
+    return config

@@ -1,0 +1,61 @@
+"""What this installation runs on: versions, BLAS, Numba threading, CPU bfloat16 support."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import ml_dtypes
+import numba
+import numpy as np
+import scipy
+
+from npcpu import __version__, backend
+
+
+def system_info() -> dict:
+    """Facts for run headers, `npcpu info` and benchmark records (JSON-serializable)."""
+    return {
+        "npcpu": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "scipy": scipy.__version__,
+        "ml_dtypes": ml_dtypes.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cores": numba.config.NUMBA_NUM_THREADS,
+        "blas": backend.blas_info(),
+        "numba_threading": backend.threading_info(),
+        "cpu_bf16": backend.cpu_supports_bf16(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def format_info(info: dict) -> str:
+    blas, threading = info["blas"], info["numba_threading"]
+    lines = [
+        f"npcpu        {info['npcpu']}",
+        f"python       {info['python']} ({sys.executable})",
+        f"numpy        {info['numpy']}",
+        f"numba        {info['numba']}",
+        f"scipy        {info['scipy']}",
+        f"ml_dtypes    {info['ml_dtypes']}",
+        f"platform     {info['platform']}",
+        f"cpu          {info['cpu']} ({info['cores']} cores)",
+        f"BLAS         {blas['vendor']} {blas['version']} ({blas['threads']} threads, "
+        f"{blas['architecture']})",
+        f"Numba        threading layer {threading['layer']}, {threading['threads']} threads",
+        f"bfloat16     {'native CPU support' if info['cpu_bf16'] else 'no native CPU support'}",
+    ]
+    return "\n".join(lines)

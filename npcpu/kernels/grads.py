@@ -1,0 +1,134 @@
+"""Kernels over gradients: the Inf/NaN check with unscaling (loss scaler) and norm reductions (clipping).
+
+Every kernel takes a flat (n,) view of one gradient array, float32 or float64 (Numba specializes per
+dtype); the Python callers in npcpu.optim make the views. No fastmath anywhere in this file: these
+kernels exist to see NaN and Inf.
+
+Finiteness is decided on the bits, not with `isnan`/`isinf`: a float is Inf or NaN exactly when all
+its exponent bits are set,
+
+    float32  s eeeeeeee mmm...m   exponent mask 0x7f800000
+    float64  s eeeeeeeeeee mmm...m  exponent mask 0x7ff0000000000000
+
+so subnormals, -0.0 and the largest finite values are finite, and every NaN payload (quiet or
+signalling, either sign) is not. `EXPONENT_MASKS` maps a float dtype to its mask, typed as the
+unsigned integer of the same width, which is the dtype of the bits view the kernel reads.
+
+Reductions run over fixed chunks of `CHUNK` elements, each chunk summed in order into a float64
+partial, and the partials summed in order: the result does not depend on the thread count.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+CHUNK = 1 << 14
+
+EXPONENT_MASKS = {
+    np.dtype(np.float32): np.uint32(0x7F800000),
+    np.dtype(np.float64): np.uint64(0x7FF0000000000000),
+}
+
+
+@njit(parallel=True, cache=True)
+def unscale_and_count_nonfinite(values, bits, exponent_mask, inv_scale):
+    """Count the Inf/NaN entries of `values`, then multiply every entry by `inv_scale` in place.
+
+    Parameters
+    ----------
+    values : (n,) float32 or float64
+        A gradient, unscaled in place: ``values[i] *= inv_scale``, in the dtype of `values` (the
+        caller passes `inv_scale` in that dtype), Inf/NaN entries included, as torch's
+        ``_amp_foreach_non_finite_check_and_unscale_``. With ``inv_scale == 1`` nothing is written.
+    bits : (n,) uint32 or uint64
+        The same memory as `values`, viewed as unsigned integers of the same width.
+    exponent_mask : uint32 or uint64
+        ``EXPONENT_MASKS[values.dtype]``. Entry i is non-finite when
+        ``bits[i] & exponent_mask == exponent_mask``; it is tested before it is scaled.
+    inv_scale : float32 or float64
+
+    Returns
+    -------
+    int
+        The number of non-finite entries before scaling.
+    """
+    nonfinite = 0
+    scale_values = inv_scale != 1
+    for i in prange(values.shape[0]):
+        if (bits[i] & exponent_mask) == exponent_mask:
+            nonfinite += 1
+        if scale_values:
+            values[i] *= inv_scale
+    return nonfinite
+
+
+@njit(inline="always", cache=True)
+def _power_sum_range(values, p, start, stop):
+    """sum(|values[start:stop]| ** p) in float64, in index order; p == 2 and p == 1 skip the pow."""
+    total = 0.0
+    if p == 2.0:
+        for i in range(start, stop):
+            v = np.float64(values[i])
+            total += v * v
+    elif p == 1.0:
+        for i in range(start, stop):
+            total += abs(np.float64(values[i]))
+    else:
+        for i in range(start, stop):
+            total += abs(np.float64(values[i])) ** p
+    return total
+
+
+@njit(parallel=True, cache=True)
+def power_sum(values, p):
+    """``sum_i |values[i]| ** p`` accumulated in float64: the p-th power of the p-norm.
+
+    Parameters
+    ----------
+    values : (n,) float32 or float64
+    p : float
+        p > 0 (the caller checks). p = 2 gives the squared Euclidean norm.
+
+    Returns
+    -------
+    float
+        A NaN or Inf entry makes the sum NaN or Inf.
+    """
+    n = values.shape[0]
+    n_chunks = (n + CHUNK - 1) // CHUNK
+    partials = np.zeros(n_chunks)
+    for c in prange(n_chunks):
+        partials[c] = _power_sum_range(values, p, c * CHUNK, min(n, (c + 1) * CHUNK))
+    total = 0.0
+    for c in range(n_chunks):
+        total += partials[c]
+    return total
+
+
+@njit(inline="always", cache=True)
+def _max_abs_update(running, value):
+    """max(running, value) where a NaN on either side wins, so that a NaN is never lost."""
+    if value > running or value != value:
+        return value
+    return running
+
+
+@njit(parallel=True, cache=True)
+def max_abs(values):
+    """``max_i |values[i]|`` in float64 (the inf-norm); NaN if any entry is NaN; 0 for n = 0.
+
+    Parameters
+    ----------
+    values : (n,) float32 or float64
+    """
+    n = values.shape[0]
+    n_chunks = (n + CHUNK - 1) // CHUNK
+    partials = np.zeros(n_chunks)
+    for c in prange(n_chunks):
+        running = 0.0
+        for i in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            running = _max_abs_update(running, abs(np.float64(values[i])))
+        partials[c] = running
+    result = 0.0
+    for c in range(n_chunks):
+        result = _max_abs_update(result, partials[c])
+    return result

