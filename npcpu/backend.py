@@ -11,10 +11,12 @@ thread does), otherwise OpenMP, otherwise Numba's own workqueue.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import numba
 import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
+import scipy.linalg.blas  # noqa: F401  (loads SciPy's BLAS, so that thread limits reach it too)
+from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 _LAYER_PREFERENCE = ("tbb", "omp", "workqueue")
 
@@ -57,18 +59,43 @@ def set_threads(n: int | None) -> int:
     return n
 
 
+_blas_libraries = None
+
+
+def _blas_controllers() -> list:
+    global _blas_libraries
+    if _blas_libraries is None:
+        _blas_libraries = [lib for lib in ThreadpoolController().lib_controllers
+                           if lib.user_api == "blas"]
+    return _blas_libraries
+
+
+@contextmanager
+def single_blas_thread():
+    """Run the enclosed BLAS calls on one thread (about 1 us to switch each loaded BLAS library)."""
+    libraries = _blas_controllers()
+    previous = [lib.get_num_threads() for lib in libraries]
+    for lib in libraries:
+        lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for lib, n in zip(libraries, previous):
+            lib.set_num_threads(n)
+
+
 def blas_info() -> dict:
-    """The BLAS library NumPy calls (vendor, version, threads), as threadpoolctl reports it."""
-    np.ones((2, 2)) @ np.ones((2, 2))  # make sure the BLAS library is loaded
-    for pool in threadpool_info():
-        if pool.get("user_api") == "blas":
-            return {
-                "vendor": pool.get("internal_api"),
-                "version": pool.get("version"),
-                "threads": pool.get("num_threads"),
-                "architecture": pool.get("architecture"),
-            }
-    return {"vendor": "unknown", "version": None, "threads": None, "architecture": None}
+    """The BLAS library the GEMMs run on (SciPy's; see npcpu.blas) and every other one loaded."""
+    pools = [pool for pool in threadpool_info() if pool.get("user_api") == "blas"]
+    described = [{"vendor": pool.get("internal_api"), "version": pool.get("version"),
+                  "threads": pool.get("num_threads"), "architecture": pool.get("architecture"),
+                  "filepath": pool.get("filepath")} for pool in pools]
+    if not described:
+        return {"vendor": "unknown", "version": None, "threads": None, "architecture": None,
+                "loaded": []}
+    scipy_first = sorted(described, key=lambda d: "scipy" not in os.path.basename(
+        os.path.dirname(d["filepath"] or "")))
+    return {**{k: v for k, v in scipy_first[0].items() if k != "filepath"}, "loaded": described}
 
 
 @numba.njit(parallel=True, cache=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -137,11 +138,17 @@ def cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
+    """Run a command; errors a user can fix (config, data, files) print one line and exit 2.
+
+    Set NPCPU_DEBUG=1 to see the full traceback instead.
+    """
     args = make_parser().parse_args(argv)
     commands = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}
     try:
         return commands[args.command](args)
-    except ConfigError as e:
+    except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as e:
+        if os.environ.get("NPCPU_DEBUG") == "1":
+            raise
         print(f"npcpu {args.command}: error: {e}", file=sys.stderr)
         return 2
 

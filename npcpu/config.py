@@ -39,13 +39,13 @@ class Field:
 
 SCHEMA: dict[str, dict[str, Field]] = {
     "model": {
-        "hidden": Field("int_list", [512, 512, 256], "hidden layer widths (FusedLinearReLU each)",
+        "hidden": Field("int_list", [1024, 512, 512], "hidden layer widths (FusedLinearReLU each)",
                         min=1),
         "dropout": Field("float", 0.0, "dropout after each hidden layer", min=0.0, max=0.99),
     },
     "data": {
         "kind": Field("str", "synthetic", "data set", choices=("synthetic", "digits", "mnist")),
-        "train_size": Field("int", 50_000, "synthetic: training samples", min=1),
+        "train_size": Field("int", 100_000, "synthetic: training samples", min=1),
         "eval_size": Field("int", 10_000, "synthetic: evaluation samples", min=1),
         "input_dim": Field("int", 128, "synthetic: features per sample", min=1),
         "num_classes": Field("int", 10, "synthetic: classes", min=2),
@@ -79,7 +79,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "decay_steps": Field("int", 1000, "warmup_exponential: steps per decay period", min=1),
     },
     "train": {
-        "epochs": Field("int", 3, "epochs (the run ends at epochs or max_steps, the sooner)",
+        "epochs": Field("int", 4, "epochs (the run ends at epochs or max_steps, the sooner)",
                         min=1, optional=True),
         "max_steps": Field("int", None, "optimizer steps", min=1, optional=True),
         "batch_size": Field("int", 128, "micro-batch size", min=1),
@@ -96,11 +96,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "freeze": {
         "enabled": Field("bool", True, "dynamic layer freezing"),
-        "threshold": Field("float", 0.02, "gradient-norm threshold", min=0.0),
+        "threshold": Field("float", 0.45, "gradient-norm threshold", min=0.0),
         "patience": Field("int", 30, "quiet steps before a layer freezes", min=1),
         "window": Field("int", 10, "steps averaged", min=1),
         "prefix_only": Field("bool", True, "freeze only a prefix of the layers"),
         "relative": Field("bool", False, "compare ||g||/||w|| with the threshold"),
+        "start_step": Field("int", 600, "no layer freezes before this optimizer step", min=0),
     },
 }
 

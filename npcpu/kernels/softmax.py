@@ -36,9 +36,10 @@ def cross_entropy_forward_backward(losses, dlogits, logits, targets, ignore_inde
             for c in range(classes):
                 dlogits[n, c] = 0.0
             continue
-        # the row maximum; a NaN never wins the comparison, and it still poisons the sum below
-        row_max = -np.inf
-        for c in range(classes):
+        # the row maximum, in the logits' dtype (so that exp runs in it too); a NaN never wins a
+        # comparison, and it still poisons the sum below
+        row_max = x[0]
+        for c in range(1, classes):
             if x[c] > row_max:
                 row_max = x[c]
         sum_exp = 0.0

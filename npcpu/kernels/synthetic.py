@@ -32,7 +32,7 @@ CALIBRATION = 4
 
 @njit(parallel=True, cache=True)
 def fill_normal(seed, stream, out):
-    """out[i] = normal(seed, stream, i) for a 1-D float64 `out`."""
+    """out[i] = normal(seed, stream, i) for a 1-D `out` (float64, or float32: rounded)."""
     for i in prange(out.size):
         out[i] = normal(seed, stream, i)
 

@@ -39,8 +39,9 @@ class Embedding(Module):
     padding_idx : int or None
         A row (negative counts from the end, as in torch) that is initialized to zeros and never
         receives a gradient.
-    rng : numpy.random.Generator, optional
-        Draws the initial weight, N(0, 1) as in torch (default: a fresh unseeded generator).
+    seed : int or None
+        Seed of the generator that draws the initial weight, N(0, 1) as in torch (None: fresh
+        entropy).
 
     Notes
     -----
@@ -51,7 +52,7 @@ class Embedding(Module):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
-                 rng: np.random.Generator | None = None):
+                 seed: int | None = None):
         super().__init__()
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
             if not isinstance(value, (int, np.integer)) or value < 1:
@@ -64,7 +65,7 @@ class Embedding(Module):
         self.num_embeddings = int(num_embeddings)
         self.embedding_dim = int(embedding_dim)
         self.padding_idx = padding_idx
-        rng = np.random.default_rng() if rng is None else rng
+        rng = np.random.default_rng(seed)
         weight = rng.standard_normal((self.num_embeddings, self.embedding_dim), dtype=np.float32)
         if padding_idx is not None:
             weight[padding_idx] = 0.0
@@ -82,19 +83,20 @@ class Embedding(Module):
     def backward(self, dy: np.ndarray) -> None:
         if self._indices is None:
             raise self.missing_forward()
+        indices, self._indices = self._indices, None  # one backward per forward: free the cache
         if self.weight.frozen:
             return None
         dy = self.check_grad_output(dy, self._output_shape).reshape(-1, self.embedding_dim)
         skip = -1 if self.padding_idx is None else self.padding_idx
-        scatter_add_rows(self.weight.grad_buffer(), dy, self._indices, skip)
+        scatter_add_rows(self.weight.grad_buffer(), dy, indices, skip)
         return None
 
     def _check_indices(self, indices) -> np.ndarray:
-        """An int64 copy of `indices`, each in [0, num_embeddings)."""
+        """An int64 copy of `indices` (the caller may reuse its array), each in [0, num_embeddings)."""
         if not isinstance(indices, np.ndarray) or indices.dtype.kind not in "iu":
             got = indices.dtype if isinstance(indices, np.ndarray) else type(indices).__name__
             raise TypeError(f"{self!r}: expected an integer array of indices, got {got}")
-        indices = np.ascontiguousarray(indices, dtype=np.int64)
+        indices = np.array(indices, dtype=np.int64, order="C")
         bad = (indices < 0) | (indices >= self.num_embeddings)
         if bad.any():
             raise ValueError(f"{self!r}: index {indices[bad][0]} is out of range "

@@ -3,9 +3,9 @@
 Legend: N rows (all leading dimensions of the input flattened), K = in_features, M = out_features.
     x (N, K) input, W (M, K) weight (torch layout), b (M,) bias, y (N, M) output, dy = dL/dy (N, M).
 
-The GEMMs go to BLAS in the compute dtype (float32; float64 under "fp64"). The gradient of W is
-accumulated in place by one GEMM with beta = 1 (`accumulate_weight_grad`), so gradient accumulation
-costs no temporary the size of W. Work done and skipped is counted in npcpu.nn.work.
+The GEMMs go to BLAS in the compute dtype (float32; float64 under "fp64") through npcpu.blas:
+dL/dW is accumulated in place by a GEMM with beta = 1, so gradient accumulation costs no temporary
+the size of W. Work done and skipped is counted in npcpu.nn.work.
 """
 
 from __future__ import annotations
@@ -13,25 +13,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.linalg.blas import dgemm, sgemm
 
+from npcpu.blas import accumulate_weight_grad, matmul_weight, matmul_weight_transposed
 from npcpu.kernels import linear as kernels
 from npcpu.nn import work
 from npcpu.nn.module import Module
 from npcpu.nn.parameter import Parameter
 from npcpu.precision import to_compute, to_storage
-
-
-def accumulate_weight_grad(grad: np.ndarray, dy: np.ndarray, x: np.ndarray) -> None:
-    """grad += dy^T x in place, by one BLAS GEMM with beta = 1 (no temporary of grad's size).
-
-    grad (M, K) C-contiguous is grad.T (K, M) Fortran-contiguous, which is what BLAS writes:
-    grad.T += x^T dy, with x^T (K, N) and dy.T (M, N) Fortran views of the C-contiguous x and dy.
-    """
-    gemm = dgemm if grad.dtype == np.float64 else sgemm
-    result = gemm(1.0, x.T, dy.T, beta=1.0, c=grad.T, trans_b=1, overwrite_c=1)
-    if not np.shares_memory(result, grad):  # BLAS wrapper copied: keep the contract all the same
-        grad += result.T
 
 
 class Linear(Module):
@@ -94,7 +82,7 @@ class Linear(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = self.check_input(x, features=self.in_features)
         x_rows = x.reshape(-1, self.in_features)
-        y = np.matmul(x_rows, self.weight.values().T)
+        y = matmul_weight_transposed(x_rows, self.weight.values())
         work.record("gemm")
         self._finish_output(y)
         if self.training:
@@ -118,7 +106,7 @@ class Linear(Module):
             work.record("gemm")
         dx = None
         if self.input_requires_grad:
-            dx = (dz @ self.weight.values()).reshape(self._input_shape)
+            dx = matmul_weight(dz, self.weight.values()).reshape(self._input_shape)
             work.record("gemm")
         else:
             work.record("gemm_skipped")

@@ -1,0 +1,7 @@
+"""The training system: Trainer, dynamic layer freezing, callbacks."""
+
+from npcpu.train.callbacks import Callback, EarlyStopping
+from npcpu.train.freezing import DynamicFreezer
+from npcpu.train.trainer import Trainer
+
+__all__ = ["Callback", "DynamicFreezer", "EarlyStopping", "Trainer"]

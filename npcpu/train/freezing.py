@@ -15,9 +15,12 @@ drift, no decay) and their gradient buffers are released.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
+
+from npcpu.optim.clip import get_total_norm
 
 
 class DynamicFreezer:
@@ -38,23 +41,30 @@ class DynamicFreezer:
         Compare ||g|| / ||w|| instead of ||g|| with the threshold.
     min_active : int
         Layers (counted from the output) that never freeze; the output layer stays trainable.
+    start_step : int
+        No layer counts as quiet before this optimizer step. Gradients are small at the start of
+        training (during a learning-rate warmup above all) without the layer having learned
+        anything: freezing then would stop training before it began.
     """
 
     def __init__(self, threshold: float = 0.01, patience: int = 30, window: int = 10, *,
-                 prefix_only: bool = True, relative: bool = False, min_active: int = 1):
+                 prefix_only: bool = True, relative: bool = False, min_active: int = 1,
+                 start_step: int = 0):
         if not (np.isfinite(threshold) and threshold > 0):
             raise ValueError(f"DynamicFreezer: threshold must be a positive number, got {threshold!r}")
         for name, value in (("patience", patience), ("window", window)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DynamicFreezer: {name} must be an integer >= 1, got {value!r}")
-        if not isinstance(min_active, int) or min_active < 0:
-            raise ValueError(f"DynamicFreezer: min_active must be an integer >= 0, got {min_active!r}")
+        for name, value in (("min_active", min_active), ("start_step", start_step)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"DynamicFreezer: {name} must be an integer >= 0, got {value!r}")
         self.threshold = float(threshold)
         self.patience = patience
         self.window = window
         self.prefix_only = prefix_only
         self.relative = relative
         self.min_active = min_active
+        self.start_step = start_step
         self.history: dict[str, deque] = {}
         self.quiet_steps: dict[str, int] = {}
         self.frozen_at: dict[str, int] = {}  # layer name -> optimizer step at which it froze
@@ -67,22 +77,13 @@ class DynamicFreezer:
 
     def layer_signal(self, layer) -> float | None:
         """||g|| (or ||g|| / ||w||) over the layer's parameters; None if it has no gradient yet."""
-        grad_sq, weight_sq = 0.0, 0.0
-        seen = False
-        for p in layer.parameters():
-            if p.grad is None:
-                continue
-            seen = True
-            g = p.grad.ravel()
-            grad_sq += float(np.dot(g, g))
-            if self.relative:
-                w = p.values().ravel()
-                weight_sq += float(np.dot(w, w))
-        if not seen:
+        params = [p for p in layer.parameters() if p.grad is not None]
+        if not params:
             return None
-        norm = float(np.sqrt(grad_sq))
+        norm = get_total_norm(params)
         if self.relative:
-            return norm / max(float(np.sqrt(weight_sq)), 1e-12)
+            weight_norm = math.sqrt(sum(float(np.vdot(w, w)) for w in (p.values() for p in params)))
+            return norm / max(weight_norm, 1e-12)
         return norm
 
     def observe(self, model, step: int) -> list[str]:
@@ -101,8 +102,8 @@ class DynamicFreezer:
             if signal is not None:
                 self.history.setdefault(name, deque(maxlen=self.window)).append(signal)
             history = self.history.get(name)
-            quiet = bool(history) and len(history) == self.window and \
-                float(np.mean(history)) < self.threshold
+            quiet = step >= self.start_step and bool(history) and len(history) == self.window \
+                and float(np.mean(history)) < self.threshold
             self.quiet_steps[name] = self.quiet_steps.get(name, 0) + 1 if quiet else 0
             qualifies.append(self.quiet_steps[name] >= self.patience)
 
@@ -135,14 +136,15 @@ class DynamicFreezer:
         return {
             "threshold": self.threshold, "patience": self.patience, "window": self.window,
             "prefix_only": self.prefix_only, "relative": self.relative,
-            "min_active": self.min_active,
+            "min_active": self.min_active, "start_step": self.start_step,
             "history": {name: list(h) for name, h in self.history.items()},
             "quiet_steps": dict(self.quiet_steps),
             "frozen_at": dict(self.frozen_at),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("threshold", "patience", "window", "prefix_only", "relative", "min_active"):
+        for key in ("threshold", "patience", "window", "prefix_only", "relative", "min_active",
+                    "start_step"):
             if state.get(key) != getattr(self, key):
                 raise ValueError(f"DynamicFreezer.load_state_dict: {key} is {getattr(self, key)!r} "
                                  f"here but {state.get(key)!r} in the checkpoint")

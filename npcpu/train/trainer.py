@@ -30,6 +30,7 @@ import numpy as np
 from npcpu import checkpoint
 from npcpu.data.loader import DataLoader
 from npcpu.optim.clip import clip_grad_norm as clip_grad_norm_
+from npcpu.optim.clip import get_total_norm
 from npcpu.optim.scaling import DynamicLossScaler
 from npcpu.precision import check_precision
 from npcpu.train.callbacks import Callback, MetricsFile, Progress, Stopwatch
@@ -103,6 +104,7 @@ class Trainer:
         self.last_eval: dict | None = None
         self._progress: Progress | None = None
         self._batches = None     # the running iterator over the current epoch's micro-batches
+        self._saved_step = None  # the step of the last checkpoint this trainer wrote
 
     # -- logging --------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -121,7 +123,7 @@ class Trainer:
                 f"BLAS {blas['vendor']} {blas['version']} ({blas['threads']} threads) | "
                 f"Numba threading {threads['layer']} ({threads['threads']} threads)\n"
                 f"precision {self.precision} | parameters {self.model.num_parameters():,} | "
-                f"accumulation {self.accumulation_steps} | optimizer {type(self.optimizer).__name__}")
+                f"accumulation {self.accumulation_steps} | optimizer {_describe(self.optimizer)}")
 
     # -- one step -------------------------------------------------------------------------------
     def _lr(self) -> float:
@@ -142,30 +144,31 @@ class Trainer:
 
         params = [p for p in model.parameters() if not p.frozen]
         found_inf = scaler.unscale_(self.optimizer) if scaler is not None else False
-        if not found_inf and not math.isfinite(loss):
+        if scaler is None and not math.isfinite(loss):
             self.optimizer.zero_grad()
             raise FloatingPointError(self._non_finite_message(loss, window))
-        grad_norm = None
+        grad_norm, frozen_now = None, []
         if not found_inf:
-            if self.clip_grad_norm is not None:
-                grad_norm = clip_grad_norm_(params, self.clip_grad_norm)
-            else:
-                grad_norm = _global_norm(params)
-        frozen_now = []
-        if self.freezer is not None and not found_inf:
-            frozen_now = self.freezer.observe(model, self.step + 1)
-        if found_inf:
-            self.skipped_steps += 1
+            grad_norm = clip_grad_norm_(params, self.clip_grad_norm) \
+                if self.clip_grad_norm is not None else get_total_norm(params)
+            if self.freezer is not None:
+                frozen_now = self.freezer.observe(model, self.step + 1)
+        if scaler is not None:
+            stepped = scaler.step(self.optimizer)  # skips the step when a gradient is Inf/NaN
         else:
             self.optimizer.step()
+            stepped = True
+        if stepped:
             if self.scheduler is not None:
                 self.scheduler.step()
+        else:
+            self.skipped_steps += 1
         if scaler is not None:
             scaler.update()
         self.optimizer.zero_grad()
         self.step += 1
         self.samples_seen += items
-        return {"loss": loss, "items": items, "grad_norm": grad_norm, "skipped": bool(found_inf),
+        return {"loss": loss, "items": items, "grad_norm": grad_norm, "skipped": not stepped,
                 "frozen_now": frozen_now}
 
     def _non_finite_message(self, loss: float, window: list) -> str:
@@ -239,7 +242,7 @@ class Trainer:
                 if eval_data is not None and (self.last_eval is None
                                               or self.last_eval["step"] != self.step):
                     self._evaluate_and_report(eval_data, batch_size, callbacks)
-                if run_dir is not None:
+                if run_dir is not None and self._saved_step != self.step:
                     self._checkpoint(run_dir, keep_last, callbacks)
             finally:
                 for cb in callbacks:
@@ -367,6 +370,7 @@ class Trainer:
 
     def _checkpoint(self, run_dir: Path, keep_last: int, callbacks) -> None:
         path = self.save(run_dir, keep_last=keep_last)
+        self._saved_step = self.step
         for cb in callbacks:
             cb.on_checkpoint(self, path)
 
@@ -389,11 +393,7 @@ class Trainer:
                 signal.signal(s, h)
 
 
-def _global_norm(params) -> float:
-    """The 2-norm of all gradients together (what clip_grad_norm would report)."""
-    total = 0.0
-    for p in params:
-        if p.grad is not None:
-            g = p.grad.ravel()
-            total += float(np.dot(g, g))
-    return math.sqrt(total)
+def _describe(optimizer) -> str:
+    inner = getattr(optimizer, "optimizer", None)
+    return f"{type(optimizer).__name__}({_describe(inner)})" if inner is not None \
+        else type(optimizer).__name__

@@ -1,0 +1,98 @@
+"""Shared benchmark helpers: interleaved timing with warm-up, summaries, machine facts, JSON, tables.
+
+Candidates are timed round-robin (A, B, A, B, ...) rather than back to back, so that drift on a
+shared machine (other jobs, thermal state) lands on all of them alike. Each bench prints a markdown
+table and writes its numbers, with the facts of the machine, to bench/results/<name>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numba
+import numpy as np
+
+from npcpu import backend
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int = 10,
+                     warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each candidate: `warmup` untimed calls each, then `repeats` rounds."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarize(seconds: list[float]) -> dict:
+    """Median, min and max in milliseconds, and the number of repetitions."""
+    ms = [1e3 * s for s in seconds]
+    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "repeats": len(ms)}
+
+
+def machine_facts() -> dict:
+    """What the numbers depend on: CPU, core count, library versions, BLAS, threads."""
+    facts = {
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "blas": backend.blas_info(),
+        "numba_threading": backend.threading_info(),
+        "cpu_bf16": backend.cpu_supports_bf16(),
+        "environment": {k: v for k, v in sorted(os.environ.items())
+                        if k.startswith(("OPENBLAS_", "OMP_", "GOMP_", "KMP_", "MKL_", "NUMBA_"))},
+    }
+    try:
+        import torch
+        facts["torch"] = torch.__version__
+        facts["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        facts["torch"] = None
+    return facts
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_json(name: str, payload: dict) -> Path:
+    """Write `payload` plus machine facts and a UTC timestamp to bench/results/<name>.json."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    record = {"bench": name, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": machine_facts(), **payload}
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return path
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub-flavoured markdown table; floats shown with 2 decimals."""
+    def cell(value):
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""The three GEMMs of a linear layer, through SciPy's BLAS wrappers, without copies.
+
+    y  = x W^T     matmul_weight_transposed(x, W)     (N, K) @ (M, K)^T -> (N, M)
+    dx = dz W      matmul_weight(dz, W)               (N, M) @ (M, K)   -> (N, K)
+    dW += dz^T x   accumulate_weight_grad(dW, dz, x)  in place, beta = 1
+
+Every operand is passed as a Fortran-order view of a C-order array (A (r, c) C-order is A.T (c, r)
+Fortran-order), so BLAS reads and writes NumPy's memory directly. All three go through SciPy's
+BLAS: its `?gemm` accumulates into an existing array (beta = 1), and keeping all GEMMs in one BLAS
+library keeps one thread pool busy instead of two (NumPy and SciPy each load their own OpenBLAS,
+whose idle threads spin for a while after each call and would compete with the other's).
+
+Small GEMMs run on one BLAS thread: below SMALL_GEMM multiply-adds, the cost of waking and joining
+a second thread is larger than the work it takes over, and when the other core is busy the second
+thread's share waits for a scheduler time slice (measured on this project's 2-core machine: a
+64x64x256 GEMM took 19 us on one thread and 15 ms on two while the other core was loaded).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.linalg.blas import dgemm, sgemm
+
+from npcpu import backend
+
+SMALL_GEMM = 1 << 23  # multiply-adds (8M: about 0.3 ms on one core)
+
+
+def _gemm(dtype: np.dtype):
+    return dgemm if dtype == np.float64 else sgemm
+
+
+def _call(macs: int, gemm, *args, **kwargs):
+    if macs < SMALL_GEMM:
+        with backend.single_blas_thread():
+            return gemm(*args, **kwargs)
+    return gemm(*args, **kwargs)
+
+
+def matmul_weight_transposed(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """y = x W^T, (N, K) @ (M, K)^T -> (N, M) C-order: BLAS computes y.T = W x^T in Fortran order."""
+    return _call(x.shape[0] * weight.size, _gemm(x.dtype), 1.0, weight.T, x.T, trans_a=1).T
+
+
+def matmul_weight(dz: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """dx = dz W, (N, M) @ (M, K) -> (N, K) C-order: BLAS computes dx.T = W^T dz^T in Fortran order."""
+    return _call(dz.shape[0] * weight.size, _gemm(dz.dtype), 1.0, weight.T, dz.T).T
+
+
+def accumulate_weight_grad(grad: np.ndarray, dy: np.ndarray, x: np.ndarray) -> None:
+    """grad += dy^T x in place, by one BLAS GEMM with beta = 1 (no temporary of grad's size).
+
+    grad (M, K) C-contiguous is grad.T (K, M) Fortran-contiguous, which is what BLAS writes:
+    grad.T += x^T dy, with x^T (K, N) and dy.T (M, N) Fortran views of the C-contiguous x and dy.
+    """
+    result = _call(x.shape[0] * grad.size, _gemm(grad.dtype), 1.0, x.T, dy.T, beta=1.0, c=grad.T,
+                   trans_b=1, overwrite_c=1)
+    if not np.shares_memory(result, grad):  # the wrapper worked on a copy of grad: copy it back
+        grad[...] = result.T

@@ -1,0 +1,189 @@
+"""Batches (x, y) from a data set, shuffled per epoch, with a background prefetch thread.
+
+The order of epoch e is a pure function of (seed, e): a permutation drawn with
+np.random.Generator(np.random.PCG64([seed, e])). Resuming needs no replay: `iter_from(e, b)`
+yields exactly what iterating epoch e would from batch b on.
+
+As in PyTorch's DistributedSampler, the epoch advances only through `set_epoch` (or `iter_from`):
+iterating twice without it gives the same order twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import queue
+import threading
+
+import numba
+import numpy as np
+
+_POLL_SECONDS = 0.05
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"DataLoader: {name} must be an integer, "
+                        f"got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"DataLoader: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _stack_items(dataset, indices: np.ndarray):
+    """(x, y) for datasets without .batch: np.stack of dataset[i] for each index."""
+    items = [dataset[int(i)] for i in indices]
+    return np.stack([x for x, _ in items]), np.asarray([y for _, y in items])
+
+
+class DataLoader:
+    """Iterate over `dataset` in batches of `batch_size` samples.
+
+    Parameters
+    ----------
+    dataset
+        Has `__len__` and `batch(indices) -> (x, y)` (npcpu's data sets), or at least
+        `__getitem__(i) -> (x, y)`, in which case items are stacked.
+    batch_size : int
+    shuffle : bool
+        Permute the samples each epoch (see the module docstring); otherwise in index order.
+    seed : int
+        Seed of the shuffling.
+    drop_last : bool
+        Leave out the last, smaller batch.
+    prefetch : int
+        Batches prepared ahead by a background thread (0: no thread, batches made on demand).
+        Under Numba's workqueue threading layer, which aborts when two threads launch parallel
+        kernels at once, batches are always made on demand.
+    """
+
+    def __init__(self, dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, prefetch: int = 2):
+        if not hasattr(dataset, "__len__") or not (hasattr(dataset, "batch")
+                                                   or hasattr(dataset, "__getitem__")):
+            raise TypeError(f"DataLoader: dataset must have __len__ and batch or __getitem__, "
+                            f"got {type(dataset).__name__}")
+        self.dataset = dataset
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.prefetch = _check_int("prefetch", prefetch, 0)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        if len(dataset) == 0:
+            raise ValueError("DataLoader: dataset is empty")
+        if drop_last and len(dataset) < batch_size:
+            raise ValueError(f"DataLoader: drop_last with batch_size={batch_size} leaves no batch "
+                             f"of a dataset of {len(dataset)} samples")
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        full, rest = divmod(len(self.dataset), self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration epoch `epoch` (its order is a pure function of (seed, epoch))."""
+        self.epoch = _check_int("epoch", epoch, 0)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The sample indices of epoch `epoch`, in the order they are served."""
+        epoch = _check_int("epoch", epoch, 0)
+        n = len(self.dataset)
+        if not self.shuffle:
+            return np.arange(n, dtype=np.int64)
+        return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(n)
+
+    def batch_indices(self, epoch: int, batch_index: int) -> np.ndarray:
+        """The sample indices of batch `batch_index` of epoch `epoch`."""
+        batch_index = _check_int("batch_index", batch_index, 0)
+        if batch_index >= len(self):
+            raise IndexError(f"DataLoader: batch_index {batch_index} is out of range for "
+                             f"{len(self)} batches")
+        start = batch_index * self.batch_size
+        return self.order(epoch)[start:start + self.batch_size]
+
+    def __iter__(self):
+        return self.iter_from(self.epoch, 0)
+
+    def iter_from(self, epoch: int, batch_index: int):
+        """Iterate over epoch `epoch` from batch `batch_index` on, 0 <= batch_index <= len(self)."""
+        epoch = _check_int("epoch", epoch, 0)
+        batch_index = _check_int("batch_index", batch_index, 0)
+        if batch_index > len(self):
+            raise ValueError(f"DataLoader: batch_index must be <= {len(self)} batches, "
+                             f"got {batch_index}")
+        batches = self._batches(self.order(epoch), batch_index)
+        if self.prefetch == 0 or not _threading_layer_is_thread_safe():
+            return batches
+        return _prefetched(batches, self.prefetch)
+
+    def _batches(self, order: np.ndarray, first: int):
+        make = getattr(self.dataset, "batch", None) or functools.partial(_stack_items, self.dataset)
+        for b in range(first, len(self)):
+            yield make(order[b * self.batch_size:(b + 1) * self.batch_size])
+
+    def __repr__(self) -> str:
+        return (f"DataLoader({self.dataset!r}, batch_size={self.batch_size}, "
+                f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, "
+                f"prefetch={self.prefetch})")
+
+
+def _threading_layer_is_thread_safe() -> bool:
+    """False under Numba's workqueue layer (see npcpu.backend for how the layer is chosen)."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet: the layer that will start
+        layer = numba.config.THREADING_LAYER
+    return layer != "workqueue"
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put `item` unless the consumer has stopped; True when it was put."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=_POLL_SECONDS)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _prefetched(batches, depth: int):
+    """Yield from the generator `batches`, run `depth` items ahead in a background thread.
+
+    An exception in the producer is raised here, in the consumer, with the producer's traceback.
+    When the consumer stops early (break, close, garbage collection) the thread is told to stop
+    and joined before this generator finishes closing.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    threads = numba.get_num_threads()  # Numba's thread count is per thread: pass the consumer's on
+
+    def produce():
+        numba.set_num_threads(threads)
+        try:
+            for item in batches:
+                if not _put(q, ("batch", item), stop):
+                    return
+            _put(q, ("end", None), stop)
+        except BaseException as error:  # noqa: BLE001  (re-raised in the consumer)
+            _put(q, ("error", error), stop)
+        finally:
+            batches.close()
+
+    thread = threading.Thread(target=produce, name="npcpu-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "batch":
+                yield item
+            elif kind == "end":
+                return
+            else:
+                raise item
+    finally:
+        stop.set()
+        thread.join()

@@ -1,0 +1,350 @@
+"""Optimizer: the torch-shaped base of npcpu's optimizers (param_groups, state, state_dict, step).
+
+A subclass says which per-parameter arrays it keeps (`_moment_names`), how it checks a group's
+hyperparameters (`_check_group`) and how it updates one tensor (`_update`, one fused kernel call).
+Everything else lives here: parameter groups, skipping frozen parameters and those without a
+gradient, bf16 optimizer states, fp32 master copies of 16-bit parameters, and state dicts.
+
+Storage of parameters and states
+--------------------------------
+- float32 / float64 parameters are updated in place; with `state_dtype="fp32"` the moments have the
+  parameter's own dtype (float64 moments for float64 parameters, as torch does).
+- `state_dtype="bf16"` stores the moments as bfloat16 (half the memory and traffic of float32).
+  They are rounded stochastically (with `stochastic_rounding=True`, the default): rounding to nearest
+  would freeze a second moment v = beta2 v + (1 - beta2) g^2 with beta2 = 0.999 as soon as the change
+  (1 - beta2)(v - g^2) falls below half a bf16 ulp (v / 512), that is whenever g^2 > 0.5 v: v could
+  never decay. Stochastic rounding moves it by the right amount on average.
+- bfloat16 parameters are updated in place with stochastic rounding by default, or, with
+  `master_weights=True`, through a float32 copy kept in the state ("master_param") and rounded to
+  nearest into the parameter after each step.
+- float16 parameters always use a float32 master copy: float16 keeps 10 mantissa bits but only 5
+  exponent bits, so small weights fall into its subnormal range where updates are lost whatever the
+  rounding; an fp32 master is the standard mixed-precision recipe (Micikevicius et al., 2018).
+
+Stochastic rounding draws from npcpu.kernels.rng with the optimizer's `seed` and a stream made of
+(the parameter's step count, its index), so a run reloaded from a state dict (which holds both)
+continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from npcpu.nn.parameter import Parameter
+from npcpu.precision import bfloat16, to_storage
+
+STATE_DTYPES = ("fp32", "bf16")
+
+
+# ---------------------------------------------------------------------------------------------
+# hyperparameter checks shared by the optimizers
+# ---------------------------------------------------------------------------------------------
+def check_number(owner: str, field: str, value, *, low: float = 0.0, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """`value` as a float, after checking it is a finite real number in the stated interval."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{owner}: {field} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if not math.isfinite(value) or below or above:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{owner}: {field} must be finite and in {interval}, got {value!r}")
+    return value
+
+
+def check_betas(owner: str, betas) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
+    return tuple(check_number(owner, f"betas[{i}]", b, high=1.0, high_open=True)
+                 for i, b in enumerate(betas))
+
+
+def check_flag(owner: str, field: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{owner}: {field} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def flat(array: np.ndarray) -> np.ndarray:
+    """A flat view for the kernels: bfloat16 as its uint16 bits. Never a copy."""
+    if not array.flags.c_contiguous:
+        raise ValueError(f"optimizer: arrays must be C-contiguous to be updated in place, "
+                         f"got one of shape {array.shape} with strides {array.strides}")
+    view = array.reshape(-1)
+    return view.view(np.uint16) if view.dtype == bfloat16 else view
+
+
+class Optimizer:
+    """Base class: parameter groups, per-parameter state, state dicts and the step loop.
+
+    Parameters
+    ----------
+    params : iterable of Parameter, or of dicts {"params": [...], <hyperparameter>: value}
+        As in torch: each dict is a parameter group whose missing hyperparameters take `defaults`.
+    defaults : dict
+        The hyperparameters of the subclass ("lr", ...).
+    state_dtype : {"fp32", "bf16"}
+        Storage of the moments (see the module docstring).
+    master_weights : bool
+        Keep a float32 master copy of bfloat16 parameters (float16 ones always have one).
+    stochastic_rounding : bool
+        Round into bfloat16 (states and parameters) stochastically; False: to nearest even.
+    seed : int
+        Seed of the stochastic rounding.
+
+    Attributes
+    ----------
+    param_groups : list of dict
+        Each with "params" (a list of Parameter) and the hyperparameters; schedules write "lr" here.
+    state : dict of int to dict
+        Per-parameter state by the parameter's index (its position over all groups, as in torch's
+        state dicts): "step" (int) and the arrays of the subclass, created at its first update.
+    """
+
+    def __init__(self, params, defaults: dict, *, state_dtype: str = "fp32",
+                 master_weights: bool = False, stochastic_rounding: bool = True, seed: int = 0):
+        owner = type(self).__name__
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"{owner}: state_dtype must be one of {STATE_DTYPES}, got {state_dtype!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"{owner}: seed must be a non-negative integer, got {seed!r}")
+        self.state_dtype = state_dtype
+        self.master_weights = check_flag(owner, "master_weights", master_weights)
+        self.stochastic_rounding = check_flag(owner, "stochastic_rounding", stochastic_rounding)
+        self.seed = int(seed)
+        self.defaults = dict(defaults)
+        self._check_group(dict(self.defaults))
+        self.param_groups: list[dict] = []
+        self.state: dict[int, dict] = {}
+        self._params: list[Parameter] = []
+        self._index: dict[int, int] = {}  # id(Parameter) -> index
+
+        if isinstance(params, (Parameter, np.ndarray, dict)):
+            raise TypeError(f"{owner}: params must be an iterable of Parameters or of dicts, got a "
+                            f"single {type(params).__name__}")
+        groups = list(params)
+        if not groups:
+            raise ValueError(f"{owner}: got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for group in groups:
+            self.add_param_group(group)
+
+    # -- what a subclass provides ----------------------------------------------------------------
+    def _check_group(self, group: dict) -> None:
+        """Raise ValueError/TypeError naming the field when a hyperparameter is out of range."""
+        raise NotImplementedError
+
+    def _moment_names(self, group: dict) -> tuple[str, ...]:
+        """The names of the per-parameter arrays this optimizer keeps under `group`'s settings."""
+        raise NotImplementedError
+
+    def _update(self, weights, grad, state: dict, group: dict, rounding: tuple) -> None:
+        """Update flat `weights` in place from flat `grad` (state["step"] already counts this step).
+
+        `rounding` is (stochastic, seed, stream), passed on to the kernel.
+        """
+        raise NotImplementedError
+
+    # -- groups and parameters -------------------------------------------------------------------
+    def add_param_group(self, group: dict) -> None:
+        owner = type(self).__name__
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"{owner}: a parameter group must be a dict with a 'params' entry, "
+                            f"got {type(group).__name__}")
+        params = group["params"]
+        params = [params] if isinstance(params, Parameter) else list(params)
+        if not params:
+            raise ValueError(f"{owner}: parameter group {len(self.param_groups)} has an empty "
+                             "parameter list")
+        for p in params:
+            if not isinstance(p, Parameter):
+                raise TypeError(f"{owner}: params must be npcpu Parameters, got {type(p).__name__}")
+            if id(p) in self._index:
+                raise ValueError(f"{owner}: {p!r} appears in more than one place in the parameter "
+                                 "groups")
+        full = {**self.defaults, **group, "params": params}
+        self._check_group(full)
+        for p in params:
+            self._index[id(p)] = len(self._params)
+            self._params.append(p)
+        self.param_groups.append(full)
+
+    def indexed_params(self):
+        """(index, Parameter) over all groups, in state-dict order."""
+        return enumerate(self._params)
+
+    def index_of(self, p: Parameter) -> int:
+        return self._index[id(p)]
+
+    def zero_grad(self) -> None:
+        for p in self._params:
+            p.zero_grad()
+
+    # -- storage of one parameter ----------------------------------------------------------------
+    def _state_dtype(self, p: Parameter) -> np.dtype:
+        return bfloat16 if self.state_dtype == "bf16" else p.compute_dtype
+
+    def _has_master(self, p: Parameter) -> bool:
+        return p.data.dtype == np.float16 or (p.data.dtype == bfloat16 and self.master_weights)
+
+    def _state_spec(self, p: Parameter, group: dict) -> dict[str, np.dtype]:
+        """Array name -> dtype of the state this optimizer keeps for `p` (all of shape p.shape)."""
+        spec = {name: self._state_dtype(p) for name in self._moment_names(group)}
+        if self._has_master(p):
+            spec["master_param"] = np.dtype(np.float32)
+        return spec
+
+    def _init_state(self, p: Parameter, group: dict) -> dict:
+        state = {"step": 0}
+        for name, dtype in self._state_spec(p, group).items():
+            state[name] = np.zeros(p.shape, dtype=dtype)
+        if "master_param" in state:
+            state["master_param"][...] = p.values()
+        return state
+
+    def weights_of(self, p: Parameter) -> np.ndarray:
+        """The array the updates go into: the float32 master copy when there is one, else p.data."""
+        state = self.state.get(self._index[id(p)])
+        return state["master_param"] if state is not None and "master_param" in state else p.data
+
+    def publish_master(self, p: Parameter) -> None:
+        """Round the master copy (if any) to nearest into the parameter's own storage."""
+        weights = self.weights_of(p)
+        if weights is not p.data:
+            p.data[...] = to_storage(weights, p.data.dtype)
+
+    def param_values(self, p: Parameter) -> np.ndarray:
+        """The parameter's values in its compute dtype, from the master copy when there is one."""
+        weights = self.weights_of(p)
+        return weights.copy() if weights is not p.data else np.array(p.values(), copy=True)
+
+    def _checked_grad(self, p: Parameter) -> np.ndarray:
+        grad = p.grad
+        if not isinstance(grad, np.ndarray) or grad.shape != p.shape:
+            got = grad.shape if isinstance(grad, np.ndarray) else type(grad).__name__
+            raise ValueError(f"{type(self).__name__}: {p!r} has a gradient of shape {got}, "
+                             f"expected {p.shape}")
+        if grad.dtype != p.compute_dtype:
+            raise TypeError(f"{type(self).__name__}: {p!r} has a {grad.dtype} gradient, expected "
+                            f"{p.compute_dtype}")
+        return np.ascontiguousarray(grad)
+
+    # -- the step --------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Update every parameter that is not frozen and has a gradient; the others are untouched
+        (no state created, no step counted, no decay)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.frozen or p.grad is None:
+                    continue
+                index = self._index[id(p)]
+                grad = self._checked_grad(p)
+                state = self.state.get(index)
+                if state is None:
+                    state = self.state[index] = self._init_state(p, group)
+                for name, dtype in self._state_spec(p, group).items():
+                    if name not in state:  # an option switched on mid-run (momentum, amsgrad)
+                        state[name] = np.zeros(p.shape, dtype=dtype)
+                state["step"] += 1
+                weights = self.weights_of(p)
+                halves = [a for a in (weights, *state.values()) if getattr(a, "dtype", None) == bfloat16]
+                rounding = (self.stochastic_rounding and bool(halves), np.uint64(self.seed),
+                            np.uint64((state["step"] << 32) | index))
+                self._update(flat(weights), flat(grad), state, group, rounding)
+                self.publish_master(p)
+
+    # -- state dicts -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """A snapshot in torch's layout, arrays copied (NumPy; bf16 states stay bf16).
+
+        {"state": {index: {"step": int, <array name>: ndarray}},
+         "param_groups": [{<hyperparameters>, "params": [indices]}],
+         "seed": int, "state_dtype": str}
+        """
+        groups = []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = [self._index[id(p)] for p in group["params"]]
+            groups.append(packed)
+        state = {index: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+                 for index, s in self.state.items()}
+        return {"state": state, "param_groups": groups, "seed": self.seed,
+                "state_dtype": self.state_dtype}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a `state_dict()` (copying its arrays), after checking all of it.
+
+        Group and parameter counts, hyperparameters, state names, shapes and dtypes must match
+        what this optimizer would create; nothing is ever cast. A ValueError names the first field
+        that does not, and leaves the optimizer unchanged.
+        """
+        owner = f"{type(self).__name__}.load_state_dict"
+        for key in ("state", "param_groups", "seed", "state_dtype"):
+            if key not in state_dict:
+                raise ValueError(f"{owner}: missing field {key!r}")
+        if state_dict["state_dtype"] != self.state_dtype:
+            raise ValueError(f"{owner}: state_dtype: expected {self.state_dtype!r}, got "
+                             f"{state_dict['state_dtype']!r}")
+        seed = state_dict["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"{owner}: seed must be a non-negative integer, got {seed!r}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{owner}: param_groups: expected {len(self.param_groups)} groups, got "
+                             f"{len(saved_groups)}")
+        new_groups, group_of = [], {}
+        for g, (own, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved.get("params", ())) != len(own["params"]):
+                raise ValueError(f"{owner}: param_groups[{g}]: expected {len(own['params'])} params, "
+                                 f"got {len(saved.get('params', ()))}")
+            missing = sorted(set(own) - set(saved))
+            if missing:
+                raise ValueError(f"{owner}: param_groups[{g}]: missing hyperparameters {missing}")
+            merged = {**saved, "params": own["params"]}
+            self._check_group(merged)
+            new_groups.append(merged)
+            for saved_index, p in zip(saved["params"], own["params"]):
+                group_of[saved_index] = (p, merged)
+        new_state = {}
+        for saved_index, saved in state_dict["state"].items():
+            if saved_index not in group_of:
+                raise ValueError(f"{owner}: state[{saved_index!r}]: no parameter has this index")
+            p, group = group_of[saved_index]
+            new_state[self._index[id(p)]] = self._checked_state(owner, saved_index, saved, p, group)
+        for own, merged in zip(self.param_groups, new_groups):
+            own.update(merged)
+        self.state = new_state
+        self.seed = int(seed)
+        for p in self._params:
+            self.publish_master(p)
+
+    def _checked_state(self, owner: str, index, saved: dict, p: Parameter, group: dict) -> dict:
+        spec = self._state_spec(p, group)
+        where = f"{owner}: state[{index!r}] ({p.name or 'parameter'})"
+        if set(saved) != {"step", *spec}:
+            raise ValueError(f"{where}: expected fields {sorted({'step', *spec})}, got {sorted(saved)}")
+        step = saved["step"]
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"{where}: step must be a non-negative integer, got {step!r}")
+        state = {"step": int(step)}
+        for name, dtype in spec.items():
+            array = saved[name]
+            if not isinstance(array, np.ndarray):
+                raise ValueError(f"{where}: {name} must be a NumPy array, got {type(array).__name__}")
+            if array.shape != p.shape:
+                raise ValueError(f"{where}: {name}: expected shape {p.shape}, got {array.shape}")
+            if array.dtype != dtype:
+                raise ValueError(f"{where}: {name}: expected dtype {dtype}, got {array.dtype}")
+            state[name] = np.array(array, copy=True, order="C")
+        return state
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.param_groups):
+            settings = ", ".join(f"{k}={v!r}" for k, v in group.items() if k != "params")
+            lines.append(f"  group {i}: {len(group['params'])} params, {settings}")
+        return "\n".join(lines + [")"])

@@ -1,0 +1,55 @@
+"""SGD with momentum, dampening, Nesterov momentum, L2 weight decay and maximize (torch.optim.SGD)."""
+
+from __future__ import annotations
+
+from npcpu.kernels import optim as kernels
+from npcpu.optim.optimizer import Optimizer, check_flag, check_number, flat
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, detail for detail as torch.optim.SGD.
+
+    For each parameter w with gradient g, at step t:
+
+        g <- -g                                   if maximize
+        g <- g + weight_decay * w                 if weight_decay != 0
+        b <- g                                    if momentum != 0 and t == 1 (no dampening yet)
+        b <- momentum * b + (1 - dampening) * g   if momentum != 0 and t > 1
+        g <- g + momentum * b  if nesterov,  else  g <- b      (if momentum != 0)
+        w <- w - lr * g
+
+    State per parameter: "step" and, when momentum != 0, "momentum_buffer" (b; a momentum switched
+    on mid-run starts from a zero buffer rather than from g).
+    See npcpu.optim.optimizer.Optimizer for `state_dtype`, `master_weights`,
+    `stochastic_rounding` and `seed`.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
+                 nesterov: bool = False, weight_decay: float = 0, maximize: bool = False, *,
+                 state_dtype: str = "fp32", master_weights: bool = False,
+                 stochastic_rounding: bool = True, seed: int = 0):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                        weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, state_dtype=state_dtype, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding, seed=seed)
+
+    def _check_group(self, group: dict) -> None:
+        check_number("SGD", "lr", group["lr"])
+        check_number("SGD", "momentum", group["momentum"])
+        check_number("SGD", "dampening", group["dampening"], high=1.0)
+        check_number("SGD", "weight_decay", group["weight_decay"])
+        check_flag("SGD", "maximize", group["maximize"])
+        if check_flag("SGD", "nesterov", group["nesterov"]) and (
+                group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(f"SGD: nesterov requires momentum > 0 and dampening = 0, got "
+                             f"momentum={group['momentum']!r}, dampening={group['dampening']!r}")
+
+    def _moment_names(self, group: dict) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _update(self, weights, grad, state, group, rounding) -> None:
+        real = grad.dtype.type
+        buffer = flat(state["momentum_buffer"]) if group["momentum"] != 0 else grad[:0]
+        kernels.sgd_step(weights, grad, buffer, real(group["lr"]), real(group["momentum"]),
+                         real(1 - group["dampening"]), real(group["weight_decay"]),
+                         group["nesterov"], group["maximize"], state["step"] == 1, *rounding)

@@ -1,0 +1,167 @@
+"""From a checked configuration (npcpu.config) to a model, data, optimizer and Trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from npcpu.config import ConfigError, build_config, from_json, merge, to_json, validate
+from npcpu.data.digits import load_digits
+from npcpu.data.mnist import load_mnist
+from npcpu.data.synthetic import SyntheticClassification
+from npcpu.nn.dropout import Dropout
+from npcpu.nn.linear import FusedLinearReLU, Linear
+from npcpu.nn.losses import CrossEntropyLoss
+from npcpu.nn.module import Sequential
+from npcpu.optim.adam import Adam, AdamW
+from npcpu.optim.lamb import LAMB
+from npcpu.optim.lookahead import Lookahead
+from npcpu.optim.lr_scheduler import LambdaLR
+from npcpu.optim.schedules import (constant_schedule, warmup_cosine_decay_schedule,
+                                   warmup_step_decay_schedule)
+from npcpu.optim.sgd import SGD
+from npcpu.train.freezing import DynamicFreezer
+from npcpu.train.trainer import Trainer
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class Run:
+    """Everything a configuration describes, ready to `fit`."""
+    config: dict
+    trainer: Trainer
+    train_data: object
+    eval_data: object
+    num_classes: int
+    total_steps: int
+
+    def fit(self, run_dir, *, progress: bool | None = None) -> dict:
+        train = self.config["train"]
+        return self.trainer.fit(
+            self.train_data, epochs=train["epochs"], max_steps=train["max_steps"],
+            batch_size=train["batch_size"], eval_data=self.eval_data,
+            eval_every=train["eval_every"], run_dir=run_dir,
+            checkpoint_every=train["checkpoint_every"], keep_last=train["keep_last"],
+            log_every=train["log_every"], progress=progress)
+
+
+def build_data(data: dict):
+    """(train set, eval set, input features, classes) for the [data] section."""
+    if data["kind"] == "synthetic":
+        full = SyntheticClassification(data["train_size"] + data["eval_size"], data["input_dim"],
+                                       data["num_classes"], data["seed"],
+                                       label_noise=data["label_noise"])
+        train = full.subset(0, data["train_size"])
+        held_out = full.subset(data["train_size"], data["train_size"] + data["eval_size"])
+        return train, held_out, data["input_dim"], data["num_classes"]
+    if data["kind"] == "digits":
+        train, test = load_digits(seed=data["seed"])
+        return train, test, train.input_dim, 10
+    train = load_mnist(data["path"], train=True)
+    test = load_mnist(data["path"], train=False)
+    return train, test, train.input_dim, 10
+
+
+def build_model(model: dict, input_dim: int, num_classes: int, seed: int) -> Sequential:
+    """A FusedLinearReLU MLP (optional Dropout after each hidden layer) and a Linear head."""
+    layers, width = [], input_dim
+    for i, hidden in enumerate(model["hidden"]):
+        layers.append(FusedLinearReLU(width, hidden, seed=seed + i))
+        if model["dropout"] > 0:
+            layers.append(Dropout(model["dropout"], seed=seed + 1000 + i))
+        width = hidden
+    layers.append(Linear(width, num_classes, seed=seed + len(model["hidden"])))
+    return Sequential(*layers)
+
+
+def build_optimizer(optim: dict, model, seed: int):
+    """The optimizer; biases get no weight decay (and, for LAMB, no trust-ratio adaptation)."""
+    params = model.parameters()
+    weights = [p for p in params if p.data.ndim > 1]
+    biases = [p for p in params if p.data.ndim <= 1]
+    common = dict(lr=optim["lr"], weight_decay=optim["weight_decay"])
+    no_decay = {"params": biases, "weight_decay": 0.0}
+    name = optim["name"]
+    if name == "sgd":
+        optimizer = SGD([{"params": weights}, no_decay], momentum=optim["momentum"],
+                        seed=seed, **common)
+    elif name in ("adam", "adamw"):
+        cls = Adam if name == "adam" else AdamW
+        optimizer = cls([{"params": weights}, no_decay], betas=tuple(optim["betas"]),
+                        eps=optim["eps"], state_dtype=optim["state_dtype"], seed=seed, **common)
+    else:
+        optimizer = LAMB([{"params": weights}, {**no_decay, "adaptation": False}],
+                         betas=tuple(optim["betas"]), eps=optim["eps"],
+                         state_dtype=optim["state_dtype"], seed=seed, **common)
+    if optim["lookahead"]:
+        optimizer = Lookahead(optimizer, k=optim["lookahead_k"], alpha=optim["lookahead_alpha"])
+    return optimizer
+
+
+def build_schedule(schedule: dict, total_steps: int):
+    """The lr multiplier as a pure function of the step (LambdaLR applies it to the peak lr)."""
+    warmup = min(schedule["warmup_steps"], max(total_steps - 1, 0))
+    if schedule["name"] == "constant":
+        return constant_schedule(1.0)
+    if schedule["name"] == "warmup_cosine":
+        return warmup_cosine_decay_schedule(1.0 / (warmup + 1), 1.0, warmup,
+                                            max(total_steps, warmup + 1),
+                                            end_value=schedule["min_lr_ratio"])
+    return warmup_step_decay_schedule(1.0 / (warmup + 1), 1.0, warmup,
+                                      schedule["decay_steps"], schedule["decay_factor"])
+
+
+def count_steps(train: dict, train_size: int) -> int:
+    """Optimizer steps the [train] section asks for."""
+    micro_batches = -(-train_size // train["batch_size"])
+    per_epoch = -(-micro_batches // train["accumulation_steps"])
+    steps = [s for s in (train["max_steps"],
+                         train["epochs"] * per_epoch if train["epochs"] else None) if s]
+    return min(steps)
+
+
+def build_run(config: dict, *, callbacks=(), log_stream=None) -> Run:
+    train_cfg = config["train"]
+    train_data, eval_data, input_dim, num_classes = build_data(config["data"])
+    model = build_model(config["model"], input_dim, num_classes, train_cfg["seed"])
+    optimizer = build_optimizer(config["optim"], model, train_cfg["seed"])
+    total_steps = count_steps(train_cfg, len(train_data))
+    scheduler = LambdaLR(optimizer, build_schedule(config["schedule"], total_steps))
+    freeze = config["freeze"]
+    freezer = DynamicFreezer(freeze["threshold"], freeze["patience"], freeze["window"],
+                             prefix_only=freeze["prefix_only"], relative=freeze["relative"],
+                             start_step=freeze["start_step"]) \
+        if freeze["enabled"] else None
+    trainer = Trainer(model, CrossEntropyLoss(), optimizer, scheduler=scheduler,
+                      accumulation_steps=train_cfg["accumulation_steps"],
+                      precision=train_cfg["precision"], clip_grad_norm=train_cfg["clip_grad_norm"],
+                      freezer=freezer, callbacks=callbacks, seed=train_cfg["seed"],
+                      log_stream=log_stream)
+    return Run(config, trainer, train_data, eval_data, num_classes, total_steps)
+
+
+def save_run_config(run_dir, config: dict) -> None:
+    """Write the run's configuration (JSON) so that `--resume` and `eval` rebuild the same run."""
+    from npcpu.checkpoint import ensure_writable
+    run_dir = ensure_writable(run_dir)
+    path = run_dir / CONFIG_FILE
+    if path.exists():
+        raise ConfigError(f"{run_dir} already holds a run ({path} exists): use --resume {run_dir} "
+                          "to continue it, or choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_json(config))
+
+
+def load_run_config(run_dir, overrides: dict | None = None) -> dict:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not an npcpu run directory (no {CONFIG_FILE})")
+    config = from_json(path.read_text(), str(path))
+    if overrides:
+        config = merge(config, overrides, "command line")
+        validate(config)
+    return config
+
+
+__all__ = ["Run", "build_config", "build_run", "load_run_config", "save_run_config"]

@@ -1,0 +1,55 @@
+"""A training run in its own process, for the resume tests (not collected by pytest).
+
+    python tests/run_training.py RUN_DIR [--resume] [--sleep SECONDS]
+
+Trains the small configuration below (bf16, LAMB + Lookahead, dropout, accumulation, warmup +
+cosine, freezing) with one thread, logging every step to RUN_DIR/metrics.jsonl and checkpointing
+every 4 steps. `--sleep` slows each step down so that a test can kill the process mid-run.
+"""
+
+import argparse
+import sys
+import time
+
+from npcpu import backend
+from npcpu.config import build_config
+from npcpu.train.build import build_run, save_run_config
+from npcpu.train.callbacks import Callback
+
+CONFIG = {
+    "model": {"hidden": [48, 32], "dropout": 0.1},
+    "data": {"train_size": 1200, "eval_size": 200, "input_dim": 24, "num_classes": 4},
+    "schedule": {"warmup_steps": 5},
+    "train": {"epochs": None, "max_steps": 40, "batch_size": 32, "accumulation_steps": 2,
+              "eval_every": 10, "checkpoint_every": 4, "log_every": 1, "keep_last": 2},
+    "freeze": {"threshold": 0.15, "patience": 14, "window": 4, "start_step": 0},
+}
+
+
+class Sleep(Callback):
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def on_step_end(self, trainer, metrics):
+        time.sleep(self.seconds)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--sleep", type=float, default=0.0)
+    args = parser.parse_args()
+    backend.set_threads(1)
+    config = build_config(overrides=CONFIG)
+    run = build_run(config, callbacks=[Sleep(args.sleep)] if args.sleep else [])
+    if args.resume:
+        run.trainer.resume(args.run_dir)
+    else:
+        save_run_config(args.run_dir, config)
+    run.fit(args.run_dir, progress=False)
+    return 130 if run.trainer.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Gradient clipping: norm kernels against NumPy, clip_grad_norm / clip_grad_value against torch."""
+
+import numba
+import numpy as np
+import pytest
+
+from npcpu.kernels.grads import CHUNK, max_abs, power_sum
+from npcpu.nn.parameter import Parameter
+from npcpu.optim.clip import clip_grad_norm, clip_grad_value, get_total_norm
+
+SIZES = [0, 1, 17, CHUNK + 3, 3 * CHUNK + 1]
+
+
+# ---------------------------------------------------------------- kernel twins
+
+
+def power_sum_twin(values, p):
+    """sum |x|^p over all entries, in float64."""
+    return float(np.sum(np.abs(values.astype(np.float64)) ** p))
+
+
+def max_abs_twin(values):
+    """max |x| over all entries (NaN if any is NaN), 0 for no entries."""
+    return float(np.max(np.abs(values.astype(np.float64)), initial=0.0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", SIZES)
+def test_norm_kernels_match_numpy(num_threads, dtype, size):
+    values = np.random.default_rng(size).standard_normal(size).astype(dtype)
+    for p in (2.0, 1.0, 3.5):
+        np.testing.assert_allclose(power_sum(values, p), power_sum_twin(values, p), rtol=1e-12, atol=0)
+    assert max_abs(values) == max_abs_twin(values)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_norm_kernels_see_nan_and_inf_in_any_chunk(num_threads, dtype):
+    for position in (0, CHUNK - 1, CHUNK, 2 * CHUNK + 5):
+        for special in (np.nan, np.inf, -np.inf):
+            values = np.random.default_rng(position).standard_normal(2 * CHUNK + 9).astype(dtype)
+            values[position] = special
+            assert np.array_equal(max_abs(values), max_abs_twin(values), equal_nan=True)
+            assert np.array_equal(power_sum(values, 2.0), power_sum_twin(values, 2.0), equal_nan=True)
+
+
+def test_norm_kernels_do_not_depend_on_thread_count():
+    values = np.random.default_rng(1).standard_normal(5 * CHUNK + 7).astype(np.float32)
+    previous = numba.get_num_threads()
+    results = []
+    for n in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+        numba.set_num_threads(n)
+        results.append(power_sum(values, 2.0))
+    numba.set_num_threads(previous)
+    assert len(set(results)) == 1
+
+
+# ---------------------------------------------------------------- parity with torch.nn.utils
+
+SHAPES = [(7, 5), (13,), (3, 4, 2)]
+
+
+def make_params(rng, gain):
+    params = [Parameter(np.zeros(shape, np.float32)) for shape in SHAPES]
+    for p in params:
+        p.grad = (gain * rng.standard_normal(p.shape)).astype(np.float32)
+    return params
+
+
+def torch_grads(torch, params):
+    tensors = []
+    for p in params:
+        t = torch.zeros(p.shape, requires_grad=True)
+        t.grad = torch.from_numpy(p.grad.copy())
+        tensors.append(t)
+    return tensors
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf"), 3.0])
+@pytest.mark.parametrize("gain", [0.01, 1.0], ids=["below-max", "clipped"])
+def test_clip_grad_norm_matches_torch(torch, norm_type, gain):
+    params = make_params(np.random.default_rng(7), gain)
+    tensors = torch_grads(torch, params)
+    expected_norm = torch.nn.utils.clip_grad_norm_(tensors, max_norm=1.5, norm_type=norm_type)
+    got_norm = clip_grad_norm(params, max_norm=1.5, norm_type=norm_type)
+    assert isinstance(got_norm, float)
+    np.testing.assert_allclose(got_norm, expected_norm.item(), rtol=2e-6)  # torch reduces in float32
+    for p, t in zip(params, tensors):
+        assert p.grad.dtype == np.float32
+        np.testing.assert_allclose(p.grad, t.grad.numpy(), rtol=2e-6, atol=1e-8)
+    if gain == 1.0:
+        assert get_total_norm(params, norm_type) == pytest.approx(1.5, rel=1e-5)
+
+
+def test_frozen_and_gradless_parameters_are_ignored(torch):
+    params = make_params(np.random.default_rng(3), 1.0)
+    frozen, gradless = Parameter(np.zeros(4, np.float32)), Parameter(np.zeros(2, np.float32))
+    frozen.grad, frozen.frozen = np.full(4, 100.0, np.float32), True
+    tensors = torch_grads(torch, params)
+    expected = torch.nn.utils.clip_grad_norm_(tensors, 1.0)
+    assert clip_grad_norm([frozen, *params, gradless], 1.0) == pytest.approx(expected.item(), rel=2e-6)
+    np.testing.assert_array_equal(frozen.grad, 100.0)
+    assert gradless.grad is None
+    assert clip_grad_norm([gradless], 1.0) == 0.0
+
+
+@pytest.mark.parametrize("special", [np.nan, np.inf])
+def test_nonfinite_norm_behaves_as_torch(torch, special):
+    params = make_params(np.random.default_rng(5), 1.0)
+    params[1].grad[3] = special
+    before = [p.grad.copy() for p in params]
+    with pytest.raises(RuntimeError, match="error_if_nonfinite"):
+        clip_grad_norm(params, 1.0, error_if_nonfinite=True)
+    for p, b in zip(params, before):
+        np.testing.assert_array_equal(p.grad, b)
+    tensors = torch_grads(torch, params)
+    expected = torch.nn.utils.clip_grad_norm_(tensors, 1.0)
+    got = clip_grad_norm(params, 1.0)
+    assert np.array_equal(got, expected.item(), equal_nan=True)
+    for p, t in zip(params, tensors):
+        np.testing.assert_array_equal(p.grad, t.grad.numpy())  # NaN where torch has NaN, 0 where 0
+
+
+def test_clip_grad_value_matches_torch(torch):
+    params = make_params(np.random.default_rng(9), 1.0)
+    params[0].grad[0, 0] = np.nan
+    tensors = torch_grads(torch, params)
+    torch.nn.utils.clip_grad_value_(tensors, 0.7)
+    clip_grad_value(params, 0.7)
+    for p, t in zip(params, tensors):
+        np.testing.assert_array_equal(p.grad, t.grad.numpy())
+
+
+def test_float64_gradients():
+    p = Parameter(np.zeros(2))
+    p.grad = np.array([3.0, 4.0])
+    assert clip_grad_norm([p], 1.0) == 5.0
+    np.testing.assert_allclose(p.grad, [3.0 / (5.0 + 1e-6), 4.0 / (5.0 + 1e-6)], rtol=1e-15)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda ps: clip_grad_norm(ps, -1.0), ValueError, "max_norm must be a number >= 0"),
+    (lambda ps: clip_grad_norm(ps, 1.0, norm_type=0), ValueError, "norm_type must be > 0"),
+    (lambda ps: clip_grad_norm(ps, 1.0, norm_type="fro"), TypeError, "norm_type must be a real number"),
+    (lambda ps: clip_grad_value(ps, float("nan")), ValueError, "clip_value must be a number >= 0"),
+])
+def test_invalid_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call(make_params(np.random.default_rng(0), 1.0))
+
+
+def test_gradients_that_cannot_be_modified_in_place_are_rejected():
+    p = Parameter(np.zeros((4, 4), np.float32))
+    p.grad = np.ones((4, 4), np.float32).T[::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        clip_grad_norm([p], 1.0)
+    p.grad = np.ones((4, 4), np.int32)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        clip_grad_norm([p], 1.0)
