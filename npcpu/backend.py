@@ -59,29 +59,32 @@ def set_threads(n: int | None) -> int:
     return n
 
 
-_blas_libraries = None
+_gemm_blas = None  # threadpoolctl's controller of the BLAS library npcpu.blas calls (SciPy's)
 
 
-def _blas_controllers() -> list:
-    global _blas_libraries
-    if _blas_libraries is None:
-        _blas_libraries = [lib for lib in ThreadpoolController().lib_controllers
-                           if lib.user_api == "blas"]
-    return _blas_libraries
+def _gemm_blas_controller():
+    global _gemm_blas
+    if _gemm_blas is None:
+        blas = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        scipy_first = sorted(blas, key=lambda lib: "scipy" not in os.path.basename(
+            os.path.dirname(lib.filepath or "")))
+        _gemm_blas = scipy_first[0] if scipy_first else None
+    return _gemm_blas
 
 
 @contextmanager
 def single_blas_thread():
-    """Run the enclosed BLAS calls on one thread (about 1 us to switch each loaded BLAS library)."""
-    libraries = _blas_controllers()
-    previous = [lib.get_num_threads() for lib in libraries]
-    for lib in libraries:
-        lib.set_num_threads(1)
+    """Run the enclosed GEMMs (npcpu.blas) on one BLAS thread; about 1 us when there is a switch."""
+    blas = _gemm_blas_controller()
+    threads = blas.get_num_threads() if blas is not None else 1
+    if threads == 1:
+        yield
+        return
+    blas.set_num_threads(1)
     try:
         yield
     finally:
-        for lib, n in zip(libraries, previous):
-            lib.set_num_threads(n)
+        blas.set_num_threads(threads)
 
 
 def blas_info() -> dict:

@@ -90,6 +90,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "eval_every": Field("int", 200, "evaluate every N steps", min=1, optional=True),
         "checkpoint_every": Field("int", 200, "checkpoint every N steps", min=1, optional=True),
         "keep_last": Field("int", 3, "checkpoints kept (plus the best)", min=1),
+        "early_stopping_patience": Field("int", None, "stop after N evaluations without a better "
+                                         "eval accuracy", min=1, optional=True),
         "log_every": Field("int", 20, "log every N steps", min=1),
         "threads": Field("int", None, "threads for BLAS and Numba (default: all cores)", min=1,
                          optional=True),

@@ -225,3 +225,16 @@ def test_unwritable_run_dir_is_an_error_before_training(tmp_path):
     assert trainer.step == 0
     for key, value in before.items():
         assert np.array_equal(model.state_dict()[key], value)
+
+
+def test_early_stopping_stops_when_the_metric_stops_improving():
+    from npcpu.train.callbacks import EarlyStopping
+
+    data = make_data(64)
+    model = make_model()
+    stopper = EarlyStopping("eval_loss", "min", patience=2)
+    # lr 0: the eval loss never improves after the first evaluation
+    trainer = quiet_trainer(model, SGD(model.parameters(), lr=0.0), callbacks=[stopper])
+    trainer.fit(data, max_steps=50, batch_size=16, eval_data=data, eval_every=1, progress=False)
+    assert trainer.step == 3 and stopper.bad_evals == 2
+    assert trainer.stop_training

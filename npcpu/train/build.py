@@ -20,6 +20,7 @@ from npcpu.optim.lr_scheduler import LambdaLR
 from npcpu.optim.schedules import (constant_schedule, warmup_cosine_decay_schedule,
                                    warmup_step_decay_schedule)
 from npcpu.optim.sgd import SGD
+from npcpu.train.callbacks import EarlyStopping
 from npcpu.train.freezing import DynamicFreezer
 from npcpu.train.trainer import Trainer
 
@@ -123,6 +124,9 @@ def count_steps(train: dict, train_size: int) -> int:
 
 def build_run(config: dict, *, callbacks=(), log_stream=None) -> Run:
     train_cfg = config["train"]
+    if train_cfg["early_stopping_patience"] is not None:
+        callbacks = [*callbacks, EarlyStopping("eval_accuracy", "max",
+                                               train_cfg["early_stopping_patience"])]
     train_data, eval_data, input_dim, num_classes = build_data(config["data"])
     model = build_model(config["model"], input_dim, num_classes, train_cfg["seed"])
     optimizer = build_optimizer(config["optim"], model, train_cfg["seed"])

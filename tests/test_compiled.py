@@ -1,0 +1,220 @@
+"""npcpu.train.compiled and npcpu.kernels.compiled_step: NumPy twins of the kernels, and whole
+epochs against the reference loop (model.forward, loss, backward, SGD.step, zero_grad)."""
+
+import numpy as np
+import pytest
+
+from npcpu.data.arrays import ArrayDataset
+from npcpu.data.loader import DataLoader
+from npcpu.kernels import compiled_step as kernels
+from npcpu.nn.activations import ReLU
+from npcpu.nn.linear import FusedLinearReLU, Linear
+from npcpu.nn.losses import CrossEntropyLoss, MSELoss
+from npcpu.nn.module import Sequential
+from npcpu.optim.adam import Adam
+from npcpu.optim.sgd import SGD
+from npcpu.train.compiled import CompiledClassifierStep
+
+RTOL, ATOL = 1e-5, 1e-6  # float32: the GEMMs sum in another order than BLAS
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels against plain NumPy
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n, k, m", [(13, 37, 7), (4, 5, 2), (1, 3, 1), (9, 64, 10)])
+@pytest.mark.parametrize("relu, has_bias", [(False, True), (True, True), (True, False)])
+def test_linear_forward_matches_numpy(dtype, n, k, m, relu, has_bias):
+    rng = np.random.default_rng(n * 100 + k)
+    a = rng.standard_normal((n + 5, k)).astype(dtype)
+    rows = rng.permutation(n + 5)[:n]
+    weight = rng.standard_normal((m, k)).astype(dtype)
+    bias = rng.standard_normal(m).astype(dtype) if has_bias else np.empty(0, dtype)
+    out = np.full((n + 2, m), np.nan, dtype)
+    kernels.linear_forward(a, rows, weight, bias, relu, out)
+    expected = a[rows] @ weight.T + (bias if has_bias else 0)
+    if relu:
+        expected = np.maximum(expected, 0)
+    np.testing.assert_allclose(out[:n], expected, rtol=RTOL, atol=ATOL * k)
+
+
+@pytest.mark.parametrize("n, k, m", [(13, 37, 7), (4, 5, 2), (1, 3, 1)])
+def test_backward_kernels_match_numpy(n, k, m):
+    rng = np.random.default_rng(n + k + m)
+    a = rng.standard_normal((n + 3, k)).astype(np.float32)
+    rows = rng.permutation(n + 3)[:n]
+    weight = rng.standard_normal((m, k)).astype(np.float32)
+    dz = rng.standard_normal((n + 2, m)).astype(np.float32)
+    grad_weight = np.full((m, k), np.nan, np.float32)
+    kernels.weight_grad(dz, a, rows, grad_weight)
+    np.testing.assert_allclose(grad_weight, dz[:n].T @ a[rows], rtol=RTOL, atol=ATOL * n)
+    grad_bias = np.full(m, np.nan, np.float32)
+    kernels.bias_grad(dz, n, grad_bias)
+    np.testing.assert_allclose(grad_bias, dz[:n].sum(axis=0), rtol=RTOL, atol=ATOL * n)
+    dx = np.full((n + 2, k), np.nan, np.float32)
+    kernels.input_grad(dz, weight, n, dx)
+    np.testing.assert_allclose(dx[:n], dz[:n] @ weight, rtol=RTOL, atol=ATOL * m)
+    out = np.maximum(rng.standard_normal((n + 2, m)), 0).astype(np.float32)
+    masked = dz.copy()
+    kernels.relu_backward(masked, out, n)
+    np.testing.assert_array_equal(masked[:n], np.where(out[:n] > 0, dz[:n], 0))
+    np.testing.assert_array_equal(masked[n:], dz[n:])
+
+
+def test_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(1)
+    logits = (5 * rng.standard_normal((11, 7))).astype(np.float32)
+    targets = rng.integers(0, 7, 9)
+    dlogits = np.full_like(logits, np.nan)
+    loss = kernels.cross_entropy_mean(logits, targets, 9, dlogits)
+    z = logits[:9].astype(np.float64)
+    log_softmax = z - z.max(axis=1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(axis=1, keepdims=True))
+    assert loss == pytest.approx(-log_softmax[np.arange(9), targets].mean(), rel=1e-6)
+    expected = np.exp(log_softmax)
+    expected[np.arange(9), targets] -= 1
+    np.testing.assert_allclose(dlogits[:9], expected / 9, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("momentum, dampening, weight_decay, nesterov, maximize, first", [
+    (0.0, 0.0, 0.0, False, False, True), (0.9, 0.0, 1e-2, True, False, False),
+    (0.9, 0.3, 0.0, False, True, False), (0.5, 0.0, 0.1, False, False, True)])
+def test_sgd_update_matches_formula(momentum, dampening, weight_decay, nesterov, maximize, first):
+    rng = np.random.default_rng(2)
+    w, g, b = (rng.standard_normal(23) for _ in range(3))
+    param, buffer = w.copy(), (b.copy() if momentum else np.empty(0))
+    kernels.sgd_update(param, g, buffer, 0.1, momentum, dampening, weight_decay, nesterov,
+                       maximize, first)
+    d = (-g if maximize else g) + weight_decay * w
+    if momentum:
+        new_b = d if first else momentum * b + (1 - dampening) * d
+        np.testing.assert_allclose(buffer, new_b, rtol=1e-12)
+        d = d + momentum * new_b if nesterov else new_b
+    np.testing.assert_allclose(param, w - 0.1 * d, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole epochs against the reference loop
+# ---------------------------------------------------------------------------------------------
+def _problem(layers, optimizer_settings, precision="fp32", seed=0):
+    model = Sequential(*layers)
+    model.input_requires_grad = False
+    if precision != "fp32":
+        model.set_precision(precision)
+    return model, CrossEntropyLoss(), SGD(model.parameters(), **optimizer_settings)
+
+
+def _reference_epoch(model, loss_fn, optimizer, loader, epoch):
+    losses = []
+    for x, y in loader.iter_from(epoch, 0):
+        logits = model.forward(x)
+        losses.append(loss_fn(logits, y))
+        model.backward(loss_fn.backward())
+        optimizer.step()
+        optimizer.zero_grad()
+    return np.array(losses)
+
+
+MODELS = {
+    "logreg": lambda: [Linear(23, 5, seed=0)],
+    "mlp": lambda: [FusedLinearReLU(23, 17, seed=0), FusedLinearReLU(17, 9, bias=False, seed=1),
+                    Linear(9, 5, seed=2)],
+}
+OPTIMIZERS = {
+    "plain": dict(lr=0.1),
+    "momentum_decay": dict(lr=0.05, momentum=0.9, weight_decay=1e-2),
+    "nesterov": dict(lr=0.05, momentum=0.8, nesterov=True),
+    "dampening_maximize": dict(lr=0.01, momentum=0.5, dampening=0.2, maximize=True),
+}
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_epochs_match_reference_loop(model_name, optimizer_name, drop_last, num_threads):
+    rng = np.random.default_rng(3)
+    dataset = ArrayDataset(rng.standard_normal((203, 23)).astype(np.float32), rng.integers(0, 5, 203))
+    loader = DataLoader(dataset, 16, seed=7, drop_last=drop_last, prefetch=0)
+    reference = _problem(MODELS[model_name](), OPTIMIZERS[optimizer_name])
+    compiled = _problem(MODELS[model_name](), OPTIMIZERS[optimizer_name])
+    step = CompiledClassifierStep(*compiled)
+    for epoch in (0, 1):  # the second epoch starts from momentum buffers and step counts
+        expected = _reference_epoch(*reference, loader, epoch)
+        losses = step.train_epoch(loader, epoch)
+        assert losses.shape == (len(loader),)
+        np.testing.assert_allclose(losses, expected, rtol=RTOL, atol=ATOL)
+    for (name, want), (_, got) in zip(reference[0].state_dict().items(),
+                                      compiled[0].state_dict().items()):
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=name)
+    for index, state in reference[2].state.items():
+        assert compiled[2].state[index]["step"] == state["step"] == 2 * len(loader)
+        if "momentum_buffer" in state:
+            np.testing.assert_allclose(compiled[2].state[index]["momentum_buffer"],
+                                       state["momentum_buffer"], rtol=RTOL, atol=ATOL)
+
+
+def test_reference_path_continues_a_compiled_run_in_float64():
+    rng = np.random.default_rng(4)
+    dataset = ArrayDataset(rng.standard_normal((60, 23)), rng.integers(0, 5, 60))
+    x, y = dataset.x.astype(np.float64), dataset.y  # the data set keeps float32 features
+    loader = DataLoader(dataset, 8, seed=1, prefetch=0)
+    settings = dict(lr=0.1, momentum=0.9)
+    reference = _problem(MODELS["mlp"](), settings, precision="fp64")
+    mixed = _problem(MODELS["mlp"](), settings, precision="fp64")
+    expected = np.concatenate([_reference_epoch(*reference, loader, e) for e in (0, 1)])
+    order = loader.order(0)
+    step = CompiledClassifierStep(*mixed)
+    first = step.train_steps(x, y, order, 8, steps=3)  # 3 steps compiled, the rest of the epoch
+    rest = step.train_steps(x, y, order, 8, first_batch=3)  # too, then epoch 1 by the reference
+    got = np.concatenate([first, rest, _reference_epoch(*mixed, loader, 1)])
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    for (name, want), (_, have) in zip(reference[0].state_dict().items(),
+                                       mixed[0].state_dict().items()):
+        np.testing.assert_allclose(have, want, rtol=1e-12, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# what is refused
+# ---------------------------------------------------------------------------------------------
+def _logreg():
+    return _problem([Linear(6, 3, seed=0)], dict(lr=0.1))
+
+
+def test_refuses_unsupported_models_losses_and_optimizers():
+    model, loss_fn, optimizer = _logreg()
+    with pytest.raises(TypeError, match="layer 1 is a ReLU; supported"):
+        relu_model = Sequential(Linear(6, 3), ReLU())
+        CompiledClassifierStep(relu_model, loss_fn, SGD(relu_model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="loss_fn is a MSELoss"):
+        CompiledClassifierStep(model, MSELoss(), optimizer)
+    with pytest.raises(ValueError, match="label_smoothing=0.1"):
+        CompiledClassifierStep(model, CrossEntropyLoss(label_smoothing=0.1), optimizer)
+    with pytest.raises(ValueError, match="ignore_index=2 is one of the 3 classes"):
+        CompiledClassifierStep(model, CrossEntropyLoss(ignore_index=2), optimizer)
+    with pytest.raises(TypeError, match="optimizer is a Adam"):
+        CompiledClassifierStep(model, loss_fn, Adam(model.parameters()))
+    with pytest.raises(ValueError, match="state_dtype='bf16'"):
+        CompiledClassifierStep(model, loss_fn, SGD(model.parameters(), lr=0.1, state_dtype="bf16"))
+    with pytest.raises(ValueError, match="not exactly the model's"):
+        CompiledClassifierStep(model, loss_fn, SGD([model[0].weight], lr=0.1))
+    model[0].bias.frozen = True
+    with pytest.raises(ValueError, match="'0.bias' is frozen"):
+        CompiledClassifierStep(model, loss_fn, optimizer)
+    bf16_model, _, _ = _problem([Linear(6, 3)], dict(lr=0.1), precision="bf16")
+    with pytest.raises(ValueError, match="bfloat16"):
+        CompiledClassifierStep(bf16_model, loss_fn, SGD(bf16_model.parameters(), lr=0.1))
+
+
+def test_refuses_bad_data():
+    step = CompiledClassifierStep(*_logreg())
+    x, y, order = np.zeros((5, 6), np.float32), np.zeros(5, np.int64), np.arange(5)
+    with pytest.raises(TypeError, match="x must be a float32 array, got float64"):
+        step.train_steps(x.astype(np.float64), y, order, 2)
+    with pytest.raises(ValueError, match=r"x must be \(samples, 6\), got \(5, 4\)"):
+        step.train_steps(x[:, :4], y, order, 2)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        step.train_steps(x, y + 3, order, 2)
+    with pytest.raises(ValueError, match=r"order must be 1-D integer indices in \[0, 5\)"):
+        step.train_steps(x, y, order + 1, 2)
+    with pytest.raises(ValueError, match="4 steps from batch 0 do not fit"):
+        step.train_steps(x, y, order, 2, steps=4)
