@@ -24,20 +24,12 @@ import argparse
 
 import numpy as np
 from common import markdown_table, summarize, time_interleaved, write_json
+from workloads import BATCH, npcpu_mlp52m
+from workloads import MLP52M_WIDTHS as WIDTHS
 
 from npcpu import backend
-from npcpu.nn.linear import FusedLinearReLU, Linear
+from npcpu.nn.linear import FusedLinearReLU
 from npcpu.nn.module import Sequential
-
-WIDTHS = [784, 4096, 4096, 4096, 4096, 100]
-BATCH = 128
-
-
-def npcpu_mlp52m() -> Sequential:
-    hidden = [FusedLinearReLU(a, b, seed=i) for i, (a, b) in enumerate(zip(WIDTHS[:-2], WIDTHS[1:-1]))]
-    model = Sequential(*hidden, Linear(WIDTHS[-2], WIDTHS[-1], seed=len(hidden)))
-    model.input_requires_grad = False
-    return model
 
 
 def torch_mlp52m(torch, model: Sequential):

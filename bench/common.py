@@ -9,16 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Callable
-
-import numba
-import numpy as np
-
-from npcpu import backend
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -45,17 +39,19 @@ def summarize(seconds: list[float]) -> dict:
 
 
 def machine_facts() -> dict:
-    """What the numbers depend on: CPU, core count, library versions, BLAS, threads."""
+    """What the numbers depend on: CPU, core count, library versions, BLAS, threads, environment.
+
+    npcpu.info.system_info() (as `npcpu info` prints it), plus the logical CPU count, the
+    environment variables that steer BLAS, OpenMP and Numba (e.g. OPENBLAS_CORETYPE, which pins
+    OpenBLAS's kernels), and torch's version and default thread count when torch is installed.
+    """
+    from npcpu.info import system_info  # here, not at the top: a torch-only child stays Numba-free
+    info = system_info()
     facts = {
-        "platform": platform.platform(),
-        "processor": _cpu_model(),
+        **info,
+        "processor": info["cpu"],
+        "numba_cores": info["cores"],
         "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "blas": backend.blas_info(),
-        "numba_threading": backend.threading_info(),
-        "cpu_bf16": backend.cpu_supports_bf16(),
         "environment": {k: v for k, v in sorted(os.environ.items())
                         if k.startswith(("OPENBLAS_", "OMP_", "GOMP_", "KMP_", "MKL_", "NUMBA_"))},
     }
@@ -68,21 +64,13 @@ def machine_facts() -> dict:
     return facts
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def write_json(name: str, payload: dict) -> Path:
-    """Write `payload` plus machine facts and a UTC timestamp to bench/results/<name>.json."""
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def write_json(name: str, payload: dict, path: Path | None = None) -> Path:
+    """Write `payload` plus machine facts and a UTC timestamp to `path` (default
+    bench/results/<name>.json)."""
+    if path is None:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        path = RESULTS_DIR / f"{name}.json"
+    path = Path(path)
     record = {"bench": name, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": machine_facts(), **payload}
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")

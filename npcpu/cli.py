@@ -126,6 +126,7 @@ def cmd_bench(args) -> int:
     if not bench_dir.is_dir():
         raise ConfigError("npcpu bench runs the scripts in the source tree's bench/ directory, "
                           "which this installation does not have (clone the repository)")
+    sys.path.insert(0, str(bench_dir))  # the scripts import their shared helpers (common.py ...)
     scripts = sorted(bench_dir.glob("bench_*.py"))
     names = [s.stem[len("bench_"):] for s in scripts]
     chosen = names if args.name == "all" else [args.name]

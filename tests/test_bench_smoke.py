@@ -1,0 +1,43 @@
+"""Smoke test of bench/bench_train.py: one quick logreg-mnist round on 2,048 samples, JSON checked.
+
+Timings are not asserted (DESIGN.md: speed is measured by bench/, never by a timed unit test); this
+checks that the chosen configurations each ran in a process of their own and that the record has
+its fields, the npcpu/torch ratios and the targets.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_train.py"
+CONFIGS = ["npcpu layer loop", "npcpu Trainer.fit", "torch eager, default SGD"]
+
+
+def test_bench_train_quick_logreg_writes_expected_json(torch, tmp_path):
+    output = tmp_path / "bench_train.json"
+    selection = [arg for name in CONFIGS for arg in ("--configs", name)]
+    done = subprocess.run([sys.executable, str(BENCH), "--quick", "--workload", "logreg-mnist",
+                           "--rounds", "1", "--samples", "2048", *selection,
+                           "--output", str(output)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| configuration |" in done.stdout
+    record = json.loads(output.read_text())
+    for key in ("bench", "time_utc", "machine", "threads", "rounds", "workloads", "targets"):
+        assert key in record
+    for key in ("cpu", "cores", "blas", "numba_threading", "environment", "torch"):
+        assert key in record["machine"]
+    logreg = record["workloads"]["logreg-mnist"]
+    assert list(logreg["results"]) == CONFIGS
+    for result in logreg["results"].values():
+        assert "error" not in result, result
+        assert result["samples_per_step"] == 2048
+        assert result["min_ms"] <= result["median_ms"] <= result["max_ms"]
+        for key in ("samples_per_s", "peak_rss_mb", "rss_after_imports_mb", "first_call_s", "info"):
+            assert result[key] is not None
+    assert logreg["results"]["torch eager, default SGD"]["info"]["implementation"]
+    assert set(logreg["ratios"]) == {"npcpu layer loop", "npcpu Trainer.fit"}
+    for versus in logreg["ratios"].values():
+        assert set(versus) == {"torch eager, default SGD"} and versus["torch eager, default SGD"] > 0
+    assert [t["met"] in (True, False) for t in record["targets"]] == [True] * 4
