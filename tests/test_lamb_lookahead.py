@@ -4,6 +4,7 @@ arXiv 1907.08610 Algorithm 1."""
 import numpy as np
 import pytest
 
+from npcpu.kernels import optim as kernels
 from npcpu.nn.parameter import Parameter
 from npcpu.optim.adam import Adam
 from npcpu.optim.lamb import LAMB
@@ -114,7 +115,7 @@ def test_lamb_trust_ratio_rules():
 
 def test_lamb_norms_do_not_depend_on_thread_count(num_threads):
     rng = np.random.default_rng(3)
-    start = rng.standard_normal(3 * 8192 + 17).astype(np.float32)
+    start = rng.standard_normal(3 * kernels.BLOCK + 17).astype(np.float32)
     results = {}
     import numba
     for threads in (1, num_threads):

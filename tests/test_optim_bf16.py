@@ -5,23 +5,66 @@ import numpy as np
 import pytest
 
 from npcpu.kernels import optim as kernels
+from npcpu.kernels.convert import round_bf16_stochastic_with_bits
 from npcpu.nn.parameter import Parameter
 from npcpu.optim.adam import Adam
 from npcpu.optim.sgd import SGD
 from npcpu.precision import bfloat16
 
 
-def test_bf16_bit_helpers_match_ml_dtypes():
+def crafted_float32():
+    """Random magnitudes over the whole range, ties, neighbours of ties, Inf, NaN, subnormals."""
     rng = np.random.default_rng(0)
-    values = np.concatenate([rng.standard_normal(300).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 300),
-                             np.array([0.0, -0.0, np.inf, -np.inf, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8,
-                                       3.0e38, 1e-40], np.float32)]).astype(np.float32)
-    for x in values:
-        bits = kernels.f32_to_bf16_bits_nearest(x)
-        assert bits == np.array(x).astype(bfloat16).view(np.uint16), x
-        assert kernels.bf16_bits_to_f32(bits) == np.array(x).astype(bfloat16).astype(np.float32)
-    assert np.isnan(kernels.bf16_bits_to_f32(kernels.f32_to_bf16_bits_nearest(np.float32(np.nan))))
-    assert np.isnan(kernels.bf16_bits_to_f32(kernels.f32_to_bf16_bits_stochastic(np.float32(np.nan), 0xFFFF)))
+    values = rng.standard_normal(3000).astype(np.float32) * np.float32(10.0) ** rng.integers(-30, 30, 3000)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8,
+                        3.0e38, 3.4e38, 1e-40], np.float32)
+    payload_nan = np.array([0x7F800001, 0xFFC12345], np.uint32).view(np.float32)
+    return np.concatenate([values.astype(np.float32), special, payload_nan])
+
+
+def round_momentum_buffer(grad, stochastic, seed, stream):
+    """The bf16 bits an SGD first step stores: momentum_buffer = grad (lr = 0 leaves the weights)."""
+    buffer = np.zeros(grad.size, np.uint16)
+    weights = np.zeros(grad.size, np.float32)
+    f32 = np.float32
+    kernels.sgd_step(weights, grad, buffer, f32(0.0), f32(0.9), f32(1.0), f32(0.0), False, False, True,
+                     stochastic, np.uint64(seed), np.uint64(stream), kernels.random_scratch())
+    return buffer
+
+
+def mix64_twin(z):
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def random_fields_twin(n, seed, stream, slot):
+    """Element i's 16 bits: field i % 4 of hash_index(seed, stream, 4 * (i // 4) + slot)."""
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        key = mix64_twin(np.uint64(seed) * golden + np.uint64(stream))
+        index = 4 * (np.arange(n, dtype=np.uint64) // np.uint64(4)) + np.uint64(slot)
+        hashes = mix64_twin(key ^ (index * golden))
+    return (hashes >> (np.uint64(16) * (np.arange(n, dtype=np.uint64) % np.uint64(4)))) & np.uint64(0xFFFF)
+
+
+def test_bf16_state_rounds_to_nearest_exactly_as_ml_dtypes(num_threads):
+    values = crafted_float32()
+    with np.errstate(invalid="ignore"):  # ml_dtypes warns on NaN; it maps it to sign | 0x7fc0
+        expected = values.astype(bfloat16).view(np.uint16)
+    np.testing.assert_array_equal(round_momentum_buffer(values, False, 0, 0), expected)
+
+
+def test_bf16_state_rounds_stochastically_with_the_documented_bits(num_threads):
+    values = crafted_float32()
+    seed, stream = 12345, (7 << 32) | 3
+    random16 = random_fields_twin(values.size, seed, stream, kernels.EXP_AVG_SLOT)
+    bits = values.view(np.uint32).astype(np.uint64)
+    expected = ((bits + random16) >> np.uint64(16)).astype(np.uint16)
+    nan = np.isnan(values)
+    with np.errstate(invalid="ignore"):
+        expected[nan] = values[nan].astype(bfloat16).view(np.uint16)  # NaN: sign | 0x7fc0
+    np.testing.assert_array_equal(round_momentum_buffer(values, True, seed, stream), expected)
 
 
 def test_stochastic_rounding_is_unbiased_over_all_random_values():
@@ -29,7 +72,7 @@ def test_stochastic_rounding_is_unbiased_over_all_random_values():
     for x in np.array([1.0 + 2.0 ** -10, -3.14159, 1e-3, 7.0e4], np.float32):
         low = int(x.view(np.uint32) & 0xFFFF)
         down = int(x.view(np.uint32) >> 16)
-        ups = sum(int(kernels.f32_to_bf16_bits_stochastic(x, r)) != down for r in range(65536))
+        ups = sum(int(round_bf16_stochastic_with_bits(x, r)) != down for r in range(65536))
         assert ups == low
 
 

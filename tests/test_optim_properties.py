@@ -223,9 +223,10 @@ def test_sgd_kernel_matches_numpy(num_threads, n, options):
         expected_w, expected_b = twin_sgd(w.astype(np.float64), g.astype(np.float64), b.astype(np.float64),
                                           0.1, first_step=first_step, **full)
         w_out, b_out = w.copy(), b.copy()
-        kernels.sgd_step(w_out, g, b_out, f32(0.1), f32(full["momentum"]), f32(1 - full["dampening"]),
+        buffer = b_out if full["momentum"] else None  # the kernel takes None for "no momentum"
+        kernels.sgd_step(w_out, g, buffer, f32(0.1), f32(full["momentum"]), f32(1 - full["dampening"]),
                          f32(full["weight_decay"]), full["nesterov"], full["maximize"], first_step,
-                         False, np.uint64(0), np.uint64(0))
+                         False, np.uint64(0), np.uint64(0), kernels.random_scratch())
         np.testing.assert_allclose(w_out, expected_w, rtol=1e-5, atol=1e-6)
         if full["momentum"]:
             np.testing.assert_allclose(b_out, expected_b, rtol=1e-5, atol=1e-6)
@@ -243,15 +244,16 @@ def test_adam_kernel_matches_numpy(num_threads, n, decoupled, amsgrad, maximize)
                          decoupled, amsgrad, maximize, t)
     out = [a.copy() for a in (w, m, v, vmax)]
     f32 = np.float32
-    kernels.adam_step(out[0], g, out[1], out[2], out[3], f32(1 - beta1), f32(beta2), f32(1 - beta2),
-                      f32(eps), f32(0.0 if decoupled else wd), f32(1 - lr * wd if decoupled else 1.0),
-                      f32(lr / (1 - beta1 ** t)), f32((1 - beta2 ** t) ** 0.5), amsgrad, maximize,
-                      False, np.uint64(0), np.uint64(0))
+    kernels.adam_step(out[0], g, out[1], out[2], out[3] if amsgrad else None, f32(1 - beta1), f32(beta2),
+                      f32(1 - beta2), f32(eps), f32(0.0 if decoupled else wd),
+                      f32(1 - lr * wd if decoupled else 1.0), f32(lr / (1 - beta1 ** t)),
+                      f32((1 - beta2 ** t) ** 0.5), maximize, False, np.uint64(0), np.uint64(0),
+                      kernels.random_scratch())
     for got, want in zip(out, expected):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("n", [1, 7, 8193, 40_003])
+@pytest.mark.parametrize("n", [1, 7, 2 * kernels.BLOCK + 1, 40_003])
 def test_lamb_kernels_match_numpy(num_threads, n):
     rng = np.random.default_rng(n)
     w, g, m = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
@@ -262,16 +264,17 @@ def test_lamb_kernels_match_numpy(num_threads, n):
     u64 = (m64 / bc1) / (np.sqrt(v64 / bc2) + eps) + wd * w64
     out_m, out_v, out_w = m.copy(), v.copy(), w.copy()
     f32 = np.float32
-    partial = np.empty((2, -(-n // kernels.NORM_BLOCK)))
+    partial = np.empty((2, kernels.block_count(n)))
     weight_sq, update_sq = kernels.lamb_moments(out_w, g, out_m, out_v, f32(1 - beta1), f32(beta2),
-                                                f32(1 - beta2), f32(eps), f32(wd), f32(bc1), f32(bc2),
-                                                False, False, np.uint64(0), np.uint64(0), partial)
+                                                f32(1 - beta2), f32(eps), f32(wd), f32(1 / bc1), f32(1 / bc2),
+                                                False, False, np.uint64(0), np.uint64(0),
+                                                kernels.random_scratch(), partial)
     np.testing.assert_allclose(out_m, m64, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out_v, v64, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(weight_sq, np.sum(w64 ** 2), rtol=1e-6)
     np.testing.assert_allclose(update_sq, np.sum(u64 ** 2), rtol=1e-4)
-    kernels.lamb_apply(out_w, out_m, out_v, f32(0.01), f32(eps), f32(wd), f32(bc1), f32(bc2),
-                       False, np.uint64(0), np.uint64(0))
+    kernels.lamb_apply(out_w, out_m, out_v, f32(0.01), f32(eps), f32(wd), f32(1 / bc1), f32(1 / bc2),
+                       False, np.uint64(0), np.uint64(0), kernels.random_scratch())
     np.testing.assert_allclose(out_w, w64 - 0.01 * u64, rtol=1e-5, atol=1e-6)
 
 
@@ -281,7 +284,8 @@ def test_lookahead_kernel_matches_numpy(num_threads, n):
     fast, slow = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
     expected = slow.astype(np.float64) + 0.3 * (fast.astype(np.float64) - slow)
     fast_out, slow_out = fast.copy(), slow.copy()
-    kernels.lookahead_sync(fast_out, slow_out, np.float32(0.3), False, np.uint64(0), np.uint64(0))
+    kernels.lookahead_sync(fast_out, slow_out, np.float32(0.3), False, np.uint64(0), np.uint64(0),
+                           kernels.random_scratch())
     # inputs are O(1): results that cancel to near 0 carry an O(1) float32 ulp (1.2e-7) of error
     np.testing.assert_allclose(slow_out, expected, rtol=1e-6, atol=3e-7)
     np.testing.assert_array_equal(fast_out, slow_out)

@@ -55,12 +55,12 @@ class Adam(Optimizer):
         else:
             coupled_decay, decay_factor = weight_decay, 1.0
         exp_avg, exp_avg_sq = flat(state["exp_avg"]), flat(state["exp_avg_sq"])
-        max_exp_avg_sq = flat(state["max_exp_avg_sq"]) if group["amsgrad"] else grad[:0]
+        max_exp_avg_sq = flat(state["max_exp_avg_sq"]) if group["amsgrad"] else None
         kernels.adam_step(weights, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
                           real(1 - beta1), real(beta2), real(1 - beta2), real(group["eps"]),
                           real(coupled_decay), real(decay_factor),
                           real(lr / (1 - beta1 ** step)), real((1 - beta2 ** step) ** 0.5),
-                          group["amsgrad"], group["maximize"], *rounding)
+                          group["maximize"], *rounding)
 
 
 class AdamW(Adam):

@@ -114,11 +114,11 @@ class LAMB(Optimizer):
             bias_correction1, bias_correction2 = 1.0, 1.0
         exp_avg, exp_avg_sq = flat(state["exp_avg"]), flat(state["exp_avg_sq"])
         partial_sums = np.empty((2, kernels.block_count(weights.size)), dtype=np.float64)
+        corrections = (real(1 / bias_correction1), real(1 / bias_correction2))
         weight_sq, update_sq = kernels.lamb_moments(
             weights, grad, exp_avg, exp_avg_sq, real(1 - beta1), real(beta2), real(1 - beta2),
-            real(group["eps"]), real(weight_decay), real(bias_correction1), real(bias_correction2),
-            group["maximize"], *rounding, partial_sums)
+            real(group["eps"]), real(weight_decay), *corrections, group["maximize"], *rounding,
+            partial_sums)
         trust = self.trust_ratio(math.sqrt(weight_sq), math.sqrt(update_sq), group)
         kernels.lamb_apply(weights, exp_avg, exp_avg_sq, real(group["lr"] * trust),
-                           real(group["eps"]), real(weight_decay), real(bias_correction1),
-                           real(bias_correction2), *rounding)
+                           real(group["eps"]), real(weight_decay), *corrections, *rounding)

@@ -64,6 +64,7 @@ class Lookahead:
     def _sync(self) -> None:
         inner = self.optimizer
         sync_number = self.step_count // self.k
+        random = kernels.random_scratch()
         for index, p in inner.indexed_params():
             if p.frozen:
                 continue
@@ -71,7 +72,7 @@ class Lookahead:
             stream = np.uint64((1 << 63) | (sync_number << 32) | index)
             kernels.lookahead_sync(flat(fast), flat(slow), slow.dtype.type(self.alpha),
                                    inner.stochastic_rounding and fast.dtype == bfloat16,
-                                   np.uint64(inner.seed), stream)
+                                   np.uint64(inner.seed), stream, random)
             inner.publish_master(p)
 
     @contextmanager

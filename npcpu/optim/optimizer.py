@@ -32,6 +32,7 @@ import math
 
 import numpy as np
 
+from npcpu.kernels import optim as kernels
 from npcpu.nn.parameter import Parameter
 from npcpu.precision import bfloat16, to_storage
 
@@ -145,7 +146,7 @@ class Optimizer:
     def _update(self, weights, grad, state: dict, group: dict, rounding: tuple) -> None:
         """Update flat `weights` in place from flat `grad` (state["step"] already counts this step).
 
-        `rounding` is (stochastic, seed, stream), passed on to the kernel.
+        `rounding` is (stochastic, seed, stream, random scratch), passed on to the kernel.
         """
         raise NotImplementedError
 
@@ -237,6 +238,7 @@ class Optimizer:
     def step(self) -> None:
         """Update every parameter that is not frozen and has a gradient; the others are untouched
         (no state created, no step counted, no decay)."""
+        random = kernels.random_scratch()  # the kernels' per-thread scratch for random bits
         for group in self.param_groups:
             for p in group["params"]:
                 if p.frozen or p.grad is None:
@@ -253,7 +255,7 @@ class Optimizer:
                 weights = self.weights_of(p)
                 halves = [a for a in (weights, *state.values()) if getattr(a, "dtype", None) == bfloat16]
                 rounding = (self.stochastic_rounding and bool(halves), np.uint64(self.seed),
-                            np.uint64((state["step"] << 32) | index))
+                            np.uint64((state["step"] << 32) | index), random)
                 self._update(flat(weights), flat(grad), state, group, rounding)
                 self.publish_master(p)
 

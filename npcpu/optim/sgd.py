@@ -49,7 +49,7 @@ class SGD(Optimizer):
 
     def _update(self, weights, grad, state, group, rounding) -> None:
         real = grad.dtype.type
-        buffer = flat(state["momentum_buffer"]) if group["momentum"] != 0 else grad[:0]
+        buffer = flat(state["momentum_buffer"]) if group["momentum"] != 0 else None
         kernels.sgd_step(weights, grad, buffer, real(group["lr"]), real(group["momentum"]),
                          real(1 - group["dampening"]), real(group["weight_decay"]),
                          group["nesterov"], group["maximize"], state["step"] == 1, *rounding)
