@@ -63,7 +63,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "betas": Field("float_list", [0.9, 0.999], "adam/adamw/lamb: (beta1, beta2)", min=0.0,
                        max=1.0),
         "eps": Field("float", 1e-6, "adam/adamw/lamb: epsilon", min=0.0),
-        "state_dtype": Field("str", "fp32", "storage of optimizer moments", choices=("fp32", "bf16")),
+        "state_dtype": Field("str", "auto", "storage of optimizer moments (auto: bf16 under "
+                             "bf16 precision, else fp32)", choices=("auto", "fp32", "bf16")),
         "lookahead": Field("bool", True, "wrap the optimizer in Lookahead"),
         "lookahead_k": Field("int", 5, "Lookahead: fast steps per slow update", min=1),
         "lookahead_alpha": Field("float", 0.5, "Lookahead: slow-weight step size", min=0.0, max=1.0),

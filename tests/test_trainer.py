@@ -90,6 +90,8 @@ def test_freezing_skips_work_and_leaves_frozen_parameters_bit_identical():
     # forward: 3 GEMMs a micro-batch; backward: only the head's dW (its dx is not needed: the
     # layers below are frozen), so 1 GEMM instead of 5 (3 dW + 2 dx)
     assert work.counts["gemm"] == steps * (3 + 1)
+    # skipped: the head's dx, and dW + dx of each frozen layer
+    assert work.counts["gemm_skipped"] == steps * (1 + 2 + 2)
     for key, before in frozen_before.items():
         assert np.array_equal(model.state_dict()[key], before), key
     assert not np.array_equal(model.state_dict()["2.weight"], head_before)

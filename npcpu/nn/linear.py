@@ -92,6 +92,11 @@ class Linear(Module):
             self._saved_input = self._input_shape = None
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def skip_backward(self) -> None:
+        """A frozen prefix: no dW and no dx GEMM."""
+        work.record("gemm_skipped", 2)
+        self._saved_input = self._input_shape = None
+
     def backward(self, dy: np.ndarray) -> np.ndarray | None:
         if self._saved_input is None:
             raise self.missing_forward()
@@ -138,6 +143,10 @@ class FusedLinearReLU(Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  seed: int | None = None):
         super().__init__(in_features, out_features, bias, seed=seed)
+        self._mask = None
+
+    def skip_backward(self) -> None:
+        super().skip_backward()
         self._mask = None
 
     def _finish_output(self, y: np.ndarray) -> None:

@@ -60,6 +60,12 @@ class Module:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.forward(x)
 
+    def skip_backward(self) -> None:
+        """Called instead of `backward` when nothing needs this layer's gradients (a frozen prefix):
+        drops the cache and records the skipped work (see npcpu.nn.work)."""
+        for child in self.children():
+            child.skip_backward()
+
     # -- helpers for layers ---------------------------------------------------------------------
     @property
     def compute_dtype(self) -> np.dtype:
@@ -269,10 +275,17 @@ class Sequential(Module):
         return x
 
     def backward(self, dy: np.ndarray) -> np.ndarray | None:
-        for layer in reversed(list(self)):
+        layers = list(self)
+        for i in range(len(layers) - 1, -1, -1):
+            layer = layers[i]
             if not layer.trainable and not layer.input_requires_grad:
-                return None  # a frozen prefix: nothing below needs a gradient
-            dy = layer.backward(dy)
-            if not layer.input_requires_grad:
-                return None
+                stop = i + 1  # a frozen prefix: nothing from here down needs a gradient
+            else:
+                dy = layer.backward(dy)
+                if layer.input_requires_grad:
+                    continue
+                stop = i
+            for below in layers[:stop]:
+                below.skip_backward()
+            return None
         return dy

@@ -76,8 +76,11 @@ def build_model(model: dict, input_dim: int, num_classes: int, seed: int) -> Seq
     return Sequential(*layers)
 
 
-def build_optimizer(optim: dict, model, seed: int):
+def build_optimizer(optim: dict, model, seed: int, precision: str):
     """The optimizer; biases get no weight decay (and, for LAMB, no trust-ratio adaptation)."""
+    state_dtype = optim["state_dtype"]
+    if state_dtype == "auto":
+        state_dtype = "bf16" if precision == "bf16" else "fp32"
     params = model.parameters()
     weights = [p for p in params if p.data.ndim > 1]
     biases = [p for p in params if p.data.ndim <= 1]
@@ -90,11 +93,11 @@ def build_optimizer(optim: dict, model, seed: int):
     elif name in ("adam", "adamw"):
         cls = Adam if name == "adam" else AdamW
         optimizer = cls([{"params": weights}, no_decay], betas=tuple(optim["betas"]),
-                        eps=optim["eps"], state_dtype=optim["state_dtype"], seed=seed, **common)
+                        eps=optim["eps"], state_dtype=state_dtype, seed=seed, **common)
     else:
         optimizer = LAMB([{"params": weights}, {**no_decay, "adaptation": False}],
                          betas=tuple(optim["betas"]), eps=optim["eps"],
-                         state_dtype=optim["state_dtype"], seed=seed, **common)
+                         state_dtype=state_dtype, seed=seed, **common)
     if optim["lookahead"]:
         optimizer = Lookahead(optimizer, k=optim["lookahead_k"], alpha=optim["lookahead_alpha"])
     return optimizer
@@ -129,7 +132,7 @@ def build_run(config: dict, *, callbacks=(), log_stream=None) -> Run:
                                                train_cfg["early_stopping_patience"])]
     train_data, eval_data, input_dim, num_classes = build_data(config["data"])
     model = build_model(config["model"], input_dim, num_classes, train_cfg["seed"])
-    optimizer = build_optimizer(config["optim"], model, train_cfg["seed"])
+    optimizer = build_optimizer(config["optim"], model, train_cfg["seed"], train_cfg["precision"])
     total_steps = count_steps(train_cfg, len(train_data))
     scheduler = LambdaLR(optimizer, build_schedule(config["schedule"], total_steps))
     freeze = config["freeze"]
