@@ -121,11 +121,11 @@ def plan(sizes: dict) -> list[Arm]:
     arms = [
         Arm("fused", "FusedLinearReLU (default)", overrides=task),
         Arm("fused", "Linear + ReLU", overrides=task, unfused=True),
-        Arm("precision", "bf16 (default)", overrides=task),
+        Arm("precision", "bf16, bf16 moments (default)", overrides=task),
         Arm("precision", "fp32", overrides=merge_overrides(task, {"train": {"precision": "fp32"}})),
         Arm("precision", "fp16", overrides=merge_overrides(task, {"train": {"precision": "fp16"}})),
-        Arm("precision", "bf16 + bf16 moments",
-            overrides=merge_overrides(task, {"optim": {"state_dtype": "bf16"}})),
+        Arm("precision", "bf16, fp32 moments",
+            overrides=merge_overrides(task, {"optim": {"state_dtype": "fp32"}})),
     ]
     for name, lrs in (("lamb", sizes["lamb_lrs"]), ("adamw", sizes["adamw_lrs"])):
         arms += [Arm("optimizer", f"{name} lr={lr:g}",
@@ -143,11 +143,11 @@ def plan(sizes: dict) -> list[Arm]:
     ]
     memory_arm = dict(preset=sizes["memory_preset"], evaluate=False, compile_first=True)
     arms += [
-        Arm("memory", "bf16 (default)", overrides=memory, **memory_arm),
+        Arm("memory", "bf16, bf16 moments (default)", overrides=memory, **memory_arm),
         Arm("memory", "fp32", overrides=merge_overrides(memory, {"train": {"precision": "fp32"}}),
             **memory_arm),
-        Arm("memory", "bf16 + bf16 moments",
-            overrides=merge_overrides(memory, {"optim": {"state_dtype": "bf16"}}), **memory_arm),
+        Arm("memory", "bf16, fp32 moments",
+            overrides=merge_overrides(memory, {"optim": {"state_dtype": "fp32"}}), **memory_arm),
     ]
     arms += [Arm("memory", f"fp32, batch {batch} x {accumulation}",
                  overrides=merge_overrides(memory, {"train": {
@@ -214,7 +214,8 @@ def run_arm(arm: Arm, threads: int) -> dict:
     trainer = run.trainer
     if arm.unfused:
         model = unfused_twin(trainer.model)
-        optimizer = build_optimizer(config["optim"], model, config["train"]["seed"])
+        optimizer = build_optimizer(config["optim"], model, config["train"]["seed"],
+                                    config["train"]["precision"])
         scheduler = LambdaLR(optimizer, build_schedule(config["schedule"], run.total_steps))
         trainer = Trainer(model, trainer.loss_fn, optimizer, scheduler=scheduler,
                           accumulation_steps=trainer.accumulation_steps,

@@ -21,6 +21,7 @@ selects the AVX-512 kernels.
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 from common import markdown_table, summarize, time_interleaved, write_json
@@ -61,6 +62,9 @@ def bench_mlp52m(repeats: int, threads: int) -> dict:
         npcpu_step()
 
     candidates = {"npcpu": npcpu_step, "npcpu + zero_grad": npcpu_step_with_zero_grad}
+    # torch's OpenMP threads wait passively (unless the environment says otherwise): spin-waiting
+    # idle torch threads would take the cores from npcpu's turn in this round-robin, and back
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch
     except ImportError:
