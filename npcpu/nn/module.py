@@ -276,16 +276,17 @@ class Sequential(Module):
 
     def backward(self, dy: np.ndarray) -> np.ndarray | None:
         layers = list(self)
-        for i in range(len(layers) - 1, -1, -1):
+        for i in reversed(range(len(layers))):
             layer = layers[i]
             if not layer.trainable and not layer.input_requires_grad:
-                stop = i + 1  # a frozen prefix: nothing from here down needs a gradient
-            else:
-                dy = layer.backward(dy)
-                if layer.input_requires_grad:
-                    continue
-                stop = i
-            for below in layers[:stop]:
-                below.skip_backward()
-            return None
+                return _skip_backward(layers[:i + 1])  # a frozen prefix: nothing here needs a gradient
+            dy = layer.backward(dy)
+            if not layer.input_requires_grad:
+                return _skip_backward(layers[:i])  # everything below is frozen
         return dy
+
+
+def _skip_backward(layers: list[Module]) -> None:
+    for layer in layers:
+        layer.skip_backward()
+    return None
