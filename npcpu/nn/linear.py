@@ -82,7 +82,7 @@ class Linear(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = self.check_input(x, features=self.in_features)
         x_rows = x.reshape(-1, self.in_features)
-        y = matmul_weight_transposed(x_rows, self.weight.values())
+        y = matmul_weight_transposed(x_rows, self.weight.gemm_values())
         work.record("gemm")
         self._finish_output(y)
         if self.training:
@@ -111,7 +111,7 @@ class Linear(Module):
             work.record("gemm")
         dx = None
         if self.input_requires_grad:
-            dx = matmul_weight(dz, self.weight.values()).reshape(self._input_shape)
+            dx = matmul_weight(dz, self.weight.gemm_values()).reshape(self._input_shape)
             work.record("gemm")
         else:
             work.record("gemm_skipped")

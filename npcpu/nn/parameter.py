@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from npcpu.precision import HALF_DTYPES, to_compute
+from npcpu.precision import HALF_DTYPES, to_compute, widen_to_scratch
 
 
 class Parameter:
@@ -48,6 +48,17 @@ class Parameter:
     def values(self) -> np.ndarray:
         """The values in the compute dtype: `data` itself when float32/float64, else a widened copy."""
         return to_compute(self.data, self.compute_dtype)
+
+    def gemm_values(self) -> np.ndarray:
+        """The values in the compute dtype, for immediate use as a GEMM operand.
+
+        `data` itself when float32/float64. For 16-bit storage, the widened values live in a
+        buffer shared by every parameter of the same shape (npcpu.precision.widen_to_scratch): valid
+        only until the next `gemm_values()` of a same-shaped parameter, and never to be kept.
+        """
+        if self.data.dtype in HALF_DTYPES:
+            return widen_to_scratch(self.data)
+        return self.data
 
     def grad_buffer(self) -> np.ndarray:
         """The gradient accumulator, allocated as zeros on first use. Backward adds into it."""

@@ -1,0 +1,94 @@
+"""Module, Parameter and Sequential: names, state dicts, precision, routing of input gradients."""
+
+import numpy as np
+import pytest
+
+from npcpu.nn import FusedLinearReLU, Linear, Parameter, ReLU, Sequential
+from npcpu.precision import bfloat16
+
+
+def make_model():
+    return Sequential(FusedLinearReLU(5, 7, seed=0), ReLU(), Linear(7, 3, seed=1))
+
+
+def test_names_follow_torch_and_parameters_know_them():
+    model = make_model()
+    assert list(model.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert [p.name for p in model.parameters()] == list(model.state_dict())
+    assert model.num_parameters() == 7 * 5 + 7 + 3 * 7 + 3
+
+
+def test_load_state_dict_checks_everything_before_changing_anything():
+    model = make_model()
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    bad = {k: v.copy() for k, v in before.items()}
+    bad["2.weight"] = np.zeros((3, 8), np.float32)
+    del bad["0.bias"]
+    bad["extra"] = np.zeros(1, np.float32)
+    with pytest.raises(ValueError) as info:
+        model.load_state_dict(bad)
+    message = str(info.value)
+    assert "missing keys ['0.bias']" in message and "unexpected keys ['extra']" in message
+    assert "'2.weight': expected shape (3, 7), got (3, 8)" in message
+    for key, value in before.items():
+        assert np.array_equal(model.state_dict()[key], value)
+
+
+def test_load_state_dict_copies_and_converts_to_the_storage_dtype():
+    source, target = make_model(), make_model().set_precision("bf16")
+    state = {k: v * 2 for k, v in source.state_dict().items()}
+    target.load_state_dict(state)
+    for key, value in state.items():
+        assert target.state_dict()[key].dtype == bfloat16
+        np.testing.assert_array_equal(target.state_dict()[key], value.astype(bfloat16))
+    state["0.weight"][...] = 0  # the model holds its own copy
+    assert np.any(target.state_dict()["0.weight"] != 0)
+
+
+def test_set_precision_rounds_to_nearest_and_drops_gradients():
+    model = make_model()
+    model[0].weight.grad_buffer()
+    weight = model[0].weight.data.copy()
+    model.set_precision("bf16")
+    assert model[0].weight.grad is None and model[0].precision == "bf16"
+    np.testing.assert_array_equal(model[0].weight.data, weight.astype(bfloat16))
+
+
+def test_gemm_values_of_half_parameters_share_one_buffer_per_shape():
+    a = Parameter(np.arange(12, dtype=np.float32).reshape(3, 4).astype(bfloat16))
+    b = Parameter(-np.arange(12, dtype=np.float32).reshape(3, 4).astype(bfloat16))
+    c = Parameter(np.ones((4, 3), np.float32).astype(bfloat16))
+    full = Parameter(np.ones((3, 4), np.float32))
+    wa = a.gemm_values()
+    np.testing.assert_array_equal(wa, a.values())
+    assert wa.dtype == np.float32
+    wb = b.gemm_values()
+    assert np.shares_memory(wa, wb)  # the documented contract: valid until the next same shape
+    np.testing.assert_array_equal(wb, b.values())
+    assert not np.shares_memory(c.gemm_values(), wb)
+    assert full.gemm_values() is full.data
+
+
+def test_sequential_routes_input_gradients_around_frozen_layers():
+    model = make_model()
+    model.input_requires_grad = False
+    model[0].freeze()
+    model.forward(np.ones((2, 5), np.float32))
+    assert [layer.input_requires_grad for layer in model] == [False, False, False]
+    model[0].unfreeze()
+    model.forward(np.ones((2, 5), np.float32))
+    assert [layer.input_requires_grad for layer in model] == [False, True, True]
+
+
+def test_parameter_rejects_integer_data_and_sequential_non_modules():
+    with pytest.raises(TypeError, match="floating point"):
+        Parameter(np.arange(3), name="w")
+    with pytest.raises(TypeError, match="item 1 is not a Module"):
+        Sequential(Linear(2, 2), np.zeros(2))
+
+
+def test_extra_state_of_a_plain_module_is_empty_and_strict():
+    layer = Linear(2, 2)
+    assert layer.extra_state() == {}
+    with pytest.raises(ValueError, match="unexpected extra state"):
+        layer.load_extra_state({"calls": 3})
