@@ -11,25 +11,19 @@ iterating twice without it gives the same order twice.
 from __future__ import annotations
 
 import functools
-import operator
 import queue
 import threading
 
 import numba
 import numpy as np
 
+from npcpu.data.arrays import check_int
+
 _POLL_SECONDS = 0.05
 
 
 def _check_int(name: str, value, minimum: int) -> int:
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"DataLoader: {name} must be an integer, "
-                        f"got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"DataLoader: {name} must be >= {minimum}, got {value}")
-    return value
+    return check_int("DataLoader", name, value, minimum)
 
 
 def _stack_items(dataset, indices: np.ndarray):

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import functools
 import numbers
-import operator
 
 import numpy as np
 
-from npcpu.data.arrays import check_index, check_indices
+from npcpu.data.arrays import check_index, check_indices, check_int
 from npcpu.kernels import synthetic as kernels
 
 _CALIBRATION_SAMPLES_PER_CLASS = 200
@@ -34,16 +33,8 @@ _BALANCE_RATE = 0.1
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
-    """`value` as an int in [minimum, 2**63): TypeError or ValueError naming the argument."""
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"SyntheticClassification: {name} must be an integer, "
-                        f"got {type(value).__name__}") from None
-    if not minimum <= value < 2**63:
-        raise ValueError(f"SyntheticClassification: {name} must be in [{minimum}, 2**63), "
-                         f"got {value}")
-    return value
+    """`value` as an int in [minimum, 2**63) (it is hashed as a uint64 counter)."""
+    return check_int("SyntheticClassification", name, value, minimum, 2**63)
 
 
 @functools.lru_cache(maxsize=8)
