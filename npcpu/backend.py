@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import numba
 import numpy as np
 import scipy.linalg.blas  # noqa: F401  (loads SciPy's BLAS, so that thread limits reach it too)
-from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 _LAYER_PREFERENCE = ("tbb", "omp", "workqueue")
 
@@ -62,13 +62,19 @@ def set_threads(n: int | None) -> int:
 _gemm_blas = None  # threadpoolctl's controller of the BLAS library npcpu.blas calls (SciPy's)
 
 
+def _blas_libraries() -> list:
+    """threadpoolctl's controllers of the loaded BLAS libraries, SciPy's (the one npcpu.blas calls)
+    first."""
+    blas = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+    return sorted(blas, key=lambda lib: "scipy" not in os.path.basename(
+        os.path.dirname(lib.filepath or "")))
+
+
 def _gemm_blas_controller():
     global _gemm_blas
     if _gemm_blas is None:
-        blas = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
-        scipy_first = sorted(blas, key=lambda lib: "scipy" not in os.path.basename(
-            os.path.dirname(lib.filepath or "")))
-        _gemm_blas = scipy_first[0] if scipy_first else None
+        libraries = _blas_libraries()
+        _gemm_blas = libraries[0] if libraries else None
     return _gemm_blas
 
 
@@ -89,16 +95,14 @@ def single_blas_thread():
 
 def blas_info() -> dict:
     """The BLAS library the GEMMs run on (SciPy's; see npcpu.blas) and every other one loaded."""
-    pools = [pool for pool in threadpool_info() if pool.get("user_api") == "blas"]
-    described = [{"vendor": pool.get("internal_api"), "version": pool.get("version"),
-                  "threads": pool.get("num_threads"), "architecture": pool.get("architecture"),
-                  "filepath": pool.get("filepath")} for pool in pools]
+    described = [{"vendor": info.get("internal_api"), "version": info.get("version"),
+                  "threads": info.get("num_threads"), "architecture": info.get("architecture"),
+                  "filepath": info.get("filepath")}
+                 for info in (lib.info() for lib in _blas_libraries())]
     if not described:
         return {"vendor": "unknown", "version": None, "threads": None, "architecture": None,
                 "loaded": []}
-    scipy_first = sorted(described, key=lambda d: "scipy" not in os.path.basename(
-        os.path.dirname(d["filepath"] or "")))
-    return {**{k: v for k, v in scipy_first[0].items() if k != "filepath"}, "loaded": described}
+    return {**{k: v for k, v in described[0].items() if k != "filepath"}, "loaded": described}
 
 
 @numba.njit(parallel=True, cache=True)

@@ -16,7 +16,8 @@ from typing import Iterator
 import numpy as np
 
 from npcpu.nn.parameter import Parameter
-from npcpu.precision import check_precision, compute_dtype, storage_dtype, to_storage
+from npcpu.precision import (check_precision, compute_dtype, storage_dtype, to_compute,
+                             to_storage)
 
 
 class Module:
@@ -95,7 +96,6 @@ class Module:
                              f"got shape {x.shape}")
         if features is not None and x.shape[-1] != features:
             raise ValueError(f"{self!r}: expected input of shape (..., {features}), got {x.shape}")
-        from npcpu.precision import to_compute
         return np.ascontiguousarray(to_compute(x, self.compute_dtype))
 
     def check_grad_output(self, dy, expected_shape: tuple) -> np.ndarray:
@@ -104,7 +104,6 @@ class Module:
             got = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
             raise ValueError(f"{self!r}: backward expected a gradient of shape {tuple(expected_shape)},"
                              f" got {got}")
-        from npcpu.precision import to_compute
         return np.ascontiguousarray(to_compute(dy, self.compute_dtype))
 
     def missing_forward(self) -> RuntimeError:
