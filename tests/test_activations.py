@@ -142,3 +142,11 @@ def test_bad_inputs_raise(name):
 def test_gelu_rejects_unknown_approximation():
     with pytest.raises(ValueError, match="'sigmoid'"):
         GELU("sigmoid")
+
+
+def test_relu_keeps_nan_as_torch_does():
+    x = np.array([np.nan, -1.0, 0.0, 2.0, -np.inf, np.inf], dtype=np.float32)
+    y, mask = np.empty_like(x), np.empty(1, np.uint8)
+    kernels.relu_forward(x, y, mask)
+    np.testing.assert_array_equal(y, [np.nan, 0.0, 0.0, 2.0, 0.0, np.inf])  # NaN == NaN here
+    assert mask[0] == 0b101000

@@ -290,3 +290,11 @@ def test_bad_inputs_raise(layer_class):
         layer_class(6, 0)
     with pytest.raises(TypeError, match="in_features"):
         layer_class(6.0, 4)
+
+
+def test_bias_relu_keeps_nan_as_torch_does():
+    y = np.array([[np.nan, -1.0, 0.5]], dtype=np.float32)
+    mask = np.empty((1, 1), np.uint8)
+    kernels.add_bias_relu(y, np.array([0.0, 0.5, 0.0], np.float32), mask)
+    np.testing.assert_array_equal(y, [[np.nan, 0.0, 0.5]])
+    assert mask[0, 0] == 0b100

@@ -23,7 +23,7 @@ GELU_TANH_KAPPA = 0.044715
 # -- ReLU: y = max(x, 0); dx = dy where x > 0, else 0 -----------------------------------------------
 @njit(parallel=True, cache=True)
 def relu_forward(x, y, mask):
-    """y = max(x, 0); mask bit i = (x[i] > 0)."""
+    """y = max(x, 0), NaN where x is NaN (as torch.relu); mask bit i = (x[i] > 0)."""
     n = x.size
     zero = x.dtype.type(0)
     for byte in prange(mask.size):
@@ -34,7 +34,7 @@ def relu_forward(x, y, mask):
                 bits |= 1 << k
                 y[i] = x[i]
             else:
-                y[i] = zero
+                y[i] = zero if x[i] <= zero else x[i]  # NaN fails both tests and stays
         mask[byte] = bits
 
 

@@ -33,7 +33,8 @@ def add_bias(y, bias):
 
 @njit(parallel=True, cache=True)
 def add_bias_relu(y, bias, mask):
-    """y[i, j] = max(y[i, j] + bias[j], 0) in place; mask bit (i, j) = (y[i, j] + bias[j] > 0)."""
+    """y[i, j] = max(y[i, j] + bias[j], 0) in place, NaN staying NaN (as torch.relu); mask bit
+    (i, j) = (y[i, j] + bias[j] > 0)."""
     n_rows, n_cols = y.shape
     zero = y.dtype.type(0)
     for i in prange(n_rows):
@@ -44,7 +45,7 @@ def add_bias_relu(y, bias, mask):
                 v = y[i, j] + bias[j]
                 if v > zero:
                     bits |= 1 << k
-                else:
+                elif v <= zero:  # NaN fails both tests and stays
                     v = zero
                 y[i, j] = v
             mask[i, byte] = bits
