@@ -12,6 +12,7 @@ from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.losses import CrossEntropyLoss, MSELoss
 from npcpu.nn.module import Sequential
 from npcpu.optim.adam import Adam
+from npcpu.optim.clip import get_total_norm
 from npcpu.optim.sgd import SGD
 from npcpu.train.compiled import CompiledClassifierStep
 
@@ -31,26 +32,28 @@ def test_linear_forward_matches_numpy(dtype, n, k, m, relu, has_bias):
     weight = rng.standard_normal((m, k)).astype(dtype)
     bias = rng.standard_normal(m).astype(dtype) if has_bias else np.empty(0, dtype)
     out = np.full((n + 2, m), np.nan, dtype)
-    kernels.linear_forward(a, rows, weight, bias, relu, out)
+    kernels.linear_forward(a, rows, weight, bias, relu, out, 0, k)
     expected = a[rows] @ weight.T + (bias if has_bias else 0)
     if relu:
         expected = np.maximum(expected, 0)
     np.testing.assert_allclose(out[:n], expected, rtol=RTOL, atol=ATOL * k)
 
 
-@pytest.mark.parametrize("n, k, m", [(13, 37, 7), (4, 5, 2), (1, 3, 1)])
+@pytest.mark.parametrize("n, k, m", [(13, 37, 7), (4, 5, 2), (1, 3, 1), (8, 9, 10)])
 def test_backward_kernels_match_numpy(n, k, m):
     rng = np.random.default_rng(n + k + m)
     a = rng.standard_normal((n + 3, k)).astype(np.float32)
     rows = rng.permutation(n + 3)[:n]
     weight = rng.standard_normal((m, k)).astype(np.float32)
     dz = rng.standard_normal((n + 2, m)).astype(np.float32)
-    grad_weight = np.full((m, k), np.nan, np.float32)
-    kernels.weight_grad(dz, a, rows, grad_weight)
-    np.testing.assert_allclose(grad_weight, dz[:n].T @ a[rows], rtol=RTOL, atol=ATOL * n)
-    grad_bias = np.full(m, np.nan, np.float32)
-    kernels.bias_grad(dz, n, grad_bias)
-    np.testing.assert_allclose(grad_bias, dz[:n].sum(axis=0), rtol=RTOL, atol=ATOL * n)
+    grad_weight = rng.standard_normal((m, k)).astype(np.float32)  # the kernels add to it
+    expected = grad_weight + dz[:n].T @ a[rows]
+    kernels.add_weight_grad(dz, a, rows, grad_weight, 0, k)
+    np.testing.assert_allclose(grad_weight, expected, rtol=RTOL, atol=ATOL * n)
+    grad_bias = rng.standard_normal(m).astype(np.float32)
+    expected = grad_bias + dz[:n].sum(axis=0)
+    kernels.add_bias_grad(dz, n, grad_bias)
+    np.testing.assert_allclose(grad_bias, expected, rtol=RTOL, atol=ATOL * n)
     dx = np.full((n + 2, k), np.nan, np.float32)
     kernels.input_grad(dz, weight, n, dx)
     np.testing.assert_allclose(dx[:n], dz[:n] @ weight, rtol=RTOL, atol=ATOL * m)
@@ -64,16 +67,17 @@ def test_backward_kernels_match_numpy(n, k, m):
 def test_cross_entropy_matches_numpy():
     rng = np.random.default_rng(1)
     logits = (5 * rng.standard_normal((11, 7))).astype(np.float32)
-    targets = rng.integers(0, 7, 9)
+    y = rng.integers(0, 7, 20)
+    rows = rng.permutation(20)[:9]
     dlogits = np.full_like(logits, np.nan)
-    loss = kernels.cross_entropy_mean(logits, targets, 9, dlogits)
+    loss = kernels.cross_entropy_rows(logits, y, rows, 1 / 16, dlogits)
     z = logits[:9].astype(np.float64)
     log_softmax = z - z.max(axis=1, keepdims=True)
     log_softmax -= np.log(np.exp(log_softmax).sum(axis=1, keepdims=True))
-    assert loss == pytest.approx(-log_softmax[np.arange(9), targets].mean(), rel=1e-6)
+    assert loss == pytest.approx(-log_softmax[np.arange(9), y[rows]].sum(), rel=1e-6)
     expected = np.exp(log_softmax)
-    expected[np.arange(9), targets] -= 1
-    np.testing.assert_allclose(dlogits[:9], expected / 9, rtol=RTOL, atol=ATOL)
+    expected[np.arange(9), y[rows]] -= 1
+    np.testing.assert_allclose(dlogits[:9], expected / 16, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("momentum, dampening, weight_decay, nesterov, maximize, first", [
@@ -218,3 +222,85 @@ def test_refuses_bad_data():
         step.train_steps(x, y, order + 1, 2)
     with pytest.raises(ValueError, match="4 steps from batch 0 do not fit"):
         step.train_steps(x, y, order, 2, steps=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# threads, per-step learning rates, gradient norms, a diverged step
+# ---------------------------------------------------------------------------------------------
+def _mlp_data(rows=150, seed=5):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((rows, 23)).astype(np.float32), rng.integers(0, 5, rows)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x, y = _mlp_data()
+    order = np.random.default_rng(0).permutation(len(x))
+    results = []
+    for threads in [t for t in (1, 2, 4) if kernels.COLUMN_BLOCKS % t == 0]:
+        model, loss_fn, optimizer = _problem(MODELS["mlp"](), OPTIMIZERS["momentum_decay"])
+        losses = CompiledClassifierStep(model, loss_fn, optimizer).train_steps(
+            x, y, order, 32, threads=threads)
+        results.append((losses, [p.data.copy() for p in model.parameters()]))
+    for losses, params in results[1:]:
+        np.testing.assert_array_equal(losses, results[0][0])
+        for got, want in zip(params, results[0][1]):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_per_step_learning_rates_and_gradient_norms_match_the_reference_loop():
+    x, y = _mlp_data()
+    loader = DataLoader(ArrayDataset(x, y), 16, seed=2, prefetch=0)
+    lrs = np.linspace(0.2, 0.01, len(loader))[:, None]
+    reference = _problem(MODELS["mlp"](), OPTIMIZERS["nesterov"])
+    model, loss_fn, optimizer = reference
+    expected_losses, expected_norms = [], []
+    for step, (xb, yb) in enumerate(loader.iter_from(0, 0)):
+        expected_losses.append(loss_fn(model.forward(xb), yb))
+        model.backward(loss_fn.backward())
+        expected_norms.append(get_total_norm(model.parameters()))
+        optimizer.param_groups[0]["lr"] = lrs[step, 0]
+        optimizer.step()
+        optimizer.zero_grad()
+    compiled = _problem(MODELS["mlp"](), OPTIMIZERS["nesterov"])
+    norms = np.empty(len(loader))
+    losses = CompiledClassifierStep(*compiled).train_steps(x, y, loader.order(0), 16, lrs=lrs,
+                                                           grad_norms=norms, threads=2)
+    np.testing.assert_allclose(losses, expected_losses, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(norms, expected_norms, rtol=RTOL)
+    assert compiled[2].param_groups[0]["lr"] == OPTIMIZERS["nesterov"]["lr"]  # left as it was
+    for (name, want), (_, got) in zip(reference[0].state_dict().items(),
+                                      compiled[0].state_dict().items()):
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_step_with_a_non_finite_loss_is_not_taken(threads):
+    x, y = _mlp_data(64)
+    order = np.arange(64)
+    x[order[2 * 16 + 5], 3] = np.nan  # a sample of the third batch
+    clean = _problem(MODELS["mlp"](), OPTIMIZERS["momentum_decay"])
+    CompiledClassifierStep(*clean).train_steps(x, y, order, 16, steps=2, threads=threads)
+    diverged = _problem(MODELS["mlp"](), OPTIMIZERS["momentum_decay"])
+    losses = CompiledClassifierStep(*diverged).train_steps(x, y, order, 16, threads=threads)
+    assert losses.shape == (3,) and np.all(np.isfinite(losses[:2])) and np.isnan(losses[2])
+    for want, got in zip(clean[0].parameters(), diverged[0].parameters()):
+        np.testing.assert_array_equal(got.data, want.data)
+    assert all(state["step"] == 2 for state in diverged[2].state.values())
+
+
+def test_default_threads_follow_numba_and_the_work_of_a_step(num_threads):
+    big = CompiledClassifierStep(*_problem([Linear(784, 10, seed=0)], dict(lr=0.1)))
+    assert big.default_threads(128) == min(num_threads, kernels.COLUMN_BLOCKS)
+    tiny = CompiledClassifierStep(*_logreg())
+    assert tiny.default_threads(8) == 1  # 6 -> 3 features: a barrier costs more than the work
+
+
+def test_refuses_bad_threads_and_learning_rates():
+    step = CompiledClassifierStep(*_logreg())
+    x, y, order = np.zeros((5, 6), np.float32), np.zeros(5, np.int64), np.arange(5)
+    with pytest.raises(ValueError, match=f"threads must divide {kernels.COLUMN_BLOCKS}, got 3"):
+        step.train_steps(x, y, order, 2, threads=3)
+    with pytest.raises(ValueError, match=r"lrs must be \(3, 1\) finite learning rates"):
+        step.train_steps(x, y, order, 2, lrs=np.full((3, 1), np.nan))
+    with pytest.raises(ValueError, match=r"grad_norms must be a \(3,\) float64 array"):
+        step.train_steps(x, y, order, 2, grad_norms=np.empty(2))

@@ -1,65 +1,56 @@
-"""A whole training epoch of a small MLP classifier inside one Numba call (npcpu.train.compiled).
+"""Training steps of a small MLP classifier inside one Numba call per thread (npcpu.train.compiled).
 
-Legend: S samples in the data set, D input features, B batch size (n <= B rows in the last batch),
-L layers; layer l maps K = width[l] to M = width[l + 1] features.
+Legend: S samples in the data set, D input features, B batch size (n <= B rows in a batch),
+L layers; layer l maps K = width[l] to M = width[l + 1] features; P = 2 L parameters (weight of
+layer l is p = 2 l, its bias p = 2 l + 1); C = COLUMN_BLOCKS, T threads (T divides C).
     x (S, D), y (S,) int64 class labels, order (S,) int64: the epoch's sample order
     weight[l] (M, K) torch layout, bias[l] (M,) or (0,) when the layer has no bias
-    act[l] (B, width[l]) the input of layer l (act[0] is never filled: layer 0 reads x[order] rows
-    directly), out[l] (B, M) its output after the optional ReLU, dz (B, M) dL/d(pre-activation)
+    act[l] (B, M) the output of layer l after its optional ReLU (layer 0 reads x[rows] directly)
+    dz[l] (B, M) dL/d(pre-activation of layer l)
 
 One step is the reference loop of npcpu (model.forward, CrossEntropyLoss, model.backward,
-SGD.step, zero_grad) in one pass over the layers each way:
+SGD.step, zero_grad):
 
     a_{l+1} = relu?(a_l W_l^T + b_l)                      forward, a_0 = x[batch rows]
     dz_L    = (softmax(a_L) - onehot(y)) / n              mean cross-entropy over the n rows
     dz_l    = dL/da_{l+1} * (a_{l+1} > 0)                 only after a ReLU (a > 0 exactly where z > 0)
     g_W     = dz_l^T a_l,   g_b = sum_rows dz_l           the gradients of this step only
-    dL/da_l = dz_l W_l                                    with W_l before its update; not for l = 0
+    dL/da_l = dz_l W_l                                    not needed for l = 0
     W_l, b_l <- SGD(W_l, g_W), SGD(b_l, g_b)              torch.optim.SGD's rule, see `sgd_update`
 
-The GEMMs are register-tiled loops over 4 rows at a time whose innermost loop runs over the
-contiguous K dimension, so LLVM vectorizes it: for the layers this path is for (784 -> 10 at batch
-128 is 1M multiply-adds) they are faster than a BLAS call, which pays its dispatch and packing for
-every one of the 3 GEMMs of a layer and step. Everything runs on one thread: a step of such a model
-takes tens of microseconds, and waking a second thread for each GEMM costs about as much (and
-much more when the other core is busy); see bench/bench_logreg.py.
+The models this path is for spend nearly all their work in layer 0 (softmax regression 784 -> 10
+is all layer 0), whose input is wide and whose output is narrow. Its two GEMMs split cleanly by
+input column k: z_0 = sum over column blocks of x[:, block] W_0[:, block]^T, and g_W0[:, block] =
+dz_0^T x[:, block] needs only the block's columns. So thread t owns the column blocks t, t + T, ...
+of W_0 for good: it sums its blocks' part of z_0 for the batch, the threads meet once (a spin
+barrier, npcpu.kernels.intrinsics), every thread adds the C partial sums in block order and runs
+the rest of the step (the bias, ReLU, the layers above, the loss, their backward and updates:
+little work, done identically by each thread on its own copy of those parameters), then computes
+g_W0 and updates W_0 for its own blocks only. What crosses between cores per step is the B x M
+partial sums, not the weights or their gradient; the batch's rows are read from memory once and
+read again from the core's cache for g_W0. Every sum runs in the same order for any T, so the
+results do not depend on the thread count. The threads are plain Python threads running
+`train_worker` without the GIL: Numba's parallel regions cost several microseconds to launch,
+the barrier well under one, and a step of such a model is tens of microseconds.
 
-`reassoc` lets LLVM keep several partial sums in a dot product (the order of a float32 sum then
-differs from BLAS's, within float32 rounding); `contract` fuses multiply-adds. Neither removes NaN
-or Inf: a diverged loss stays NaN.
+The GEMMs are register-tiled loops over 4 rows at a time whose innermost loop runs over the
+contiguous K dimension, so LLVM vectorizes it: for the layers this path is for (784 -> 10 at
+batch 128 is 1M multiply-adds) they are faster than BLAS calls, which pay dispatch and packing
+for each of the 3 GEMMs of a layer and step. `reassoc` lets LLVM keep several partial sums in a
+dot product (the order of a float32 sum then differs from BLAS's, within float32 rounding);
+`contract` fuses multiply-adds. Neither removes NaN or Inf: a diverged loss stays NaN.
 """
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
+
+from npcpu.kernels.intrinsics import barrier_wait, prefetch
 
 FAST = {"contract", "reassoc"}
 ROW_TILE = 4  # rows that share each load of a weight row in the GEMMs below
+BATCH_TILE = 16  # rows per tile of layer 0's GEMMs; the next tile's rows are prefetched
+COLUMN_BLOCKS = 4  # layer 0's columns in blocks, summed in block order; threads divide it
 CACHE_LINE = 64  # bytes
-
-
-@intrinsic
-def prefetch(typingctx, array, index):
-    """Ask the CPU to start loading the cache line of array[index] (1-D) into every cache level.
-
-    LLVM's llvm.prefetch (read, high locality, data cache); a hint that never faults. It lets the
-    rows of the next tile of a shuffled batch arrive while the current tile is being computed
-    (the hardware prefetcher only follows the rows once they are being read).
-    """
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        data = context.make_array(array_type)(context, builder, args[0])
-        pointer = cgutils.get_item_pointer(context, builder, array_type, data, [args[1]],
-                                           wraparound=False)
-        byte_pointer, int32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        function = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, int32, int32, int32]),
-            "llvm.prefetch.p0i8")
-        builder.call(function, [builder.bitcast(pointer, byte_pointer), int32(0), int32(3), int32(1)])
-        return context.get_dummy_value()
-    return types.void(array, index), codegen
 
 
 @njit(cache=True)
@@ -76,25 +67,28 @@ def prefetch_rows(a, rows, first, stop):
 # forward: out = relu?(a[rows] W^T + b)
 # ---------------------------------------------------------------------------------------------
 @njit(cache=True, fastmath=FAST)
-def linear_forward(a, rows, weight, bias, relu, out):
-    """out[i, m] = sum_k a[rows[i], k] weight[m, k] + bias[m], then max(., 0) when `relu`.
+def linear_forward(a, rows, weight, bias, relu, out, first_col, stop_col):
+    """out[i, m] = sum_k a[rows[i], k] weight[m, k] + bias[m], then max(., 0) when `relu`;
+    the sum runs over first_col <= k < stop_col (all of K for a whole layer, a block of columns
+    for a partial sum of layer 0).
 
     a (R, K) with rows (n,) indices into it; weight (M, K); bias (M,) or (0,) for none;
-    out (>= n, M), rows 0..n-1 written. Tiles of 4 rows x 2 weight rows: 6 loads per 8
-    multiply-adds, 8 running sums (vectors, after LLVM vectorizes over k).
+    out (>= n, M), rows 0..n-1 written (out[i] is the output of row rows[i]). Tiles of 4 rows x 2
+    weight rows: 6 loads per 8 multiply-adds, 8 running sums (vectors, after LLVM vectorizes
+    over k). The loops index slices from 0: a loop index that might be negative would make Numba
+    check every index for wraparound, and LLVM would not vectorize.
     """
     n = rows.size
-    n_out, n_in = weight.shape
+    n_out, width = weight.shape[0], stop_col - first_col
     zero = out.dtype.type(0)
     full_rows, full_outs = n - n % ROW_TILE, n_out - n_out % 2
-    prefetch_rows(a, rows, 0, ROW_TILE)
     for i in range(0, full_rows, ROW_TILE):
-        prefetch_rows(a, rows, i + ROW_TILE, i + 2 * ROW_TILE)
-        x0, x1, x2, x3 = a[rows[i]], a[rows[i + 1]], a[rows[i + 2]], a[rows[i + 3]]
+        x0, x1 = a[rows[i], first_col:stop_col], a[rows[i + 1], first_col:stop_col]
+        x2, x3 = a[rows[i + 2], first_col:stop_col], a[rows[i + 3], first_col:stop_col]
         for m in range(0, full_outs, 2):
-            w, v = weight[m], weight[m + 1]
+            w, v = weight[m, first_col:stop_col], weight[m + 1, first_col:stop_col]
             s0 = s1 = s2 = s3 = t0 = t1 = t2 = t3 = zero
-            for k in range(n_in):
+            for k in range(width):
                 s0 += x0[k] * w[k]
                 s1 += x1[k] * w[k]
                 s2 += x2[k] * w[k]
@@ -106,15 +100,16 @@ def linear_forward(a, rows, weight, bias, relu, out):
             out[i, m], out[i + 1, m], out[i + 2, m], out[i + 3, m] = s0, s1, s2, s3
             out[i, m + 1], out[i + 1, m + 1], out[i + 2, m + 1], out[i + 3, m + 1] = t0, t1, t2, t3
         for m in range(full_outs, n_out):
+            w = weight[m, first_col:stop_col]
             out[i, m], out[i + 1, m], out[i + 2, m], out[i + 3, m] = (
-                _dot(x0, weight[m]), _dot(x1, weight[m]), _dot(x2, weight[m]), _dot(x3, weight[m]))
+                _dot(x0, w), _dot(x1, w), _dot(x2, w), _dot(x3, w))
     for i in range(full_rows, n):
         for m in range(n_out):
-            out[i, m] = _dot(a[rows[i]], weight[m])
+            out[i, m] = _dot(a[rows[i], first_col:stop_col], weight[m, first_col:stop_col])
     for i in range(n):
         for m in range(n_out):
             v = out[i, m] + bias[m] if bias.size else out[i, m]
-            out[i, m] = max(v, zero) if relu else v
+            out[i, m] = zero if relu and v <= zero else v  # NaN stays NaN, as torch.relu
 
 
 @njit(cache=True, fastmath=FAST)
@@ -130,18 +125,19 @@ def _dot(x, w):
 # loss: mean softmax cross-entropy and its gradient
 # ---------------------------------------------------------------------------------------------
 @njit(cache=True)
-def cross_entropy_mean(logits, targets, n, dlogits):
-    """Mean cross-entropy of logits[:n] (>= n, C) against targets (n,); dlogits[:n] = its gradient.
+def cross_entropy_rows(logits, y, rows, scale, dlogits):
+    """Cross-entropy of logits[i] against class y[rows[i]], summed over i < n = rows.size.
 
-    loss = sum_i (lse_i - logits[i, t_i]) / n,  lse_i = max_i + log sum_c exp(logits[i, c] - max_i)
-    dlogits[i, c] = (softmax(logits[i])[c] - [c == t_i]) / n
-    The row sums are float64, as in npcpu.kernels.softmax (no fastmath: NaN must reach the loss).
+    loss_i = lse_i - logits[i, t_i],  lse_i = max_i + log sum_c exp(logits[i, c] - max_i)
+    dlogits[i, c] = (softmax(logits[i])[c] - [c == t_i]) * scale    (scale = 1 / batch rows)
+    Returns sum_i loss_i in float64 (times `scale` it is this rows' part of the mean loss). The
+    sums are float64, as in npcpu.kernels.softmax (no fastmath: NaN must reach the loss).
     """
     classes = logits.shape[1]
-    scale = 1.0 / n
     total = 0.0
-    for i in range(n):
+    for i in range(rows.size):
         x = logits[i]
+        target = y[rows[i]]
         row_max = x[0]
         for c in range(1, classes):
             if x[c] > row_max:
@@ -151,12 +147,12 @@ def cross_entropy_mean(logits, targets, n, dlogits):
             e = np.exp(x[c] - row_max)
             dlogits[i, c] = e
             sum_exp += e
-        total += row_max + np.log(sum_exp) - x[targets[i]]
+        total += row_max + np.log(sum_exp) - x[target]
         inv_sum_exp = 1.0 / sum_exp
         for c in range(classes):
             dlogits[i, c] = dlogits[i, c] * inv_sum_exp * scale
-        dlogits[i, targets[i]] -= scale
-    return total * scale
+        dlogits[i, target] -= scale
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,35 +169,44 @@ def relu_backward(dz, out, n):
 
 
 @njit(cache=True, fastmath=FAST)
-def weight_grad(dz, a, rows, grad_weight):
-    """grad_weight[m, k] = sum_i dz[i, m] a[rows[i], k] over the n = rows.size rows (overwritten).
+def add_weight_grad(dz, a, rows, grad_weight, first_col, stop_col):
+    """grad_weight[m, k] += sum_i dz[i, m] a[rows[i], k] over the n = rows.size rows, for the
+    columns first_col <= k < stop_col.
 
     In the forward pass this was `out[i, m] += a[rows[i], k] * weight[m, k]`, so each row adds
-    dz[i, m] * a[rows[i], :] to weight row m; four rows are added per pass over grad_weight[m].
+    dz[i, m] * a[rows[i], :] to weight row m. Tiles of 4 rows x 2 weight rows: each pass over a
+    pair of gradient rows adds 4 rows of a (6 loads and 2 stores per 8 multiply-adds).
     """
     n = rows.size
-    n_out, n_in = grad_weight.shape
-    grad_weight[...] = 0
-    for i in range(0, n - n % ROW_TILE, ROW_TILE):
-        x0, x1, x2, x3 = a[rows[i]], a[rows[i + 1]], a[rows[i + 2]], a[rows[i + 3]]
-        for m in range(n_out):
+    n_out, width = grad_weight.shape[0], stop_col - first_col
+    full_rows, full_outs = n - n % ROW_TILE, n_out - n_out % 2
+    for i in range(0, full_rows, ROW_TILE):
+        x0, x1 = a[rows[i], first_col:stop_col], a[rows[i + 1], first_col:stop_col]
+        x2, x3 = a[rows[i + 2], first_col:stop_col], a[rows[i + 3], first_col:stop_col]
+        for m in range(0, full_outs, 2):
             d0, d1, d2, d3 = dz[i, m], dz[i + 1, m], dz[i + 2, m], dz[i + 3, m]
-            g = grad_weight[m]
-            for k in range(n_in):
+            e0, e1, e2, e3 = dz[i, m + 1], dz[i + 1, m + 1], dz[i + 2, m + 1], dz[i + 3, m + 1]
+            g, h = grad_weight[m, first_col:stop_col], grad_weight[m + 1, first_col:stop_col]
+            for k in range(width):
                 g[k] += d0 * x0[k] + d1 * x1[k] + d2 * x2[k] + d3 * x3[k]
-    for i in range(n - n % ROW_TILE, n):
-        x0 = a[rows[i]]
+                h[k] += e0 * x0[k] + e1 * x1[k] + e2 * x2[k] + e3 * x3[k]
+        for m in range(full_outs, n_out):
+            d0, d1, d2, d3 = dz[i, m], dz[i + 1, m], dz[i + 2, m], dz[i + 3, m]
+            g = grad_weight[m, first_col:stop_col]
+            for k in range(width):
+                g[k] += d0 * x0[k] + d1 * x1[k] + d2 * x2[k] + d3 * x3[k]
+    for i in range(full_rows, n):
+        x0 = a[rows[i], first_col:stop_col]
         for m in range(n_out):
             d0 = dz[i, m]
-            g = grad_weight[m]
-            for k in range(n_in):
+            g = grad_weight[m, first_col:stop_col]
+            for k in range(width):
                 g[k] += d0 * x0[k]
 
 
 @njit(cache=True)
-def bias_grad(dz, n, grad_bias):
-    """grad_bias[m] = sum_{i < n} dz[i, m] (overwritten)."""
-    grad_bias[...] = 0
+def add_bias_grad(dz, n, grad_bias):
+    """grad_bias[m] += sum_{i < n} dz[i, m]."""
     for i in range(n):
         grad_bias += dz[i]
 
@@ -251,53 +256,182 @@ def sgd_update(param, grad, momentum_buffer, lr, momentum, dampening, weight_dec
 
 
 # ---------------------------------------------------------------------------------------------
-# the epoch
+# a step: layer 0 split by columns over the threads, the layers above it on every thread
 # ---------------------------------------------------------------------------------------------
 @njit(cache=True)
-def train_steps(x, y, order, batch_size, first_batch, n_steps, weights, biases, relu,
-                momentum_buffers, hyper, flags, first_step, losses):
-    """Run `n_steps` SGD steps from batch `first_batch` of `order`; losses[s] = step s's mean loss.
+def column_block(n_in, block):
+    """The columns [first, stop) of block `block` of COLUMN_BLOCKS: near-equal, cache-line aligned."""
+    align = CACHE_LINE // 4
 
-    Batch b is order[b * batch_size : (b + 1) * batch_size] (the last one may be shorter).
-    weights/biases/momentum_buffers are tuples over the layers, updated in place; parameter p
-    (weight of layer l is p = 2 l, its bias p = 2 l + 1) uses hyper[p] = (lr, momentum, dampening,
-    weight_decay) and flags[p] = (nesterov, maximize); the momentum buffers of layer l are
-    momentum_buffers[2 l] and [2 l + 1] ((0,) when momentum is 0 or there is no bias).
-    `first_step` is true when the optimizer has taken no step yet (SGD's buffer starts as g).
-    """
+    def edge(b):
+        return n_in if b == COLUMN_BLOCKS else min(n_in, (n_in * b // COLUMN_BLOCKS + align - 1)
+                                                   // align * align)
+    return edge(block), edge(block + 1)
+
+
+@njit(cache=True)
+def layer0_partial_sums(x, rows, weight, thread, threads, partials):
+    """partials[c, i, m] = sum_k x[rows[i], k] weight[m, k] over the columns of block c, for
+    this thread's blocks c = thread, thread + T, ...; tile by tile of rows, all of the thread's
+    blocks of a tile while its rows are in cache, and the next tile's rows prefetched meanwhile."""
+    empty = np.empty(0, weight.dtype)
+    for i in range(0, rows.size, BATCH_TILE):
+        tile = rows[i:i + BATCH_TILE]
+        for block in range(thread, COLUMN_BLOCKS, threads):
+            first, stop = column_block(x.shape[1], block)
+            prefetch_rows(x[:, first:stop], rows, i + BATCH_TILE, i + 2 * BATCH_TILE)
+            linear_forward(x, tile, weight, empty, False, partials[block, i:i + BATCH_TILE],
+                           first, stop)
+
+
+@njit(cache=True)
+def layer0_output(partials, bias, relu, n, out):
+    """out[i] = relu?(partials[0, i] + ... + partials[C - 1, i] + bias) for i < n: the block sums
+    added in block order, so the result does not depend on which thread summed which block."""
+    zero = out.dtype.type(0)
+    for i in range(n):
+        for m in range(out.shape[1]):
+            v = partials[0, i, m]
+            for block in range(1, COLUMN_BLOCKS):
+                v += partials[block, i, m]
+            if bias.size:
+                v += bias[m]
+            out[i, m] = zero if relu and v <= zero else v  # NaN stays NaN, as torch.relu
+
+
+@njit(cache=True, fastmath=FAST)
+def sum_of_squares(a):
+    """sum_i a_i^2 of a 1-D or 2-D array, summed in float64."""
+    total = 0.0
+    for row in a.reshape(-1, a.shape[-1]):
+        for v in row:
+            total += float(v) * float(v)
+    return total
+
+
+@njit(cache=True)
+def head_forward_backward(x_rows, y, n, weights, biases, relu, acts, dzs, grad_weights,
+                          grad_biases, lrs, momentum_buffers, hyper, flags, first_step):
+    """Everything of a step after layer 0's GEMM, on this thread's own copies (every thread
+    computes the same numbers): layer 0's bias and ReLU, the layers above it forward, the loss,
+    their backward and SGD updates, and dz_0. Returns (mean loss, sum of squared gradients of
+    these parameters). Nothing is updated when the loss is not finite.
+    acts[0] holds layer 0's output already summed (layer0_output); x_rows are the batch's rows."""
     n_layers = len(weights)
-    dtype = weights[0].dtype
-    outs = []
-    dzs = []
-    for l in range(n_layers):
-        outs.append(np.empty((batch_size, weights[l].shape[0]), dtype))
-        dzs.append(np.empty((batch_size, weights[l].shape[0]), dtype))
-    grad_weights = [np.empty_like(w) for w in weights]
-    grad_biases = [np.empty_like(b) for b in biases]
-    all_rows = np.arange(batch_size)
+    rows = np.arange(n)
+    for l in range(1, n_layers):
+        linear_forward(acts[l - 1], rows, weights[l], biases[l], relu[l], acts[l], 0,
+                       weights[l].shape[1])
+    scale = 1.0 / n
+    loss = cross_entropy_rows(acts[n_layers - 1], y, x_rows, scale, dzs[n_layers - 1]) * scale
+    if not np.isfinite(loss):
+        return loss, 0.0
+    squares = 0.0
+    for l in range(n_layers - 1, -1, -1):
+        dz = dzs[l][:n]
+        if relu[l]:
+            relu_backward(dz, acts[l], n)
+        if biases[l].size:
+            grad_biases[l][:] = 0
+            add_bias_grad(dz, n, grad_biases[l])
+            squares += sum_of_squares(grad_biases[l])
+            p = 2 * l + 1
+            sgd_update(biases[l], grad_biases[l], momentum_buffers[p], lrs[p], hyper[p, 1],
+                       hyper[p, 2], hyper[p, 3], flags[p, 0], flags[p, 1], first_step)
+        if l == 0:
+            break
+        grad_weights[l][:] = 0
+        add_weight_grad(dz, acts[l - 1], rows, grad_weights[l], 0, weights[l].shape[1])
+        squares += sum_of_squares(grad_weights[l])
+        input_grad(dz, weights[l], n, dzs[l - 1])  # with W_l before its update
+        p = 2 * l
+        sgd_update(weights[l].reshape(-1), grad_weights[l].reshape(-1), momentum_buffers[p],
+                   lrs[p], hyper[p, 1], hyper[p, 2], hyper[p, 3], flags[p, 0], flags[p, 1],
+                   first_step)
+    return loss, squares
+
+
+@njit(cache=True)
+def layer0_weight_update(x, rows, next_rows, dz, weight, grad_weight, momentum_buffer, thread,
+                         threads, lr, hyper, flags, first_step, block_squares):
+    """g_W0 = dz_0^T x[rows] for the columns of this thread's blocks (tile by tile of rows, as in
+    layer0_partial_sums), then SGD on those columns of W_0; block_squares[c] = the sum of
+    squared gradients of block c.
+
+    x[rows] is in this core's cache by now, so the memory bus would be idle: each tile prefetches
+    the thread's columns of the matching tile of the next batch, x[next_rows] (next_rows may be
+    empty), and the next step's forward finds them in cache."""
+    n_out, n_in = weight.shape
+    for block in range(thread, COLUMN_BLOCKS, threads):
+        first, stop = column_block(n_in, block)
+        grad_weight[:, first:stop] = 0
+    per_tile = -(-next_rows.size * BATCH_TILE // max(rows.size, 1))
+    for t, i in enumerate(range(0, rows.size, BATCH_TILE)):
+        for block in range(thread, COLUMN_BLOCKS, threads):
+            first, stop = column_block(n_in, block)
+            prefetch_rows(x[:, first:stop], next_rows, t * per_tile, (t + 1) * per_tile)
+            add_weight_grad(dz[i:i + BATCH_TILE], x, rows[i:i + BATCH_TILE], grad_weight, first,
+                            stop)
+    for block in range(thread, COLUMN_BLOCKS, threads):
+        first, stop = column_block(n_in, block)
+        block_squares[block] = 0.0
+        for m in range(n_out):
+            block_squares[block] += sum_of_squares(grad_weight[m, first:stop])
+            buffer = momentum_buffer[m * n_in + first:m * n_in + stop] if momentum_buffer.size \
+                else momentum_buffer
+            sgd_update(weight[m, first:stop], grad_weight[m, first:stop], buffer, lr, hyper[1],
+                       hyper[2], hyper[3], flags[0], flags[1], first_step)
+
+
+@njit(cache=True, nogil=True)
+def train_worker(thread, threads, counter, x, y, order, batch_size, first_batch, n_steps, weights,
+                 biases, relu, momentum_buffers, lrs, hyper, flags, first_step, partials, acts,
+                 dzs, grad_weights, grad_biases, block_squares, losses, grad_norms):
+    """Thread `thread` of `threads` runs `n_steps` SGD steps from batch `first_batch` of `order`.
+
+    Batch b is order[b * batch_size : (b + 1) * batch_size] (the last one may be shorter). Per
+    step: (1) this thread sums layer 0's GEMM over its column blocks (blocks thread, thread + T,
+    ...) into partials[s % 2, block]; (2) all threads meet; (3) each one, on its own copies,
+    runs head_forward_backward; (4) each computes g_W0 for its column blocks and updates those
+    columns of W_0, which only it reads. So the threads meet once per step: a thread may start
+    (1) of step s + 1 while another is still in (3) of step s, because the partial sums (and
+    the squared gradients, for the norm) alternate between two buffers, and the meeting of
+    step s + 1 waits for everybody to finish step s.
+
+    Shared by all threads: x, y, order, weights[0] and momentum_buffers[0] (each thread writes
+    only its columns), partials (2, C, B, M0), block_squares (2, C), counter (1,) int64 zero,
+    losses, grad_norms. This thread's own: weights[1:], biases, momentum_buffers[1:] (thread 0's
+    are the model's; the others' are copies that stay bitwise equal), acts[l], dzs[l] (B, M),
+    grad_weights (of g_W0 it fills only its columns), grad_biases.
+    Parameter p (weight of layer l is p = 2 l, its bias p = 2 l + 1) uses lrs[s, p] and
+    hyper[p] = (lr, momentum, dampening, weight_decay), flags[p] = (nesterov, maximize);
+    momentum_buffers[p] is flat, (0,) when momentum is 0. `first_step`: SGD has taken no step.
+    Thread 0 writes losses[s] and grad_norms[s]. Stops before updating anything in the first
+    step whose loss is not finite; returns the number of steps taken.
+    """
+    head_squares = 0.0
     for s in range(n_steps):
         start = (first_batch + s) * batch_size
         rows = order[start:min(start + batch_size, order.size)]
+        next_rows = order[start + batch_size:min(start + 2 * batch_size, order.size)] \
+            if s + 1 < n_steps else order[:0]
         n = rows.size
-        inner_rows = all_rows[:n]
-        linear_forward(x, rows, weights[0], biases[0], relu[0], outs[0])
-        for l in range(1, n_layers):
-            linear_forward(outs[l - 1], inner_rows, weights[l], biases[l], relu[l], outs[l])
-        losses[s] = cross_entropy_mean(outs[n_layers - 1], y[rows], n, dzs[n_layers - 1])
-        for l in range(n_layers - 1, -1, -1):
-            if relu[l]:
-                relu_backward(dzs[l], outs[l], n)
-            if l > 0:
-                weight_grad(dzs[l], outs[l - 1], inner_rows, grad_weights[l])
-                input_grad(dzs[l], weights[l], n, dzs[l - 1])  # before W_l changes
-            else:
-                weight_grad(dzs[l], x, rows, grad_weights[l])
-            p = 2 * l
-            sgd_update(weights[l].reshape(-1), grad_weights[l].reshape(-1),
-                       momentum_buffers[p], hyper[p, 0], hyper[p, 1], hyper[p, 2], hyper[p, 3],
-                       flags[p, 0], flags[p, 1], first_step and s == 0)
-            if biases[l].size:
-                bias_grad(dzs[l], n, grad_biases[l])
-                sgd_update(biases[l], grad_biases[l], momentum_buffers[p + 1], hyper[p + 1, 0],
-                           hyper[p + 1, 1], hyper[p + 1, 2], hyper[p + 1, 3], flags[p + 1, 0],
-                           flags[p + 1, 1], first_step and s == 0)
+        layer0_partial_sums(x, rows, weights[0], thread, threads, partials[s % 2])
+        barrier_wait(counter, threads, s)  # every thread has also finished step s - 1
+        if thread == 0 and s > 0:
+            grad_norms[s - 1] = np.sqrt(head_squares + block_squares[(s - 1) % 2].sum())
+        layer0_output(partials[s % 2], biases[0], relu[0], n, acts[0])
+        loss, head_squares = head_forward_backward(
+            rows, y, n, weights, biases, relu, acts, dzs, grad_weights, grad_biases, lrs[s],
+            momentum_buffers, hyper, flags, first_step and s == 0)
+        if thread == 0:
+            losses[s] = loss
+        if not np.isfinite(loss):
+            return s
+        layer0_weight_update(x, rows, next_rows, dzs[0], weights[0], grad_weights[0],
+                             momentum_buffers[0], thread, threads, lrs[s, 0], hyper[0], flags[0],
+                             first_step and s == 0, block_squares[s % 2])
+    barrier_wait(counter, threads, n_steps)
+    if thread == 0:
+        grad_norms[n_steps - 1] = np.sqrt(head_squares + block_squares[(n_steps - 1) % 2].sum())
+    return n_steps

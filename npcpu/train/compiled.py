@@ -7,9 +7,11 @@ and each of its Python-level calls (shape and dtype checks, BLAS dispatch and th
 switching, gradient zeroing, the optimizer's per-parameter bookkeeping, the data set's index
 checks and gather) costs a few microseconds; together they cost more than the arithmetic.
 `CompiledClassifierStep` runs the same math (npcpu.kernels.compiled_step) for all the steps of an
-epoch in one compiled call, on one thread, reading the batches straight from the (S, D) data
-array in the loader's order. It gives the same parameters and per-step losses as the reference
-path, to float32 rounding (the GEMMs sum in another order than BLAS).
+epoch in one compiled call per thread, reading the batches straight from the (S, D) data array
+in the loader's order; two threads split layer 0 by its input columns. It gives the same
+parameters and per-step losses as the reference path, to float32 rounding (the GEMMs sum in
+another order than BLAS), and bit-identical results on 1, 2 or 4 threads (see the kernel
+module for how).
 
 Supported, and checked (anything else raises with a message that says what is supported):
     model      a Sequential of Linear / FusedLinearReLU layers (or one such layer), every parameter
@@ -32,15 +34,21 @@ Usage::
 
 from __future__ import annotations
 
+import threading
+
+import numba
 import numpy as np
 
+from npcpu.data.arrays import check_int
 from npcpu.data.loader import DataLoader
-from npcpu.kernels.compiled_step import train_steps
+from npcpu.kernels.compiled_step import COLUMN_BLOCKS, train_worker
 from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.losses import CrossEntropyLoss
 from npcpu.nn.module import Sequential
 from npcpu.optim.sgd import SGD
 
+OWNER = "CompiledClassifierStep"
+MIN_WORK_PER_THREAD = 1 << 18  # multiply-adds of a step; measured in bench/bench_logreg.py
 SUPPORTED = ("a Sequential of Linear/FusedLinearReLU layers with trainable fp32 parameters, "
              "CrossEntropyLoss(reduction='mean', label_smoothing=0) and SGD with state_dtype='fp32'")
 
@@ -129,32 +137,75 @@ class CompiledClassifierStep:
                                 loader.order(epoch), loader.batch_size, steps=len(loader))
 
     def train_steps(self, x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: int, *,
-                    first_batch: int = 0, steps: int | None = None) -> np.ndarray:
+                    first_batch: int = 0, steps: int | None = None, lrs=None, grad_norms=None,
+                    threads: int | None = None) -> np.ndarray:
         """SGD steps on batches order[b * batch_size : (b + 1) * batch_size] for b = first_batch,
         first_batch + 1, ... (`steps` of them; default: to the end of `order`).
 
         x (S, D) features in the parameters' dtype, y (S,) integer labels in [0, classes),
-        order (n,) int64 sample indices. Returns the mean loss of each step, (steps,) float64.
+        order (n,) int64 sample indices. `lrs` (steps, groups): the learning rate of each
+        parameter group at each step (default: the groups' "lr" throughout; the groups' "lr"
+        is left as it was). `grad_norms` (steps,) float64, optional: receives each step's total
+        gradient 2-norm. `threads`: default `default_threads(batch_size)`.
+
+        Returns the mean loss of each step taken, (steps,) float64. A step whose loss is not
+        finite is not taken: the parameters stay as the step before left them, and the returned
+        losses end with that loss (so fewer than `steps` steps were taken when the last one is
+        not finite).
         """
         x, y, order = self._check_data(x, y, order)
-        batch_size = int(batch_size)
-        if batch_size < 1:
-            raise ValueError(f"CompiledClassifierStep: batch_size must be >= 1, got {batch_size}")
+        batch_size = check_int(OWNER, "batch_size", batch_size, 1)
+        first_batch = check_int(OWNER, "first_batch", first_batch, 0)
         available = -(-order.size // batch_size) - first_batch
-        steps = available if steps is None else int(steps)
-        if not 0 <= steps <= available or first_batch < 0:
-            raise ValueError(f"CompiledClassifierStep: {steps} steps from batch {first_batch} do not "
+        steps = available if steps is None else check_int(OWNER, "steps", steps, 0)
+        if steps > available:
+            raise ValueError(f"{OWNER}: {steps} steps from batch {first_batch} do not "
                              f"fit in an order of {order.size} samples with batch_size {batch_size}")
+        threads = self.default_threads(batch_size) if threads is None else threads
+        if threads not in [t for t in range(1, COLUMN_BLOCKS + 1) if COLUMN_BLOCKS % t == 0]:
+            raise ValueError(f"{OWNER}: threads must divide {COLUMN_BLOCKS}, got {threads!r}")
+        lrs = self._learning_rates(lrs, steps)
+        if grad_norms is None:
+            grad_norms = np.empty(steps, dtype=np.float64)
+        elif not (isinstance(grad_norms, np.ndarray) and grad_norms.dtype == np.float64
+                  and grad_norms.shape == (steps,)):
+            raise ValueError(f"{OWNER}: grad_norms must be a ({steps},) float64 array")
         losses = np.empty(steps, dtype=np.float64)
         if steps == 0:
             return losses
-        weights, biases, buffers, hyper, flags, first_step = self._kernel_arguments()
-        relu = np.array([type(layer) is FusedLinearReLU for layer in self.layers])
-        train_steps(x, y, order, batch_size, first_batch, steps, weights, biases, relu, buffers,
-                    hyper, flags, first_step, losses)
+        arguments = self._kernel_arguments(x, y, order, batch_size, first_batch, steps, lrs, threads,
+                                           losses, grad_norms)
+        helpers = [threading.Thread(target=train_worker, args=arguments[t], daemon=True)
+                   for t in range(1, threads)]
+        for helper in helpers:
+            helper.start()
+        taken = train_worker(*arguments[0])
+        for helper in helpers:
+            helper.join()
         for _, p in self.optimizer.indexed_params():
-            self.optimizer.state[self.optimizer.index_of(p)]["step"] += steps
-        return losses
+            self.optimizer.state[self.optimizer.index_of(p)]["step"] += taken
+        return losses[:taken + 1] if taken < steps else losses
+
+    def default_threads(self, batch_size: int) -> int:
+        """Threads for a step: Numba's thread count (npcpu.backend.set_threads), at most
+        COLUMN_BLOCKS, fewer when a thread would get less than MIN_WORK_PER_THREAD multiply-adds
+        of layer 0's two GEMMs (the part the threads share; then waiting for each other costs
+        more than a second core saves)."""
+        work = 2 * batch_size * self.layers[0].in_features * self.layers[0].out_features
+        threads = max(1, min(numba.get_num_threads(), COLUMN_BLOCKS, work // MIN_WORK_PER_THREAD))
+        while COLUMN_BLOCKS % threads:
+            threads -= 1
+        return threads
+
+    def _learning_rates(self, lrs, steps: int) -> np.ndarray:
+        groups = self.optimizer.param_groups
+        if lrs is None:
+            return np.tile([float(group["lr"]) for group in groups], (steps, 1))
+        lrs = np.asarray(lrs, dtype=np.float64)
+        if lrs.shape != (steps, len(groups)) or not np.all(np.isfinite(lrs)) or np.any(lrs < 0):
+            raise ValueError(f"CompiledClassifierStep: lrs must be ({steps}, {len(groups)}) "
+                             f"finite learning rates >= 0, got shape {lrs.shape}")
+        return lrs
 
     def _check_data(self, x, y, order):
         owner = "CompiledClassifierStep"
@@ -177,13 +228,43 @@ class CompiledClassifierStep:
         return (np.ascontiguousarray(x), np.ascontiguousarray(y, dtype=np.int64),
                 np.ascontiguousarray(order, dtype=np.int64))
 
-    def _kernel_arguments(self):
+    def _kernel_arguments(self, x, y, order, batch_size, first_batch, steps, lrs, threads,
+                          losses, grad_norms) -> list:
+        """train_worker's arguments for each thread (npcpu.kernels.compiled_step.train_worker):
+        thread 0 works on the model's own arrays; every other thread on copies of all but W_0
+        and its momentum buffer, which the threads share by columns."""
+        weights, biases, buffers, hyper, flags, group_index, first_step = self._sgd_settings()
+        dtype = weights[0].dtype
+        relu = np.array([type(layer) is FusedLinearReLU for layer in self.layers])
+        lrs = np.ascontiguousarray(lrs[:, group_index])
+        partials = _cache_line_aligned((2, COLUMN_BLOCKS, batch_size, weights[0].shape[0]), dtype)
+        counter, block_squares = _cache_line_aligned(1, np.int64), np.zeros((2, COLUMN_BLOCKS))
+        arguments = []
+        for thread in range(threads):
+            if thread:  # own copies of everything above W_0 (they stay bitwise equal)
+                weights = weights[:1] + tuple(w.copy() for w in weights[1:])
+                biases = tuple(b.copy() for b in biases)
+                buffers = buffers[:1] + tuple(b.copy() for b in buffers[1:])
+            acts = tuple(np.empty((batch_size, w.shape[0]), dtype) for w in weights)
+            dzs = tuple(np.empty((batch_size, w.shape[0]), dtype) for w in weights)
+            # g_W0 too is per thread (each fills its own columns): two threads writing the two
+            # ends of one cache line of a shared g_W0 made two threads slower than one.
+            grad_weights = tuple(np.empty_like(w) for w in weights)
+            grad_biases = tuple(np.empty_like(b) for b in biases)
+            arguments.append((thread, threads, counter, x, y, order, batch_size, first_batch, steps,
+                              weights, biases, relu, buffers, lrs, hyper, flags, first_step,
+                              partials, acts, dzs, grad_weights, grad_biases, block_squares, losses,
+                              grad_norms))
+        return arguments
+
+    def _sgd_settings(self):
         """Tuples of the layers' arrays, SGD's per-parameter settings, and its state (created or
         completed as SGD.step would: a zero momentum buffer, "step" counted after the run)."""
         optimizer = self.optimizer
-        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        group_of = {id(p): k for k, group in enumerate(optimizer.param_groups)
+                    for p in group["params"]}
         empty = np.empty(0, dtype=self.layers[0].weight.data.dtype)
-        weights, biases, buffers, hyper, flags, steps_taken = [], [], [], [], [], set()
+        weights, biases, buffers, hyper, flags, group_index, steps_taken = [], [], [], [], [], [], set()
         for layer in self.layers:
             weights.append(layer.weight.data)
             biases.append(layer.bias.data if layer.bias is not None else empty)
@@ -192,8 +273,10 @@ class CompiledClassifierStep:
                     buffers.append(empty)
                     hyper.append((0.0, 0.0, 0.0, 0.0))
                     flags.append((False, False))
+                    group_index.append(0)  # an empty parameter: never updated
                     continue
-                group = group_of[id(p)]
+                group_index.append(group_of[id(p)])
+                group = optimizer.param_groups[group_index[-1]]
                 state = optimizer.state.setdefault(optimizer.index_of(p), {"step": 0})
                 steps_taken.add(state["step"])
                 if group["momentum"] != 0:
@@ -208,4 +291,13 @@ class CompiledClassifierStep:
             raise _unsupported(f"the parameters have taken different numbers of SGD steps "
                                f"{sorted(steps_taken)}")
         return (tuple(weights), tuple(biases), tuple(buffers), np.array(hyper, dtype=np.float64),
-                np.array(flags, dtype=np.bool_), steps_taken.pop() == 0)
+                np.array(flags, dtype=np.bool_), group_index, steps_taken.pop() == 0)
+
+
+def _cache_line_aligned(shape, dtype) -> np.ndarray:
+    """np.zeros(shape, dtype) starting on a 64-byte boundary, so that blocks of it written by
+    different threads share no cache line when their sizes are multiples of 64 bytes."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(size + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + size].view(dtype).reshape(shape)
