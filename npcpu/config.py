@@ -96,6 +96,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "log_every": Field("int", 20, "log every N steps", min=1),
         "threads": Field("int", None, "threads for BLAS and Numba (default: all cores)", min=1,
                          optional=True),
+        "compiled": Field("str", "auto", "compiled whole-step path for small SGD classifiers "
+                          "(auto: where it applies; on: an error where it does not)",
+                          choices=("auto", "on", "off")),
     },
     "freeze": {
         "enabled": Field("bool", True, "dynamic layer freezing"),

@@ -229,6 +229,15 @@ def test_unwritable_run_dir_is_an_error_before_training(tmp_path):
         assert np.array_equal(model.state_dict()[key], value)
 
 
+def test_a_new_nested_run_dir_is_created(tmp_path):
+    model = make_model()
+    trainer = quiet_trainer(model, SGD(model.parameters(), lr=0.1))
+    run_dir = tmp_path / "runs" / "first"
+    trainer.fit(make_data(32), max_steps=2, batch_size=8, run_dir=run_dir, progress=False)
+    assert (run_dir / "metrics.jsonl").is_file()
+    assert trainer.resume(run_dir)["step"] == 2
+
+
 def test_early_stopping_stops_when_the_metric_stops_improving():
     from npcpu.train.callbacks import EarlyStopping
 

@@ -14,11 +14,26 @@ One optimizer step ("step" below) processes a window of `accumulation_steps` mic
 
 Because every micro-batch's loss is divided by the size of the whole window (a short last window
 by its real size), k micro-batches give the same gradient as one batch of k times the size.
+
+The compiled path: when the run is one CompiledClassifierStep supports (npcpu.train.compiled: a
+Sequential of Linear/FusedLinearReLU in fp32 or fp64, CrossEntropyLoss, plain SGD) and the loop
+above would do nothing it does not (one micro-batch per step, no loss scaler, no clipping, no
+freezer, an ArrayDataset in the parameters' dtype), fit() runs the steps in chunks of one Numba
+call each: a chunk ends wherever the loop acts on the model between steps (evaluation,
+checkpoint, epoch end, the last step), after at most max(log_every, COMPILED_CHUNK_STEPS) steps
+(the log lines of a chunk are written when it ends), and also where the scheduler changes a group setting other than "lr"
+(OneCycleLR's momentum), which the call reads once at its start. The call gets each step's
+learning rates from a dry run of the scheduler (stepped, then restored). After it, as in the loop,
+the scheduler steps once per step taken, the counters advance, and every callback's on_step_end
+runs once per step with the metrics the loop would have given (samples_per_s is the chunk's rate);
+a non-finite loss raises the loop's FloatingPointError after the steps before it are counted.
+Both paths leave the same state at every step boundary, so checkpoints resume in either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import sys
@@ -28,12 +43,17 @@ from pathlib import Path
 import numpy as np
 
 from npcpu import checkpoint
+from npcpu.data.arrays import ArrayDataset
 from npcpu.data.loader import DataLoader
 from npcpu.optim.clip import clip_grad_norm as clip_grad_norm_
 from npcpu.optim.clip import get_total_norm
 from npcpu.optim.scaling import DynamicLossScaler
 from npcpu.precision import check_precision
 from npcpu.train.callbacks import Callback, MetricsFile, Progress, Stopwatch
+from npcpu.train.compiled import CompiledClassifierStep
+
+COMPILED_MODES = ("auto", "on", "off")
+COMPILED_CHUNK_STEPS = 100  # the most steps of one compiled call between two logged steps
 
 
 class Trainer:
@@ -61,14 +81,25 @@ class Trainer:
     callbacks : sequence of Callback
     seed : int
         Seeds the data order (shuffling is a pure function of (seed, epoch)).
+    compiled : {"auto", "on", "off"}
+        The compiled path (module docstring): "auto" takes it when it applies, "on" makes fit()
+        raise ValueError saying why when it does not, "off" never takes it. fit() logs which path
+        it runs ("compiled step: on (...)" or "compiled step: off (reason)"). On the compiled path
+        the on_step_end calls of a chunk come after the whole chunk ran: the model, the optimizer
+        and the trainer's counters are then at the chunk's end, and metrics["step"] names the step
+        the metrics are of. A callback that sets stop_training there stops training at the end of
+        the chunk, and SIGTERM / Ctrl-C finish the chunk, not only the step.
     """
 
     def __init__(self, model, loss_fn, optimizer, *, scheduler=None, accumulation_steps: int = 1,
                  precision: str = "fp32", loss_scaler=None, clip_grad_norm: float | None = None,
-                 freezer=None, callbacks=(), seed: int = 0, log_stream=None):
+                 freezer=None, callbacks=(), seed: int = 0, compiled: str = "auto",
+                 log_stream=None):
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"Trainer: accumulation_steps must be an integer >= 1, "
                              f"got {accumulation_steps!r}")
+        if compiled not in COMPILED_MODES:
+            raise ValueError(f"Trainer: compiled must be one of {COMPILED_MODES}, got {compiled!r}")
         check_precision(precision)
         if clip_grad_norm is not None and not (clip_grad_norm > 0 and math.isfinite(clip_grad_norm)):
             raise ValueError(f"Trainer: clip_grad_norm must be a positive number, got {clip_grad_norm!r}")
@@ -88,6 +119,7 @@ class Trainer:
         self.freezer = freezer
         self.callbacks = list(callbacks)
         self.seed = seed
+        self.compiled = compiled
         self.log_stream = log_stream or sys.stderr
 
         if model.precision != precision:
@@ -104,6 +136,7 @@ class Trainer:
         self.last_eval: dict | None = None
         self._progress: Progress | None = None
         self._batches = None     # the running iterator over the current epoch's micro-batches
+        self._order = None       # compiled path: (epoch, loader.order(epoch)) of the current epoch
         self._saved_step = None  # the step of the last checkpoint this trainer wrote
 
     # -- logging --------------------------------------------------------------------------------
@@ -190,7 +223,8 @@ class Trainer:
         `train_data` is a dataset (batched with `batch_size` micro-batches, shuffled by
         (seed, epoch)) or a DataLoader. Evaluates every `eval_every` steps and at the end when
         `eval_data` is given; checkpoints to `run_dir` every `checkpoint_every` steps, at the end,
-        and on SIGTERM / Ctrl-C. Resumes where `resume()` left the counters.
+        and on SIGTERM / Ctrl-C. Resumes where `resume()` left the counters. Runs the steps on
+        the compiled path where it applies (see `compiled` in the class docstring).
 
         Returns the last metrics (including the final evaluation when there is eval data).
         """
@@ -202,9 +236,11 @@ class Trainer:
                 raise ValueError(f"Trainer.fit: {name} must be an integer >= 1, got {value!r}")
         loader = train_data if isinstance(train_data, DataLoader) else \
             DataLoader(train_data, batch_size, shuffle=True, seed=self.seed)
+        compiled_steps, path_note = self._choose_path(loader)
         run_dir = Path(run_dir) if run_dir is not None else None
         if run_dir is not None:
             checkpoint.ensure_writable(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)  # the metrics file goes there from the start
 
         windows_per_epoch = math.ceil(len(loader) / self.accumulation_steps)
         total = max_steps if max_steps is not None else None
@@ -218,6 +254,13 @@ class Trainer:
         self._progress = Progress(total, log_every, self.log_stream, use_bar=progress)
         callbacks.append(self._progress)
         self.log(self.header())
+        self.log(path_note)
+        # where the loop acts on the model between steps: a compiled chunk ends at each multiple
+        # of these (logging only reads the metrics, so it waits for the chunk, of at most
+        # max(log_every, COMPILED_CHUNK_STEPS) steps: each compiled call costs ~0.5 ms to start)
+        intervals = [n for n, used in ((max(log_every, COMPILED_CHUNK_STEPS), True),
+                                       (eval_every, eval_data is not None),
+                                       (checkpoint_every, run_dir is not None)) if n and used]
 
         metrics: dict = {}
         self.stop_training = False
@@ -227,14 +270,12 @@ class Trainer:
             watch = Stopwatch()
             try:
                 while self.step < total and not self.stop_training and self.interrupted is None:
-                    window = self._next_window(loader)
-                    result = self._train_window(window)
-                    watch.add(result["items"])
-                    metrics = self._step_metrics(result, watch)
-                    for name in result["frozen_now"]:
-                        self.log(f"step {self.step}: froze layer {name}")
-                    for cb in callbacks:
-                        cb.on_step_end(self, metrics)
+                    if compiled_steps is None:
+                        metrics = self._reference_step(loader, watch, callbacks)
+                    else:
+                        steps = min([total - self.step] + [n - self.step % n for n in intervals])
+                        metrics = self._compiled_chunk(compiled_steps, loader, steps, watch,
+                                                       callbacks)
                     if eval_data is not None and eval_every and self.step % eval_every == 0:
                         self._evaluate_and_report(eval_data, batch_size, callbacks)
                     if run_dir is not None and checkpoint_every and self.step % checkpoint_every == 0:
@@ -251,10 +292,22 @@ class Trainer:
                 if self._batches is not None:
                     self._batches.close()  # stops the prefetch thread
                     self._batches = None
+                self._order = None
         if self.interrupted is not None:
             self.log(f"stopped by {self.interrupted} at step {self.step}"
                      + (f"; checkpoint saved in {run_dir}" if run_dir is not None else ""))
         return {**metrics, **(self.last_eval or {})}
+
+    def _reference_step(self, loader, watch: Stopwatch, callbacks) -> dict:
+        """One step of the loop in the module docstring, then its on_step_end calls."""
+        result = self._train_window(self._next_window(loader))
+        watch.add(result["items"])
+        metrics = self._step_metrics(result, self.step, self._lr(), watch.rate())
+        for name in result["frozen_now"]:
+            self.log(f"step {self.step}: froze layer {name}")
+        for cb in callbacks:
+            cb.on_step_end(self, metrics)
+        return metrics
 
     def _next_window(self, loader) -> list:
         """The next `accumulation_steps` micro-batches; a window never crosses an epoch boundary."""
@@ -269,10 +322,11 @@ class Trainer:
         self.batch_index = stop
         return window
 
-    def _step_metrics(self, result: dict, watch: Stopwatch) -> dict:
+    def _step_metrics(self, result: dict, step: int, lr: float, samples_per_s: float) -> dict:
+        """on_step_end's metrics of step `step`; `lr`: group 0's lr after that step's scheduler step."""
         metrics = {
-            "step": self.step, "epoch": self.epoch, "loss": result["loss"], "lr": self._lr(),
-            "samples_per_s": watch.rate(), "grad_norm": result["grad_norm"],
+            "step": step, "epoch": self.epoch, "loss": result["loss"], "lr": lr,
+            "samples_per_s": samples_per_s, "grad_norm": result["grad_norm"],
             "skipped_steps": self.skipped_steps,
             "frozen_layers": sorted(self.freezer.frozen_at) if self.freezer else [],
         }
@@ -281,6 +335,116 @@ class Trainer:
         if result["frozen_now"]:
             metrics["frozen_now"] = result["frozen_now"]
         return metrics
+
+    # -- the compiled path ----------------------------------------------------------------------
+    def _choose_path(self, loader):
+        """(train_steps, note): the bound CompiledClassifierStep.train_steps(x, y, ...) for this
+        fit, or None for the reference loop; `note` is the line fit() logs about the choice."""
+        if self.compiled == "off":
+            return None, "compiled step: off (compiled='off')"
+        try:
+            step, x, y = self._compiled_setup(loader)
+        except (TypeError, ValueError) as reason:
+            if self.compiled == "on":
+                raise ValueError(f"Trainer: compiled='on' but the compiled step does not apply: "
+                                 f"{reason}") from None
+            return None, f"compiled step: off ({reason})"
+        threads = step.default_threads(loader.batch_size)
+        return (functools.partial(step.train_steps, x, y),
+                f"compiled step: on (CompiledClassifierStep, {threads} threads)")
+
+    def _compiled_setup(self, loader):
+        """(CompiledClassifierStep, x (S, D), y (S,)), or TypeError / ValueError naming what in this
+        trainer or its data the compiled path does not do."""
+        for unsupported, what in (
+                (self.accumulation_steps != 1, f"accumulation_steps is {self.accumulation_steps}, "
+                                               "not 1"),
+                (self.loss_scaler is not None, "a loss scaler is set"),
+                (self.clip_grad_norm is not None, f"clip_grad_norm is {self.clip_grad_norm}"),
+                (self.freezer is not None, "a freezer is set"),
+                (self.precision not in ("fp32", "fp64"), f"precision is {self.precision!r}, not "
+                                                         "'fp32' or 'fp64'"),
+                (not self.model.training, "the model is in eval mode"),
+                (self.model.input_requires_grad, "model.input_requires_grad is True")):
+            if unsupported:
+                raise ValueError(what)
+        step = CompiledClassifierStep(self.model, self.loss_fn, self.optimizer)
+        dataset = loader.dataset
+        if not isinstance(dataset, ArrayDataset) or type(dataset).batch is not ArrayDataset.batch:
+            raise TypeError(f"the training data is a {type(dataset).__name__} (the compiled step "
+                            "reads the x and y arrays of an ArrayDataset directly)")
+        dtype = step.layers[0].weight.data.dtype
+        if dataset.x.ndim != 2 or dataset.x.dtype != dtype:
+            raise ValueError(f"the training data's x is {dataset.x.dtype} {dataset.x.shape}; the "
+                             f"compiled step takes {dtype} (samples, features) for this model")
+        return step, dataset.x, dataset.y
+
+    def _compiled_chunk(self, train_steps, loader, steps: int, watch: Stopwatch, callbacks) -> dict:
+        """Up to `steps` steps in one compiled call, from the current position to at most the
+        epoch's end; then the scheduler, the counters and the callbacks as the loop would leave
+        them. A non-finite loss raises FloatingPointError as the loop does, after the steps before
+        it were counted."""
+        if self.batch_index >= len(loader):
+            self.epoch += 1
+            self.batch_index = 0
+        first, batch_size = self.batch_index, loader.batch_size
+        steps = min(steps, len(loader) - first)
+        lrs = self._planned_lrs(steps) if self.scheduler is not None else None
+        steps = steps if lrs is None else len(lrs)
+        grad_norms = np.empty(steps, dtype=np.float64)
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, loader.order(self.epoch))  # O(samples): once an epoch
+        order = self._order[1]
+        losses = train_steps(order, batch_size, first_batch=first, steps=steps, lrs=lrs,
+                             grad_norms=grad_norms)
+        taken = len(losses) if math.isfinite(losses[-1]) else len(losses) - 1
+        logged_lrs = []  # group 0's lr after each step's scheduler step, as the loop reports it
+        for _ in range(taken):
+            if self.scheduler is not None:
+                self.scheduler.step()
+            logged_lrs.append(self._lr())
+        items = min((first + taken) * batch_size, order.size) - first * batch_size
+        watch.add(items)
+        samples_per_s = watch.rate()
+        first_step = self.step
+        self.step += taken
+        self.samples_seen += items
+        self.batch_index = first + len(losses)  # as the loop: also past the batch that failed
+        metrics: dict = {}
+        for i in range(taken):
+            result = {"loss": float(losses[i]), "grad_norm": float(grad_norms[i]), "frozen_now": []}
+            metrics = self._step_metrics(result, first_step + i + 1, logged_lrs[i], samples_per_s)
+            for cb in callbacks:
+                cb.on_step_end(self, metrics)
+        if taken < len(losses):
+            start = (first + taken) * batch_size
+            window = [loader.dataset.batch(order[start:start + batch_size])]
+            raise FloatingPointError(self._non_finite_message(float(losses[taken]), window))
+        return metrics
+
+    def _planned_lrs(self, steps: int) -> np.ndarray:
+        """(k, groups): each param group's lr at each of the next k <= `steps` steps.
+
+        Found by stepping the scheduler as the loop would, then restoring it and the param groups
+        (the compiled call reads the groups' other settings at its start; the scheduler really
+        steps after the call, once per step taken). k < `steps` when a scheduler step changes a
+        group setting other than "lr" (OneCycleLR's momentum): the chunk ends with that step.
+        """
+        groups = self.optimizer.param_groups
+        saved_scheduler, saved_groups = self.scheduler.state_dict(), [dict(g) for g in groups]
+        settings = _fixed_settings(groups)
+        lrs = np.empty((steps, len(groups)), dtype=np.float64)
+        try:
+            for i in range(steps):
+                lrs[i] = [group["lr"] for group in groups]
+                self.scheduler.step()
+                if _fixed_settings(groups) != settings:
+                    return lrs[:i + 1]
+            return lrs
+        finally:
+            self.scheduler.load_state_dict(saved_scheduler)
+            for group, saved in zip(groups, saved_groups):
+                group.update(saved)
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, data, batch_size: int = 512) -> dict:
@@ -355,7 +519,7 @@ class Trainer:
         self.skipped_steps = int(counters["skipped_steps"])
         self.samples_seen = int(counters["samples_seen"])
         self.last_eval = counters["last_eval"]
-        self._batches = None
+        self._batches = self._order = None
 
     def save(self, run_dir, *, keep_last: int = 3) -> Path:
         metric = self.last_eval["eval_loss"] if self.last_eval else None
@@ -391,6 +555,11 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def _fixed_settings(groups) -> list:
+    """Each param group's settings but "params" and "lr": what a compiled call reads once."""
+    return [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in groups]
 
 
 def _describe(optimizer) -> str:
