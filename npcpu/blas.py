@@ -2,7 +2,7 @@
 
     y  = x W^T     matmul_weight_transposed(x, W)     (N, K) @ (M, K)^T -> (N, M)
     dx = dz W      matmul_weight(dz, W)               (N, M) @ (M, K)   -> (N, K)
-    dW += dz^T x   accumulate_weight_grad(dW, dz, x)  in place, beta = 1
+    dW += dz^T x   accumulate_weight_grad(dW, dz, x)  in place, beta = 1 (0 to overwrite dW)
 
 Every operand is passed as a Fortran-order view of a C-order array (A (r, c) C-order is A.T (c, r)
 Fortran-order), so BLAS reads and writes NumPy's memory directly. All three go through SciPy's
@@ -47,13 +47,16 @@ def matmul_weight(dz: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return _call(dz.shape[0] * weight.size, _gemm(dz.dtype), 1.0, weight.T, dz.T).T
 
 
-def accumulate_weight_grad(grad: np.ndarray, dy: np.ndarray, x: np.ndarray) -> None:
-    """grad += dy^T x in place, by one BLAS GEMM with beta = 1 (no temporary of grad's size).
+def accumulate_weight_grad(grad: np.ndarray, dy: np.ndarray, x: np.ndarray,
+                           beta: float = 1.0) -> None:
+    """grad = beta * grad + dy^T x in place, by one BLAS GEMM (no temporary of grad's size).
+    beta = 1 accumulates; beta = 0 overwrites, and BLAS then does not read grad (even NaN there
+    does not reach the result).
 
     grad (M, K) C-contiguous is grad.T (K, M) Fortran-contiguous, which is what BLAS writes:
     grad.T += x^T dy, with x^T (K, N) and dy.T (M, N) Fortran views of the C-contiguous x and dy.
     """
-    result = _call(x.shape[0] * grad.size, _gemm(grad.dtype), 1.0, x.T, dy.T, beta=1.0, c=grad.T,
+    result = _call(x.shape[0] * grad.size, _gemm(grad.dtype), 1.0, x.T, dy.T, beta=beta, c=grad.T,
                    trans_b=1, overwrite_c=1)
     if not np.shares_memory(result, grad):  # the wrapper worked on a copy of grad: copy it back
         grad[...] = result.T

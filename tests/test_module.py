@@ -92,3 +92,38 @@ def test_extra_state_of_a_plain_module_is_empty_and_strict():
     assert layer.extra_state() == {}
     with pytest.raises(ValueError, match="unexpected extra state"):
         layer.load_extra_state({"calls": 3})
+
+
+def test_zero_grad_is_lazy_and_the_next_gemm_overwrites():
+    p = Parameter(np.ones((2, 3), np.float32))
+    assert p.grad_for_gemm()[1] == 0.0  # a new accumulator: nothing to add to
+    p.grad[...] = np.nan                # what a GEMM with beta = 0 must never read
+    p.zero_grad()
+    grad, beta = p.grad_for_gemm()
+    assert beta == 0.0 and grad is p._grad  # the zeros were not written...
+    assert np.isnan(grad).all()
+    grad[...] = 5.0                     # ...because the GEMM writes every element
+    assert p.grad_for_gemm()[1] == 1.0  # and the next one adds
+    p.zero_grad()
+    np.testing.assert_array_equal(p.grad, 0.0)  # any other reader sees zeros
+    p.zero_grad()
+    np.testing.assert_array_equal(p.grad_buffer(), 0.0)  # so does an accumulator
+    p.grad = None
+    assert p.grad is None and p.grad_buffer().shape == (2, 3)
+
+
+def test_linear_backward_after_zero_grad_gives_this_gradient_only():
+    layer = Linear(5, 3, seed=0)
+    layer.input_requires_grad = False
+    rng = np.random.default_rng(0)
+    x, dy = (rng.standard_normal(s).astype(np.float32) for s in ((4, 5), (4, 3)))
+    layer.forward(x)
+    layer.backward(dy)
+    layer.weight.grad[...] = np.nan  # stale garbage must not survive zero_grad
+    layer.zero_grad()
+    layer.forward(x)
+    layer.backward(dy)
+    np.testing.assert_allclose(layer.weight.grad, dy.T @ x, rtol=1e-6)
+    layer.forward(x)
+    layer.backward(dy)  # the next backward accumulates
+    np.testing.assert_allclose(layer.weight.grad, 2 * dy.T @ x, rtol=1e-6)

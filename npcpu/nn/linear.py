@@ -5,7 +5,7 @@ Legend: N rows (all leading dimensions of the input flattened), K = in_features,
 
 The GEMMs go to BLAS in the compute dtype (float32; float64 under "fp64") through npcpu.blas:
 dL/dW is accumulated in place by a GEMM with beta = 1, so gradient accumulation costs no temporary
-the size of W. Work done and skipped is counted in npcpu.nn.work.
+the size of W; the first GEMM after zero_grad() overwrites with beta = 0, so zeroing costs no pass. Work done and skipped is counted in npcpu.nn.work.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ class Linear(Module):
             work.record("gemm_skipped")
         else:
             x_rows = to_compute(self._saved_input, self.compute_dtype)
-            accumulate_weight_grad(self.weight.grad_buffer(), dz, x_rows)
+            grad, beta = self.weight.grad_for_gemm()  # beta 0 right after zero_grad()
+            accumulate_weight_grad(grad, dz, x_rows, beta)
             work.record("gemm")
         dx = None
         if self.input_requires_grad:

@@ -17,7 +17,11 @@ class Parameter:
     grad : ndarray or None
         The gradient accumulator, in the compute dtype (float32; float64 when `data` is float64).
         None until the first backward pass touches it; backward passes only ever add into it,
-        and `zero_grad()` is the one reset.
+        and `zero_grad()` is the one reset. `zero_grad()` writes nothing: it marks the
+        accumulator as zero, the next dW GEMM then overwrites it (beta = 0, see
+        `grad_for_gemm`) instead of adding to zeros, and any other reader or accumulator
+        finds it filled with zeros (on first access). For mlp52m that saves a 216 MB fill and
+        a 216 MB read per step.
     name : str
         The dotted name under which the owning model lists it ("0.weight"); set by the model.
     frozen : bool
@@ -29,7 +33,8 @@ class Parameter:
         if data.dtype.kind != "f" and data.dtype not in HALF_DTYPES:
             raise TypeError(f"Parameter {name!r}: data must be floating point, got {data.dtype}")
         self.data = np.ascontiguousarray(data)
-        self.grad: np.ndarray | None = None
+        self._grad: np.ndarray | None = None
+        self._grad_is_zero = False  # zero_grad() was called and nothing has written _grad since
         self.name = name
         self.frozen = False
 
@@ -60,15 +65,40 @@ class Parameter:
             return widen_to_scratch(self.data)
         return self.data
 
+    @property
+    def grad(self) -> np.ndarray | None:
+        if self._grad_is_zero:
+            self._grad.fill(0)
+            self._grad_is_zero = False
+        return self._grad
+
+    @grad.setter
+    def grad(self, value: np.ndarray | None) -> None:
+        self._grad, self._grad_is_zero = value, False
+
     def grad_buffer(self) -> np.ndarray:
-        """The gradient accumulator, allocated as zeros on first use. Backward adds into it."""
-        if self.grad is None:
-            self.grad = np.zeros(self.data.shape, dtype=self.compute_dtype)
+        """The gradient accumulator, holding zeros on first use or after zero_grad(). Backward
+        adds into it."""
+        if self._grad is None:
+            self._grad = np.zeros(self.data.shape, dtype=self.compute_dtype)
         return self.grad
 
+    def grad_for_gemm(self) -> tuple[np.ndarray, float]:
+        """(accumulator, beta) for a GEMM that computes grad = beta * grad + (this gradient):
+        beta = 0.0 when the accumulator holds zeros (new, or zero_grad() since the last write),
+        and the GEMM must then write every element; else 1.0, adding to what is there."""
+        if self._grad is None:
+            self._grad = np.empty(self.data.shape, dtype=self.compute_dtype)
+            return self._grad, 0.0
+        if self._grad_is_zero:
+            self._grad_is_zero = False
+            return self._grad, 0.0
+        return self._grad, 1.0
+
     def zero_grad(self) -> None:
-        if self.grad is not None:
-            self.grad.fill(0)
+        """Make the accumulator zero (lazily: see `grad`)."""
+        if self._grad is not None:
+            self._grad_is_zero = True
 
     def __repr__(self) -> str:
         frozen = ", frozen" if self.frozen else ""
