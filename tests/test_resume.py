@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from npcpu.checkpoint import list_checkpoints, load_checkpoint
+from statecheck import assert_same_state
 
 SCRIPT = Path(__file__).resolve().parent / "run_training.py"
 
@@ -47,21 +48,6 @@ def final_state(run_dir):
     state, info = load_checkpoint(run_dir)
     assert state["trainer"]["step"] == 40
     return state
-
-
-def assert_same_state(a, b, path="state"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            assert_same_state(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{path}[{i}]")
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8)), path
-    else:
-        assert a == b or (a != a and b != b), path
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from npcpu.train.build import build_run
 from npcpu.train.callbacks import Callback, EarlyStopping
 from npcpu.train.freezing import DynamicFreezer
 from npcpu.train.trainer import Trainer
+from statecheck import assert_same_state
 
 RTOL, ATOL = 1e-5, 1e-6  # float32: the compiled GEMMs sum in another order than BLAS
 BATCH = 16
@@ -311,21 +312,6 @@ def test_a_non_finite_loss_stops_both_paths_at_the_same_step(model_name, value, 
 # ---------------------------------------------------------------------------------------------
 # checkpoints and resume
 # ---------------------------------------------------------------------------------------------
-def assert_bitwise_equal(a, b, path="state"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            assert_bitwise_equal(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise_equal(x, y, f"{path}[{i}]")
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8)), path
-    else:
-        assert a == b, path
-
-
 TOTAL, STOP = 30, 17  # step 17 is no chunk boundary of the uninterrupted run (log 5, checkpoint 7)
 
 
@@ -346,7 +332,7 @@ def test_a_resumed_run_equals_an_uninterrupted_compiled_one(tmp_path, first, sec
         return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
 
     if first == second == "auto":
-        assert_bitwise_equal(resumed.state_dict(), whole.state_dict())
+        assert_same_state(resumed.state_dict(), whole.state_dict())
         assert [(r["step"], r["loss"], r["lr"]) for r in train_lines(run_dir)] == \
             [(r["step"], r["loss"], r["lr"]) for r in train_lines(whole_dir)]
     else:
