@@ -1,4 +1,4 @@
-"""Three CPU instructions Numba does not expose, written as LLVM intrinsics, and a spin barrier.
+"""Four CPU operations Numba does not expose, written as LLVM intrinsics, and a spin barrier.
 
     prefetch(a, i)        start loading the cache line of a[i] (a hint; never faults)
     atomic_add(a, i, v)   a[i] += v as one indivisible, sequentially consistent step; returns old a[i]
