@@ -4,8 +4,8 @@
 
 Candidates (all on the same parameter and gradient arrays, timed round-robin, so drift on a shared
 machine hits all alike): npcpu Adam (fp32 states), torch Adam fused=True, torch Adam default
-(foreach), npcpu Adam with bf16 states (stochastic rounding), npcpu LAMB with fp32 and with bf16
-states.
+(foreach), npcpu Adam with bf16 states (stochastic rounding, and rounded to nearest: what the
+random bits cost), npcpu LAMB with fp32 and with bf16 states.
 torch sees the npcpu arrays through torch.from_numpy (no copies); both libraries get the same
 thread count. torch's OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless the environment
 sets it): with OpenMP's default spin-waiting, idle torch threads take the cores from the candidate
@@ -61,6 +61,9 @@ def main() -> None:
         "torch Adam fused": torch.optim.Adam(tensors, lr=1e-5, fused=True),
         "torch Adam foreach": torch.optim.Adam(tensors, lr=1e-5),
         "npcpu Adam bf16 states": Adam(params, lr=1e-5, state_dtype="bf16"),
+        # what the stochastic rounding's random bits cost: the same update, rounded to nearest
+        "npcpu Adam bf16 states, round to nearest": Adam(params, lr=1e-5, state_dtype="bf16",
+                                                         stochastic_rounding=False),
         "npcpu LAMB fp32": LAMB(params, lr=1e-5),
         "npcpu LAMB bf16 states": LAMB(params, lr=1e-5, state_dtype="bf16"),
     }
