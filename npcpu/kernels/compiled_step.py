@@ -22,16 +22,21 @@ The models this path is for spend nearly all their work in layer 0 (softmax regr
 is all layer 0), whose input is wide and whose output is narrow. Its two GEMMs split cleanly by
 input column k: z_0 = sum over column blocks of x[:, block] W_0[:, block]^T, and g_W0[:, block] =
 dz_0^T x[:, block] needs only the block's columns. So thread t owns the column blocks t, t + T, ...
-of W_0 for good: it sums its blocks' part of z_0 for the batch, the threads meet once (a spin
-barrier, npcpu.kernels.intrinsics), every thread adds the C partial sums in block order and runs
-the rest of the step (the bias, ReLU, the layers above, the loss, their backward and updates:
-little work, done identically by each thread on its own copy of those parameters), then computes
-g_W0 and updates W_0 for its own blocks only. What crosses between cores per step is the B x M
-partial sums, not the weights or their gradient; the batch's rows are read from memory once and
-read again from the core's cache for g_W0. Every sum runs in the same order for any T, so the
-results do not depend on the thread count. The threads are plain Python threads running
-`train_worker` without the GIL: Numba's parallel regions cost several microseconds to launch,
-the barrier well under one, and a step of such a model is tens of microseconds.
+of W_0 for good: it sums its blocks' part of z_0 for the batch, and the threads meet (a spin
+barrier, npcpu.kernels.intrinsics). The rest of the step is row by row up to the gradient sums:
+the batch's rows are cut into C row groups, thread t takes groups t, t + T, ..., adds the C
+partial sums of its rows in block order and runs the bias, ReLU, the layers above, the loss and
+their backward down to dz_0 for them, writing each group's gradients apart. The threads meet
+again; each sums the groups' gradients in group order and updates its own copy of everything but
+W_0 (the copies stay bitwise equal: same numbers, same order), then computes g_W0 from all rows
+of dz_0 and updates W_0 for its own column blocks only. What crosses between cores per step is
+the B x M partial sums, dz_0 and the small gradients above layer 0, never W_0 or its gradient;
+the batch's rows are read from memory once and read again from the core's cache for g_W0. Every
+sum runs in the same order for any T, so the results do not depend on the thread count. The
+threads are plain Python threads running `train_worker` without the GIL: Numba's parallel
+regions cost several microseconds to launch, the barrier well under one, and a step of such a
+model is tens of microseconds. (Running the rest of the step on every thread for all rows, as a
+first version did, spent about 10 of a 56 ms epoch on work the other thread repeated.)
 
 The GEMMs are register-tiled loops over 4 rows at a time whose innermost loop runs over the
 contiguous K dimension, so LLVM vectorizes it: for the layers this path is for (784 -> 10 at
@@ -285,11 +290,12 @@ def layer0_partial_sums(x, rows, weight, thread, threads, partials):
 
 
 @njit(cache=True)
-def layer0_output(partials, bias, relu, n, out):
-    """out[i] = relu?(partials[0, i] + ... + partials[C - 1, i] + bias) for i < n: the block sums
-    added in block order, so the result does not depend on which thread summed which block."""
+def layer0_output(partials, bias, relu, first, stop, out):
+    """out[i] = relu?(partials[0, i] + ... + partials[C - 1, i] + bias) for first <= i < stop: the
+    block sums added in block order, so the result does not depend on which thread summed which
+    block."""
     zero = out.dtype.type(0)
-    for i in range(n):
+    for i in range(first, stop):
         for m in range(out.shape[1]):
             v = partials[0, i, m]
             for block in range(1, COLUMN_BLOCKS):
@@ -310,45 +316,66 @@ def sum_of_squares(a):
 
 
 @njit(cache=True)
-def head_forward_backward(x_rows, y, n, weights, biases, relu, acts, dzs, grad_weights,
-                          grad_biases, lrs, momentum_buffers, hyper, flags, first_step):
-    """Everything of a step after layer 0's GEMM, on this thread's own copies (every thread
-    computes the same numbers): layer 0's bias and ReLU, the layers above it forward, the loss,
-    their backward and SGD updates, and dz_0. Returns (mean loss, sum of squared gradients of
-    these parameters). Nothing is updated when the loss is not finite.
-    acts[0] holds layer 0's output already summed (layer0_output); x_rows are the batch's rows."""
+def head_rows(partials, rows, y, first, stop, scale, weights, biases, relu, acts, dzs,
+              group_weight_grads, group_bias_grads, base):
+    """Everything of a step after layer 0's GEMM for the batch rows first .. stop - 1 (a row
+    group; their samples are rows[first:stop]): layer 0's bias and ReLU, the layers above forward,
+    the loss, their backward down to dz_0. The group's gradients of every parameter but W_0 go to
+    group_weight_grads[base + l], group_bias_grads[base + l] (overwritten); dz_0 to dzs[0].
+    Returns the group's summed loss (times `scale` = 1 / batch rows it is its part of the mean)."""
     n_layers = len(weights)
-    rows = np.arange(n)
+    count = stop - first
+    local = np.arange(first, stop)
+    layer0_output(partials, biases[0], relu[0], first, stop, acts[0])
     for l in range(1, n_layers):
-        linear_forward(acts[l - 1], rows, weights[l], biases[l], relu[l], acts[l], 0,
+        linear_forward(acts[l - 1], local, weights[l], biases[l], relu[l], acts[l][first:stop], 0,
                        weights[l].shape[1])
-    scale = 1.0 / n
-    loss = cross_entropy_rows(acts[n_layers - 1], y, x_rows, scale, dzs[n_layers - 1]) * scale
-    if not np.isfinite(loss):
-        return loss, 0.0
-    squares = 0.0
+    loss = cross_entropy_rows(acts[n_layers - 1][first:stop], y, rows[first:stop], scale,
+                              dzs[n_layers - 1][first:stop])
     for l in range(n_layers - 1, -1, -1):
-        dz = dzs[l][:n]
+        dz = dzs[l][first:stop]
         if relu[l]:
-            relu_backward(dz, acts[l], n)
+            relu_backward(dz, acts[l][first:stop], count)
         if biases[l].size:
-            grad_biases[l][:] = 0
-            add_bias_grad(dz, n, grad_biases[l])
-            squares += sum_of_squares(grad_biases[l])
+            group_bias_grads[base + l][:] = 0
+            add_bias_grad(dz, count, group_bias_grads[base + l])
+        if l > 0:
+            group_weight_grads[base + l][:] = 0
+            add_weight_grad(dz, acts[l - 1], local, group_weight_grads[base + l], 0,
+                            weights[l].shape[1])
+            input_grad(dz, weights[l], count, dzs[l - 1][first:stop])  # W_l before its update
+    return loss
+
+
+@njit(cache=True)
+def head_update(weights, biases, group_weight_grads, group_bias_grads, grad_weights, grad_biases,
+                lrs, momentum_buffers, hyper, flags, first_step):
+    """SGD on this thread's copies of every parameter but W_0, with the gradient summed over the
+    row groups in group order (so every thread, and any thread count, gets the same sum). Returns
+    the sum of squared gradients of these parameters."""
+    n_layers = len(weights)
+    groups = len(group_bias_grads) // n_layers
+    squares = 0.0
+    for l in range(n_layers):
+        if biases[l].size:
+            total = grad_biases[l]
+            total[:] = group_bias_grads[l]
+            for g in range(1, groups):
+                total += group_bias_grads[g * n_layers + l]
+            squares += sum_of_squares(total)
             p = 2 * l + 1
-            sgd_update(biases[l], grad_biases[l], momentum_buffers[p], lrs[p], hyper[p, 1],
-                       hyper[p, 2], hyper[p, 3], flags[p, 0], flags[p, 1], first_step)
-        if l == 0:
-            break
-        grad_weights[l][:] = 0
-        add_weight_grad(dz, acts[l - 1], rows, grad_weights[l], 0, weights[l].shape[1])
-        squares += sum_of_squares(grad_weights[l])
-        input_grad(dz, weights[l], n, dzs[l - 1])  # with W_l before its update
-        p = 2 * l
-        sgd_update(weights[l].reshape(-1), grad_weights[l].reshape(-1), momentum_buffers[p],
-                   lrs[p], hyper[p, 1], hyper[p, 2], hyper[p, 3], flags[p, 0], flags[p, 1],
-                   first_step)
-    return loss, squares
+            sgd_update(biases[l], total, momentum_buffers[p], lrs[p], hyper[p, 1], hyper[p, 2],
+                       hyper[p, 3], flags[p, 0], flags[p, 1], first_step)
+        if l > 0:
+            total = grad_weights[l]
+            total[:] = group_weight_grads[l]
+            for g in range(1, groups):
+                total += group_weight_grads[g * n_layers + l]
+            squares += sum_of_squares(total)
+            p = 2 * l
+            sgd_update(weights[l].reshape(-1), total.reshape(-1), momentum_buffers[p], lrs[p],
+                       hyper[p, 1], hyper[p, 2], hyper[p, 3], flags[p, 0], flags[p, 1], first_step)
+    return squares
 
 
 @njit(cache=True)
@@ -386,29 +413,36 @@ def layer0_weight_update(x, rows, next_rows, dz, weight, grad_weight, momentum_b
 @njit(cache=True, nogil=True)
 def train_worker(thread, threads, counter, x, y, order, batch_size, first_batch, n_steps, weights,
                  biases, relu, momentum_buffers, lrs, hyper, flags, first_step, partials, acts,
-                 dzs, grad_weights, grad_biases, block_squares, losses, grad_norms):
+                 dzs, group_weight_grads, group_bias_grads, group_losses, grad_weights,
+                 grad_biases, block_squares, losses, grad_norms):
     """Thread `thread` of `threads` runs `n_steps` SGD steps from batch `first_batch` of `order`.
 
-    Batch b is order[b * batch_size : (b + 1) * batch_size] (the last one may be shorter). Per
-    step: (1) this thread sums layer 0's GEMM over its column blocks (blocks thread, thread + T,
-    ...) into partials[s % 2, block]; (2) all threads meet; (3) each one, on its own copies,
-    runs head_forward_backward; (4) each computes g_W0 for its column blocks and updates those
-    columns of W_0, which only it reads. So the threads meet once per step: a thread may start
-    (1) of step s + 1 while another is still in (3) of step s, because the partial sums (and
-    the squared gradients, for the norm) alternate between two buffers, and the meeting of
-    step s + 1 waits for everybody to finish step s.
+    Batch b is order[b * batch_size : (b + 1) * batch_size] (the last one may be shorter). A
+    thread's share of a step is blocks c = thread, thread + T, ... (of layer 0's columns) and row
+    groups g = thread, thread + T, ... (of the batch's rows, C of them too):
+      (1) layer 0's partial sums over its column blocks, into partials[s % 2, c]; all meet;
+      (2) head_rows for its row groups: the rest of the forward, the loss, the backward to dz_0,
+          the groups' gradients of everything but W_0; all meet;
+      (3) head_update: each thread sums the groups' gradients and updates its own copy of
+          everything but W_0 (the copies stay bitwise equal); then g_W0 for its column blocks
+          from all rows of dz_0, and the update of those columns of W_0, which only it reads.
+    The partial sums and the squared gradients (for the norm) alternate between two buffers, so
+    that a thread may start (1) of step s + 1 while another is still in (3) of step s; the first
+    meeting of step s + 1 waits for everybody to finish step s.
 
     Shared by all threads: x, y, order, weights[0] and momentum_buffers[0] (each thread writes
-    only its columns), partials (2, C, B, M0), block_squares (2, C), counter (1,) int64 zero,
-    losses, grad_norms. This thread's own: weights[1:], biases, momentum_buffers[1:] (thread 0's
-    are the model's; the others' are copies that stay bitwise equal), acts[l], dzs[l] (B, M),
-    grad_weights (of g_W0 it fills only its columns), grad_biases.
+    only its columns), partials (2, C, B, M0), acts[l] and dzs[l] (B, M) (each thread writes its
+    row groups), group_weight_grads[g * L + l], group_bias_grads[g * L + l], group_losses (C,),
+    block_squares (2, C), counter (1,) int64 zero, losses, grad_norms. This thread's own:
+    weights[1:], biases, momentum_buffers[1:] (thread 0's are the model's), grad_weights (of
+    g_W0 it fills only its columns), grad_biases.
     Parameter p (weight of layer l is p = 2 l, its bias p = 2 l + 1) uses lrs[s, p] and
     hyper[p] = (lr, momentum, dampening, weight_decay), flags[p] = (nesterov, maximize);
     momentum_buffers[p] is flat, (0,) when momentum is 0. `first_step`: SGD has taken no step.
     Thread 0 writes losses[s] and grad_norms[s]. Stops before updating anything in the first
     step whose loss is not finite; returns the number of steps taken.
     """
+    n_layers = len(weights)
     head_squares = 0.0
     for s in range(n_steps):
         start = (first_batch + s) * batch_size
@@ -417,21 +451,27 @@ def train_worker(thread, threads, counter, x, y, order, batch_size, first_batch,
             if s + 1 < n_steps else order[:0]
         n = rows.size
         layer0_partial_sums(x, rows, weights[0], thread, threads, partials[s % 2])
-        barrier_wait(counter, threads, s)  # every thread has also finished step s - 1
+        barrier_wait(counter, threads, 2 * s)  # every thread has also finished step s - 1
         if thread == 0 and s > 0:
             grad_norms[s - 1] = np.sqrt(head_squares + block_squares[(s - 1) % 2].sum())
-        layer0_output(partials[s % 2], biases[0], relu[0], n, acts[0])
-        loss, head_squares = head_forward_backward(
-            rows, y, n, weights, biases, relu, acts, dzs, grad_weights, grad_biases, lrs[s],
-            momentum_buffers, hyper, flags, first_step and s == 0)
+        for g in range(thread, COLUMN_BLOCKS, threads):
+            group_losses[g] = head_rows(partials[s % 2], rows, y, n * g // COLUMN_BLOCKS,
+                                        n * (g + 1) // COLUMN_BLOCKS, 1.0 / n, weights, biases,
+                                        relu, acts, dzs, group_weight_grads, group_bias_grads,
+                                        g * n_layers)
+        barrier_wait(counter, threads, 2 * s + 1)  # dz_0 and the groups' gradients are complete
+        loss = group_losses.sum() / n
         if thread == 0:
             losses[s] = loss
         if not np.isfinite(loss):
             return s
+        head_squares = head_update(weights, biases, group_weight_grads, group_bias_grads,
+                                   grad_weights, grad_biases, lrs[s], momentum_buffers, hyper,
+                                   flags, first_step and s == 0)
         layer0_weight_update(x, rows, next_rows, dzs[0], weights[0], grad_weights[0],
                              momentum_buffers[0], thread, threads, lrs[s, 0], hyper[0], flags[0],
                              first_step and s == 0, block_squares[s % 2])
-    barrier_wait(counter, threads, n_steps)
+    barrier_wait(counter, threads, 2 * n_steps)
     if thread == 0:
         grad_norms[n_steps - 1] = np.sqrt(head_squares + block_squares[(n_steps - 1) % 2].sum())
     return n_steps

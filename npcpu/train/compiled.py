@@ -231,28 +231,35 @@ class CompiledClassifierStep:
                           losses, grad_norms) -> list:
         """train_worker's arguments for each thread (npcpu.kernels.compiled_step.train_worker):
         thread 0 works on the model's own arrays; every other thread on copies of all but W_0
-        and its momentum buffer, which the threads share by columns."""
+        and its momentum buffer, which the threads share by columns. The activations, dz and
+        the row groups' gradients are shared: each thread writes its own row groups."""
         weights, biases, buffers, hyper, flags, group_index, first_step = self._sgd_settings()
         dtype = weights[0].dtype
         relu = np.array([type(layer) is FusedLinearReLU for layer in self.layers])
         lrs = np.ascontiguousarray(lrs[:, group_index])
         partials = _cache_line_aligned((2, COLUMN_BLOCKS, batch_size, weights[0].shape[0]), dtype)
         counter, block_squares = _cache_line_aligned(1, np.int64), np.zeros((2, COLUMN_BLOCKS))
+        acts = tuple(np.empty((batch_size, w.shape[0]), dtype) for w in weights)
+        dzs = tuple(np.empty((batch_size, w.shape[0]), dtype) for w in weights)
+        no_grad = np.empty((0, 0), dtype)  # W_0's gradient is not computed by row group
+        group_weight_grads = tuple(np.empty_like(w) if l else no_grad
+                                   for _ in range(COLUMN_BLOCKS) for l, w in enumerate(weights))
+        group_bias_grads = tuple(np.empty_like(b) for _ in range(COLUMN_BLOCKS) for b in biases)
+        group_losses = np.zeros(COLUMN_BLOCKS)
         arguments = []
         for thread in range(threads):
             if thread:  # own copies of everything above W_0 (they stay bitwise equal)
                 weights = weights[:1] + tuple(w.copy() for w in weights[1:])
                 biases = tuple(b.copy() for b in biases)
                 buffers = buffers[:1] + tuple(b.copy() for b in buffers[1:])
-            acts = tuple(np.empty((batch_size, w.shape[0]), dtype) for w in weights)
-            dzs = tuple(np.empty((batch_size, w.shape[0]), dtype) for w in weights)
             # g_W0 too is per thread (each fills its own columns): two threads writing the two
             # ends of one cache line of a shared g_W0 made two threads slower than one.
             grad_weights = tuple(np.empty_like(w) for w in weights)
             grad_biases = tuple(np.empty_like(b) for b in biases)
             arguments.append((thread, threads, counter, x, y, order, batch_size, first_batch, steps,
                               weights, biases, relu, buffers, lrs, hyper, flags, first_step,
-                              partials, acts, dzs, grad_weights, grad_biases, block_squares, losses,
+                              partials, acts, dzs, group_weight_grads, group_bias_grads,
+                              group_losses, grad_weights, grad_biases, block_squares, losses,
                               grad_norms))
         return arguments
 
