@@ -481,7 +481,9 @@ def parse_args(argv=None):
                         help="seconds a child process may take (torch.compile compiles in it)")
     parser.add_argument("--note", default="", help="free text stored with the results")
     parser.add_argument("--output", type=Path, default=None,
-                        help="JSON file to write (default bench/results/bench_train.json)")
+                        help="JSON file to write (default bench/results/bench_train.json for a full "
+                             "run, bench_train-partial.json for --workload/--configs/--quick/"
+                             "--samples runs, so that they never replace the full results)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=5, help=argparse.SUPPRESS)
@@ -504,7 +506,9 @@ def main(argv=None) -> None:
         args.inputs = Path(inputs)
         record = run_parent(args)
     print_report(record)
-    path = write_json("bench_train", record, path=args.output)
+    full = args.workload == "all" and not args.configs and not args.quick \
+        and args.samples == wl.LOGREG_SAMPLES
+    path = write_json("bench_train" if full else "bench_train-partial", record, path=args.output)
     print(f"\nwrote {path}")
 
 
