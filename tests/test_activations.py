@@ -5,6 +5,7 @@ import pytest
 from scipy.special import erf
 
 from gradcheck import check_layer_gradients
+from torchcheck import assert_forward_backward_match_torch
 from npcpu.kernels import activations as kernels
 from npcpu.nn.activations import GELU, ReLU, Tanh
 from npcpu.precision import bfloat16
@@ -90,13 +91,7 @@ def test_forward_and_backward_match_torch(torch, name, shape):
     layer, reference = LAYERS[name][0](), LAYERS[name][1](torch)
     x = 3 * rng.standard_normal(shape).astype(np.float32)
     upstream = rng.standard_normal(shape).astype(np.float32)
-    y = layer.forward(x)
-    dx = layer.backward(upstream)
-    x_t = torch.from_numpy(x).requires_grad_(True)
-    y_t = reference(x_t)
-    (y_t * torch.from_numpy(upstream)).sum().backward()
-    np.testing.assert_allclose(y, y_t.detach().numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(dx, x_t.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert_forward_backward_match_torch(torch, layer, reference, x, upstream)
 
 
 @pytest.mark.parametrize("name, saved", [("gelu", "_saved_input"), ("gelu_tanh", "_saved_input"),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gradcheck import check_layer_gradients
+from torchcheck import assert_forward_backward_match_torch
 from npcpu.kernels import linear as kernels
 from npcpu.nn import work
 from npcpu.blas import accumulate_weight_grad, matmul_weight, matmul_weight_transposed
@@ -147,14 +148,7 @@ def test_forward_and_gradients_match_torch(torch, layer_class, in_shape, out_fea
 
     x = rng.standard_normal(in_shape).astype(np.float32)
     upstream = rng.standard_normal((*in_shape[:-1], out_features)).astype(np.float32)
-    y = layer.forward(x)
-    dx = layer.backward(upstream)
-
-    x_t = torch.from_numpy(x).requires_grad_(True)
-    y_t = reference(x_t)
-    (y_t * torch.from_numpy(upstream)).sum().backward()
-    np.testing.assert_allclose(y, y_t.detach().numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(dx, x_t.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert_forward_backward_match_torch(torch, layer, reference, x, upstream)
     np.testing.assert_allclose(layer.weight.grad, reference[0].weight.grad.numpy(), rtol=1e-5, atol=1e-6)
     if bias:
         np.testing.assert_allclose(layer.bias.grad, reference[0].bias.grad.numpy(), rtol=1e-5, atol=1e-6)

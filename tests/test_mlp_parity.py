@@ -6,6 +6,7 @@ import pytest
 
 from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.module import Sequential
+from torchcheck import assert_forward_backward_match_torch
 
 WIDTHS = [37, 64, 48, 32, 10]
 BATCH = 17
@@ -40,14 +41,7 @@ def test_mlp_logits_and_gradients_match_torch(torch, direction):
 
     x = rng.standard_normal((BATCH, WIDTHS[0])).astype(np.float32)
     g = rng.standard_normal((BATCH, WIDTHS[-1])).astype(np.float32)
-    logits = model.forward(x)
-    dx = model.backward(g)
-
-    x_t = torch.from_numpy(x).requires_grad_(True)
-    logits_t = reference(x_t)
-    (logits_t * torch.from_numpy(g)).sum().backward()
-    np.testing.assert_allclose(logits, logits_t.detach().numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(dx, x_t.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert_forward_backward_match_torch(torch, model, reference, x, g)
     torch_params = dict(reference.named_parameters())
     for name, p in model.named_parameters():
         np.testing.assert_allclose(p.grad, torch_params[torch_key(name)].grad.numpy(), rtol=1e-5,

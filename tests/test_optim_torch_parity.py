@@ -40,13 +40,18 @@ def run_both(torch, make_npcpu, make_torch, groups=None):
         ours = make_npcpu([{**g, "params": [params[i] for i in g["params"]]} for g in groups])
         theirs = make_torch([{**g, "params": [tensors[i] for i in g["params"]]} for g in groups])
     for t in range(STEPS):
-        for p, g in zip(params, gradient([p.data for p in params], t)):
-            p.grad = g
-        for x, g in zip(tensors, gradient([x.detach().numpy() for x in tensors], t)):
-            x.grad = torch.from_numpy(g)
-        ours.step()
-        theirs.step()
+        step_both(torch, params, tensors, ours, theirs, t)
     return [p.data for p in params], [x.detach().numpy() for x in tensors], ours, theirs
+
+
+def step_both(torch, params, tensors, ours, theirs, t):
+    """Step t of both optimizers, each with `gradient` of its own current weights."""
+    for p, g in zip(params, gradient([p.data for p in params], t)):
+        p.grad = g
+    for x, g in zip(tensors, gradient([x.detach().numpy() for x in tensors], t)):
+        x.grad = torch.from_numpy(g)
+    ours.step()
+    theirs.step()
 
 
 SGD_CASES = {
@@ -122,10 +127,5 @@ def test_schedule_writing_lr_into_groups_matches_torch(torch):
     for t in range(50):
         for group in ours.param_groups + theirs.param_groups:
             group["lr"] = 0.01 * (1 - t / 50)
-        for p, g in zip(params, gradient([p.data for p in params], t)):
-            p.grad = g
-        for x, g in zip(tensors, gradient([x.detach().numpy() for x in tensors], t)):
-            x.grad = torch.from_numpy(g)
-        ours.step()
-        theirs.step()
+        step_both(torch, params, tensors, ours, theirs, t)
     assert_trajectories_match([p.data for p in params], [x.detach().numpy() for x in tensors])
