@@ -3,6 +3,16 @@
 BLAS threads (for the GEMMs) and Numba threads (for the fused kernels between them) never run at the
 same time in a training step, so both are set to the same count, once, through `set_threads`.
 
+Idle OpenBLAS threads busy-wait after each GEMM, by default for up to 2^28 cycles (about 0.1 s),
+before they sleep; a Numba kernel that runs right after a GEMM (the optimizer step after backward,
+the updates inside backward, the widening of bf16 weights) then shares the cores with them. On the
+project's 2-core machine fp32 Adam after mlp52m's backward took 71-76 ms that way and 42-45 ms
+with a wait of 2^20 cycles (0.3 ms), the whole step 7% less. OpenBLAS reads that wait, as
+OPENBLAS_THREAD_TIMEOUT (log2 of the cycles), once, when it loads: so unless the user set it, it
+is set to 20 while SciPy's BLAS (the one npcpu's GEMMs use) loads here, and removed again, so that
+other processes started later (torch in the benchmarks) do not inherit it. It has no effect when
+SciPy's BLAS was loaded before npcpu was imported.
+
 The Numba threading layer is chosen before the first parallel kernel runs: TBB where it is installed
 (fork-safe and thread-safe: the data loader's prefetch thread may launch kernels while the main
 thread does), otherwise OpenMP, otherwise Numba's own workqueue.
@@ -15,8 +25,24 @@ from contextlib import contextmanager
 
 import numba
 import numpy as np
-import scipy.linalg.blas  # noqa: F401  (loads SciPy's BLAS, so that thread limits reach it too)
 from threadpoolctl import ThreadpoolController, threadpool_limits
+
+OPENBLAS_THREAD_TIMEOUT = "20"  # log2 of the cycles an idle OpenBLAS thread spins (module docstring)
+
+
+def _load_scipy_blas() -> None:
+    """Import SciPy's BLAS (so that thread limits reach it too) with OPENBLAS_THREAD_TIMEOUT set."""
+    ours = "OPENBLAS_THREAD_TIMEOUT" not in os.environ
+    if ours:
+        os.environ["OPENBLAS_THREAD_TIMEOUT"] = OPENBLAS_THREAD_TIMEOUT
+    try:
+        import scipy.linalg.blas  # noqa: F401
+    finally:
+        if ours:
+            del os.environ["OPENBLAS_THREAD_TIMEOUT"]
+
+
+_load_scipy_blas()
 
 _LAYER_PREFERENCE = ("tbb", "omp", "workqueue")
 

@@ -1,7 +1,7 @@
 """The three GEMMs of a linear layer, through SciPy's BLAS wrappers, without copies.
 
     y  = x W^T     matmul_weight_transposed(x, W)     (N, K) @ (M, K)^T -> (N, M)
-    dx = dz W      matmul_weight(dz, W)               (N, M) @ (M, K)   -> (N, K)
+    dx = dz W      matmul_weight(dz, W[, out, beta])  (N, M) @ (M, K)   -> (N, K)
     dW += dz^T x   accumulate_weight_grad(dW, dz, x)  in place, beta = 1 (0 to overwrite dW)
 
 Every operand is passed as a Fortran-order view of a C-order array (A (r, c) C-order is A.T (c, r)
@@ -42,9 +42,20 @@ def matmul_weight_transposed(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return _call(x.shape[0] * weight.size, _gemm(x.dtype), 1.0, weight.T, x.T, trans_a=1).T
 
 
-def matmul_weight(dz: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """dx = dz W, (N, M) @ (M, K) -> (N, K) C-order: BLAS computes dx.T = W^T dz^T in Fortran order."""
-    return _call(dz.shape[0] * weight.size, _gemm(dz.dtype), 1.0, weight.T, dz.T).T
+def matmul_weight(dz: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None,
+                  beta: float = 0.0) -> np.ndarray:
+    """dx = dz W, (N, M) @ (M, K) -> (N, K) C-order: BLAS computes dx.T = W^T dz^T in Fortran order.
+
+    With `out` (C-contiguous (N, K)): out = beta * out + dz W in place, and out is returned
+    (beta = 0 does not read out)."""
+    gemm = _gemm(dz.dtype)
+    macs = dz.shape[0] * weight.size
+    if out is None:
+        return _call(macs, gemm, 1.0, weight.T, dz.T).T
+    result = _call(macs, gemm, 1.0, weight.T, dz.T, beta=beta, c=out.T, overwrite_c=1)
+    if not np.shares_memory(result, out):  # the wrapper worked on a copy of out: copy it back
+        out[...] = result.T
+    return out
 
 
 def accumulate_weight_grad(grad: np.ndarray, dy: np.ndarray, x: np.ndarray,

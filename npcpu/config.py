@@ -99,6 +99,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "compiled": Field("str", "auto", "compiled whole-step path for small SGD classifiers "
                           "(auto: where it applies; on: an error where it does not)",
                           choices=("auto", "on", "off")),
+        "update_in_backward": Field("bool", False, "update each parameter inside backward and never "
+                                    "hold the whole gradients (less memory; no accumulation, "
+                                    "clipping, loss scaling or freezing)"),
     },
     "freeze": {
         "enabled": Field("bool", True, "dynamic layer freezing"),

@@ -60,27 +60,6 @@ def to_compute(x: np.ndarray, dtype: np.dtype = np.dtype(np.float32)) -> np.ndar
     return x.astype(dtype)
 
 
-_scratch: dict[tuple, np.ndarray] = {}
-
-
-def widen_to_scratch(x: np.ndarray) -> np.ndarray:
-    """A bfloat16 or float16 `x` widened to float32 in a buffer reused for every array of its shape.
-
-    For GEMM operands used at once: the result is valid only until the next call for an array of
-    the same shape. Writing into memory that is already mapped avoids the page faults of a fresh
-    allocation, which dominate the conversion (4096 x 4096: 15 ms into a new array, 2 ms into a
-    reused one, on the project's 2-core machine).
-    """
-    from npcpu.kernels import convert
-
-    key = (x.shape, x.dtype)
-    buffer = _scratch.get(key)
-    if buffer is None:
-        buffer = _scratch[key] = np.empty(x.shape, dtype=np.float32)
-    widen = convert.bf16_to_f32 if x.dtype == bfloat16 else convert.f16_to_f32
-    return widen(x, out=buffer)
-
-
 def to_storage(x: np.ndarray, dtype: np.dtype, *, seed: int | None = None) -> np.ndarray:
     """Round `x` into the storage `dtype`; no copy when it already is one.
 

@@ -54,21 +54,6 @@ def test_set_precision_rounds_to_nearest_and_drops_gradients():
     np.testing.assert_array_equal(model[0].weight.data, weight.astype(bfloat16))
 
 
-def test_gemm_values_of_half_parameters_share_one_buffer_per_shape():
-    a = Parameter(np.arange(12, dtype=np.float32).reshape(3, 4).astype(bfloat16))
-    b = Parameter(-np.arange(12, dtype=np.float32).reshape(3, 4).astype(bfloat16))
-    c = Parameter(np.ones((4, 3), np.float32).astype(bfloat16))
-    full = Parameter(np.ones((3, 4), np.float32))
-    wa = a.gemm_values()
-    np.testing.assert_array_equal(wa, a.values())
-    assert wa.dtype == np.float32
-    wb = b.gemm_values()
-    assert np.shares_memory(wa, wb)  # the documented contract: valid until the next same shape
-    np.testing.assert_array_equal(wb, b.values())
-    assert not np.shares_memory(c.gemm_values(), wb)
-    assert full.gemm_values() is full.data
-
-
 def test_sequential_routes_input_gradients_around_frozen_layers():
     model = make_model()
     model.input_requires_grad = False

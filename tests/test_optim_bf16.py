@@ -28,7 +28,7 @@ def round_momentum_buffer(grad, stochastic, seed, stream):
     weights = np.zeros(grad.size, np.float32)
     f32 = np.float32
     kernels.sgd_step(weights, grad, buffer, f32(0.0), f32(0.9), f32(1.0), f32(0.0), False, False, True,
-                     stochastic, np.uint64(seed), np.uint64(stream), kernels.random_scratch())
+                     stochastic, np.uint64(seed), np.uint64(stream), np.uint64(0), kernels.random_scratch())
     return buffer
 
 

@@ -226,7 +226,7 @@ def test_sgd_kernel_matches_numpy(num_threads, n, options):
         buffer = b_out if full["momentum"] else None  # the kernel takes None for "no momentum"
         kernels.sgd_step(w_out, g, buffer, f32(0.1), f32(full["momentum"]), f32(1 - full["dampening"]),
                          f32(full["weight_decay"]), full["nesterov"], full["maximize"], first_step,
-                         False, np.uint64(0), np.uint64(0), kernels.random_scratch())
+                         False, np.uint64(0), np.uint64(0), np.uint64(0), kernels.random_scratch())
         np.testing.assert_allclose(w_out, expected_w, rtol=1e-5, atol=1e-6)
         if full["momentum"]:
             np.testing.assert_allclose(b_out, expected_b, rtol=1e-5, atol=1e-6)
@@ -248,7 +248,7 @@ def test_adam_kernel_matches_numpy(num_threads, n, decoupled, amsgrad, maximize)
                       f32(1 - beta2), f32(eps), f32(0.0 if decoupled else wd),
                       f32(1 - lr * wd if decoupled else 1.0), f32(lr / (1 - beta1 ** t)),
                       f32((1 - beta2 ** t) ** 0.5), maximize, False, np.uint64(0), np.uint64(0),
-                      kernels.random_scratch())
+                      np.uint64(0), kernels.random_scratch())
     for got, want in zip(out, expected):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
 
@@ -267,14 +267,14 @@ def test_lamb_kernels_match_numpy(num_threads, n):
     partial = np.empty((2, kernels.block_count(n)))
     weight_sq, update_sq = kernels.lamb_moments(out_w, g, out_m, out_v, f32(1 - beta1), f32(beta2),
                                                 f32(1 - beta2), f32(eps), f32(wd), f32(1 / bc1), f32(1 / bc2),
-                                                False, False, np.uint64(0), np.uint64(0),
+                                                False, False, np.uint64(0), np.uint64(0), np.uint64(0),
                                                 kernels.random_scratch(), partial)
     np.testing.assert_allclose(out_m, m64, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out_v, v64, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(weight_sq, np.sum(w64 ** 2), rtol=1e-6)
     np.testing.assert_allclose(update_sq, np.sum(u64 ** 2), rtol=1e-4)
     kernels.lamb_apply(out_w, out_m, out_v, f32(0.01), f32(eps), f32(wd), f32(1 / bc1), f32(1 / bc2),
-                       False, np.uint64(0), np.uint64(0), kernels.random_scratch())
+                       False, np.uint64(0), np.uint64(0), np.uint64(0), kernels.random_scratch())
     np.testing.assert_allclose(out_w, w64 - 0.01 * u64, rtol=1e-5, atol=1e-6)
 
 

@@ -30,7 +30,9 @@ each array that is rounded: the array in slot s (PARAM_SLOT, EXP_AVG_SLOT, EXP_A
 MAX_EXP_AVG_SQ_SLOT; SGD's momentum buffer takes EXP_AVG_SLOT) rounds element i with the 16-bit
 field i mod 4 (bits 16k .. 16k + 15 for field k, on little-endian CPUs) of
 hash_index(seed, stream, 4 * (i // 4) + s). The stream encodes (step, parameter index), so the bits
-depend on neither thread count nor call order.
+depend on neither thread count nor call order. The update kernels take `first`, the index in the
+whole tensor of their arrays' first element (a multiple of 4): updating a tensor a block of rows at a
+time (npcpu.optim.Optimizer.fuse_into_backward) draws the same bits as updating it whole.
 """
 
 import numba
@@ -199,7 +201,7 @@ def _sgd_block(param, grad, momentum_buffer, lr, momentum, one_minus_dampening, 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def sgd_step(param, grad, momentum_buffer, lr, momentum, one_minus_dampening, weight_decay,
-             nesterov, maximize, first_step, stochastic, seed, stream, random):
+             nesterov, maximize, first_step, stochastic, seed, stream, first, random):
     """One SGD step in place on `param` (n,) and `momentum_buffer` ((n,), or None without momentum).
 
     g = -grad if maximize else grad
@@ -213,7 +215,7 @@ def sgd_step(param, grad, momentum_buffer, lr, momentum, one_minus_dampening, we
         start, stop = block * BLOCK, min(n, (block + 1) * BLOCK)
         _sgd_block(param[start:stop], grad[start:stop], block_of(momentum_buffer, start, stop), lr,
                    momentum, one_minus_dampening, weight_decay, nesterov, maximize, first_step,
-                   stochastic, seed, stream, random[numba.get_thread_id()], start)
+                   stochastic, seed, stream, random[numba.get_thread_id()], first + start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +264,7 @@ def _adam_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, one_minus_beta
 @njit(parallel=True, cache=True, error_model="numpy")
 def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, one_minus_beta1, beta2,
               one_minus_beta2, eps, weight_decay, decay_factor, step_size, bias_correction2_sqrt,
-              maximize, stochastic, seed, stream, random):
+              maximize, stochastic, seed, stream, first, random):
     """One Adam (AdamW when `decay_factor` != 1) step in place on param, exp_avg, exp_avg_sq (n,).
 
     g = -grad if maximize else grad
@@ -279,7 +281,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, one_minus_beta1,
         _adam_block(param[start:stop], grad[start:stop], exp_avg[start:stop], exp_avg_sq[start:stop],
                     block_of(max_exp_avg_sq, start, stop), one_minus_beta1, beta2, one_minus_beta2,
                     eps, weight_decay, decay_factor, step_size, bias_correction2_sqrt, maximize,
-                    stochastic, seed, stream, random[numba.get_thread_id()], start)
+                    stochastic, seed, stream, random[numba.get_thread_id()], first + start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +336,7 @@ def _lamb_moments_block(param, grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2
 @njit(parallel=True, cache=True, error_model="numpy")
 def lamb_moments(param, grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2, eps,
                  weight_decay, inverse_bias_correction1, inverse_bias_correction2, maximize,
-                 stochastic, seed, stream, random, partial_sums):
+                 stochastic, seed, stream, first, random, partial_sums):
     """Pass 1: update exp_avg, exp_avg_sq in place; return (||w||^2, ||r + lambda w||^2) as float64.
 
     The direction is computed from the moments as stored (after any bf16 rounding), so that pass 2,
@@ -350,7 +352,7 @@ def lamb_moments(param, grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_m
             param[start:stop], grad[start:stop], exp_avg[start:stop], exp_avg_sq[start:stop],
             one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, inverse_bias_correction1,
             inverse_bias_correction2, maximize, stochastic, seed, stream,
-            random[numba.get_thread_id()], start)
+            random[numba.get_thread_id()], first + start)
         partial_sums[0, block] = weight_sq
         partial_sums[1, block] = update_sq
     total_weight_sq = 0.0
@@ -377,14 +379,14 @@ def _lamb_apply_block(param, exp_avg, exp_avg_sq, scaled_lr, eps, weight_decay,
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def lamb_apply(param, exp_avg, exp_avg_sq, scaled_lr, eps, weight_decay, inverse_bias_correction1,
-               inverse_bias_correction2, stochastic, seed, stream, random):
+               inverse_bias_correction2, stochastic, seed, stream, first, random):
     """Pass 2: w = w - scaled_lr * (r + lambda w), with scaled_lr = lr * trust ratio."""
     n = param.size
     for block in prange(block_count(n)):
         start, stop = block * BLOCK, min(n, (block + 1) * BLOCK)
         _lamb_apply_block(param[start:stop], exp_avg[start:stop], exp_avg_sq[start:stop], scaled_lr,
                           eps, weight_decay, inverse_bias_correction1, inverse_bias_correction2,
-                          stochastic, seed, stream, random[numba.get_thread_id()], start)
+                          stochastic, seed, stream, random[numba.get_thread_id()], first + start)
 
 
 # ---------------------------------------------------------------------------------------------

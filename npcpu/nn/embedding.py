@@ -89,6 +89,7 @@ class Embedding(Module):
         dy = self.check_grad_output(dy, self._output_shape).reshape(-1, self.embedding_dim)
         skip = -1 if self.padding_idx is None else self.padding_idx
         scatter_add_rows(self.weight.grad_buffer(), dy, indices, skip)
+        self.update_parameters_in_backward()
         return None
 
     def _check_indices(self, indices) -> np.ndarray:

@@ -5,7 +5,10 @@ Legend: N rows (all leading dimensions of the input flattened), K = in_features,
 
 The GEMMs go to BLAS in the compute dtype (float32; float64 under "fp64") through npcpu.blas:
 dL/dW is accumulated in place by a GEMM with beta = 1, so gradient accumulation costs no temporary
-the size of W; the first GEMM after zero_grad() overwrites with beta = 0, so zeroing costs no pass. Work done and skipped is counted in npcpu.nn.work.
+the size of W; the first GEMM after zero_grad() overwrites with beta = 0, so zeroing costs no pass.
+A 16-bit weight is widened for its GEMMs a block of rows at a time, and an optimizer fused into
+backward gets dL/dW a block of rows at a time (npcpu.nn.weight_blocks). Work done and skipped is
+counted in npcpu.nn.work.
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ import math
 
 import numpy as np
 
-from npcpu.blas import accumulate_weight_grad, matmul_weight, matmul_weight_transposed
 from npcpu.kernels import linear as kernels
-from npcpu.nn import work
+from npcpu.nn import weight_blocks, work
 from npcpu.nn.module import Module
 from npcpu.nn.parameter import Parameter
 from npcpu.precision import to_compute, to_storage
@@ -40,6 +42,9 @@ class Linear(Module):
     backward: dL/dx = dy W              (N, K), only when `input_requires_grad`
               dL/dW += dy^T x           (M, K), skipped when the weight is frozen
               dL/db += sum_n dy[n, :]   (M,),   skipped when the bias is frozen
+
+    With an optimizer fused into backward (`Optimizer.fuse_into_backward`), W and b are updated
+    before backward returns, W a block of rows at a time right after dx has used those rows.
 
     The input kept for dL/dW is the caller's array itself under "fp32" and "fp64" (no copy): do not
     modify it in place between forward and backward. Under "bf16"/"fp16" a copy in the storage
@@ -82,7 +87,7 @@ class Linear(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = self.check_input(x, features=self.in_features)
         x_rows = x.reshape(-1, self.in_features)
-        y = matmul_weight_transposed(x_rows, self.weight.gemm_values())
+        y = weight_blocks.forward(x_rows, self.weight)
         work.record("gemm")
         self._finish_output(y)
         if self.training:
@@ -103,19 +108,13 @@ class Linear(Module):
         out_shape = (*self._input_shape[:-1], self.out_features)
         dy = self.check_grad_output(dy, out_shape).reshape(-1, self.out_features)
         dz = self._output_grad(dy)  # dL/d(x W^T + b), (N, M)
-        if self.weight.frozen:
-            work.record("gemm_skipped")
-        else:
-            x_rows = to_compute(self._saved_input, self.compute_dtype)
-            grad, beta = self.weight.grad_for_gemm()  # beta 0 right after zero_grad()
-            accumulate_weight_grad(grad, dz, x_rows, beta)
-            work.record("gemm")
-        dx = None
-        if self.input_requires_grad:
-            dx = matmul_weight(dz, self.weight.gemm_values()).reshape(self._input_shape)
-            work.record("gemm")
-        else:
-            work.record("gemm_skipped")
+        x_rows = None if self.weight.frozen else to_compute(self._saved_input, self.compute_dtype)
+        dx = weight_blocks.backward(dz, x_rows, self.weight, self.input_requires_grad)
+        work.record("gemm_skipped" if self.weight.frozen else "gemm")
+        work.record("gemm" if self.input_requires_grad else "gemm_skipped")
+        if dx is not None:
+            dx = dx.reshape(self._input_shape)
+        self.update_parameters_in_backward()  # the bias (W was, by blocks) when updated in backward
         self._saved_input = self._input_shape = None
         return dx
 

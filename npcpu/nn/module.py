@@ -2,7 +2,9 @@
 
 A layer's `forward(x)` returns its output and keeps on the layer exactly what its `backward` needs;
 `backward(dy)` returns dL/dx (or None when no one needs it) and ADDS dL/dparam into each
-`Parameter.grad`. Nothing here knows about optimizers: they meet the model only at `Parameter`.
+`Parameter.grad`. Nothing here knows about optimizers: they meet the model only at `Parameter`
+(also when an optimizer updates inside backward: a layer hands its finished gradients to
+`Parameter.update_in_backward`, see `Module.update_parameters_in_backward`).
 
 Names and `state_dict()` keys follow PyTorch ("0.weight", "0.bias", ...), so a state dict moves
 between an npcpu model and the equivalent torch module unchanged.
@@ -105,6 +107,13 @@ class Module:
             raise ValueError(f"{self!r}: backward expected a gradient of shape {tuple(expected_shape)},"
                              f" got {got}")
         return np.ascontiguousarray(to_compute(dy, self.compute_dtype))
+
+    def update_parameters_in_backward(self) -> None:
+        """Hand this layer's own parameters to their optimizer if it updates inside backward
+        (Optimizer.fuse_into_backward); nothing otherwise. Layers call it as their backward ends,
+        once they no longer read their parameters."""
+        for p in self._parameters.values():
+            p.update_in_backward()
 
     def missing_forward(self) -> RuntimeError:
         """The error for backward() without a preceding forward() in train mode."""

@@ -110,6 +110,7 @@ class LayerNorm(Module):
         need_dparams = any(p is not None and not p.frozen for p in (self.weight, self.bias))
         layernorm_backward(dinp, dweight, dbias, dy, xhat, self._rstd, weight, need_dinp, need_dparams)
         self._xhat = self._rstd = None  # one backward per forward: free the cache
+        self.update_parameters_in_backward()
         return dinp.reshape(self._input_shape) if need_dinp else None
 
     def _grad_or_scratch(self, param: Parameter | None, dtype: np.dtype) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from npcpu.precision import HALF_DTYPES, to_compute, widen_to_scratch
+from npcpu.precision import HALF_DTYPES, to_compute
 
 
 class Parameter:
@@ -26,6 +26,9 @@ class Parameter:
         The dotted name under which the owning model lists it ("0.weight"); set by the model.
     frozen : bool
         A frozen parameter gets no gradient and no update.
+    updater : Optimizer or None
+        The optimizer that updates this parameter inside the backward pass
+        (`Optimizer.fuse_into_backward`); None when updates happen in `optimizer.step()`.
     """
 
     def __init__(self, data: np.ndarray, name: str = ""):
@@ -37,6 +40,7 @@ class Parameter:
         self._grad_is_zero = False  # zero_grad() was called and nothing has written _grad since
         self.name = name
         self.frozen = False
+        self.updater = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -53,17 +57,6 @@ class Parameter:
     def values(self) -> np.ndarray:
         """The values in the compute dtype: `data` itself when float32/float64, else a widened copy."""
         return to_compute(self.data, self.compute_dtype)
-
-    def gemm_values(self) -> np.ndarray:
-        """The values in the compute dtype, for immediate use as a GEMM operand.
-
-        `data` itself when float32/float64. For 16-bit storage, the widened values live in a
-        buffer shared by every parameter of the same shape (npcpu.precision.widen_to_scratch): valid
-        only until the next `gemm_values()` of a same-shaped parameter, and never to be kept.
-        """
-        if self.data.dtype in HALF_DTYPES:
-            return widen_to_scratch(self.data)
-        return self.data
 
     @property
     def grad(self) -> np.ndarray | None:
@@ -94,6 +87,15 @@ class Parameter:
             self._grad_is_zero = False
             return self._grad, 0.0
         return self._grad, 1.0
+
+    def update_in_backward(self) -> None:
+        """With an `updater`: apply this step's update from the gradient accumulated so far, and
+        drop the gradient. Layers call it at the end of their backward pass; it does nothing
+        without an updater, for a frozen parameter or one without a gradient."""
+        if self.updater is None or self.frozen or self._grad is None:
+            return
+        self.updater.begin_update(self)(self.grad.reshape(-1))
+        self.grad = None
 
     def zero_grad(self) -> None:
         """Make the accumulator zero (lazily: see `grad`)."""

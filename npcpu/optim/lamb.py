@@ -72,6 +72,8 @@ class LAMB(Optimizer):
     `stochastic_rounding` and `seed`.
     """
 
+    elementwise = False  # the trust ratio scales a whole tensor's update by its norm
+
     def __init__(self, params, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.01, bias_correction: bool = True,
                  weight_norm_clamp: tuple | None = None, adaptation: bool = True,

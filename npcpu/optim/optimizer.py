@@ -24,6 +24,18 @@ Storage of parameters and states
 Stochastic rounding draws from npcpu.kernels.rng with the optimizer's `seed` and a stream made of
 (the parameter's step count, its index), so a run reloaded from a state dict (which holds both)
 continues bit for bit.
+
+Updating inside backward
+------------------------
+`fuse_into_backward()` makes each parameter's layer hand its gradient to the optimizer as soon as
+it is complete, during the backward pass (`Parameter.updater`); `step()` is then not called. A
+Linear layer does it a block of weight rows at a time (npcpu.nn.weight_blocks), so the model never
+holds its whole gradient: for mlp52m in bf16 that is 216 MB of float32 gradients not allocated.
+Both paths run the same code: `begin_update(p)` counts the step and returns a function that updates
+a contiguous range of p's elements; `step()` calls it once with the whole gradient. For the
+elementwise optimizers (SGD, Adam, AdamW) the result does not depend on how the elements are split
+(the stochastic-rounding bits included); LAMB's trust ratio needs the norm of the whole update, so
+LAMB cannot be fused.
 """
 
 from __future__ import annotations
@@ -98,12 +110,19 @@ class Optimizer:
 
     Attributes
     ----------
+    elementwise : bool (class attribute)
+        True when the update of each element depends only on that element's gradient and state,
+        so that a tensor can be updated a range of elements at a time (fuse_into_backward).
+    fused_into_backward : bool
+        Set by `fuse_into_backward()`.
     param_groups : list of dict
         Each with "params" (a list of Parameter) and the hyperparameters; schedules write "lr" here.
     state : dict of int to dict
         Per-parameter state by the parameter's index (its position over all groups, as in torch's
         state dicts): "step" (int) and the arrays of the subclass, created at its first update.
     """
+
+    elementwise = True
 
     def __init__(self, params, defaults: dict, *, state_dtype: str = "fp32",
                  master_weights: bool = False, stochastic_rounding: bool = True, seed: int = 0):
@@ -122,6 +141,8 @@ class Optimizer:
         self.state: dict[int, dict] = {}
         self._params: list[Parameter] = []
         self._index: dict[int, int] = {}  # id(Parameter) -> index
+        self._group_index: dict[int, int] = {}  # id(Parameter) -> position of its group
+        self.fused_into_backward = False
 
         if isinstance(params, (Parameter, np.ndarray, dict)):
             raise TypeError(f"{owner}: params must be an iterable of Parameters or of dicts, got a "
@@ -171,7 +192,10 @@ class Optimizer:
         self._check_group(full)
         for p in params:
             self._index[id(p)] = len(self._params)
+            self._group_index[id(p)] = len(self.param_groups)
             self._params.append(p)
+            if self.fused_into_backward:
+                self._fuse(p)
         self.param_groups.append(full)
 
     def indexed_params(self):
@@ -212,11 +236,13 @@ class Optimizer:
         state = self.state.get(self._index[id(p)])
         return state["master_param"] if state is not None and "master_param" in state else p.data
 
-    def publish_master(self, p: Parameter) -> None:
-        """Round the master copy (if any) to nearest into the parameter's own storage."""
+    def publish_master(self, p: Parameter, first: int = 0, stop: int | None = None) -> None:
+        """Round the master copy (if any) to nearest into the parameter's own storage (elements
+        first .. stop - 1 in C order; all by default)."""
         weights = self.weights_of(p)
         if weights is not p.data:
-            p.data[...] = to_storage(weights, p.data.dtype)
+            target = p.data.reshape(-1)[first:stop]
+            target[...] = to_storage(weights.reshape(-1)[first:stop], p.data.dtype)
 
     def param_values(self, p: Parameter) -> np.ndarray:
         """The parameter's values in its compute dtype, from the master copy when there is one."""
@@ -238,26 +264,77 @@ class Optimizer:
     def step(self) -> None:
         """Update every parameter that is not frozen and has a gradient; the others are untouched
         (no state created, no step counted, no decay)."""
+        if self.fused_into_backward:
+            raise RuntimeError(f"{type(self).__name__}: the parameters are updated inside backward "
+                               "(fuse_into_backward was called); step() must not be called")
+        for p in self._params:
+            if not p.frozen and p.grad is not None:
+                self.begin_update(p)(flat(self._checked_grad(p)))
+
+    def begin_update(self, p: Parameter):
+        """Count one step of `p` (creating its state at the first) and return `update(grad, first=0)`,
+        which updates p's elements first .. first + grad.size - 1 (in C order) from `grad`, their
+        gradient (flat, in p's compute dtype). `first` must be a multiple of 4. Call it once with
+        the whole gradient, or once per disjoint range until every element is updated (elementwise
+        optimizers only): both give the same result, bit for bit."""
+        owner = type(self).__name__
+        index = self._index[id(p)]
+        group = self.param_groups[self._group_index[id(p)]]
+        state = self.state.get(index)
+        if state is None:
+            state = self.state[index] = self._init_state(p, group)
+        for name, dtype in self._state_spec(p, group).items():
+            if name not in state:  # an option switched on mid-run (momentum, amsgrad)
+                state[name] = np.zeros(p.shape, dtype=dtype)
+        state["step"] += 1
+        weights = self.weights_of(p)
+        arrays = {name: flat(a) for name, a in state.items() if isinstance(a, np.ndarray)}
+        stochastic = self.stochastic_rounding and any(
+            a.dtype == bfloat16 for a in (weights, *state.values()) if isinstance(a, np.ndarray))
+        seed, stream = np.uint64(self.seed), np.uint64((state["step"] << 32) | index)
         random = kernels.random_scratch()  # the kernels' per-thread scratch for random bits
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.frozen or p.grad is None:
-                    continue
-                index = self._index[id(p)]
-                grad = self._checked_grad(p)
-                state = self.state.get(index)
-                if state is None:
-                    state = self.state[index] = self._init_state(p, group)
-                for name, dtype in self._state_spec(p, group).items():
-                    if name not in state:  # an option switched on mid-run (momentum, amsgrad)
-                        state[name] = np.zeros(p.shape, dtype=dtype)
-                state["step"] += 1
-                weights = self.weights_of(p)
-                halves = [a for a in (weights, *state.values()) if getattr(a, "dtype", None) == bfloat16]
-                rounding = (self.stochastic_rounding and bool(halves), np.uint64(self.seed),
-                            np.uint64((state["step"] << 32) | index), random)
-                self._update(flat(weights), flat(grad), state, group, rounding)
-                self.publish_master(p)
+
+        def update(grad: np.ndarray, first: int = 0) -> None:
+            stop = first + grad.size
+            if first % 4 or stop > p.size or (not self.elementwise and grad.size != p.size):
+                raise ValueError(f"{owner}: cannot update elements {first}..{stop - 1} of {p!r}: "
+                                 "ranges must start at a multiple of 4 and lie inside the "
+                                 "parameter" + ("" if self.elementwise else
+                                                f", and {owner} updates whole tensors only"))
+            part = {**state, **{name: a[first:stop] for name, a in arrays.items()}}
+            rounding = (stochastic, seed, stream, np.uint64(first), random)
+            self._update(flat(weights)[first:stop], grad, part, group, rounding)
+            self.publish_master(p, first, stop)
+        return update
+
+    # -- updates inside backward -----------------------------------------------------------------
+    def fuse_into_backward(self) -> None:
+        """Update each parameter during the backward pass, as soon as its gradient is complete,
+        instead of in `step()` (which then raises).
+
+        Whole-model gradients are never held: a Linear layer computes dL/dW a block of rows at a
+        time and hands each block here at once (npcpu.nn.weight_blocks); other layers hand over
+        their (small) gradients at the end of their backward. Every parameter's gradient is
+        dropped after its update, so gradient clipping, gradient accumulation, loss scaling and
+        anything else that reads gradients after backward cannot be combined with this, nor can a
+        parameter shared by two layers (it would be updated once per layer). Elementwise
+        optimizers only (SGD, Adam, AdamW): LAMB needs the whole update's norm first.
+        """
+        owner = type(self).__name__
+        if not self.elementwise:
+            raise ValueError(f"{owner}: cannot update inside backward: its update of a tensor "
+                             "depends on the whole tensor (a norm), not on each element alone")
+        for p in self._params:
+            if p.updater is not None and p.updater is not self:
+                raise ValueError(f"{owner}: {p!r} is already updated inside backward by another "
+                                 "optimizer")
+        self.fused_into_backward = True
+        for p in self._params:
+            self._fuse(p)
+
+    def _fuse(self, p: Parameter) -> None:
+        p.updater = self
+        p.grad = None  # a gradient accumulated before fusing would never be used
 
     # -- state dicts -----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -144,7 +144,8 @@ def build_run(config: dict, *, callbacks=(), log_stream=None) -> Run:
                       accumulation_steps=train_cfg["accumulation_steps"],
                       precision=train_cfg["precision"], clip_grad_norm=train_cfg["clip_grad_norm"],
                       freezer=freezer, callbacks=callbacks, seed=train_cfg["seed"],
-                      compiled=train_cfg["compiled"], log_stream=log_stream)
+                      compiled=train_cfg["compiled"],
+                      update_in_backward=train_cfg["update_in_backward"], log_stream=log_stream)
     return Run(config, trainer, train_data, eval_data, num_classes, total_steps)
 
 

@@ -28,6 +28,12 @@ the scheduler steps once per step taken, the counters advance, and every callbac
 runs once per step with the metrics the loop would have given (samples_per_s is the chunk's rate);
 a non-finite loss raises the loop's FloatingPointError after the steps before it are counted.
 Both paths leave the same state at every step boundary, so checkpoints resume in either.
+
+With `update_in_backward=True` the optimizer updates each parameter inside model.backward
+(Optimizer.fuse_into_backward) and the whole-model gradients are never held: the loop above then
+checks the loss before backward (a non-finite loss still leaves the parameters unchanged), has no
+gradient norm to report, and calls no optimizer.step(). It excludes accumulation, loss scaling,
+clipping and freezing, which all read the finished gradients.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from npcpu.data.arrays import ArrayDataset
 from npcpu.data.loader import DataLoader
 from npcpu.optim.clip import clip_grad_norm as clip_grad_norm_
 from npcpu.optim.clip import get_total_norm
+from npcpu.optim.optimizer import Optimizer
 from npcpu.optim.scaling import DynamicLossScaler
 from npcpu.precision import check_precision
 from npcpu.train.callbacks import Callback, MetricsFile, Progress, Stopwatch
@@ -89,12 +96,16 @@ class Trainer:
         and the trainer's counters are then at the chunk's end, and metrics["step"] names the step
         the metrics are of. A callback that sets stop_training there stops training at the end of
         the chunk, and SIGTERM / Ctrl-C finish the chunk, not only the step.
+    update_in_backward : bool
+        Update each parameter inside backward, as soon as its gradient is complete, and never hold
+        the whole model's gradients (module docstring; the metrics' grad_norm is then None). Taken
+        as True when the optimizer's fuse_into_backward() was already called.
     """
 
     def __init__(self, model, loss_fn, optimizer, *, scheduler=None, accumulation_steps: int = 1,
                  precision: str = "fp32", loss_scaler=None, clip_grad_norm: float | None = None,
                  freezer=None, callbacks=(), seed: int = 0, compiled: str = "auto",
-                 log_stream=None):
+                 update_in_backward: bool = False, log_stream=None):
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"Trainer: accumulation_steps must be an integer >= 1, "
                              f"got {accumulation_steps!r}")
@@ -121,6 +132,10 @@ class Trainer:
         self.seed = seed
         self.compiled = compiled
         self.log_stream = log_stream or sys.stderr
+        self.update_in_backward = bool(update_in_backward) or getattr(
+            optimizer, "fused_into_backward", False)
+        if self.update_in_backward:
+            self._fuse_optimizer_into_backward()
 
         if model.precision != precision:
             model.set_precision(precision)
@@ -139,6 +154,23 @@ class Trainer:
         self._order = None       # compiled path: (epoch, loader.order(epoch)) of the current epoch
         self._saved_step = None  # the step of the last checkpoint this trainer wrote
 
+    def _fuse_optimizer_into_backward(self) -> None:
+        if not isinstance(self.optimizer, Optimizer):
+            raise TypeError(f"Trainer: update_in_backward needs an npcpu Optimizer (SGD, Adam, AdamW), "
+                            f"got {type(self.optimizer).__name__}")
+        for conflict, what in ((self.accumulation_steps != 1,
+                                f"accumulation_steps={self.accumulation_steps}"),
+                               (self.loss_scaler is not None, "a loss scaler (precision 'fp16' makes "
+                                                              "one)"),
+                               (self.clip_grad_norm is not None,
+                                f"clip_grad_norm={self.clip_grad_norm}"),
+                               (self.freezer is not None, "a freezer")):
+            if conflict:
+                raise ValueError(f"Trainer: update_in_backward cannot be combined with {what}: it "
+                                 "needs the finished gradients, which are never held whole")
+        if not self.optimizer.fused_into_backward:
+            self.optimizer.fuse_into_backward()
+
     # -- logging --------------------------------------------------------------------------------
     def log(self, message: str) -> None:
         if self._progress is not None:
@@ -156,7 +188,8 @@ class Trainer:
                 f"BLAS {blas['vendor']} {blas['version']} ({blas['threads']} threads) | "
                 f"Numba threading {threads['layer']} ({threads['threads']} threads)\n"
                 f"precision {self.precision} | parameters {self.model.num_parameters():,} | "
-                f"accumulation {self.accumulation_steps} | optimizer {_describe(self.optimizer)}")
+                f"accumulation {self.accumulation_steps} | optimizer {_describe(self.optimizer)}"
+                + (" (updates inside backward)" if self.update_in_backward else ""))
 
     # -- one step -------------------------------------------------------------------------------
     def _lr(self) -> float:
@@ -170,11 +203,15 @@ class Trainer:
         for x, y in window:
             logits = model.forward(x)
             loss += loss_fn(logits, y, normalizer=items)
+            if self.update_in_backward and not math.isfinite(loss):  # backward would update
+                raise FloatingPointError(self._non_finite_message(loss, window))
             dlogits = loss_fn.backward()
             if scaler is not None:
                 dlogits = scaler.scale_loss_grad(dlogits)
             model.backward(dlogits)
 
+        if self.update_in_backward:  # updated by backward; the gradients are gone
+            return self._count_step(loss, items, None, stepped=True, frozen_now=[])
         params = [p for p in model.parameters() if not p.frozen]
         found_inf = scaler.unscale_(self.optimizer) if scaler is not None else False
         if scaler is None and not math.isfinite(loss):
@@ -191,14 +228,18 @@ class Trainer:
         else:
             self.optimizer.step()
             stepped = True
+        if scaler is not None:
+            scaler.update()
+        self.optimizer.zero_grad()
+        return self._count_step(loss, items, grad_norm, stepped, frozen_now)
+
+    def _count_step(self, loss: float, items: int, grad_norm, stepped: bool, frozen_now: list) -> dict:
+        """Step the scheduler (after a step taken) and the counters; the window's metrics."""
         if stepped:
             if self.scheduler is not None:
                 self.scheduler.step()
         else:
             self.skipped_steps += 1
-        if scaler is not None:
-            scaler.update()
-        self.optimizer.zero_grad()
         self.step += 1
         self.samples_seen += items
         return {"loss": loss, "items": items, "grad_norm": grad_norm, "skipped": not stepped,
@@ -362,6 +403,7 @@ class Trainer:
                 (self.loss_scaler is not None, "a loss scaler is set"),
                 (self.clip_grad_norm is not None, f"clip_grad_norm is {self.clip_grad_norm}"),
                 (self.freezer is not None, "a freezer is set"),
+                (self.update_in_backward, "the optimizer updates inside backward"),
                 (self.precision not in ("fp32", "fp64"), f"precision is {self.precision!r}, not "
                                                          "'fp32' or 'fp64'"),
                 (not self.model.training, "the model is in eval mode"),
