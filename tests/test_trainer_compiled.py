@@ -23,6 +23,7 @@ from npcpu.optim.sgd import SGD
 from npcpu.train.build import build_run
 from npcpu.train.callbacks import Callback, EarlyStopping
 from npcpu.train.freezing import DynamicFreezer
+from npcpu.train import trainer as trainer_module
 from npcpu.train.trainer import Trainer
 from statecheck import assert_same_state
 
@@ -174,11 +175,23 @@ def test_log_eval_and_checkpoint_points_are_the_same_and_chunks_end_there(tmp_pa
                                                              "20/26", "24/26"]
     # the reference loop calls back after every step; the compiled one after each chunk, which
     # ends at a multiple of 5 or 6 (checkpoint, evaluation), at an epoch's end (13, 26), at the
-    # last step, or after max(log_every, COMPILED_CHUNK_STEPS) = 100 steps: log lines wait
+    # last step, or after at least max(log_every, COMPILED_CHUNK_STEPS) = 100 steps: log lines wait
     assert [at for at, _ in reference_calls.steps] == [m["step"] for _, m in reference_calls.steps]
     chunk_ends = sorted({at for at, _ in compiled_calls.steps})
     assert chunk_ends == [5, 6, 10, 12, 13, 15, 18, 20, 24, 25, 26]
     assert all(at >= m["step"] for at, m in compiled_calls.steps)
+
+
+@pytest.mark.parametrize("seconds, chunk_ends", [(0.0, [100, 200, 300, 400, 500, 520]),
+                                                   (1e9, [100, 520])])
+def test_chunks_grow_to_about_compiled_chunk_seconds_of_steps(monkeypatch, seconds, chunk_ends):
+    """After a first chunk of COMPILED_CHUNK_STEPS, a chunk runs as many steps as the one before
+    ran in COMPILED_CHUNK_SECONDS (here 0 s: never more than 100; 1e9 s: the rest of the epoch)."""
+    monkeypatch.setattr(trainer_module, "COMPILED_CHUNK_SECONDS", seconds)
+    trainer, calls = fit("auto", "logreg", "plain", data=make_data(n=520 * 4), batch_size=4,
+                         epochs=1, log_every=10)
+    assert sorted({at for at, _ in calls.steps}) == chunk_ends
+    assert [m["step"] for _, m in calls.steps] == list(range(1, 521))
 
 
 def test_early_stopping_stops_both_paths_at_the_same_evaluation():

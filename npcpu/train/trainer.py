@@ -20,9 +20,10 @@ Sequential of Linear/FusedLinearReLU in fp32 or fp64, CrossEntropyLoss, plain SG
 above would do nothing it does not (one micro-batch per step, no loss scaler, no clipping, no
 freezer, an ArrayDataset in the parameters' dtype), fit() runs the steps in chunks of one Numba
 call each: a chunk ends wherever the loop acts on the model between steps (evaluation,
-checkpoint, epoch end, the last step), after at most max(log_every, COMPILED_CHUNK_STEPS) steps
-(the log lines of a chunk are written when it ends), and also where the scheduler changes a group setting other than "lr"
-(OneCycleLR's momentum), which the call reads once at its start. The call gets each step's
+checkpoint, epoch end, the last step), where the scheduler changes a group setting other than
+"lr" (OneCycleLR's momentum, which the call reads once at its start), and otherwise after about
+COMPILED_CHUNK_SECONDS of steps, at least max(log_every, COMPILED_CHUNK_STEPS) (the log lines of a
+chunk are written when it ends). The call gets each step's
 learning rates from a dry run of the scheduler (stepped, then restored). After it, as in the loop,
 the scheduler steps once per step taken, the counters advance, and every callback's on_step_end
 runs once per step with the metrics the loop would have given (samples_per_s is the chunk's rate);
@@ -44,6 +45,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +62,12 @@ from npcpu.train.callbacks import Callback, MetricsFile, Progress, Stopwatch
 from npcpu.train.compiled import CompiledClassifierStep
 
 COMPILED_MODES = ("auto", "on", "off")
-COMPILED_CHUNK_STEPS = 100  # the most steps of one compiled call between two logged steps
+# A compiled call costs about 1 ms to start (its threads, their arguments): a logreg-mnist epoch of
+# 469 steps in chunks of 100 took 4-5 ms longer than in one call. So a chunk runs about
+# COMPILED_CHUNK_SECONDS of steps (measured on the chunk before), at least COMPILED_CHUNK_STEPS:
+# callbacks and log lines wait at most that long for the chunk to end.
+COMPILED_CHUNK_STEPS = 100
+COMPILED_CHUNK_SECONDS = 0.25
 
 
 class Trainer:
@@ -297,11 +304,10 @@ class Trainer:
         self.log(self.header())
         self.log(path_note)
         # where the loop acts on the model between steps: a compiled chunk ends at each multiple
-        # of these (logging only reads the metrics, so it waits for the chunk, of at most
-        # max(log_every, COMPILED_CHUNK_STEPS) steps: each compiled call costs ~0.5 ms to start)
-        intervals = [n for n, used in ((max(log_every, COMPILED_CHUNK_STEPS), True),
-                                       (eval_every, eval_data is not None),
+        # of these (logging only reads the metrics, so it waits for the chunk's end)
+        intervals = [n for n, used in ((eval_every, eval_data is not None),
                                        (checkpoint_every, run_dir is not None)) if n and used]
+        chunk_steps = max(log_every, COMPILED_CHUNK_STEPS)
 
         metrics: dict = {}
         self.stop_training = False
@@ -314,9 +320,14 @@ class Trainer:
                     if compiled_steps is None:
                         metrics = self._reference_step(loader, watch, callbacks)
                     else:
-                        steps = min([total - self.step] + [n - self.step % n for n in intervals])
+                        steps = min([total - self.step, chunk_steps]
+                                    + [n - self.step % n for n in intervals])
+                        started, first_step = time.perf_counter(), self.step
                         metrics = self._compiled_chunk(compiled_steps, loader, steps, watch,
                                                        callbacks)
+                        per_step = (time.perf_counter() - started) / max(self.step - first_step, 1)
+                        chunk_steps = max(log_every, COMPILED_CHUNK_STEPS,
+                                          int(COMPILED_CHUNK_SECONDS / per_step))
                     if eval_data is not None and eval_every and self.step % eval_every == 0:
                         self._evaluate_and_report(eval_data, batch_size, callbacks)
                     if run_dir is not None and checkpoint_every and self.step % checkpoint_every == 0:
