@@ -327,7 +327,7 @@ class Trainer:
                                                        callbacks)
                         per_step = (time.perf_counter() - started) / max(self.step - first_step, 1)
                         chunk_steps = max(log_every, COMPILED_CHUNK_STEPS,
-                                          int(COMPILED_CHUNK_SECONDS / per_step))
+                                          int(COMPILED_CHUNK_SECONDS / max(per_step, 1e-9)))
                     if eval_data is not None and eval_every and self.step % eval_every == 0:
                         self._evaluate_and_report(eval_data, batch_size, callbacks)
                     if run_dir is not None and checkpoint_every and self.step % checkpoint_every == 0:
