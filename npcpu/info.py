@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import sys
 
@@ -31,6 +32,7 @@ def system_info() -> dict:
     }
 
 
+@functools.cache
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
