@@ -1,4 +1,5 @@
-"""Smoke test of bench/bench_train.py: one quick logreg-mnist round on 2,048 samples, JSON checked.
+"""Smoke tests of bench/: bench_train.py (one quick logreg-mnist round on 2,048 samples, JSON
+checked) and profile_mlp52m.py (one profiled step, its table checked).
 
 Timings are not asserted (DESIGN.md: speed is measured by bench/, never by a timed unit test); this
 checks that the chosen configurations each ran in a process of their own and that the record has
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_train.py"
+PROFILE = BENCH.parent / "profile_mlp52m.py"
 CONFIGS = ["npcpu layer loop", "npcpu Trainer.fit", "torch eager, default SGD"]
 
 
@@ -41,3 +43,14 @@ def test_bench_train_quick_logreg_writes_expected_json(torch, tmp_path):
     for versus in logreg["ratios"].values():
         assert set(versus) == {"torch eager, default SGD"} and versus["torch eager, default SGD"] > 0
     assert [t["met"] in (True, False) for t in record["targets"]] == [True] * 4
+
+
+def test_profile_mlp52m_reports_every_phase_of_a_step_inside_backward():
+    done = subprocess.run([sys.executable, str(PROFILE), "--steps", "1", "--precision", "bf16",
+                           "--update-in-backward"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    for phase in ("forward GEMMs", "dx GEMMs", "dW GEMMs", "bf16 widening", "Adam updates", "step"):
+        assert phase in rows, done.stdout
+    assert "the same GEMMs alone (the roofline's)" in done.stdout

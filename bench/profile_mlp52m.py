@@ -1,0 +1,116 @@
+"""Where an mlp52m training step spends its time: each phase timed inside real steps.
+
+    python bench/profile_mlp52m.py [--precision fp32|bf16] [--update-in-backward] [--steps 8]
+
+The step is bench_train's ("npcpu fp32" / "npcpu bf16" / "npcpu bf16, Adam in backward"): forward,
+cross-entropy, backward, Adam step, zero_grad. The GEMM calls of npcpu.nn.weight_blocks, the bf16
+widening and each optimizer update are wrapped with timers for the profiled steps; "other" is the
+rest of the step (bias/ReLU/mask passes, the loss, Python). The same run also times the step's
+GEMMs alone as the roofline does (bench/roofline.py: each GEMM by itself, fastest of several): the
+difference is how much slower the same GEMMs run inside the step.
+Medians over the profiled steps; one process, so run it a few times on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+
+import workloads as wl
+from common import markdown_table
+
+
+def _timed(totals: collections.Counter, name: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        totals[name] += time.perf_counter() - start
+        return result
+    return wrapper
+
+
+def profile_steps(precision: str, update_in_backward: bool, steps: int) -> dict[str, list[float]]:
+    """Milliseconds per phase of each of `steps` profiled steps (after 2 warm-up steps)."""
+    from npcpu import blas
+    from npcpu.kernels import convert
+    from npcpu.nn.losses import CrossEntropyLoss
+    from npcpu.optim.adam import Adam
+
+    model = wl.npcpu_mlp52m()
+    if precision != "fp32":
+        model.set_precision(precision)
+    optimizer = Adam(model.parameters(), lr=wl.MLP52M_LR, state_dtype=precision)
+    if update_in_backward:
+        optimizer.fuse_into_backward()
+    loss_fn = CrossEntropyLoss()
+    x, y = wl.mlp52m_batch()
+
+    totals: collections.Counter = collections.Counter()
+    wrapped = {  # (module, attribute) -> phase
+        (blas, "matmul_weight_transposed"): "forward GEMMs",
+        (blas, "matmul_weight"): "dx GEMMs",
+        (blas, "accumulate_weight_grad"): "dW GEMMs",
+        (convert, "bf16_to_f32"): "bf16 widening",
+    }
+    originals = {key: getattr(*key) for key in wrapped}
+    begin_update = Adam.begin_update
+
+    def timed_begin_update(self, p):
+        return _timed(totals, "Adam updates", begin_update(self, p))
+
+    per_step = collections.defaultdict(list)
+    try:
+        for step in range(steps + 2):
+            if step == 2:  # warm-up done: start timing phases
+                for (module, name), phase in wrapped.items():
+                    setattr(module, name, _timed(totals, phase, originals[(module, name)]))
+                Adam.begin_update = timed_begin_update
+            totals.clear()
+            start = time.perf_counter()
+            loss_fn(model.forward(x), y)
+            model.backward(loss_fn.backward())
+            if not update_in_backward:
+                optimizer.step()
+                optimizer.zero_grad()
+            total = time.perf_counter() - start
+            if step >= 2:
+                per_step["step"].append(1e3 * total)
+                for phase in (*wrapped.values(), "Adam updates"):
+                    per_step[phase].append(1e3 * totals[phase])
+                per_step["other"].append(1e3 * (total - sum(totals.values())))
+    finally:
+        for (module, name), fn in originals.items():
+            setattr(module, name, fn)
+        Adam.begin_update = begin_update
+    return per_step
+
+
+def gemms_alone_ms(repeats: int) -> float:
+    """The roofline's GEMM time: each of the step's GEMMs timed alone, fastest of `repeats`, summed."""
+    from roofline import gemm_times
+    return sum(row["ms"] for row in gemm_times(repeats))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--update-in-backward", action="store_true")
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args(argv)
+    import npcpu.backend  # noqa: F401  (OPENBLAS_THREAD_TIMEOUT, threading layer, as in training)
+    per_step = profile_steps(args.precision, args.update_in_backward, args.steps)
+    median = {phase: statistics.median(values) for phase, values in per_step.items()}
+    rows = [[phase, f"{ms:.1f}", f"{ms / median['step']:.0%}"] for phase, ms in median.items()
+            if phase != "step" and ms > 0.05]
+    rows.append(["step", f"{median['step']:.1f}", "100%"])
+    print(markdown_table(["phase", "median ms/step", "share"], rows))
+    in_step = sum(median[p] for p in ("forward GEMMs", "dx GEMMs", "dW GEMMs"))
+    alone = gemms_alone_ms(5)
+    print(f"\nthe same GEMMs alone (the roofline's): {alone:.1f} ms; inside the step: "
+          f"{in_step:.1f} ms ({in_step / alone:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
