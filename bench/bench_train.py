@@ -59,28 +59,10 @@ from common import markdown_table, write_json
 
 
 def _npcpu_mlp52m(precision: str, update_in_backward: bool = False):
-    """update_in_backward: Adam fused into backward (Optimizer.fuse_into_backward), so the step
-    is forward and backward only and the whole-model gradients are never held."""
     def build(args):
-        from npcpu.nn.losses import CrossEntropyLoss
-        from npcpu.optim.adam import Adam
-        model = wl.npcpu_mlp52m()
-        if precision != "fp32":
-            model.set_precision(precision)
-        optimizer = Adam(model.parameters(), lr=wl.MLP52M_LR, state_dtype=precision)
-        if update_in_backward:
-            optimizer.fuse_into_backward()
-        loss_fn = CrossEntropyLoss()
-        x, y = wl.mlp52m_batch()
-
-        def step():
-            loss_fn(model.forward(x), y)
-            model.backward(loss_fn.backward())
-            if not update_in_backward:
-                optimizer.step()
-                optimizer.zero_grad()
-        return step, wl.BATCH, {"precision": precision, "adam_state_dtype": precision,
-                                "update_in_backward": update_in_backward}
+        return wl.npcpu_mlp52m_step(precision, update_in_backward), wl.BATCH, \
+            {"precision": precision, "adam_state_dtype": precision,
+             "update_in_backward": update_in_backward}
     return build
 
 

@@ -2,12 +2,12 @@
 
     python bench/profile_mlp52m.py [--precision fp32|bf16] [--update-in-backward] [--steps 8]
 
-The step is bench_train's ("npcpu fp32" / "npcpu bf16" / "npcpu bf16, Adam in backward"): forward,
-cross-entropy, backward, Adam step, zero_grad. The GEMM calls of npcpu.nn.weight_blocks, the bf16
-widening and each optimizer update are wrapped with timers for the profiled steps; "other" is the
-rest of the step (bias/ReLU/mask passes, the loss, Python). The same run also times the step's
-GEMMs alone as the roofline does (bench/roofline.py: each GEMM by itself, fastest of several): the
-difference is how much slower the same GEMMs run inside the step.
+The step is bench_train's (workloads.npcpu_mlp52m_step: "npcpu fp32", "npcpu bf16", "npcpu bf16,
+Adam in backward"): forward, cross-entropy, backward, Adam step, zero_grad. The GEMM calls of
+npcpu.nn.weight_blocks, the bf16 widening and each optimizer update are wrapped with timers for the
+profiled steps; "other" is the rest of the step (bias/ReLU/mask passes, the loss, Python). The
+same run also times the step's GEMMs alone as the roofline does (bench/roofline.py: each GEMM by
+itself, fastest of several): the difference is how much slower the same GEMMs run inside the step.
 Medians over the profiled steps; one process, so run it a few times on a noisy machine.
 """
 
@@ -35,17 +35,9 @@ def profile_steps(precision: str, update_in_backward: bool, steps: int) -> dict[
     """Milliseconds per phase of each of `steps` profiled steps (after 2 warm-up steps)."""
     from npcpu import blas
     from npcpu.kernels import convert
-    from npcpu.nn.losses import CrossEntropyLoss
     from npcpu.optim.adam import Adam
 
-    model = wl.npcpu_mlp52m()
-    if precision != "fp32":
-        model.set_precision(precision)
-    optimizer = Adam(model.parameters(), lr=wl.MLP52M_LR, state_dtype=precision)
-    if update_in_backward:
-        optimizer.fuse_into_backward()
-    loss_fn = CrossEntropyLoss()
-    x, y = wl.mlp52m_batch()
+    train_step = wl.npcpu_mlp52m_step(precision, update_in_backward)
 
     totals: collections.Counter = collections.Counter()
     wrapped = {  # (module, attribute) -> phase
@@ -69,11 +61,7 @@ def profile_steps(precision: str, update_in_backward: bool, steps: int) -> dict[
                 Adam.begin_update = timed_begin_update
             totals.clear()
             start = time.perf_counter()
-            loss_fn(model.forward(x), y)
-            model.backward(loss_fn.backward())
-            if not update_in_backward:
-                optimizer.step()
-                optimizer.zero_grad()
+            train_step()
             total = time.perf_counter() - start
             if step >= 2:
                 per_step["step"].append(1e3 * total)

@@ -50,6 +50,30 @@ def npcpu_mlp52m():
     return model
 
 
+def npcpu_mlp52m_step(precision: str, update_in_backward: bool = False):
+    """One mlp52m training step as a user writes it: forward, cross-entropy, backward, Adam step
+    (moments in `precision`'s storage), zero_grad; with `update_in_backward`, Adam is fused into
+    backward (Optimizer.fuse_into_backward) and the step is forward and backward only."""
+    from npcpu.nn.losses import CrossEntropyLoss
+    from npcpu.optim.adam import Adam
+    model = npcpu_mlp52m()
+    if precision != "fp32":
+        model.set_precision(precision)
+    optimizer = Adam(model.parameters(), lr=MLP52M_LR, state_dtype=precision)
+    if update_in_backward:
+        optimizer.fuse_into_backward()
+    loss_fn = CrossEntropyLoss()
+    x, y = mlp52m_batch()
+
+    def step():
+        loss_fn(model.forward(x), y)
+        model.backward(loss_fn.backward())
+        if not update_in_backward:
+            optimizer.step()
+            optimizer.zero_grad()
+    return step
+
+
 def npcpu_logreg():
     from npcpu.nn.linear import Linear
     return Linear(LOGREG_FEATURES, LOGREG_CLASSES, seed=0)

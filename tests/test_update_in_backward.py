@@ -119,16 +119,21 @@ def make_model(seed: int = 0) -> Sequential:
                       Linear(18, 9, seed=seed + 2), ReLU(), Linear(9, 5, seed=seed + 3))
 
 
-def train(model, optimizer, steps: int, fused: bool, rng_seed: int = 5) -> list[float]:
-    rng = np.random.default_rng(rng_seed)
+def token_batches(steps: int, seed: int = 5) -> list:
+    """`steps` batches (tokens (8,), labels (8,)) for make_model."""
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, 11, size=(8,)), rng.integers(0, 5, size=(8,))) for _ in range(steps)]
+
+
+def train(model, optimizer, batches, fused: bool) -> list[float]:
+    """Forward, loss and backward on each (x, labels) of `batches`, then step and zero_grad, or,
+    when `fused`, with the optimizer fused into backward first. The losses."""
     loss_fn = CrossEntropyLoss()
     if fused:
         optimizer.fuse_into_backward()
     losses = []
-    for _ in range(steps):
-        tokens = rng.integers(0, 11, size=(8,))
-        labels = rng.integers(0, 5, size=(8,))
-        losses.append(float(loss_fn(model.forward(tokens), labels)))
+    for x, labels in batches:
+        losses.append(float(loss_fn(model.forward(x), labels)))
         model.backward(loss_fn.backward())
         if not fused:
             optimizer.step()
@@ -141,7 +146,8 @@ def train(model, optimizer, steps: int, fused: bool, rng_seed: int = 5) -> list[
 def test_training_inside_backward_matches_backward_then_step(small_blocks, name, precision, rtol):
     models = [make_model().set_precision(precision) for _ in range(2)]
     optimizers = [OPTIMIZERS[name](m.parameters()) for m in models]
-    losses = [train(m, o, 4, fused) for m, o, fused in zip(models, optimizers, (False, True))]
+    losses = [train(m, o, token_batches(4), fused)
+              for m, o, fused in zip(models, optimizers, (False, True))]
     np.testing.assert_allclose(losses[1], losses[0], rtol=rtol)
     for (key, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
         np.testing.assert_allclose(b, a, rtol=rtol, atol=rtol, err_msg=key)
@@ -152,7 +158,8 @@ def test_training_inside_backward_matches_backward_then_step(small_blocks, name,
 def test_bf16_training_inside_backward_stays_within_rounding_of_backward_then_step(small_blocks):
     models = [make_model().set_precision("bf16") for _ in range(2)]
     optimizers = [Adam(m.parameters(), lr=1e-2, state_dtype="bf16") for m in models]
-    losses = [train(m, o, 3, fused) for m, o, fused in zip(models, optimizers, (False, True))]
+    losses = [train(m, o, token_batches(3), fused)
+              for m, o, fused in zip(models, optimizers, (False, True))]
     np.testing.assert_allclose(losses[1], losses[0], rtol=2e-2)
     for a, b in zip(models[0].parameters(), models[1].parameters()):  # the same random bits
         same = np.mean(a.data == b.data)
@@ -164,7 +171,7 @@ def test_frozen_layers_are_left_alone_and_a_first_layer_computes_no_dx(small_blo
     model[2].freeze()
     frozen = {k: v.copy() for k, v in model[2].state_dict().items()}
     optimizer = Adam(model.parameters(), lr=1e-2)
-    train(model, optimizer, 2, fused=True)
+    train(model, optimizer, token_batches(2), fused=True)
     assert_same_state(frozen, dict(model[2].state_dict()))
     assert optimizer.index_of(model[2].weight) not in optimizer.state
     layer = Linear(6, 4, seed=0)  # used alone, without an input gradient
@@ -182,32 +189,16 @@ def peak_traced_bytes_of_training(fused: bool) -> tuple[int, int]:
     model = Sequential(FusedLinearReLU(256, 2048, seed=0), Linear(2048, 1024, seed=1))
     model.set_precision("bf16")
     model.input_requires_grad = False
-    loss_fn = CrossEntropyLoss()
-    x, labels = np.ones((4, 256), np.float32), np.zeros(4, np.int64)
+    batch = np.ones((4, 256), np.float32), np.zeros(4, np.int64)
     weight_blocks._buffer = np.empty(0, np.uint8)  # made again inside the traced steps
     tracemalloc.start()
     optimizer = Adam(model.parameters(), state_dtype="bf16")
-    train_steps = train_on(model, optimizer, fused)
-    train_steps(x, labels, loss_fn, 2)
+    train(model, optimizer, [batch, batch], fused)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     moments = sum(a.nbytes for s in optimizer.state.values() for a in s.values()
                   if isinstance(a, np.ndarray))
     return peak, moments
-
-
-def train_on(model, optimizer, fused: bool):
-    if fused:
-        optimizer.fuse_into_backward()
-
-    def run(x, labels, loss_fn, steps):
-        for _ in range(steps):
-            loss_fn(model.forward(x), labels)
-            model.backward(loss_fn.backward())
-            if not fused:
-                optimizer.step()
-                optimizer.zero_grad()
-    return run
 
 
 def test_the_model_never_holds_a_gradient_the_size_of_a_weight(monkeypatch):
@@ -265,10 +256,10 @@ def test_trainer_checks_the_loss_before_backward_updates_anything():
 
 
 @pytest.mark.parametrize("options, error, message", [
-    ({"accumulation_steps": 2}, ValueError, "accumulation_steps=2"),
-    ({"clip_grad_norm": 1.0}, ValueError, "clip_grad_norm=1.0"),
-    ({"precision": "fp16"}, ValueError, "loss scaler"),
-    ({"freezer": DynamicFreezer(0.1, 2, 2)}, ValueError, "a freezer"),
+    ({"accumulation_steps": 2}, ValueError, "accumulation_steps is 2, not 1"),
+    ({"clip_grad_norm": 1.0}, ValueError, "clip_grad_norm is 1.0"),
+    ({"precision": "fp16"}, ValueError, r"a loss scaler is set \(precision 'fp16' sets one\)"),
+    ({"freezer": DynamicFreezer(0.1, 2, 2)}, ValueError, "a freezer is set"),
     ({"lookahead": True}, TypeError, "got Lookahead"),
 ])
 def test_trainer_refuses_what_needs_the_finished_gradients(options, error, message):

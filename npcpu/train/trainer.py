@@ -165,18 +165,20 @@ class Trainer:
         if not isinstance(self.optimizer, Optimizer):
             raise TypeError(f"Trainer: update_in_backward needs an npcpu Optimizer (SGD, Adam, AdamW), "
                             f"got {type(self.optimizer).__name__}")
-        for conflict, what in ((self.accumulation_steps != 1,
-                                f"accumulation_steps={self.accumulation_steps}"),
-                               (self.loss_scaler is not None, "a loss scaler (precision 'fp16' makes "
-                                                              "one)"),
-                               (self.clip_grad_norm is not None,
-                                f"clip_grad_norm={self.clip_grad_norm}"),
-                               (self.freezer is not None, "a freezer")):
-            if conflict:
-                raise ValueError(f"Trainer: update_in_backward cannot be combined with {what}: it "
-                                 "needs the finished gradients, which are never held whole")
+        for what in self._gradient_readers():
+            raise ValueError(f"Trainer: update_in_backward cannot be combined with this: {what} "
+                             "(it needs the finished gradients, which are never held whole)")
         if not self.optimizer.fused_into_backward:
             self.optimizer.fuse_into_backward()
+
+    def _gradient_readers(self) -> list[str]:
+        """What this trainer does between backward and the optimizer step, each as the reason the
+        compiled path and updates inside backward give for not applying (empty: nothing)."""
+        return [what for active, what in (
+            (self.accumulation_steps != 1, f"accumulation_steps is {self.accumulation_steps}, not 1"),
+            (self.loss_scaler is not None, "a loss scaler is set (precision 'fp16' sets one)"),
+            (self.clip_grad_norm is not None, f"clip_grad_norm is {self.clip_grad_norm}"),
+            (self.freezer is not None, "a freezer is set")) if active]
 
     # -- logging --------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -408,12 +410,9 @@ class Trainer:
     def _compiled_setup(self, loader):
         """(CompiledClassifierStep, x (S, D), y (S,)), or TypeError / ValueError naming what in this
         trainer or its data the compiled path does not do."""
+        for what in self._gradient_readers():
+            raise ValueError(what)
         for unsupported, what in (
-                (self.accumulation_steps != 1, f"accumulation_steps is {self.accumulation_steps}, "
-                                               "not 1"),
-                (self.loss_scaler is not None, "a loss scaler is set"),
-                (self.clip_grad_norm is not None, f"clip_grad_norm is {self.clip_grad_norm}"),
-                (self.freezer is not None, "a freezer is set"),
                 (self.update_in_backward, "the optimizer updates inside backward"),
                 (self.precision not in ("fp32", "fp64"), f"precision is {self.precision!r}, not "
                                                          "'fp32' or 'fp64'"),
