@@ -1,0 +1,187 @@
+"""bfloat16 x bfloat16 -> float32 GEMMs on AVX512_BF16: packing, cache blocking, both threads.
+
+Legend: one GEMM is C (P, Q) float32 = A (P, R) B (R, Q), bfloat16 operands handled as their uint16
+bit patterns (as in npcpu.kernels.convert), R summed in pairs (npcpu.kernels.dpbf16), so an odd R
+is padded with a zero pair half. Products and sums are float32; beta = 0 overwrites C (never reads
+it: NaN there does not reach the result), beta = 1 accumulates into it.
+
+The microkernel (dpbf16.tile) needs
+- A as 32-bit words, (A[p, 2r], A[p, 2r+1]) at a_words[p * a_row_step + r * a_pair_step]: a view of
+  a row-major bfloat16 matrix whose rows hold the pairs (no copy), or the rows of another matrix
+  interleaved in pairs (`interleave_rows`) when the pairs run down its columns;
+- B packed in panels of COLUMNS columns: panel j, pair r, column c at
+  ((j * pairs) + r) * COLUMNS + c, made either from a matrix whose pairs run down its columns
+  (`pack_row_pairs`: rows 2r and 2r+1 interleaved) or from one whose rows hold the pairs
+  (`pack_word_columns`: a transpose of 32-bit words).
+
+The three GEMMs of a linear layer, x (N, K), W (M, K), dz (N, M) (npcpu.blas_bf16):
+
+    y   = x W^T   as y^T (M, N) = W x^T     A = W's rows as words (no copy), B = x's words, packed
+    dx  = dz W    (N, K)                    A = dz's rows as words, B = W's rows 2r, 2r+1, packed a
+                                            block at a time inside each task (never all of W)
+    dW += dz^T x  (M, K)                    A = dz's rows interleaved, B = x's rows interleaved, packed
+
+Blocking: each task of the parallel loop owns a block of BLOCK_ROWS x BLOCK_COLUMNS of C and walks
+R in steps of BLOCK_PAIRS. The B block of a step (BLOCK_PAIRS x BLOCK_COLUMNS words, in L2) serves
+every row tile of the task; a row tile of A (ROWS x BLOCK_PAIRS words, in L1) serves every panel.
+"""
+
+import numpy as np
+from numba import njit, prange, uint32
+
+from npcpu.kernels import dpbf16
+from npcpu.kernels.dpbf16 import COLUMNS, ROWS
+
+BLOCK_PAIRS = 256               # pairs of R per step: a row tile of A is 14 KB
+BLOCK_ROWS = 16 * ROWS          # rows of C per task
+BLOCK_COLUMNS = 8 * COLUMNS     # columns of C per task: a B block is 256 KB
+_SHIFT = uint32(16)
+
+
+# ------------------------------------------------------------------------------- packing
+
+
+@njit(inline="always", cache=True)
+def _pair(low, high):
+    """The 32-bit word of a bfloat16 pair: `low` first in memory (little-endian)."""
+    return uint32(low) | (uint32(high) << _SHIFT)
+
+
+@njit(cache=True)
+def _pack_row_pairs_block(source, pair_start, pair_stop, column_start, column_stop, out):
+    """out[((j * n) + r) * COLUMNS + c] = (source[2(pair_start + r), q], source[2(pair_start + r) + 1, q])
+    with q = column_start + j * COLUMNS + c and n = pair_stop - pair_start; rows and columns past
+    source's end give zero halves."""
+    n_rows, n_columns = source.shape
+    n_pairs = pair_stop - pair_start
+    for j in range((column_stop - column_start + COLUMNS - 1) // COLUMNS):
+        q0 = column_start + j * COLUMNS
+        width = min(COLUMNS, n_columns - q0)
+        for r in range(n_pairs):
+            base = (j * n_pairs + r) * COLUMNS
+            row = 2 * (pair_start + r)
+            if width == COLUMNS and row + 1 < n_rows:
+                low, high = source[row, q0:q0 + COLUMNS], source[row + 1, q0:q0 + COLUMNS]
+                for c in range(COLUMNS):
+                    out[base + c] = _pair(low[c], high[c])
+            else:
+                for c in range(COLUMNS):
+                    low = source[row, q0 + c] if c < width else 0
+                    high = source[row + 1, q0 + c] if c < width and row + 1 < n_rows else 0
+                    out[base + c] = _pair(low, high)
+
+
+@njit(parallel=True, cache=True)
+def pack_row_pairs(source):
+    """B panels of a bfloat16 source (R, Q) whose pairs run down its columns (rows 2r, 2r+1)."""
+    n_rows, n_columns = source.shape
+    n_pairs, n_panels = (n_rows + 1) // 2, (n_columns + COLUMNS - 1) // COLUMNS
+    out = np.empty(n_panels * n_pairs * COLUMNS, np.uint32)
+    for j in prange(n_panels):
+        block = out[j * n_pairs * COLUMNS:(j + 1) * n_pairs * COLUMNS]
+        _pack_row_pairs_block(source, 0, n_pairs, j * COLUMNS, (j + 1) * COLUMNS, block)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def pack_word_columns(source):
+    """B panels of the transpose of a bfloat16 source (Q, R) whose rows hold the pairs: panel j,
+    pair r, column c is (source[q, 2r], source[q, 2r + 1]) with q = j * COLUMNS + c."""
+    n_columns, length = source.shape
+    n_pairs, n_panels = (length + 1) // 2, (n_columns + COLUMNS - 1) // COLUMNS
+    out = np.zeros(n_panels * n_pairs * COLUMNS, np.uint32)
+    for j in prange(n_panels):
+        for c in range(min(COLUMNS, n_columns - j * COLUMNS)):
+            row = source[j * COLUMNS + c]
+            base = j * n_pairs * COLUMNS + c
+            for r in range(length // 2):
+                out[base + r * COLUMNS] = _pair(row[2 * r], row[2 * r + 1])
+            if length % 2:
+                out[base + (n_pairs - 1) * COLUMNS] = _pair(row[length - 1], 0)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def interleave_rows(source):
+    """(ceil(L / 2), Q) words of a bfloat16 source (L, Q): out[r, q] = (source[2r, q], source[2r + 1, q]),
+    a zero half past the last row."""
+    n_rows, n_columns = source.shape
+    out = np.empty(((n_rows + 1) // 2, n_columns), np.uint32)
+    for r in prange(n_rows // 2):
+        low, high = source[2 * r], source[2 * r + 1]
+        for q in range(n_columns):
+            out[r, q] = _pair(low[q], high[q])
+    if n_rows % 2:
+        for q in range(n_columns):
+            out[-1, q] = _pair(source[n_rows - 1, q], 0)
+    return out
+
+
+# ------------------------------------------------------------------------------- the GEMM
+
+
+@njit(cache=True)
+def _write_block(c, block, p_start, q_start, row_tiles, panels, accumulate):
+    """C (+)= a task's block of tiles, tile (t, j) of rows p_start + t ROWS and columns
+    q_start + j COLUMNS at block[(t * panels + j) * ROWS * COLUMNS], ROWS x COLUMNS row-major;
+    only the part inside C. Walks C along its memory (a transposed C, as y^T, column by column)."""
+    row_major = c.strides[0] >= c.strides[1]
+    for t in range(row_tiles):
+        p0 = p_start + t * ROWS
+        rows = min(ROWS, c.shape[0] - p0)
+        for j in range(panels):
+            q0 = q_start + j * COLUMNS
+            columns = min(COLUMNS, c.shape[1] - q0)
+            tile = block[(t * panels + j) * ROWS * COLUMNS:(t * panels + j + 1) * ROWS * COLUMNS]
+            if row_major:
+                for i in range(rows):
+                    c_row, tile_row = c[p0 + i, q0:q0 + columns], tile[i * COLUMNS:i * COLUMNS + columns]
+                    for k in range(columns):
+                        c_row[k] = c_row[k] + tile_row[k] if accumulate else tile_row[k]
+            else:
+                for k in range(columns):
+                    c_column = c[p0:p0 + rows, q0 + k]
+                    for i in range(rows):
+                        value = tile[i * COLUMNS + k]
+                        c_column[i] = c_column[i] + value if accumulate else value
+
+
+@njit(parallel=True, cache=True)
+def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_row_pairs):
+    """C (P, Q) = beta C + A B, float32 C (any layout), beta 0 or 1.
+
+    A: a_words as in the module docstring (flat uint32). B: `b_panels` (flat uint32, all of B
+    packed) when it is not empty, else `b_row_pairs` (bfloat16 (R, Q), pairs down its columns),
+    packed a block at a time inside each task. Each task sums its block of C over all of R in a
+    block of its own, then adds it to C once.
+    """
+    n_rows, n_columns = c.shape
+    row_blocks = (n_rows + BLOCK_ROWS - 1) // BLOCK_ROWS
+    column_blocks = (n_columns + BLOCK_COLUMNS - 1) // BLOCK_COLUMNS
+    packed = b_panels.size > 0
+    for task in prange(row_blocks * column_blocks):
+        p_start = (task // column_blocks) * BLOCK_ROWS
+        q_start = (task % column_blocks) * BLOCK_COLUMNS
+        p_stop, q_stop = min(n_rows, p_start + BLOCK_ROWS), min(n_columns, q_start + BLOCK_COLUMNS)
+        panels = (q_stop - q_start + COLUMNS - 1) // COLUMNS
+        row_tiles = (p_stop - p_start + ROWS - 1) // ROWS
+        block = np.empty(row_tiles * panels * ROWS * COLUMNS, np.float32)
+        b_block = np.empty(0 if packed else panels * BLOCK_PAIRS * COLUMNS, np.uint32)
+        for r_start in range(0, n_pairs, BLOCK_PAIRS):
+            r_count = min(BLOCK_PAIRS, n_pairs - r_start)
+            if not packed:
+                _pack_row_pairs_block(b_row_pairs, r_start, r_start + r_count, q_start, q_stop,
+                                      b_block)
+            for t in range(row_tiles):
+                p0 = p_start + t * ROWS
+                a_start = p0 * a_row_step + r_start * a_pair_step
+                for j in range(panels):
+                    if packed:
+                        b_data = b_panels
+                        b_start = ((q_start // COLUMNS + j) * n_pairs + r_start) * COLUMNS
+                    else:
+                        b_data, b_start = b_block, j * r_count * COLUMNS
+                    dpbf16.tile(a_words, a_start, a_row_step, a_pair_step, min(ROWS, n_rows - p0),
+                                b_data, b_start, r_count, block, (t * panels + j) * ROWS * COLUMNS,
+                                r_start > 0)
+        _write_block(c, block, p_start, q_start, row_tiles, panels, beta != 0)
