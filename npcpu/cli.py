@@ -82,6 +82,7 @@ def cmd_train(args) -> int:
         print(to_json(config))
         return 0
     backend.set_threads(config["train"]["threads"])
+    backend.set_bf16_gemm(config["train"]["bf16_gemm"])
     run = build_run(config)
     if args.resume is not None:
         info = run.trainer.resume(run_dir)

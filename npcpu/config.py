@@ -86,6 +86,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "batch_size": Field("int", 128, "micro-batch size", min=1),
         "accumulation_steps": Field("int", 2, "micro-batches per optimizer step", min=1),
         "precision": Field("str", "bf16", "storage precision", choices=("fp32", "bf16", "fp16")),
+        "bf16_gemm": Field("str", "auto", "GEMMs under bf16 (auto: native where the CPU has "
+                           "AVX512_BF16, else widened to fp32)", choices=("auto", "native", "widened")),
         "clip_grad_norm": Field("float", 1.0, "clip the gradient norm", min=0.0, optional=True),
         "seed": Field("int", 0, "seed for initialization and data order", min=0),
         "eval_every": Field("int", 200, "evaluate every N steps", min=1, optional=True),

@@ -196,7 +196,9 @@ class Trainer:
                 f"python {info['python']}\n"
                 f"BLAS {blas['vendor']} {blas['version']} ({blas['threads']} threads) | "
                 f"Numba threading {threads['layer']} ({threads['threads']} threads)\n"
-                f"precision {self.precision} | parameters {self.model.num_parameters():,} | "
+                f"precision {self.precision}"
+                + (f" (bf16 GEMM: {info['bf16_gemm']})" if self.precision == "bf16" else "")
+                + f" | parameters {self.model.num_parameters():,} | "
                 f"accumulation {self.accumulation_steps} | optimizer {_describe(self.optimizer)}"
                 + (" (updates inside backward)" if self.update_in_backward else ""))
 
