@@ -40,3 +40,26 @@ def num_threads(request):
     numba.set_num_threads(n)
     yield n
     numba.set_num_threads(previous)
+
+
+@pytest.fixture
+def widened_bf16_gemm():
+    """bf16 layers' GEMMs on float32 copies of their operands (the path every CPU takes), whatever
+    this CPU supports."""
+    from npcpu import backend
+    backend.set_bf16_gemm("widened")
+    yield
+    backend.set_bf16_gemm(None)
+
+
+@pytest.fixture
+def native_bf16_gemm():
+    """bf16 layers' GEMMs on the native AVX512_BF16 kernels; the test skips, saying why, where they
+    cannot run."""
+    from npcpu import backend
+    reason = backend.native_bf16_gemm_unavailable()
+    if reason is not None:
+        pytest.skip(f"native bf16 GEMM unavailable: {reason}")
+    backend.set_bf16_gemm("native")
+    yield
+    backend.set_bf16_gemm(None)
