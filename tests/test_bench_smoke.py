@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_train.py"
 PROFILE = BENCH.parent / "profile_mlp52m.py"
 CONFIGS = ["npcpu layer loop", "npcpu Trainer.fit", "torch eager, default SGD"]
@@ -47,10 +49,25 @@ def test_bench_train_quick_logreg_writes_expected_json(torch, tmp_path):
 
 def test_profile_mlp52m_reports_every_phase_of_a_step_inside_backward():
     done = subprocess.run([sys.executable, str(PROFILE), "--steps", "1", "--precision", "bf16",
-                           "--update-in-backward"], capture_output=True, text=True, timeout=300)
+                           "--update-in-backward", "--bf16-gemm", "widened"], capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines()
             if line.startswith("| ") and "---" not in line}
     for phase in ("forward GEMMs", "dx GEMMs", "dW GEMMs", "bf16 widening", "Adam updates", "step"):
         assert phase in rows, done.stdout
     assert "the same GEMMs alone (the roofline's)" in done.stdout
+
+
+def test_profile_mlp52m_native_bf16_step_has_no_widening():
+    from npcpu import backend
+    reason = backend.native_bf16_gemm_unavailable()
+    if reason is not None:
+        pytest.skip(f"native bf16 GEMM unavailable: {reason}")
+    done = subprocess.run([sys.executable, str(PROFILE), "--steps", "1", "--precision", "bf16",
+                           "--bf16-gemm", "native"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("|")[1].strip() for line in done.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert {"forward GEMMs", "dx GEMMs", "dW GEMMs", "bf16 rounding", "Adam updates"} <= rows
+    assert "bf16 widening" not in rows, done.stdout
