@@ -57,28 +57,47 @@ def _output(out: np.ndarray | None, shape: tuple, name: str) -> np.ndarray:
     return out
 
 
+def _b_operand(source: np.ndarray, pairs_down_columns: bool, rows_of_c: int):
+    """gemm's (b_panels, b_source): B packed whole up front when C has several blocks of rows (each
+    would otherwise pack all of B again), else packed a block at a time inside the tasks (no copy
+    of B as large as B: W at mlp52m's batch 128)."""
+    if rows_of_c > kernels.BLOCK_ROWS:
+        return kernels.pack_panels(source, pairs_down_columns), _NO_SOURCE
+    return _NO_PANELS, source
+
+
 def matmul_weight_transposed(x: np.ndarray, weight: np.ndarray,
                              out: np.ndarray | None = None) -> np.ndarray:
-    """y = x W^T (N, M) float32, computed as y^T = W x^T: W's rows are read in place as pairs."""
+    """y = x W^T (N, M) float32.
+
+    Few rows (N < K, as at batch 128): computed as y^T = W x^T, W's rows read in place as pairs,
+    only x packed. Else as y = x W^T, x's rows read in place and W packed: the result is then
+    written along its rows, and the packing of W is small beside N rows of work per element.
+    """
     x_bits, w_bits = _bits(x, "x"), _bits(weight, "W")
     (rows, length), out_features = x_bits.shape, w_bits.shape[0]
     _check("W", w_bits.shape, (out_features, length))
     y = _output(out, (rows, out_features), "y")
-    a_words = _row_words(w_bits)
-    kernels.gemm(y.T, 0.0, a_words, (length + 1) // 2, 1, (length + 1) // 2,
-                 kernels.pack_word_columns(x_bits), _NO_SOURCE)
+    pairs = (length + 1) // 2
+    if rows < length:
+        kernels.gemm(y.T, 0.0, _row_words(w_bits), pairs, 1, pairs,
+                     kernels.pack_panels(x_bits, False), _NO_SOURCE, False)
+    else:
+        kernels.gemm(y, 0.0, _row_words(x_bits), pairs, 1, pairs,
+                     *_b_operand(w_bits, False, rows), False)
     return y
 
 
 def matmul_weight(dz: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None,
                   beta: float = 0.0) -> np.ndarray:
-    """dx = beta * out + dz W (N, K) float32; W's rows are packed a block at a time."""
+    """dx = beta * out + dz W (N, K) float32; W's rows 2r, 2r + 1 interleaved in packing."""
     dz_bits, w_bits = _bits(dz, "dz"), _bits(weight, "W")
     rows, out_features = dz_bits.shape
     _check("W", w_bits.shape[:1], (out_features,))
     dx = _output(out, (rows, w_bits.shape[1]), "dx")
     pairs = (out_features + 1) // 2
-    kernels.gemm(dx, float(beta), _row_words(dz_bits), pairs, 1, pairs, _NO_PANELS, w_bits)
+    kernels.gemm(dx, float(beta), _row_words(dz_bits), pairs, 1, pairs,
+                 *_b_operand(w_bits, True, rows), True)
     return dx
 
 
@@ -91,4 +110,4 @@ def accumulate_weight_grad(grad: np.ndarray, dz: np.ndarray, x: np.ndarray,
     _output(grad, (dz_bits.shape[1], x_bits.shape[1]), "dW")
     a_words = kernels.interleave_rows(dz_bits)
     kernels.gemm(grad, float(beta), a_words.reshape(-1), 1, a_words.shape[1], a_words.shape[0],
-                 kernels.pack_row_pairs(x_bits), _NO_SOURCE)
+                 kernels.pack_panels(x_bits, True), _NO_SOURCE, True)

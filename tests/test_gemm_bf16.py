@@ -54,8 +54,8 @@ def panels(words):
 def test_packing_matches_numpy(native_bf16_gemm, rows, columns):
     source = np.random.default_rng(0).integers(0, 1 << 16, (rows, columns)).astype(np.uint16)
     np.testing.assert_array_equal(gemm_bf16.interleave_rows(source), pairs_down_columns(source))
-    np.testing.assert_array_equal(gemm_bf16.pack_row_pairs(source), panels(pairs_down_columns(source)))
-    np.testing.assert_array_equal(gemm_bf16.pack_word_columns(source),
+    np.testing.assert_array_equal(gemm_bf16.pack_panels(source, True), panels(pairs_down_columns(source)))
+    np.testing.assert_array_equal(gemm_bf16.pack_panels(source, False),
                                   panels(pairs_down_columns(source.T.copy())))
 
 

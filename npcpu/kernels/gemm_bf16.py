@@ -11,15 +11,17 @@ The microkernel (dpbf16.tile) needs
   interleaved in pairs (`interleave_rows`) when the pairs run down its columns;
 - B packed in panels of COLUMNS columns: panel j, pair r, column c at
   ((j * pairs) + r) * COLUMNS + c, made either from a matrix whose pairs run down its columns
-  (`pack_row_pairs`: rows 2r and 2r+1 interleaved) or from one whose rows hold the pairs
-  (`pack_word_columns`: a transpose of 32-bit words).
+  (rows 2r and 2r+1 interleaved) or from the transpose of one whose rows hold the pairs (a
+  transpose of 32-bit words); all of B at once (`pack_panels`) or a block at a time in each task.
 
 The three GEMMs of a linear layer, x (N, K), W (M, K), dz (N, M) (npcpu.blas_bf16):
 
     y   = x W^T   as y^T (M, N) = W x^T     A = W's rows as words (no copy), B = x's words, packed
-    dx  = dz W    (N, K)                    A = dz's rows as words, B = W's rows 2r, 2r+1, packed a
-                                            block at a time inside each task (never all of W)
+                  (N < K), else as y = x W^T  A = x's rows as words, B = W's words, packed
+    dx  = dz W    (N, K)                    A = dz's rows as words, B = W's rows 2r, 2r+1, packed
     dW += dz^T x  (M, K)                    A = dz's rows interleaved, B = x's rows interleaved, packed
+W is packed a block at a time inside each task where C has one block of rows (batch 128): never
+all of W at once.
 
 Blocking: each task of the parallel loop owns a block of BLOCK_ROWS x BLOCK_COLUMNS of C and walks
 R in steps of BLOCK_PAIRS. The B block of a step (BLOCK_PAIRS x BLOCK_COLUMNS words, in L2) serves
@@ -30,6 +32,7 @@ import numpy as np
 from numba import njit, prange, uint32
 
 from npcpu.kernels import dpbf16
+from npcpu.kernels.intrinsics import prefetch
 from npcpu.kernels.dpbf16 import COLUMNS, ROWS
 
 BLOCK_PAIRS = 256               # pairs of R per step: a row tile of A is 14 KB
@@ -71,33 +74,46 @@ def _pack_row_pairs_block(source, pair_start, pair_stop, column_start, column_st
                     out[base + c] = _pair(low, high)
 
 
+@njit(cache=True)
+def _pack_word_columns_block(source, pair_start, pair_stop, column_start, column_stop, out):
+    """As _pack_row_pairs_block for B = source^T, source (Q, L) holding the pairs in its rows:
+    out[((j * n) + r) * COLUMNS + c] = (source[q, 2(pair_start + r)], source[q, 2(pair_start + r) + 1]),
+    q = column_start + j * COLUMNS + c; columns past source's rows and the half past L are zero."""
+    n_columns, length = source.shape
+    n_pairs = pair_stop - pair_start
+    for j in range((column_stop - column_start + COLUMNS - 1) // COLUMNS):
+        q0 = column_start + j * COLUMNS
+        panel = out[j * n_pairs * COLUMNS:(j + 1) * n_pairs * COLUMNS]
+        for c in range(COLUMNS):
+            if q0 + c >= n_columns:
+                for r in range(n_pairs):
+                    panel[r * COLUMNS + c] = 0
+                continue
+            row = source[q0 + c]
+            for r in range(n_pairs):
+                k = 2 * (pair_start + r)
+                panel[r * COLUMNS + c] = _pair(row[k], row[k + 1] if k + 1 < length else 0)
+
+
+@njit(cache=True)
+def _pack_block(source, pairs_down_columns, pair_start, pair_stop, column_start, column_stop, out):
+    if pairs_down_columns:
+        _pack_row_pairs_block(source, pair_start, pair_stop, column_start, column_stop, out)
+    else:
+        _pack_word_columns_block(source, pair_start, pair_stop, column_start, column_stop, out)
+
+
 @njit(parallel=True, cache=True)
-def pack_row_pairs(source):
-    """B panels of a bfloat16 source (R, Q) whose pairs run down its columns (rows 2r, 2r+1)."""
-    n_rows, n_columns = source.shape
+def pack_panels(source, pairs_down_columns):
+    """All of B in panels (the layout of the module docstring), from a bfloat16 source: B = source
+    (R, Q) with `pairs_down_columns` (rows 2r, 2r + 1 interleaved), else B = source^T, source
+    (Q, R) holding the pairs in its rows (a transpose of 32-bit words)."""
+    n_rows, n_columns = source.shape if pairs_down_columns else source.shape[::-1]
     n_pairs, n_panels = (n_rows + 1) // 2, (n_columns + COLUMNS - 1) // COLUMNS
     out = np.empty(n_panels * n_pairs * COLUMNS, np.uint32)
     for j in prange(n_panels):
-        block = out[j * n_pairs * COLUMNS:(j + 1) * n_pairs * COLUMNS]
-        _pack_row_pairs_block(source, 0, n_pairs, j * COLUMNS, (j + 1) * COLUMNS, block)
-    return out
-
-
-@njit(parallel=True, cache=True)
-def pack_word_columns(source):
-    """B panels of the transpose of a bfloat16 source (Q, R) whose rows hold the pairs: panel j,
-    pair r, column c is (source[q, 2r], source[q, 2r + 1]) with q = j * COLUMNS + c."""
-    n_columns, length = source.shape
-    n_pairs, n_panels = (length + 1) // 2, (n_columns + COLUMNS - 1) // COLUMNS
-    out = np.zeros(n_panels * n_pairs * COLUMNS, np.uint32)
-    for j in prange(n_panels):
-        for c in range(min(COLUMNS, n_columns - j * COLUMNS)):
-            row = source[j * COLUMNS + c]
-            base = j * n_pairs * COLUMNS + c
-            for r in range(length // 2):
-                out[base + r * COLUMNS] = _pair(row[2 * r], row[2 * r + 1])
-            if length % 2:
-                out[base + (n_pairs - 1) * COLUMNS] = _pair(row[length - 1], 0)
+        _pack_block(source, pairs_down_columns, 0, n_pairs, j * COLUMNS, (j + 1) * COLUMNS,
+                    out[j * n_pairs * COLUMNS:(j + 1) * n_pairs * COLUMNS])
     return out
 
 
@@ -146,13 +162,29 @@ def _write_block(c, block, p_start, q_start, row_tiles, panels, accumulate):
                         c_column[i] = c_column[i] + value if accumulate else value
 
 
+@njit(cache=True)
+def _prefetch_rows(matrix, row_start, row_stop, column_start, column_stop):
+    """Start loading matrix[row_start:row_stop, column_start:column_stop] into the caches, for a
+    row-major matrix (nothing for another layout): the tiles computed meanwhile hide the wait
+    for memory that C's read-modify-write and the packing of B would otherwise stand still for."""
+    if matrix.strides[1] != matrix.itemsize or column_stop <= column_start:
+        return
+    per_line = 64 // matrix.itemsize
+    for row in range(row_start, row_stop):
+        line = matrix[row, column_start:column_stop]
+        for k in range(0, line.size, per_line):
+            prefetch(line, k)
+        prefetch(line, line.size - 1)
+
+
 @njit(parallel=True, cache=True)
-def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_row_pairs):
+def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_source,
+         b_pairs_down_columns):
     """C (P, Q) = beta C + A B, float32 C (any layout), beta 0 or 1.
 
     A: a_words as in the module docstring (flat uint32). B: `b_panels` (flat uint32, all of B
-    packed) when it is not empty, else `b_row_pairs` (bfloat16 (R, Q), pairs down its columns),
-    packed a block at a time inside each task. Each task sums its block of C over all of R in a
+    packed, pack_panels) when it is not empty, else packed from `b_source` as pack_panels does
+    (b_pairs_down_columns), a block at a time inside each task. Each task sums its block of C over all of R in a
     block of its own, then adds it to C once.
     """
     n_rows, n_columns = c.shape
@@ -170,18 +202,26 @@ def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_row_pai
         for r_start in range(0, n_pairs, BLOCK_PAIRS):
             r_count = min(BLOCK_PAIRS, n_pairs - r_start)
             if not packed:
-                _pack_row_pairs_block(b_row_pairs, r_start, r_start + r_count, q_start, q_stop,
-                                      b_block)
+                _pack_block(b_source, b_pairs_down_columns, r_start, r_start + r_count, q_start,
+                            q_stop, b_block)
+            last_step = r_start + BLOCK_PAIRS >= n_pairs
             for t in range(row_tiles):
                 p0 = p_start + t * ROWS
-                a_start = p0 * a_row_step + r_start * a_pair_step
-                for j in range(panels):
-                    if packed:
-                        b_data = b_panels
-                        b_start = ((q_start // COLUMNS + j) * n_pairs + r_start) * COLUMNS
-                    else:
-                        b_data, b_start = b_block, j * r_count * COLUMNS
-                    dpbf16.tile(a_words, a_start, a_row_step, a_pair_step, min(ROWS, n_rows - p0),
-                                b_data, b_start, r_count, block, (t * panels + j) * ROWS * COLUMNS,
-                                r_start > 0)
+                if last_step:  # C's rows of this tile, for _write_block after the last step
+                    _prefetch_rows(c, p0, min(p0 + ROWS, p_stop), q_start, q_stop)
+                elif not packed:  # a share of the B rows the next step packs
+                    rows_per_tile = (2 * BLOCK_PAIRS + row_tiles - 1) // row_tiles
+                    first = 2 * (r_start + BLOCK_PAIRS) + t * rows_per_tile
+                    _prefetch_rows(b_source, first, min(first + rows_per_tile, b_source.shape[0]),
+                                   q_start, q_stop)
+            for j in range(panels):  # a panel of B stays in L1 while the row tiles of A pass
+                if packed:
+                    b_data, b_start = b_panels, ((q_start // COLUMNS + j) * n_pairs + r_start) * COLUMNS
+                else:
+                    b_data, b_start = b_block, j * r_count * COLUMNS
+                for t in range(row_tiles):
+                    p0 = p_start + t * ROWS
+                    dpbf16.tile(a_words, p0 * a_row_step + r_start * a_pair_step, a_row_step,
+                                a_pair_step, min(ROWS, n_rows - p0), b_data, b_start, r_count,
+                                block, (t * panels + j) * ROWS * COLUMNS, r_start > 0)
         _write_block(c, block, p_start, q_start, row_tiles, panels, beta != 0)
