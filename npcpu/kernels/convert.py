@@ -39,6 +39,7 @@ page faults of a freshly allocated array: pass `out=` to reuse one (about 2x fas
 import numpy as np
 from numba import njit, prange, uint16, uint32
 
+from npcpu.checks import check_int
 from npcpu.kernels.rng import hash_index
 from npcpu.precision import HALF_DTYPES, bfloat16
 
@@ -282,8 +283,7 @@ def f32_to_bf16_stochastic(x, seed, *, out=None):
     -------
     ndarray of ml_dtypes.bfloat16, shape (S...), C-contiguous (`out` if given)
     """
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-        raise ValueError(f"f32_to_bf16_stochastic: seed must be an integer in [0, 2**64), got {seed!r}")
+    seed = check_int("f32_to_bf16_stochastic", "seed", seed, 0, 2**64)
     name, kernel = "f32_to_bf16_stochastic", _round_bf16_stochastic_kernel
     stream = np.uint64(BF16_ROUNDING_STREAM)
     return _convert(name, kernel, x, _F32, out, bfloat16, np.uint64(seed), stream)

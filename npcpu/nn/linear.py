@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from npcpu.checks import check_int
 from npcpu.kernels import linear as kernels
 from npcpu.nn import weight_blocks, work
 from npcpu.nn.module import Module
@@ -54,13 +55,8 @@ class Linear(Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  seed: int | None = None):
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise TypeError(f"{type(self).__name__}: {name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{type(self).__name__}: {name} must be positive, got {value}")
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = check_int(type(self).__name__, "in_features", in_features, 1)
+        self.out_features = check_int(type(self).__name__, "out_features", out_features, 1)
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(in_features)
         self.weight = Parameter(rng.uniform(-bound, bound, (out_features, in_features)).astype(np.float32))
