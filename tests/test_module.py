@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from npcpu.nn import FusedLinearReLU, Linear, Parameter, ReLU, Sequential
+from npcpu.nn import FusedLinearReLU, Linear, Parameter, ReLU, Sequential, work
 from npcpu.precision import bfloat16
 
 
@@ -63,6 +63,29 @@ def test_sequential_routes_input_gradients_around_frozen_layers():
     model[0].unfreeze()
     model.forward(np.ones((2, 5), np.float32))
     assert [layer.input_requires_grad for layer in model] == [False, True, True]
+
+
+def test_a_model_called_directly_computes_no_input_gradient_unless_asked():
+    rng = np.random.default_rng(2)
+    x, dy = rng.standard_normal((4, 5)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)
+    model = make_model()
+    assert not model.input_requires_grad  # torch's default for an input that asks for nothing
+    work.reset()
+    model.forward(x)
+    assert model.backward(dy) is None
+    assert [layer.input_requires_grad for layer in model] == [False, True, True]
+    assert work.counts["gemm"] == 2 + 3 and work.counts["gemm_skipped"] == 1  # no dx GEMM in layer 0
+    assert all(p.grad is not None for p in model.parameters())
+    model.input_requires_grad = True  # the opt-in
+    model.forward(x)
+    dx = model.backward(dy)
+    assert dx.shape == x.shape and np.all(np.isfinite(dx)) and np.any(dx != 0)
+    relu = ReLU()
+    relu.forward(x)
+    assert relu.backward(x) is None  # a layer used alone: no dL/dx either
+    relu.input_requires_grad = True
+    relu.forward(x)
+    np.testing.assert_array_equal(relu.backward(x), np.maximum(x, 0))
 
 
 def test_parameter_rejects_integer_data_and_sequential_non_modules():

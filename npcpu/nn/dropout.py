@@ -75,10 +75,13 @@ class Dropout(Module):
         self._stream, self._shape = stream, x.shape
         return self._apply(x, stream)
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray) -> np.ndarray | None:
+        """dL/dx = dy * mask / (1 - p) when `input_requires_grad`, else None."""
         if self._shape is None:
             raise self.missing_forward()
         dy = self.check_grad_output(dy, self._shape)
-        dx = dy if self._stream is None else self._apply(dy, self._stream)
+        dx = None
+        if self.input_requires_grad:
+            dx = dy if self._stream is None else self._apply(dy, self._stream)
         self._stream = self._shape = None
         return dx
