@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from npcpu.nn import FusedLinearReLU, Linear, Parameter, ReLU, Sequential, work
+from npcpu.optim.clip import clip_grad_value
 from npcpu.precision import bfloat16
 
 
@@ -135,3 +136,41 @@ def test_linear_backward_after_zero_grad_gives_this_gradient_only():
     layer.forward(x)
     layer.backward(dy)  # the next backward accumulates
     np.testing.assert_allclose(layer.weight.grad, 2 * dy.T @ x, rtol=1e-6)
+
+
+def test_reading_a_zeroed_gradient_writes_nothing_and_writers_get_the_accumulator():
+    p = Parameter(np.ones((2, 3), np.float32))
+    accumulator = p.grad_buffer()
+    accumulator[...] = np.nan
+    p.zero_grad()
+    seen = p.grad
+    np.testing.assert_array_equal(seen, 0.0)  # a reader sees zeros...
+    assert np.isnan(accumulator).all()        # ...and the accumulator was not filled
+    with pytest.raises(ValueError, match="read-only"):
+        seen[0, 0] = 1.0                      # writing to what a reader got is an error, not lost
+    p.zero_grad()
+    clip_grad_value([p], 0.5)  # a writer (in place) gets the accumulator, zeros written first
+    assert p.grad_buffer() is accumulator
+    np.testing.assert_array_equal(accumulator, 0.0)
+
+
+def test_work_counts_and_weight_block_buffers_are_per_thread():
+    import threading
+
+    from npcpu.nn import weight_blocks
+
+    work.reset()
+    work.record("gemm", 3)
+    seen = {}
+
+    def other_thread():
+        work.record("gemm")
+        seen["counts"] = dict(work.counts)
+        seen["buffer"] = weight_blocks._scratch(2, 3, np.dtype(np.float32))
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert seen["counts"] == {"gemm": 1} and work.counts["gemm"] == 3
+    mine = weight_blocks._scratch(2, 3, np.dtype(np.float32))
+    assert not np.shares_memory(mine, seen["buffer"])

@@ -44,8 +44,8 @@ class Linear(Module):
               dL/dW += dy^T x           (M, K), skipped when the weight is frozen
               dL/db += sum_n dy[n, :]   (M,),   skipped when the bias is frozen
 
-    With an optimizer fused into backward (`Optimizer.fuse_into_backward`), W and b are updated
-    before backward returns, W a block of rows at a time right after dx has used those rows.
+    With an optimizer updating inside backward (`Parameter.updater`), W and b are updated before
+    backward returns, W a block of rows at a time right after dx has used those rows.
 
     The input kept for dL/dW is the caller's array itself under "fp32" and "fp64" (no copy): do not
     modify it in place between forward and backward. Under "bf16"/"fp16" a copy in the storage
@@ -110,7 +110,8 @@ class Linear(Module):
         work.record("gemm" if self.input_requires_grad else "gemm_skipped")
         if dx is not None:
             dx = dx.reshape(self._input_shape)
-        self.update_parameters_in_backward()  # the bias (W was, by blocks) when updated in backward
+        if self.bias is not None:  # W took its update (if any) by blocks in weight_blocks.backward
+            self.bias.update_in_backward()
         self._saved_input = self._input_shape = None
         return dx
 

@@ -9,9 +9,11 @@ Input gradients, as in torch: a model or layer called directly computes no gradi
 Linear layer is a whole GEMM. Ask for it with ``module.input_requires_grad = True`` (gradient
 checks, a model whose input is another model's output). Inside a `Sequential` the children are
 routed: a layer gets True when a trainable layer sits below it or the Sequential's own input
-needs a gradient. Nothing here knows about optimizers: they meet the model only at `Parameter`
-(also when an optimizer updates inside backward: a layer hands its finished gradients to
-`Parameter.update_in_backward`, see `Module.update_parameters_in_backward`).
+needs a gradient.
+
+Nothing here knows about optimizers: they meet the model only at `Parameter` (also when an
+optimizer updates inside backward: a layer hands its finished gradients to the parameter's
+`InBackwardUpdater`, see npcpu.nn.parameter and `update_parameters_in_backward`).
 
 Names and `state_dict()` keys follow PyTorch ("0.weight", "0.bias", ...), so a state dict moves
 between an npcpu model and the equivalent torch module unchanged.
@@ -117,9 +119,10 @@ class Module:
         return np.ascontiguousarray(to_compute(dy, self.compute_dtype))
 
     def update_parameters_in_backward(self) -> None:
-        """Hand this layer's own parameters to their optimizer if it updates inside backward
-        (Optimizer.fuse_into_backward); nothing otherwise. Layers call it as their backward ends,
-        once they no longer read their parameters."""
+        """Hand this layer's own parameters to their updater when it updates inside backward
+        (`Parameter.update_in_backward`: only at a parameter's last use in the pass); nothing
+        otherwise. Layers call it once as their backward ends, when they no longer read their
+        parameters (each call counts one use of each parameter)."""
         for p in self._parameters.values():
             p.update_in_backward()
 

@@ -92,6 +92,10 @@ class Optimizer:
     elementwise : bool (class attribute)
         True when the update of each element depends only on that element's gradient and state,
         so that a tensor can be updated a range of elements at a time (fuse_into_backward).
+    element_alignment : int (class attribute)
+        Ranges handed to `begin_update`'s function start at a multiple of this (the stochastic
+        rounding draws one hash per that many elements); with `begin_update`, the
+        npcpu.nn.parameter.InBackwardUpdater protocol that layers call inside backward.
     fused_into_backward : bool
         Set by `fuse_into_backward()`.
     param_groups : list of dict
@@ -102,6 +106,7 @@ class Optimizer:
     """
 
     elementwise = True
+    element_alignment = kernels.ELEMENTS_PER_HASH
 
     def __init__(self, params, defaults: dict, *, state_dtype: str = "fp32",
                  master_weights: bool = False, stochastic_rounding: bool = True, seed: int = 0):
@@ -251,9 +256,9 @@ class Optimizer:
     def begin_update(self, p: Parameter):
         """Count one step of `p` (creating its state at the first) and return `update(grad, first=0)`,
         which updates p's elements first .. first + grad.size - 1 (in C order) from `grad`, their
-        gradient (flat, in p's compute dtype). `first` must be a multiple of 4. Call it once with
-        the whole gradient, or once per disjoint range until every element is updated (elementwise
-        optimizers only): both give the same result, bit for bit."""
+        gradient (flat, in p's compute dtype). `first` must be a multiple of `element_alignment`.
+        Call it once with the whole gradient, or once per disjoint range until every element is
+        updated (elementwise optimizers only): both give the same result, bit for bit."""
         owner = type(self).__name__
         index = self._index[id(p)]
         group = self.param_groups[self._group_index[id(p)]]
@@ -272,10 +277,10 @@ class Optimizer:
         random = kernels.random_scratch()  # the kernels' per-thread scratch for random bits
 
         def update(grad: np.ndarray, first: int = 0) -> None:
-            stop = first + grad.size
-            if first % 4 or stop > p.size or (not self.elementwise and grad.size != p.size):
+            stop, alignment = first + grad.size, self.element_alignment
+            if first % alignment or stop > p.size or (not self.elementwise and grad.size != p.size):
                 raise ValueError(f"{owner}: cannot update elements {first}..{stop - 1} of {p!r}: "
-                                 "ranges must start at a multiple of 4 and lie inside the "
+                                 f"ranges must start at a multiple of {alignment} and lie inside the "
                                  "parameter" + ("" if self.elementwise else
                                                 f", and {owner} updates whole tensors only"))
             part = {**state, **{name: a[first:stop] for name, a in arrays.items()}}
@@ -293,8 +298,9 @@ class Optimizer:
         time and hands each block here at once (npcpu.nn.weight_blocks); other layers hand over
         their (small) gradients at the end of their backward. Every parameter's gradient is
         dropped after its update, so gradient clipping, gradient accumulation, loss scaling and
-        anything else that reads gradients after backward cannot be combined with this, nor can a
-        parameter shared by two layers (it would be updated once per layer). Elementwise
+        anything else that reads gradients after backward cannot be combined with this. A
+        parameter used by several layers (a tied weight) must say how many
+        (`Parameter.uses_per_backward`): it is then updated once, by its last use. Elementwise
         optimizers only (SGD, Adam, AdamW): LAMB needs the whole update's norm first.
         """
         owner = type(self).__name__

@@ -37,8 +37,9 @@ _READY, _UNSCALED, _STEPPED = "ready", "unscaled", "stepped"
 
 
 def trainable_gradients(params_or_optimizer) -> list[np.ndarray]:
-    """The gradient arrays of the unfrozen parameters that have one, from an optimizer's param groups
-    or from an iterable of Parameters, each checked to be a float32/float64 C-contiguous array."""
+    """The gradient accumulators of the unfrozen parameters that have one, from an optimizer's param
+    groups or from an iterable of Parameters, each checked to be a float32/float64 C-contiguous
+    array. They are the accumulators themselves (`Parameter.grad_buffer()`), for modifying in place."""
     if hasattr(params_or_optimizer, "param_groups"):
         params = [p for group in params_or_optimizer.param_groups for p in group["params"]]
     else:
@@ -47,7 +48,7 @@ def trainable_gradients(params_or_optimizer) -> list[np.ndarray]:
     for p in params:
         if getattr(p, "frozen", False) or p.grad is None:
             continue
-        grad = p.grad
+        grad = p.grad_buffer()
         if not isinstance(grad, np.ndarray) or grad.dtype not in EXPONENT_MASKS:
             raise TypeError(f"{p!r}: gradient must be a float32 or float64 array, got "
                             f"{getattr(grad, 'dtype', type(grad).__name__)}")
