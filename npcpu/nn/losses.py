@@ -19,8 +19,9 @@ from __future__ import annotations
 import numpy as np
 
 from npcpu.checks import check_real
+from npcpu.dtypes import HALF_DTYPES
 from npcpu.kernels.softmax import cross_entropy_forward_backward
-from npcpu.precision import HALF_DTYPES, to_compute
+from npcpu.precision import to_compute
 
 REDUCTIONS = ("mean", "sum")
 

@@ -15,7 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from npcpu.precision import HALF_DTYPES, to_compute
+from npcpu.dtypes import HALF_DTYPES
+from npcpu.precision import to_compute
 
 
 class RangeUpdate(Protocol):

@@ -35,9 +35,9 @@ import threading
 import numpy as np
 
 from npcpu import blas
+from npcpu.dtypes import HALF_DTYPES, bfloat16
 from npcpu.kernels import convert
 from npcpu.nn.parameter import Parameter
-from npcpu.precision import HALF_DTYPES, bfloat16
 
 BLOCK_ELEMENTS = 1 << 22
 """Elements of W per block: 16 MB of float32, the size of each thread's buffer."""
