@@ -17,7 +17,7 @@ import numpy as np
 
 from npcpu.kernels import convert
 from npcpu.kernels import gemm_bf16 as kernels
-from npcpu.precision import bfloat16
+from npcpu.dtypes import bfloat16
 
 _NO_PANELS = np.empty(0, np.uint32)
 _NO_SOURCE = np.empty((0, 0), np.uint16)

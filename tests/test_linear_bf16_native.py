@@ -31,6 +31,7 @@ def assert_close(actual, expected, magnitude):
 def test_layer_matches_its_numpy_twin(native_bf16_gemm, num_threads, layer_class, n, k, m):
     layer = layer_class(k, m, seed=1)
     layer.set_precision("bf16")
+    layer.input_requires_grad = True
     rng = np.random.default_rng(n + k + m)
     x = rng.standard_normal((n, k)).astype(np.float32)
     dy = rng.standard_normal((n, m)).astype(np.float32)
@@ -68,6 +69,7 @@ def test_update_inside_backward_matches_step_after_backward(native_bf16_gemm, sm
     for in_backward in (False, True):
         layer = layer_class(7, 10, seed=0)
         layer.set_precision("bf16")
+        layer.input_requires_grad = True
         optimizer = Adam(layer.parameters(), lr=1e-2, state_dtype="fp32")
         if in_backward:
             optimizer.fuse_into_backward()
@@ -78,6 +80,29 @@ def test_update_inside_backward_matches_step_after_backward(native_bf16_gemm, sm
         results.append((dx, layer.weight.data.astype(np.float32)))
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(results[1][1], results[0][1])
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_the_weight_is_never_widened(native_bf16_gemm, monkeypatch, in_backward):
+    from npcpu.kernels import convert
+    widened = []
+    original = convert.bf16_to_f32
+
+    def recording(x, *args, **kwargs):
+        widened.append(x.shape)
+        return original(x, *args, **kwargs)
+    monkeypatch.setattr(convert, "bf16_to_f32", recording)
+    layer = FusedLinearReLU(40, 24, seed=0)
+    layer.set_precision("bf16")
+    layer.input_requires_grad = True
+    optimizer = Adam(layer.parameters(), lr=1e-2, state_dtype="bf16")
+    if in_backward:
+        optimizer.fuse_into_backward()
+    layer.forward(np.ones((6, 40), np.float32))
+    layer.backward(np.ones((6, 24), np.float32))
+    if not in_backward:
+        optimizer.step()
+    assert not [shape for shape in widened if len(shape) == 2 and shape[1] == 40], widened
 
 
 def _train(precision, steps=60, seed=0):
