@@ -7,9 +7,10 @@ The step is bench_train's (workloads.npcpu_mlp52m_step: "npcpu fp32", "npcpu bf1
 Adam in backward"): forward, cross-entropy, backward, Adam step, zero_grad. The GEMM calls of
 npcpu.nn.weight_blocks (npcpu.blas, or npcpu.blas_bf16 on the native bf16 path), the bf16 widening
 (widened path) or rounding of x and dz to bf16 (native path) and each optimizer update are wrapped
-with timers for the profiled steps; "other" is the rest of the step (bias/ReLU/mask passes, the loss, Python). The
-same run also times the step's GEMMs alone as the roofline does (bench/roofline.py: each GEMM by
-itself, fastest of several): the difference is how much slower the same GEMMs run inside the step.
+with timers for the profiled steps; "other" is the rest of the step (bias/ReLU/mask passes, the
+loss, Python). The same run also times the step's GEMMs alone as the roofline does
+(bench/roofline.py: each float32 GEMM by itself, fastest of several): the difference is how much
+slower the same GEMMs run inside the step (for fp32; the roofline's GEMMs are float32 sgemm).
 Medians over the profiled steps; one process, so run it a few times on a noisy machine.
 """
 

@@ -54,7 +54,8 @@ def panels(words):
 def test_packing_matches_numpy(native_bf16_gemm, rows, columns):
     source = np.random.default_rng(0).integers(0, 1 << 16, (rows, columns)).astype(np.uint16)
     np.testing.assert_array_equal(gemm_bf16.interleave_rows(source), pairs_down_columns(source))
-    np.testing.assert_array_equal(gemm_bf16.pack_panels(source, True), panels(pairs_down_columns(source)))
+    np.testing.assert_array_equal(gemm_bf16.pack_panels(source, True),
+                                  panels(pairs_down_columns(source)))
     np.testing.assert_array_equal(gemm_bf16.pack_panels(source, False),
                                   panels(pairs_down_columns(source.T.copy())))
 
@@ -84,12 +85,17 @@ def test_three_gemms_match_the_widened_gemms(native_bf16_gemm, num_threads, n, k
 def test_long_sums_span_several_blocks(native_bf16_gemm, num_threads):
     """R longer than one block of pairs (2 * BLOCK_PAIRS), C wider and taller than a task's block."""
     rng = np.random.default_rng(3)
-    n, k, m = 2 * gemm_bf16.BLOCK_ROWS + 5, 2 * 2 * gemm_bf16.BLOCK_PAIRS + 3, gemm_bf16.BLOCK_COLUMNS + 9
+    n, k = 2 * gemm_bf16.BLOCK_ROWS + 5, 2 * 2 * gemm_bf16.BLOCK_PAIRS + 3
+    m = gemm_bf16.BLOCK_COLUMNS + 9
     x, w, dz = bf16(rng, n, k), bf16(rng, m, k), bf16(rng, n, m)
     assert_order_close(blas_bf16.matmul_weight_transposed(x, w), wide(x) @ wide(w).T,
                        np.abs(wide(x)) @ np.abs(wide(w)).T)
     assert_order_close(blas_bf16.matmul_weight(dz, w), wide(dz) @ wide(w),
                        np.abs(wide(dz)) @ np.abs(wide(w)))
+    # N >= K: forward as y = x W^T with W packed whole up front (several blocks of rows)
+    x, w = bf16(rng, gemm_bf16.BLOCK_ROWS + 17, 75), bf16(rng, 301, 75)
+    assert_order_close(blas_bf16.matmul_weight_transposed(x, w), wide(x) @ wide(w).T,
+                       np.abs(wide(x)) @ np.abs(wide(w)).T)
 
 
 def test_float32_dz_is_rounded_to_nearest_bfloat16(native_bf16_gemm):

@@ -1,4 +1,4 @@
-"""The register-blocked microkernel of the native bfloat16 GEMM: AVX512_BF16's `vdpbf16ps`, as an LLVM intrinsic.
+"""The microkernel of the native bfloat16 GEMM: AVX512_BF16's `vdpbf16ps`, as an LLVM intrinsic.
 
 `vdpbf16ps acc, a, b` takes 32 bfloat16 values in each of a and b, as 16 pairs, and adds to each of
 the 16 float32 lanes of acc the dot product of its pair:

@@ -24,18 +24,20 @@ W is packed a block at a time inside each task where C has one block of rows (ba
 all of W at once.
 
 Blocking: each task of the parallel loop owns a block of BLOCK_ROWS x BLOCK_COLUMNS of C and walks
-R in steps of BLOCK_PAIRS. The B block of a step (BLOCK_PAIRS x BLOCK_COLUMNS words, in L2) serves
-every row tile of the task; a row tile of A (ROWS x BLOCK_PAIRS words, in L1) serves every panel.
+R in steps of BLOCK_PAIRS. The B block of a step (BLOCK_PAIRS x BLOCK_COLUMNS words, in L2) is taken
+a panel at a time (BLOCK_PAIRS x COLUMNS words, in L1), each panel serving every row tile of A of
+the task. While the tiles compute, C's rows (last step) or the next step's B rows (packed per task)
+are prefetched, so that neither C's read-modify-write nor the packing waits for memory.
 """
 
 import numpy as np
 from numba import njit, prange, uint32
 
 from npcpu.kernels import dpbf16
-from npcpu.kernels.intrinsics import prefetch
 from npcpu.kernels.dpbf16 import COLUMNS, ROWS
+from npcpu.kernels.intrinsics import prefetch
 
-BLOCK_PAIRS = 256               # pairs of R per step: a row tile of A is 14 KB
+BLOCK_PAIRS = 256               # pairs of R per step: a panel of B is 32 KB
 BLOCK_ROWS = 16 * ROWS          # rows of C per task
 BLOCK_COLUMNS = 8 * COLUMNS     # columns of C per task: a B block is 256 KB
 _SHIFT = uint32(16)
@@ -52,7 +54,7 @@ def _pair(low, high):
 
 @njit(cache=True)
 def _pack_row_pairs_block(source, pair_start, pair_stop, column_start, column_stop, out):
-    """out[((j * n) + r) * COLUMNS + c] = (source[2(pair_start + r), q], source[2(pair_start + r) + 1, q])
+    """out[((j * n) + r) * COLUMNS + c] = (source[2s, q], source[2s + 1, q]), s = pair_start + r,
     with q = column_start + j * COLUMNS + c and n = pair_stop - pair_start; rows and columns past
     source's end give zero halves."""
     n_rows, n_columns = source.shape
@@ -119,8 +121,8 @@ def pack_panels(source, pairs_down_columns):
 
 @njit(parallel=True, cache=True)
 def interleave_rows(source):
-    """(ceil(L / 2), Q) words of a bfloat16 source (L, Q): out[r, q] = (source[2r, q], source[2r + 1, q]),
-    a zero half past the last row."""
+    """(ceil(L / 2), Q) words of a bfloat16 source (L, Q): out[r, q] = (source[2r, q],
+    source[2r + 1, q]), a zero half past the last row."""
     n_rows, n_columns = source.shape
     out = np.empty(((n_rows + 1) // 2, n_columns), np.uint32)
     for r in prange(n_rows // 2):
@@ -151,7 +153,8 @@ def _write_block(c, block, p_start, q_start, row_tiles, panels, accumulate):
             tile = block[(t * panels + j) * ROWS * COLUMNS:(t * panels + j + 1) * ROWS * COLUMNS]
             if row_major:
                 for i in range(rows):
-                    c_row, tile_row = c[p0 + i, q0:q0 + columns], tile[i * COLUMNS:i * COLUMNS + columns]
+                    c_row = c[p0 + i, q0:q0 + columns]
+                    tile_row = tile[i * COLUMNS:i * COLUMNS + columns]
                     for k in range(columns):
                         c_row[k] = c_row[k] + tile_row[k] if accumulate else tile_row[k]
             else:
@@ -163,14 +166,17 @@ def _write_block(c, block, p_start, q_start, row_tiles, panels, accumulate):
 
 
 @njit(cache=True)
-def _prefetch_rows(matrix, row_start, row_stop, column_start, column_stop):
-    """Start loading matrix[row_start:row_stop, column_start:column_stop] into the caches, for a
-    row-major matrix (nothing for another layout): the tiles computed meanwhile hide the wait
-    for memory that C's read-modify-write and the packing of B would otherwise stand still for."""
+def _prefetch_part(matrix, row_start, row_stop, column_start, column_stop, part, parts):
+    """Start loading part `part` of `parts` of matrix[row_start:row_stop, column_start:column_stop]
+    (split by rows) into the caches, for a row-major matrix (nothing for another layout): the
+    tiles computed meanwhile hide the wait for memory that C's read-modify-write and the packing
+    of B would otherwise stand still for."""
     if matrix.strides[1] != matrix.itemsize or column_stop <= column_start:
         return
     per_line = 64 // matrix.itemsize
-    for row in range(row_start, row_stop):
+    share = (row_stop - row_start + parts - 1) // parts
+    first = row_start + part * share
+    for row in range(first, min(row_stop, first + share)):
         line = matrix[row, column_start:column_stop]
         for k in range(0, line.size, per_line):
             prefetch(line, k)
@@ -184,8 +190,8 @@ def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_source,
 
     A: a_words as in the module docstring (flat uint32). B: `b_panels` (flat uint32, all of B
     packed, pack_panels) when it is not empty, else packed from `b_source` as pack_panels does
-    (b_pairs_down_columns), a block at a time inside each task. Each task sums its block of C over all of R in a
-    block of its own, then adds it to C once.
+    (b_pairs_down_columns), a block at a time inside each task. Each task sums its block of C
+    over all of R in a block of its own, then adds it to C once.
     """
     n_rows, n_columns = c.shape
     row_blocks = (n_rows + BLOCK_ROWS - 1) // BLOCK_ROWS
@@ -205,18 +211,16 @@ def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_source,
                 _pack_block(b_source, b_pairs_down_columns, r_start, r_start + r_count, q_start,
                             q_stop, b_block)
             last_step = r_start + BLOCK_PAIRS >= n_pairs
-            for t in range(row_tiles):
-                p0 = p_start + t * ROWS
-                if last_step:  # C's rows of this tile, for _write_block after the last step
-                    _prefetch_rows(c, p0, min(p0 + ROWS, p_stop), q_start, q_stop)
-                elif not packed:  # a share of the B rows the next step packs
-                    rows_per_tile = (2 * BLOCK_PAIRS + row_tiles - 1) // row_tiles
-                    first = 2 * (r_start + BLOCK_PAIRS) + t * rows_per_tile
-                    _prefetch_rows(b_source, first, min(first + rows_per_tile, b_source.shape[0]),
-                                   q_start, q_stop)
+            next_rows = 2 * (r_start + BLOCK_PAIRS)
             for j in range(panels):  # a panel of B stays in L1 while the row tiles of A pass
+                if last_step:  # C's block, for _write_block
+                    _prefetch_part(c, p_start, p_stop, q_start, q_stop, j, panels)
+                elif not packed:  # the B rows the next step packs
+                    _prefetch_part(b_source, next_rows, min(next_rows + 2 * BLOCK_PAIRS,
+                                   b_source.shape[0]), q_start, q_stop, j, panels)
                 if packed:
-                    b_data, b_start = b_panels, ((q_start // COLUMNS + j) * n_pairs + r_start) * COLUMNS
+                    b_data = b_panels
+                    b_start = ((q_start // COLUMNS + j) * n_pairs + r_start) * COLUMNS
                 else:
                     b_data, b_start = b_block, j * r_count * COLUMNS
                 for t in range(row_tiles):
