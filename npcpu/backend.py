@@ -165,17 +165,30 @@ BF16_GEMM_ENV = "NPCPU_BF16_GEMM"
 _bf16_gemm_setting = None  # set_bf16_gemm's choice; None: the environment's, else "auto"
 
 
-def native_bf16_gemm_unavailable() -> str | None:
-    """Why the native bf16 GEMM (npcpu.blas_bf16) cannot run here, or None when it can: it needs
-    the CPU's AVX512_BF16 and Numba compiling for a target that has it (not NUMBA_CPU_NAME=generic)."""
-    if "avx512_bf16" not in _cpu_flags():
-        return "the CPU has no AVX512_BF16 (the native bf16 GEMM is written for x86 vdpbf16ps)"
+@functools.cache
+def cpu_has_avx512_bf16() -> bool:
+    """True when the CPU has x86 AVX512_BF16 (vdpbf16ps), which the native bf16 GEMM is written for."""
+    return "avx512_bf16" in _cpu_flags()
+
+
+@functools.cache
+def _numba_targets_avx512_bf16() -> bool:
+    """True when Numba compiles for a CPU with avx512bf16 (not, e.g., NUMBA_CPU_NAME=generic).
+    Found once per process: LLVM's host feature query takes about a millisecond."""
     if numba.config.CPU_NAME is not None:
         features = numba.config.CPU_FEATURES or ""
     else:
         import llvmlite.binding as llvm
         features = llvm.get_host_cpu_features().flatten()
-    if "+avx512bf16" not in features:
+    return "+avx512bf16" in features
+
+
+def native_bf16_gemm_unavailable() -> str | None:
+    """Why the native bf16 GEMM (npcpu.blas_bf16) cannot run here, or None when it can: it needs
+    the CPU's AVX512_BF16 and Numba compiling for a target that has it."""
+    if not cpu_has_avx512_bf16():
+        return "the CPU has no AVX512_BF16 (the native bf16 GEMM is written for x86 vdpbf16ps)"
+    if not _numba_targets_avx512_bf16():
         return "Numba's target CPU has no avx512bf16 (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES)"
     return None
 

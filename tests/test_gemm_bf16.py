@@ -150,7 +150,7 @@ def test_tile_rows_past_the_last_repeat_it_and_stay_in_bounds(native_bf16_gemm):
 # -- the path dispatch --------------------------------------------------------------------------
 @pytest.fixture
 def cpu_without_bf16(monkeypatch):
-    monkeypatch.setattr(backend, "_cpu_flags", lambda: "flags : fpu sse2 avx2 avx512f")
+    monkeypatch.setattr(backend, "cpu_has_avx512_bf16", lambda: False)
     yield
     backend.set_bf16_gemm(None)
 
