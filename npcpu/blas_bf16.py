@@ -13,6 +13,7 @@ products and sums are float32. Only call these where npcpu.gemm_path.native_avai
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from npcpu.kernels import convert
@@ -81,10 +82,10 @@ def matmul_weight_transposed(x: np.ndarray, weight: np.ndarray,
     pairs = (length + 1) // 2
     if rows < length:
         kernels.gemm(y.T, 0.0, _row_words(w_bits), pairs, 1, pairs,
-                     kernels.pack_panels(x_bits, False), _NO_SOURCE, False)
+                     kernels.pack_panels(x_bits, False), _NO_SOURCE, False, numba.get_num_threads())
     else:
         kernels.gemm(y, 0.0, _row_words(x_bits), pairs, 1, pairs,
-                     *_b_operand(w_bits, False, rows), False)
+                     *_b_operand(w_bits, False, rows), False, numba.get_num_threads())
     return y
 
 
@@ -97,7 +98,7 @@ def matmul_weight(dz: np.ndarray, weight: np.ndarray, out: np.ndarray | None = N
     dx = _output(out, (rows, w_bits.shape[1]), "dx")
     pairs = (out_features + 1) // 2
     kernels.gemm(dx, float(beta), _row_words(dz_bits), pairs, 1, pairs,
-                 *_b_operand(w_bits, True, rows), True)
+                 *_b_operand(w_bits, True, rows), True, numba.get_num_threads())
     return dx
 
 
@@ -110,4 +111,4 @@ def accumulate_weight_grad(grad: np.ndarray, dz: np.ndarray, x: np.ndarray,
     _output(grad, (dz_bits.shape[1], x_bits.shape[1]), "dW")
     a_words = kernels.interleave_rows(dz_bits)
     kernels.gemm(grad, float(beta), a_words.reshape(-1), 1, a_words.shape[1], a_words.shape[0],
-                 kernels.pack_panels(x_bits, True), _NO_SOURCE, True)
+                 kernels.pack_panels(x_bits, True), _NO_SOURCE, True, numba.get_num_threads())

@@ -38,7 +38,7 @@ from npcpu.kernels.dpbf16 import COLUMNS, ROWS
 from npcpu.kernels.intrinsics import prefetch
 
 BLOCK_PAIRS = 256               # pairs of R per step: a panel of B is 32 KB
-BLOCK_ROWS = 16 * ROWS          # rows of C per task
+BLOCK_ROWS = 16 * ROWS          # rows of C per task (at most)
 BLOCK_COLUMNS = 8 * COLUMNS     # columns of C per task: a B block is 256 KB
 _SHIFT = uint32(16)
 
@@ -183,24 +183,36 @@ def _prefetch_part(matrix, row_start, row_stop, column_start, column_stop, part,
         prefetch(line, line.size - 1)
 
 
+@njit(cache=True)
+def _block_rows(n_rows, column_blocks, threads):
+    """Rows of C per task: BLOCK_ROWS, or fewer (a multiple of ROWS) when C is too narrow to give
+    every thread two tasks otherwise (y^T = W x^T of a small layer is one block of columns)."""
+    row_tiles = (n_rows + ROWS - 1) // ROWS
+    wanted_row_blocks = (2 * threads + column_blocks - 1) // column_blocks
+    tiles_per_block = (row_tiles + wanted_row_blocks - 1) // wanted_row_blocks
+    return ROWS * max(1, min(BLOCK_ROWS // ROWS, tiles_per_block))
+
+
 @njit(parallel=True, cache=True)
 def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_source,
-         b_pairs_down_columns):
+         b_pairs_down_columns, threads):
     """C (P, Q) = beta C + A B, float32 C (any layout), beta 0 or 1.
 
     A: a_words as in the module docstring (flat uint32). B: `b_panels` (flat uint32, all of B
     packed, pack_panels) when it is not empty, else packed from `b_source` as pack_panels does
     (b_pairs_down_columns), a block at a time inside each task. Each task sums its block of C
-    over all of R in a block of its own, then adds it to C once.
+    over all of R in a block of its own, then adds it to C once. threads: Numba's thread count
+    (the tasks are sized to give each thread at least two).
     """
     n_rows, n_columns = c.shape
-    row_blocks = (n_rows + BLOCK_ROWS - 1) // BLOCK_ROWS
     column_blocks = (n_columns + BLOCK_COLUMNS - 1) // BLOCK_COLUMNS
+    block_rows = _block_rows(n_rows, column_blocks, threads)
+    row_blocks = (n_rows + block_rows - 1) // block_rows
     packed = b_panels.size > 0
     for task in prange(row_blocks * column_blocks):
-        p_start = (task // column_blocks) * BLOCK_ROWS
+        p_start = (task // column_blocks) * block_rows
         q_start = (task % column_blocks) * BLOCK_COLUMNS
-        p_stop, q_stop = min(n_rows, p_start + BLOCK_ROWS), min(n_columns, q_start + BLOCK_COLUMNS)
+        p_stop, q_stop = min(n_rows, p_start + block_rows), min(n_columns, q_start + BLOCK_COLUMNS)
         panels = (q_stop - q_start + COLUMNS - 1) // COLUMNS
         row_tiles = (p_stop - p_start + ROWS - 1) // ROWS
         block = np.empty(row_tiles * panels * ROWS * COLUMNS, np.float32)
