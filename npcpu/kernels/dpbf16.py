@@ -14,7 +14,7 @@ one 32-bit word, is broadcast to all 16 lanes:
     for r in pairs:                                  ROWS x VECTORS accumulators stay in registers
         b_v = B_packed[r, 16v : 16v + 16]            VECTORS loads of 32 bfloat16
         for i in rows:
-            a_i = broadcast(A_word(i, r))            one 32-bit load, folded into the instruction
+            a_i = broadcast(A_word(i, r))            one 32-bit broadcast load
             acc[i, v] = vdpbf16ps(acc[i, v], a_i, b_v)
 
 ROWS x VECTORS = 28 accumulators, 2 B vectors and the broadcast fill the 32 zmm registers, and 28
@@ -24,7 +24,8 @@ Numba has no vector types, so `tile` below writes its loop directly as LLVM IR t
 `numba.extending.intrinsic` (as npcpu.kernels.intrinsics does for prefetch and atomics). The
 intrinsic is declared with its older integer-vector signature (<16 x i32> operands), which LLVM
 upgrades to the bfloat one when it reads the module: llvmlite has no bfloat type. It compiles only
-where LLVM targets a CPU with the instruction (npcpu.gemm_path decides; nothing calls it elsewhere).
+where LLVM targets a CPU with the instruction (npcpu.backend.use_native_bf16_gemm decides; nothing
+calls it elsewhere).
 """
 
 from llvmlite import ir
