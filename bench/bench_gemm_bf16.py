@@ -1,7 +1,7 @@
 """GEMM throughput at the mlp52m and gpt-small shapes: npcpu's native bf16 GEMM against npcpu's sgemm,
 torch's bf16 and fp32 matmul, and the bf16 instruction's peak.
 
-    python bench/bench_gemm_bf16.py [--rounds 5] [--threads 2] [--repeats 7] [--quick]
+    python bench/bench_gemm_bf16.py [--rounds 5] [--threads 2] [--repeats 7] [--quick] [--output F]
 
 Shapes (N rows, K inputs, M outputs of a linear layer; each as its three GEMMs):
     forward  y = x W^T (N, M)    dx = dz W (N, K)    dW += dz^T x (M, K), beta = 1
@@ -202,6 +202,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="smoke test: small shapes, 1 round")
+    parser.add_argument("--output", type=Path, default=None, help="JSON file to write (default "
+                        "bench/results/bench_gemm_bf16.json, -quick.json with --quick)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     shapes = {"smoke": [(33, 70, 45)]} if args.quick else SHAPES
@@ -220,7 +222,7 @@ def main(argv=None) -> None:
     print_report(summary)
     path = write_json("bench_gemm_bf16" if not args.quick else "bench_gemm_bf16-quick",
                       {"threads": args.threads, "rounds": rounds, "repeats": args.repeats,
-                       "shapes": shapes, **summary})
+                       "shapes": shapes, **summary}, path=args.output)
     print(f"\nwrote {path}")
 
 

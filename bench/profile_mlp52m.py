@@ -1,7 +1,7 @@
 """Where an mlp52m training step spends its time: each phase timed inside real steps.
 
     python bench/profile_mlp52m.py [--precision fp32|bf16] [--bf16-gemm auto|native|widened]
-                                   [--update-in-backward] [--steps 8]
+                                   [--update-in-backward] [--steps 8] [--threads N]
 
 The step is bench_train's (workloads.npcpu_mlp52m_step: "npcpu fp32", "npcpu bf16", "npcpu bf16,
 Adam in backward"): forward, cross-entropy, backward, Adam step, zero_grad. The GEMM calls of
@@ -94,8 +94,11 @@ def main(argv=None) -> None:
                         help="the GEMM path under bf16 (npcpu.backend.set_bf16_gemm)")
     parser.add_argument("--update-in-backward", action="store_true")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="BLAS and Numba threads "
+                        "(default: all cores)")
     args = parser.parse_args(argv)
-    import npcpu.backend  # noqa: F401  (OPENBLAS_THREAD_TIMEOUT, threading layer, as in training)
+    from npcpu import backend  # OPENBLAS_THREAD_TIMEOUT, threading layer, as in training
+    backend.set_threads(args.threads)
     per_step = profile_steps(args.precision, args.update_in_backward, args.steps, args.bf16_gemm)
     median = {phase: statistics.median(values) for phase, values in per_step.items()}
     rows = [[phase, f"{ms:.1f}", f"{ms / median['step']:.0%}"] for phase, ms in median.items()

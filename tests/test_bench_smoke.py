@@ -70,3 +70,19 @@ def test_profile_mlp52m_reports_the_native_bf16_phases():
     rows = {line.split("|")[1].strip() for line in done.stdout.splitlines()
             if line.startswith("| ") and "---" not in line}
     assert {"forward GEMMs", "dx GEMMs", "dW GEMMs", "bf16 rounding", "Adam updates"} <= rows
+
+
+def test_bench_gemm_bf16_quick_writes_expected_json(tmp_path):
+    from npcpu import backend
+    output = tmp_path / "gemm.json"
+    done = subprocess.run([sys.executable, str(BENCH.parent / "bench_gemm_bf16.py"), "--quick",
+                           "--repeats", "2", "--output", str(output)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(output.read_text())
+    assert record["bench"] == "bench_gemm_bf16-quick" and record["machine"]["bf16_gemm"]
+    key = "smoke 33x70x45 dW"
+    assert record["gflop_s"]["npcpu sgemm"][key]["median"] > 0
+    if backend.native_bf16_gemm_unavailable() is None:
+        assert record["comparison"][key]["x npcpu sgemm"] > 0
+        assert record["gflop_s"]["bf16 peak (registers)"]["median"] > 0
