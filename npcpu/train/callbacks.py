@@ -168,8 +168,9 @@ class Progress(Callback):
                   f"{metrics['samples_per_s']:.0f} samples/s", file=self.stream, flush=True)
 
     def on_eval_end(self, trainer, metrics: dict) -> None:
-        self.write(f"eval @ step {metrics['step']}: loss {metrics['eval_loss']:.4f}  "
-                   f"accuracy {metrics['eval_accuracy']:.4f}")
+        self.write(f"eval @ step {metrics['step']}: " + "  ".join(
+            f"{name[len('eval_'):]} {value:.4f}" for name, value in metrics.items()
+            if name.startswith("eval_")))
 
     def write(self, message: str) -> None:
         if self._bar is not None:
