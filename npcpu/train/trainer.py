@@ -42,6 +42,7 @@ from npcpu.precision import check_precision
 from npcpu.train.callbacks import Callback, MetricsFile, Progress, Stopwatch
 from npcpu.train.runner_compiled import CompiledRunner
 from npcpu.train.runners import ReferenceRunner, StepResult
+from npcpu.train.state import load_trainer_state, trainer_state
 
 COMPILED_MODES = ("auto", "on", "off")
 
@@ -355,54 +356,12 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to continue bit-exactly: model, optimizer, schedule, scaler, counters."""
-        return {
-            "model": dict(self.model.state_dict()),
-            "model_extra": {name: m.extra_state() for name, m in self.model.named_modules()
-                            if m.extra_state()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
-            "freezer": self.freezer.state_dict() if self.freezer is not None else None,
-            "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None
-                          for cb in self.callbacks],
-            "trainer": {"step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
-                        "skipped_steps": self.skipped_steps, "samples_seen": self.samples_seen,
-                        "seed": self.seed, "accumulation_steps": self.accumulation_steps,
-                        "precision": self.precision, "last_eval": self.last_eval},
-        }
+        """Everything needed to continue bit-exactly (npcpu.train.state)."""
+        return trainer_state(self)
 
     def load_state_dict(self, state: dict) -> None:
-        counters = state["trainer"]
-        for key in ("seed", "accumulation_steps", "precision"):
-            if counters[key] != getattr(self, key):
-                raise ValueError(f"Trainer: the checkpoint was made with {key}={counters[key]!r}, "
-                                 f"this trainer has {key}={getattr(self, key)!r}")
-        for part, obj in (("scheduler", self.scheduler), ("loss_scaler", self.loss_scaler),
-                          ("freezer", self.freezer)):
-            if (state[part] is None) != (obj is None):
-                raise ValueError(f"Trainer: the checkpoint {'has' if state[part] is not None else 'has no'}"
-                                 f" {part} state but this trainer {'has no' if obj is None else 'has a'} {part}")
-        self.model.load_state_dict(state["model"])
-        modules = dict(self.model.named_modules())
-        for name, extra in state["model_extra"].items():
-            modules[name].load_extra_state(extra)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.loss_scaler is not None:
-            self.loss_scaler.load_state_dict(state["loss_scaler"])
-        if self.freezer is not None:
-            self.freezer.load_state_dict(state["freezer"])
-            self.freezer.apply(self.model)
-        for cb, cb_state in zip(self.callbacks, state["callbacks"]):
-            if cb_state is not None:
-                cb.load_state_dict(cb_state)
-        self.step, self.epoch = int(counters["step"]), int(counters["epoch"])
-        self.batch_index = int(counters["batch_index"])
-        self.skipped_steps = int(counters["skipped_steps"])
-        self.samples_seen = int(counters["samples_seen"])
-        self.last_eval = counters["last_eval"]
+        """Load a `state_dict()`, after checking it was made with this trainer's settings."""
+        load_trainer_state(self, state)
 
     def save(self, run_dir, *, keep_last: int = 3) -> Path:
         metric = self.last_eval["eval_loss"] if self.last_eval else None
