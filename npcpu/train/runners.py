@@ -27,7 +27,10 @@ The contract, for the runners to come (a language-model runner, a data-parallel 
 - `close()`: release what the runner holds (a prefetch thread); called at the end of fit().
 
 A runner reads the trainer's model, loss, optimizer and settings; it is built by
-`Trainer.make_runner(loader, log_every)`, which a subclass overrides to supply its own.
+`Trainer.make_runner(loader, log_every)`, which a subclass overrides to supply its own. A runner
+that changes only part of the reference step subclasses ReferenceRunner and overrides one of its
+two halves: `forward_backward(window)` (a data-parallel runner all-reduces the gradients, loss
+and samples after it) or `optimizer_step(loss, items, window)`.
 """
 
 from __future__ import annotations
@@ -84,7 +87,9 @@ class ReferenceRunner:
 
     def steps(self, limit: int):
         for _ in range(limit):
-            yield self._train_window(self._next_window())
+            window = self._next_window()
+            loss, items = self.forward_backward(window)
+            yield self.optimizer_step(loss, items, window)
 
     def close(self) -> None:
         if self._batches is not None:
@@ -105,11 +110,14 @@ class ReferenceRunner:
         trainer.batch_index = stop
         return window
 
-    def _train_window(self, window: list) -> StepResult:
-        """Forward and backward over a window of micro-batches, then one optimizer step."""
+    def forward_backward(self, window: list) -> tuple[float, int]:
+        """(the window's mean loss, its samples), the gradients summed into the parameters.
+
+        The seam for a data-parallel runner: it calls this, then all-reduces the gradients, the
+        loss and the samples across processes before optimizer_step.
+        """
         trainer = self.trainer
-        model, loss_fn, optimizer = trainer.model, trainer.loss_fn, trainer.optimizer
-        scaler = trainer.loss_scaler
+        model, loss_fn, scaler = trainer.model, trainer.loss_fn, trainer.loss_scaler
         items = sum(len(y) for _, y in window)
         loss = 0.0
         for x, y in window:
@@ -121,7 +129,12 @@ class ReferenceRunner:
             if scaler is not None:
                 dlogits = scaler.scale_loss_grad(dlogits)
             model.backward(dlogits)
+        return loss, items
 
+    def optimizer_step(self, loss: float, items: int, window: list) -> StepResult:
+        """Unscale, check, clip, observe for freezing, step (or skip), zero the gradients."""
+        trainer = self.trainer
+        model, optimizer, scaler = trainer.model, trainer.optimizer, trainer.loss_scaler
         if trainer.update_in_backward:  # updated by backward; the gradients are gone
             return StepResult(loss, items, None)
         params = [p for p in model.parameters() if not p.frozen]
