@@ -37,6 +37,7 @@ import numba
 import numpy as np
 import safetensors
 
+from npcpu.checks import check_int, check_real
 from npcpu.checkpoint.codec import (FORMAT_VERSION, CheckpointError, decode_plain, encode_float,
                                     encode_plain, flatten_state)
 from npcpu.checkpoint.durable import (check_writable, fsync_dir, remove_quietly, token,
@@ -95,19 +96,14 @@ def save_checkpoint(run_dir, state: dict, *, step: int, keep_last: int | None = 
     """
     if not isinstance(state, dict):
         raise TypeError(f"save_checkpoint: state must be a dict, got {type(state).__name__}")
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"save_checkpoint: step must be an integer >= 0, got {step!r}")
-    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)
-                                  or keep_last < 1):
-        raise ValueError(f"save_checkpoint: keep_last must be an integer >= 1 or None, "
-                         f"got {keep_last!r}")
+    step = check_int("save_checkpoint", "step", step, 0)
+    if keep_last is not None:
+        keep_last = check_int("save_checkpoint", "keep_last", keep_last, 1)
     if mode not in ("min", "max"):
         raise ValueError(f"save_checkpoint: mode must be 'min' or 'max', got {mode!r}")
-    if metric is not None and (isinstance(metric, (bool, np.bool_))
-                               or not isinstance(metric, (int, float, np.integer, np.floating))):
-        raise TypeError(f"save_checkpoint: metric must be a real number or None, got {metric!r}")
-    step = int(step)
-    metric = None if metric is None else float(metric)
+    if metric is not None:  # nan is recorded (a diverged evaluation), and is never the best
+        metric = math.nan if isinstance(metric, (float, np.floating)) and math.isnan(metric) \
+            else check_real("save_checkpoint", "metric", metric, allow_inf=True)
     tensors, meta = flatten_state(state)
     tensors = {name: storable(name, array) for name, array in tensors.items()}
     config = encode_plain(config, "config")

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from npcpu.checks import check_int, check_real
+
 
 class Callback:
     """Base class: every hook does nothing."""
@@ -52,9 +54,9 @@ class EarlyStopping(Callback):
                  min_delta: float = 0.0):
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
-        if not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"EarlyStopping: patience must be an integer >= 1, got {patience!r}")
-        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.monitor, self.mode = monitor, mode
+        self.patience = check_int("EarlyStopping", "patience", patience, 1)
+        self.min_delta = check_real("EarlyStopping", "min_delta", min_delta, low=0.0)
         self.best = math.inf if mode == "min" else -math.inf
         self.bad_evals = 0
 

@@ -35,6 +35,7 @@ import threading
 from pathlib import Path
 
 from npcpu import checkpoint
+from npcpu.checks import check_int, check_real
 from npcpu.data.loader import DataLoader
 from npcpu.optim.optimizer import TrainerOptimizer
 from npcpu.optim.scaling import DynamicLossScaler
@@ -99,14 +100,13 @@ class Trainer:
                  precision: str = "fp32", loss_scaler=None, clip_grad_norm: float | None = None,
                  freezer=None, callbacks=(), seed: int = 0, compiled: str = "auto",
                  update_in_backward: bool = False, log_stream=None):
-        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-            raise ValueError(f"Trainer: accumulation_steps must be an integer >= 1, "
-                             f"got {accumulation_steps!r}")
+        accumulation_steps = check_int("Trainer", "accumulation_steps", accumulation_steps, 1)
         if compiled not in COMPILED_MODES:
             raise ValueError(f"Trainer: compiled must be one of {COMPILED_MODES}, got {compiled!r}")
         check_precision(precision)
-        if clip_grad_norm is not None and not (clip_grad_norm > 0 and math.isfinite(clip_grad_norm)):
-            raise ValueError(f"Trainer: clip_grad_norm must be a positive number, got {clip_grad_norm!r}")
+        if clip_grad_norm is not None:
+            clip_grad_norm = check_real("Trainer", "clip_grad_norm", clip_grad_norm, low=0.0,
+                                        low_open=True)
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"Trainer: callbacks must be Callback instances, got {type(cb).__name__}")
@@ -203,8 +203,8 @@ class Trainer:
             raise ValueError("Trainer.fit: give epochs or max_steps")
         for name, value in (("epochs", epochs), ("max_steps", max_steps), ("eval_every", eval_every),
                             ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"Trainer.fit: {name} must be an integer >= 1, got {value!r}")
+            if value is not None:
+                check_int("Trainer.fit", name, value, 1)
         loader = train_data if isinstance(train_data, DataLoader) else \
             DataLoader(train_data, batch_size, shuffle=True, seed=self.seed)
         windows_per_epoch = math.ceil(len(loader) / self.accumulation_steps)
