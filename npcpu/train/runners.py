@@ -36,7 +36,9 @@ and samples after it) or `optimizer_step(loss, items, window)`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -62,6 +64,18 @@ class StepResult:
     skipped: bool = False
     frozen_now: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+
+
+class StepRunner(Protocol):
+    """The interface Trainer.fit runs its steps through (the contract: the module docstring)."""
+
+    note: str
+
+    def preferred_steps(self) -> int: ...
+
+    def steps(self, limit: int) -> Iterator[StepResult]: ...
+
+    def close(self) -> None: ...
 
 
 def non_finite_message(trainer, loss: float, window: list) -> str:

@@ -42,7 +42,7 @@ from npcpu.optim.scaling import DynamicLossScaler
 from npcpu.precision import check_precision
 from npcpu.train.callbacks import Callback, MetricsFile, Progress, Stopwatch
 from npcpu.train.runner_compiled import CompiledRunner
-from npcpu.train.runners import ReferenceRunner, StepResult
+from npcpu.train.runners import ReferenceRunner, StepResult, StepRunner
 from npcpu.train.state import load_trainer_state, trainer_state
 
 COMPILED_MODES = ("auto", "on", "off")
@@ -265,7 +265,7 @@ class Trainer:
                      + (f"; checkpoint saved in {run_dir}" if run_dir is not None else ""))
         return {**metrics, **(self.last_eval or {})}
 
-    def make_runner(self, loader: DataLoader, log_every: int):
+    def make_runner(self, loader: DataLoader, log_every: int) -> StepRunner:
         """The step runner of one fit() (npcpu.train.runners): CompiledRunner where `compiled`
         allows it and it applies, else ReferenceRunner, whose `note` says why not."""
         if self.compiled == "off":
@@ -280,7 +280,7 @@ class Trainer:
                 reason = error
         return ReferenceRunner(self, loader, note=f"compiled step: off ({reason})")
 
-    def _run_steps(self, runner, limit: int, watch: Stopwatch, callbacks) -> dict:
+    def _run_steps(self, runner: StepRunner, limit: int, watch: Stopwatch, callbacks) -> dict:
         """Up to `limit` steps of `runner`, each counted as it comes; then their on_step_end
         calls. Returns the last step's metrics ({} when none was run). A FloatingPointError of the
         runner is raised after the steps before it were counted and called back."""
