@@ -157,3 +157,23 @@ def test_optimizers_and_lookahead_share_the_protocol_the_trainer_calls():
     assert lookahead.describe() == "Lookahead(Adam)" and adam.describe() == "Adam"
     with pytest.raises(TypeError, match="optimizer must be an npcpu Optimizer or Lookahead"):
         Trainer(model, CrossEntropyLoss(), object(), log_stream=io.StringIO())
+
+
+class PerplexityLoss(CrossEntropyLoss):
+    """A loss whose evaluation reports metrics that are not per-sample means."""
+
+    def evaluation_sums(self, logits, targets):
+        return {"tokens": targets.size}
+
+    def evaluation_metrics(self, loss, sums, samples):
+        return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": sums["tokens"]}
+
+
+def test_a_loss_defines_metrics_that_are_not_per_sample_means():
+    model = make_model()
+    trainer = Trainer(model, PerplexityLoss(), SGD(model.parameters(), lr=0.1),
+                      log_stream=io.StringIO())
+    metrics = trainer.evaluate(make_data(50), batch_size=16)
+    assert sorted(metrics) == ["eval_loss", "eval_perplexity", "eval_tokens"]
+    assert metrics["eval_tokens"] == 50
+    assert metrics["eval_perplexity"] == pytest.approx(np.exp(metrics["eval_loss"]), rel=1e-12)

@@ -56,10 +56,16 @@ class Loss:
     def evaluation_sums(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
         """This batch's sums of the metrics an evaluation reports besides the loss, by name.
 
-        Trainer.evaluate adds them up over the data and reports each divided by the number of
-        samples, as "eval_<name>". A plain loss has none (an MSELoss run reports its loss only).
+        Trainer.evaluate adds them up over the data and hands the totals to
+        `evaluation_metrics`. A plain loss has none (an MSELoss run reports its loss only).
         """
         return {}
+
+    def evaluation_metrics(self, loss: float, sums: dict[str, float], samples: int) -> dict:
+        """The metrics of an evaluation from its mean loss and the totals of `evaluation_sums`:
+        the loss, and each total per sample. Trainer.evaluate reports them as "eval_<name>"; a
+        loss whose metrics are not per-sample means (perplexity, tokens) overrides this."""
+        return {"loss": loss, **{name: total / samples for name, total in sums.items()}}
 
     def _outputs_in_compute_dtype(self, outputs) -> np.ndarray:
         """Floating outputs as a contiguous float32 (float64 stays float64) array."""

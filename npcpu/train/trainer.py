@@ -329,11 +329,11 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, data, batch_size: int = 512) -> dict:
-        """The mean loss over `data` as "eval_loss", and the loss's own evaluation metrics
-        (`loss_fn.evaluation_sums`: accuracy for CrossEntropyLoss, none for MSELoss) averaged
-        over the samples as "eval_<name>"; on the weights the optimizer evaluates
-        (`optimizer.evaluation_weights()`: Lookahead's slow weights). A language model's
-        metrics (perplexity, tokens) come the same way, from its loss."""
+        """The metrics the loss defines for an evaluation, each as "eval_<name>": the mean loss
+        over `data`, and what `loss_fn.evaluation_sums` / `evaluation_metrics` add (accuracy for
+        CrossEntropyLoss, nothing for MSELoss; a language model's loss adds perplexity and
+        tokens there). On the weights the optimizer evaluates (`optimizer.evaluation_weights()`:
+        Lookahead's slow weights)."""
         loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size, shuffle=False)
         items = len(loader.dataset)
         self.model.eval()
@@ -347,7 +347,8 @@ class Trainer:
                         sums[name] = sums.get(name, 0) + value
         finally:
             self.model.train()
-        return {"eval_loss": loss, **{f"eval_{name}": total / items for name, total in sums.items()}}
+        metrics = self.loss_fn.evaluation_metrics(loss, sums, items)
+        return {f"eval_{name}": value for name, value in metrics.items()}
 
     def _evaluate_and_report(self, eval_data, batch_size, callbacks) -> None:
         self.last_eval = {"step": self.step, **self.evaluate(eval_data, max(batch_size, 512))}
