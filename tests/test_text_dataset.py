@@ -184,3 +184,23 @@ def test_argument_checks(char_dir):
         data.batch(-1, 4)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         next(data.eval_batches(0))
+
+
+def test_a_bigram_model_through_the_evaluation_is_well_below_the_unigram_entropy(char_dir):
+    """The evaluation path end to end with the simplest model that uses context: bigram counts
+    of train.bin (add-0.1 smoothing), scored on every validation target."""
+    data = TextDataset(char_dir, block_size=64)
+    train = np.asarray(data.train_tokens, dtype=np.int64)
+    counts = np.zeros((data.vocab_size, data.vocab_size))
+    np.add.at(counts, (train[:-1], train[1:]), 1.0)
+    log_p = np.log((counts + 0.1) / (counts + 0.1).sum(axis=1, keepdims=True))
+    summed, tokens = 0.0, 0
+    for x, y in data.eval_batches(16):
+        scored = y != IGNORE_INDEX
+        summed -= log_p[x[scored], y[scored]].sum()
+        tokens += int(scored.sum())
+    assert tokens == data.eval_tokens
+    metrics = data.metrics(summed, tokens)
+    assert type(metrics["loss"]) is float
+    assert metrics["loss"] < data.unigram_entropy("val") - 0.5
+    assert metrics["bits_per_byte"] == pytest.approx(metrics["loss"] / math.log(2.0))

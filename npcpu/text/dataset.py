@@ -53,6 +53,7 @@ def language_model_metrics(summed_loss: float, tokens: int,
     (ln 2 * tokens * bytes_per_token), the tokenizer-independent measure (char and byte
     tokenizers, where each token is a known number of bytes of the text).
     """
+    tokens = int(tokens)
     if tokens <= 0:
         raise ValueError(f"language_model_metrics: tokens must be positive, got {tokens}")
     loss = float(summed_loss) / tokens
