@@ -36,7 +36,7 @@ import numpy as np
 from npcpu.text.tokenizers import (TOKENIZER_KINDS, BPETokenizer, ByteTokenizer, CharTokenizer,
                                    load_tokenizer)
 
-DEFAULT_CHUNK_BYTES = 1 << 24
+DEFAULT_CHUNK_BYTES = 1 << 20
 PROGRESS_MIN_BYTES = 1 << 25  # a progress bar only when the inputs take more than a moment
 META_FORMAT = "npcpu-text-bins"
 OUTPUT_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")

@@ -30,6 +30,7 @@ import os
 import numpy as np
 
 TOKENIZER_KINDS = ("char", "byte", "bpe")
+_CODE_POINTS = 0x110000
 _MISSING_TOKENIZERS = ("BPE needs the `tokenizers` package, an optional extra of npcpu: "
                        "pip install 'npcpu[text]' (or pip install 'tokenizers>=0.15')")
 
@@ -74,23 +75,23 @@ class CharTokenizer:
         if not chars:
             raise ValueError("CharTokenizer: the vocabulary is empty")
         self.chars = chars
-        points = np.array([ord(c) for c in chars], dtype=np.uint32)
-        order = np.argsort(points, kind="stable")
-        self._sorted_points = points[order]
-        self._sorted_ids = order.astype(np.int64)
-        repeated = self._sorted_points[1:] == self._sorted_points[:-1]
-        if repeated.any():
-            raise ValueError(f"CharTokenizer: character "
-                             f"{chr(self._sorted_points[1:][repeated][0])!r} appears twice in "
-                             f"the vocabulary")
+        points = np.array([ord(c) for c in chars], dtype=np.int64)
+        # id of each code point up to the largest in the vocabulary, -1 for none: encoding is
+        # then one gather (a table of at most 0x110000 entries)
+        self._id_of_point = np.full(points.max() + 1, -1, dtype=np.int64)
+        self._id_of_point[points] = np.arange(len(chars))
+        if np.count_nonzero(self._id_of_point >= 0) != len(chars):
+            first_repeat = next(c for i, c in enumerate(chars) if c in chars[:i])
+            raise ValueError(f"CharTokenizer: character {first_repeat!r} appears twice in the "
+                             f"vocabulary")
 
     @classmethod
     def from_texts(cls, texts) -> "CharTokenizer":
         """The vocabulary of the distinct characters of all `texts` (an iterable of str), sorted."""
-        points = np.zeros(0, dtype=np.uint32)
+        seen = np.zeros(_CODE_POINTS, dtype=bool)
         for text in texts:
-            points = np.union1d(points, _code_points(text))
-        return cls([chr(p) for p in points])
+            seen[_code_points(text)] = True
+        return cls([chr(p) for p in np.flatnonzero(seen)])
 
     @property
     def vocab_size(self) -> int:
@@ -98,15 +99,14 @@ class CharTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         points = _code_points(text)
-        where = np.searchsorted(self._sorted_points, points)
-        where = np.minimum(where, len(self._sorted_points) - 1)
-        unknown = self._sorted_points[where] != points
+        ids = self._id_of_point[np.minimum(points, self._id_of_point.shape[0] - 1)]
+        unknown = (ids < 0) | (points >= self._id_of_point.shape[0])
         if unknown.any():
             first = int(np.argmax(unknown))
             raise ValueError(f"CharTokenizer.encode: character {chr(points[first])!r} at "
                              f"position {first} is not in the vocabulary of {self.vocab_size} "
                              f"characters")
-        return self._sorted_ids[where]
+        return ids
 
     def decode(self, ids) -> str:
         return "".join([self.chars[i] for i in _check_ids("CharTokenizer", ids,
