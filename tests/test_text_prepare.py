@@ -5,12 +5,15 @@ import json
 import json.decoder
 import json.encoder
 import os
+import tempfile
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from npcpu.text.prepare import TextDataError, main, prepare_text
-from npcpu.text.tokenizers import CharTokenizer, load_tokenizer
+from npcpu.text.prepare import TextDataError, main, prepare_text, read_chunks
+from npcpu.text.tokenizers import BPETokenizer, CharTokenizer, load_tokenizer
 
 try:
     import tokenizers  # noqa: F401
@@ -21,6 +24,16 @@ except ImportError:
 
 # Real text no one here wrote, on every machine: the standard library's own json package.
 STDLIB_FILES = [inspect.getsourcefile(m) for m in (json, json.decoder, json.encoder)]
+
+
+@pytest.fixture(scope="module")
+def trained_bpe():
+    if "bpe" not in KINDS:
+        pytest.skip("the optional `tokenizers` package is not installed")
+    text = "".join(open(p, encoding="utf-8").read() for p in STDLIB_FILES)
+    # lines with trailing spaces, so that merges across a space and a line break exist
+    extra = "trailing \n\nspaces  \n\n\tand\u00a0\n\u3000Wörter \u2028 \U0001F642's\n" * 50
+    return BPETokenizer.train([text, extra], 500)
 
 
 def read_bins(out_dir, dtype=np.uint16):
@@ -192,3 +205,27 @@ def test_main_runs_the_command_line_and_shows_progress(tmp_path, capsys):
     assert "train and" in capsys.readouterr().out
     prepare_text([STDLIB_FILES[0]], tmp_path / "bar", "char", progress=True)
     assert "encode" in capsys.readouterr().err
+
+
+# Text made of what decides byte-level BPE's pre-tokenization: runs of every kind of space and
+# line break (Unicode ones included), words, digits, punctuation, contractions, wide characters.
+_PIECES = [" ", "  ", "\n", "\n\n", "\t", "\r\n", "\u00a0", "\u2028", "\u0085", "\u3000", "\x1c",
+           "word", "Wörter", "42", "3.14", "'s", "'ll", "...", "#", "\u00e9", "\U0001F642", "x"]
+bpe_text = st.lists(st.sampled_from(_PIECES), max_size=120).map("".join)
+
+
+@pytest.mark.skipif("bpe" not in KINDS, reason="the optional `tokenizers` package is not "
+                                                "installed")
+@settings(max_examples=150, deadline=None)
+@given(text=bpe_text, chunk_bytes=st.integers(1, 40))
+def test_bpe_ids_do_not_depend_on_the_chunk_size(trained_bpe, text, chunk_bytes):
+    if not text:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "t.txt")
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        chunks = list(read_chunks(path, chunk_bytes, cut_anywhere=False))
+    assert "".join(chunks) == text
+    np.testing.assert_array_equal(np.concatenate([trained_bpe.encode(c) for c in chunks]),
+                                  trained_bpe.encode(text))
