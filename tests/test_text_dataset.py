@@ -1,4 +1,4 @@
-"""TextDataset: deterministic training windows, evaluation covering the split once, metrics, errors."""
+"""TextDataset: deterministic training windows, evaluation covering the split once, errors."""
 
 import inspect
 import json
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from npcpu.text.dataset import (IGNORE_INDEX, TextDataset, fixed_windows, language_model_metrics,
-                                unigram_entropy)
+from npcpu.text.dataset import (IGNORE_INDEX, TextDataset, adopt_bins, fixed_windows,
+                                language_model_metrics, unigram_entropy)
 from npcpu.text.prepare import TextDataError, prepare_text
 from npcpu.text.sampling import TRAIN_WINDOWS, window_starts
 from npcpu.text.tokenizers import ByteTokenizer, CharTokenizer
@@ -204,3 +204,36 @@ def test_a_bigram_model_through_the_evaluation_is_well_below_the_unigram_entropy
     assert type(metrics["loss"]) is float
     assert metrics["loss"] < data.unigram_entropy("val") - 0.5
     assert metrics["bits_per_byte"] == pytest.approx(metrics["loss"] / math.log(2.0))
+
+
+def test_bins_nanogpt_wrote_are_adopted_where_they_are(tmp_path):
+    """nanoGPT's shakespeare_char prepare, restated (vocabulary sorted(set(data)), uint16 ids,
+    90/10 split, tofile), then adopt_bins with the char tokenizer of the same text."""
+    data = open(SOURCE, encoding="utf-8").read()
+    stoi = {c: i for i, c in enumerate(sorted(set(data)))}
+    ids = np.array([stoi[c] for c in data], dtype=np.uint16)
+    n = len(data)
+    ids[:int(n * 0.9)].tofile(tmp_path / "train.bin")
+    ids[int(n * 0.9):].tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.pkl").write_bytes(b"not read")
+
+    meta = adopt_bins(tmp_path, CharTokenizer.from_texts([data]))
+    assert (meta["vocab_size"], meta["dtype"], meta["train_tokens"]) == (len(stoi), "uint16",
+                                                                         int(n * 0.9))
+    dataset = TextDataset(tmp_path, block_size=16)
+    x, y = dataset.batch(0, 2)
+    assert dataset.tokenizer.decode(x[0]) in data
+    with pytest.raises(TextDataError, match="meta.json: exists already"):
+        adopt_bins(tmp_path, CharTokenizer.from_texts([data]))
+
+
+def test_adopting_with_too_small_a_vocabulary_is_refused_and_writes_nothing(tmp_path):
+    np.array([0, 1, 2, 3, 9], dtype=np.uint16).tofile(tmp_path / "train.bin")
+    np.array([0, 1], dtype=np.uint16).tofile(tmp_path / "val.bin")
+    with pytest.raises(TextDataError, match=r"train\.bin: token id 9 at token 4 is not below "
+                                            r"vocab_size 4"):
+        adopt_bins(tmp_path, CharTokenizer(list("abcd")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin", "val.bin"]
+    (tmp_path / "val.bin").write_bytes(b"\x00\x00\x01")
+    with pytest.raises(TextDataError, match="3 bytes is not a whole number of uint16 ids"):
+        adopt_bins(tmp_path, CharTokenizer(list("abcdefghij")))

@@ -1,4 +1,4 @@
-"""SyntheticText: the sampler against a NumPy twin, determinism, and the stated entropies measured."""
+"""SyntheticText: the sampler against a NumPy twin, determinism, the stated entropies measured."""
 
 import numpy as np
 import pytest

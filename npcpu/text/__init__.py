@@ -11,7 +11,7 @@ The data contract a language-model trainer uses (TextDataset and SyntheticText b
     data.vocab_size, data.block_size
 """
 
-from npcpu.text.dataset import (IGNORE_INDEX, TextDataset, language_model_metrics,
+from npcpu.text.dataset import (IGNORE_INDEX, TextDataset, adopt_bins, language_model_metrics,
                                 unigram_entropy)
 from npcpu.text.prepare import TextDataError, prepare_text
 from npcpu.text.synthetic import SyntheticText
@@ -19,5 +19,5 @@ from npcpu.text.tokenizers import (BPETokenizer, ByteTokenizer, CharTokenizer, l
                                    same_tokenizer)
 
 __all__ = ["BPETokenizer", "ByteTokenizer", "CharTokenizer", "IGNORE_INDEX", "SyntheticText",
-           "TextDataError", "TextDataset", "language_model_metrics", "load_tokenizer",
-           "prepare_text", "same_tokenizer", "unigram_entropy"]
+           "TextDataError", "TextDataset", "adopt_bins", "language_model_metrics",
+           "load_tokenizer", "prepare_text", "same_tokenizer", "unigram_entropy"]

@@ -82,8 +82,8 @@ def read_meta(data_dir) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise TextDataError(f"{data_dir}: no meta.json; make the directory with npcpu "
-                            f"prepare-text (for nanoGPT's shakespeare_char, prepare-text on its "
-                            f"input.txt with --tokenizer char writes the same bins)")
+                            f"prepare-text, or describe bins made elsewhere (nanoGPT's) with "
+                            f"npcpu.text.adopt_bins")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
@@ -93,6 +93,42 @@ def read_meta(data_dir) -> dict:
     if missing or meta["format"] != META_FORMAT:
         raise TextDataError(f"{path}: not a prepare-text meta.json (missing {missing} or format "
                             f"{meta.get('format')!r} != {META_FORMAT!r})")
+    return meta
+
+
+def adopt_bins(data_dir, tokenizer) -> dict:
+    """Write meta.json and tokenizer.json beside train.bin and val.bin made by another program
+    (nanoGPT's prepare.py: uint16 ids, no header) so that TextDataset reads them unchanged.
+
+    For nanoGPT's shakespeare_char the tokenizer is CharTokenizer.from_texts([text of its
+    input.txt]): its meta.pkl holds the same vocabulary (sorted distinct characters), but is a
+    pickle, which npcpu does not read. Every id is checked against the tokenizer's vocab_size;
+    an error leaves the directory as it was.
+    """
+    data_dir = Path(data_dir)
+    for name in ("meta.json", "tokenizer.json"):
+        if (data_dir / name).exists():
+            raise TextDataError(f"{data_dir / name}: exists already; adopt_bins describes bins "
+                                f"that have no meta.json or tokenizer.json")
+    dtype = bin_dtype(tokenizer.vocab_size)
+    tokens = {}
+    for split in ("train", "val"):
+        path = data_dir / f"{split}.bin"
+        if not path.is_file():
+            raise TextDataError(f"{path}: missing")
+        size = path.stat().st_size
+        if size % dtype.itemsize:
+            raise TextDataError(f"{path}: {size} bytes is not a whole number of {dtype} ids")
+        ids = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+        counts = _histogram(ids, tokenizer.vocab_size, path)
+        tokens[split] = int(counts.sum())
+    meta = {"format": META_FORMAT, "version": 1, "tokenizer": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size, "dtype": dtype.name,
+            "train_tokens": tokens["train"], "val_tokens": tokens["val"],
+            "val_fraction": tokens["val"] / max(tokens["train"] + tokens["val"], 1),
+            "sources": []}
+    tokenizer.save(data_dir / "tokenizer.json")
+    (data_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
 

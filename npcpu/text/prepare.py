@@ -8,7 +8,9 @@ tokenized one by one and their ids concatenated in the order given).
 
 nanoGPT's shakespeare_char: its vocabulary is the sorted distinct characters of input.txt and its
 split is the same, so `npcpu prepare-text input.txt --tokenizer char --out DIR` writes bins
-byte-identical to the ones nanoGPT's prepare.py writes (its meta.pkl, a pickle, is not read).
+byte-identical to the ones nanoGPT's prepare.py writes. Its meta.pkl, a pickle, is not read; to
+use bins nanoGPT already wrote where they are, npcpu.text.adopt_bins adds meta.json and
+tokenizer.json beside them.
 
 Inputs larger than memory stream through in chunks of `chunk_bytes`, in two passes: the first
 checks every file (not empty, no NUL byte, valid UTF-8) and builds the tokenizer (the char

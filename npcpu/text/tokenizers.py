@@ -1,4 +1,4 @@
-"""Tokenizers: text <-> integer ids. Char-level, byte-level, and BPE through the `tokenizers` library.
+"""Tokenizers, text <-> ids: char-level, byte-level, and BPE through the `tokenizers` package.
 
 Every tokenizer has one small interface:
 
