@@ -237,3 +237,22 @@ def test_adopting_with_too_small_a_vocabulary_is_refused_and_writes_nothing(tmp_
     (tmp_path / "val.bin").write_bytes(b"\x00\x00\x01")
     with pytest.raises(TextDataError, match="3 bytes is not a whole number of uint16 ids"):
         adopt_bins(tmp_path, CharTokenizer(list("abcdefghij")))
+
+
+def test_micro_batches_are_the_rows_of_one_large_batch(char_dir):
+    data = TextDataset(char_dir, block_size=10, seed=3)
+    large_x, large_y = data.batch(5, 4 * 3)
+    for i in range(3):
+        x, y = data.batch(5 * 3 + i, 4)
+        np.testing.assert_array_equal(x, large_x[4 * i:4 * i + 4])
+        np.testing.assert_array_equal(y, large_y[4 * i:4 * i + 4])
+
+
+def test_a_meta_json_dtype_that_cannot_hold_the_vocabulary(char_dir, tmp_path):
+    for name in ("tokenizer.json", "train.bin", "val.bin"):
+        (tmp_path / name).write_bytes((char_dir / name).read_bytes())
+    meta = json.loads((char_dir / "meta.json").read_text())
+    for dtype in ("int8", "float32"):
+        (tmp_path / "meta.json").write_text(json.dumps(dict(meta, dtype=dtype)))
+        with pytest.raises(TextDataError, match=f"dtype '{dtype}' cannot hold vocab_size"):
+            TextDataset(tmp_path, block_size=8)

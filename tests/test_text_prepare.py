@@ -189,6 +189,10 @@ def test_argument_errors(tmp_path):
         prepare_text([path], tmp_path / "out", "char", val_fraction=1.0)
     with pytest.raises(TextDataError, match="applies to the bpe tokenizer only"):
         prepare_text([path], tmp_path / "out", "char", vocab_size=500)
+    with pytest.raises(TextDataError, match="the bpe tokenizer needs --vocab-size"):
+        prepare_text([path], tmp_path / "out", "bpe")
+    with pytest.raises(TextDataError, match=r"tokenizer must be one of .* got 'words'"):
+        prepare_text([path], tmp_path / "out", "words")
     with pytest.raises(TextDataError, match="nope.txt: no such file"):
         prepare_text([tmp_path / "nope.txt"], tmp_path / "out", "char")
     (tmp_path / "short.txt").write_text("abc")

@@ -162,3 +162,10 @@ def test_a_count_model_reaches_the_entropy_floor():
     assert losses.size == source.eval_tokens
     excess = source.metrics(losses.sum(), losses.size)["excess_loss"]
     assert -4 * losses.std() / np.sqrt(losses.size) < excess < 0.03
+
+
+def test_micro_batches_are_the_rows_of_one_large_batch():
+    source = SyntheticText(16, 12, seed=1)
+    large_x, _ = source.batch(2, 6)
+    for i in range(3):
+        np.testing.assert_array_equal(source.batch(2 * 3 + i, 2)[0], large_x[2 * i:2 * i + 2])

@@ -15,7 +15,9 @@ x and y are int64: NumPy's index type, which an embedding lookup and the loss's 
 logits take without a conversion, and signed, for IGNORE_INDEX. A batch is B * T * 8 bytes.
 
 Training windows are drawn independently (with replacement) among the n - T start positions of a
-split of n tokens, as nanoGPT draws them.
+split of n tokens, as nanoGPT draws them. Window j of step s is counter s * B + j of the stream,
+so k micro-batches batch(s * k + i, B), i < k, are exactly the rows of batch(s, k * B): gradient
+accumulation sees the same windows as one large batch.
 """
 
 from __future__ import annotations
@@ -164,11 +166,11 @@ class TextDataset:
                                 f" ids but meta.json says vocab_size {self.vocab_size}")
         if tokenizer is not None:
             self.check_tokenizer(tokenizer)
+        if self.meta["dtype"] not in ("uint16", "uint32") or \
+                bin_dtype(self.vocab_size).itemsize > np.dtype(self.meta["dtype"]).itemsize:
+            raise TextDataError(f"{self.data_dir / 'meta.json'}: dtype {self.meta['dtype']!r} "
+                                f"cannot hold vocab_size {self.vocab_size} (uint16 or uint32)")
         self.dtype = np.dtype(self.meta["dtype"])
-        if self.dtype not in (np.uint16, np.uint32) or bin_dtype(self.vocab_size).itemsize > \
-                self.dtype.itemsize:
-            raise TextDataError(f"{self.data_dir / 'meta.json'}: dtype {self.dtype} cannot hold "
-                                f"vocab_size {self.vocab_size} (uint16 or uint32)")
         if dtype is not None and np.dtype(dtype) != self.dtype:
             raise TextDataError(f"{self.data_dir}: the bins hold {self.dtype} ids (meta.json), "
                                 f"not {np.dtype(dtype)}")

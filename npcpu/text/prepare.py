@@ -17,7 +17,9 @@ checks every file (not empty, no NUL byte, valid UTF-8) and builds the tokenizer
 vocabulary, or BPE training fed chunk by chunk); the second encodes and writes. Char and byte ids
 do not depend on where text is cut; for BPE a chunk ends only at a line break between two
 non-space characters, where byte-level BPE's pre-tokenizer splits anyway, so the bins equal those
-of encoding each whole file at once (a file with no such line break is held whole in memory).
+of encoding each whole file at once (a file with no such line break is held whole in memory). A
+given tokenizer.json is cut the same way: exact for byte-level BPE (GPT-2's included), assumed
+for others.
 
 Everything is written in a temporary directory beside DIR and moved into DIR at the end, meta.json
 last: an error leaves DIR as it was.
@@ -153,8 +155,6 @@ def _build_tokenizer(tokenizer, vocab_size, files, chunk_bytes, show_progress, t
         if tokenizer == "char":
             return CharTokenizer.from_texts(chunks())
         if tokenizer == "bpe":
-            if vocab_size is None:
-                raise TextDataError("prepare-text: --tokenizer bpe needs --vocab-size")
             return BPETokenizer.train(chunks(), vocab_size)
         for _ in chunks():
             pass
@@ -224,7 +224,12 @@ def prepare_text(files, out_dir, tokenizer="char", vocab_size: int | None = None
     if not 0.0 < float(val_fraction) < 1.0:
         raise TextDataError(f"prepare-text: val_fraction must be in (0, 1), got {val_fraction}")
     if isinstance(tokenizer, (str, os.PathLike)) and str(tokenizer) not in TOKENIZER_KINDS:
+        if not os.path.isfile(tokenizer):
+            raise TextDataError(f"prepare-text: tokenizer must be one of {TOKENIZER_KINDS} or a "
+                                f"tokenizer.json file, got {str(tokenizer)!r}")
         tokenizer = load_tokenizer(tokenizer)
+    if tokenizer == "bpe" and vocab_size is None:
+        raise TextDataError("prepare-text: the bpe tokenizer needs --vocab-size")
     if vocab_size is not None and tokenizer != "bpe":
         raise TextDataError(f"prepare-text: --vocab-size applies to the bpe tokenizer only, not "
                             f"{getattr(tokenizer, 'kind', tokenizer)!r}")

@@ -18,9 +18,9 @@ Starting from pi makes every position's state distributed as pi, so with x = seq
                                      entropies of marginals of pi
     floor(T) = mean of these over the T targets t = 1 .. T, in nats per token
 
-Training batch `step` holds sequences step * B ... step * B + B - 1 of the training stream; the
-evaluation set is the first `eval_sequences` of a separate stream: held-out sequences of the same
-chain.
+Training batch `step` holds sequences step * B ... step * B + B - 1 of the training stream (so,
+as in TextDataset, batch(s * k + i, B) for i < k are the rows of batch(s, k * B)); the evaluation
+set is the first `eval_sequences` of a separate stream: held-out sequences of the same chain.
 """
 
 from __future__ import annotations
