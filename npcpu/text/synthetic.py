@@ -81,7 +81,7 @@ class SyntheticText:
         Sequences in the evaluation set.
     """
 
-    def __init__(self, vocab_size: int = 32, block_size: int = 64, *, order: int = 2,
+    def __init__(self, vocab_size: int = 16, block_size: int = 64, *, order: int = 2,
                  branching: int = 4, seed: int = 0, eval_sequences: int = 256):
         owner = "SyntheticText"
         self.vocab_size = check_int(owner, "vocab_size", vocab_size, 2)
