@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from npcpu.checks import check_real
+from npcpu.dtypes import HALF_DTYPES
 from npcpu.kernels.softmax import cross_entropy_forward_backward
-from npcpu.precision import HALF_DTYPES, to_compute
+from npcpu.precision import to_compute
 
 REDUCTIONS = ("mean", "sum")
 
@@ -67,9 +69,7 @@ class Loss:
             return 1.0
         if normalizer is None:
             return float(count)
-        if not normalizer > 0:
-            raise ValueError(f"{self!r}: normalizer must be positive, got {normalizer!r}")
-        return float(normalizer) * per_unit
+        return check_real(repr(self), "normalizer", normalizer, low=0.0, low_open=True, allow_inf=True) * per_unit
 
     def _gradient_buffer(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
         """The gradient array, reused from the last call when shape and dtype agree."""

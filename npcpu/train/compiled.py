@@ -39,7 +39,7 @@ import threading
 import numba
 import numpy as np
 
-from npcpu.data.arrays import check_int
+from npcpu.checks import check_int
 from npcpu.data.loader import DataLoader
 from npcpu.kernels.compiled_step import COLUMN_BLOCKS, train_worker
 from npcpu.nn.linear import FusedLinearReLU, Linear
