@@ -185,7 +185,7 @@ def test_same_tokenizer_again_replaces_its_files_and_keeps_others(tmp_path):
 
 def test_argument_errors(tmp_path):
     path = STDLIB_FILES[0]
-    with pytest.raises(TextDataError, match=r"val_fraction must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 1.0"):
         prepare_text([path], tmp_path / "out", "char", val_fraction=1.0)
     with pytest.raises(TextDataError, match="applies to the bpe tokenizer only"):
         prepare_text([path], tmp_path / "out", "char", vocab_size=500)

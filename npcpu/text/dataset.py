@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from npcpu.data.arrays import check_int
+from npcpu.checks import check_int
 from npcpu.text.prepare import META_FORMAT, TextDataError, bin_dtype
 from npcpu.text.sampling import TRAIN_WINDOWS, window_starts
 from npcpu.text.tokenizers import load_tokenizer, same_tokenizer

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from npcpu.checks import check_int, check_real
 from npcpu.text.tokenizers import (TOKENIZER_KINDS, BPETokenizer, ByteTokenizer, CharTokenizer,
                                    load_tokenizer)
 
@@ -221,8 +222,9 @@ def prepare_text(files, out_dir, tokenizer="char", vocab_size: int | None = None
     files = [Path(files)] if isinstance(files, (str, os.PathLike)) else [Path(f) for f in files]
     if not files:
         raise TextDataError("prepare-text: no input files")
-    if not 0.0 < float(val_fraction) < 1.0:
-        raise TextDataError(f"prepare-text: val_fraction must be in (0, 1), got {val_fraction}")
+    val_fraction = check_real("prepare-text", "val_fraction", val_fraction, low=0.0, high=1.0,
+                              low_open=True, high_open=True)
+    chunk_bytes = check_int("prepare-text", "chunk_bytes", chunk_bytes, 1)
     if isinstance(tokenizer, (str, os.PathLike)) and str(tokenizer) not in TOKENIZER_KINDS:
         if not os.path.isfile(tokenizer):
             raise TextDataError(f"prepare-text: tokenizer must be one of {TOKENIZER_KINDS} or a "
@@ -249,7 +251,7 @@ def prepare_text(files, out_dir, tokenizer="char", vocab_size: int | None = None
     try:
         n, counts = _encode_files(tokenizer, files, work / "tokens.bin", dtype, chunk_bytes,
                                   progress, total_bytes)
-        n_train = int(n * (1.0 - float(val_fraction)))
+        n_train = int(n * (1.0 - val_fraction))
         if n_train < 2 or n - n_train < 2:
             raise TextDataError(f"prepare-text: {n} tokens are too few to split with "
                                 f"val_fraction={val_fraction} (each split needs 2 or more)")
@@ -259,7 +261,7 @@ def prepare_text(files, out_dir, tokenizer="char", vocab_size: int | None = None
             "format": META_FORMAT, "version": 1,
             "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
             "dtype": dtype.name, "train_tokens": n_train, "val_tokens": n - n_train,
-            "val_fraction": float(val_fraction), "distinct_tokens": int(np.count_nonzero(counts)),
+            "val_fraction": val_fraction, "distinct_tokens": int(np.count_nonzero(counts)),
             "sources": [{"path": str(path.resolve()), "bytes": size}
                         for path, size in zip(files, sizes)],
         }

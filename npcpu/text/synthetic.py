@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from npcpu.data.arrays import check_int
+from npcpu.checks import check_int
 from npcpu.text.dataset import language_model_metrics
 from npcpu.text.sampling import (CHAIN_SUCCESSORS, CHAIN_WEIGHTS, EVAL_SEQUENCES,
                                  TRAIN_SEQUENCES, fill_uniform, markov_sequences)

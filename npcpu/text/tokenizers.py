@@ -29,6 +29,8 @@ import os
 
 import numpy as np
 
+from npcpu.checks import check_int
+
 TOKENIZER_KINDS = ("char", "byte", "bpe")
 _CODE_POINTS = 0x110000
 _MISSING_TOKENIZERS = ("BPE needs the `tokenizers` package, an optional extra of npcpu: "
@@ -173,15 +175,14 @@ class BPETokenizer:
     def train(cls, texts, vocab_size: int) -> "BPETokenizer":
         """Learn `vocab_size` tokens (>= 256, the byte alphabet) from `texts`, an iterable of str
         consumed once (chunks of a large file are fine)."""
+        vocab_size = check_int("BPETokenizer", "vocab_size (the byte alphabet and merges)",
+                               vocab_size, 256)
         lib = _tokenizers_library()
-        if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 256:
-            raise ValueError(f"BPETokenizer: vocab_size must be an int >= 256 (the byte "
-                             f"alphabet), got {vocab_size!r}")
         tokenizer = lib.Tokenizer(lib.models.BPE())
         tokenizer.pre_tokenizer = lib.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = lib.decoders.ByteLevel()
         trainer = lib.trainers.BpeTrainer(
-            vocab_size=int(vocab_size), special_tokens=[], show_progress=False,
+            vocab_size=vocab_size, special_tokens=[], show_progress=False,
             initial_alphabet=lib.pre_tokenizers.ByteLevel.alphabet())
         tokenizer.train_from_iterator(texts, trainer=trainer)
         return cls(tokenizer)
