@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from npcpu.text.dataset import (IGNORE_INDEX, TextDataset, adopt_bins, fixed_windows,
                                 language_model_metrics, unigram_entropy)
@@ -256,3 +258,18 @@ def test_a_meta_json_dtype_that_cannot_hold_the_vocabulary(char_dir, tmp_path):
         (tmp_path / "meta.json").write_text(json.dumps(dict(meta, dtype=dtype)))
         with pytest.raises(TextDataError, match=f"dtype '{dtype}' cannot hold vocab_size"):
             TextDataset(tmp_path, block_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(2, 300), block_size=st.integers(1, 40), batch_size=st.integers(1, 9))
+def test_fixed_windows_predict_every_token_once_for_any_sizes(n, block_size, batch_size):
+    tokens = np.arange(n) % 7 + 10 * (np.arange(n) // 7)  # distinct enough to see order
+    xs, ys = zip(*fixed_windows(tokens, block_size, batch_size))
+    assert all(x.shape == y.shape and x.shape[1] == block_size and 1 <= x.shape[0] <= batch_size
+               for x, y in zip(xs, ys))
+    x, y = np.concatenate(xs).reshape(-1), np.concatenate(ys).reshape(-1)
+    scored = y != IGNORE_INDEX
+    np.testing.assert_array_equal(y[scored], tokens[1:])
+    np.testing.assert_array_equal(x[scored], tokens[:-1])
+    assert scored[:n - 1].all() and not scored[n - 1:].any()  # padding only at the very end
+    assert len(x) == -(-(n - 1) // block_size) * block_size
