@@ -53,6 +53,20 @@ class Loss:
             raise RuntimeError(f"{self!r}: backward() called before forward()")
         return self._grad
 
+    def evaluation_sums(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+        """This batch's sums of the metrics an evaluation reports besides the loss, by name.
+
+        Trainer.evaluate adds them up over the data and hands the totals to
+        `evaluation_metrics`. A plain loss has none (an MSELoss run reports its loss only).
+        """
+        return {}
+
+    def evaluation_metrics(self, loss: float, sums: dict[str, float], samples: int) -> dict:
+        """The metrics of an evaluation from its mean loss and the totals of `evaluation_sums`:
+        the loss, and each total per sample. Trainer.evaluate reports them as "eval_<name>"; a
+        loss whose metrics are not per-sample means (perplexity, tokens) overrides this."""
+        return {"loss": loss, **{name: total / samples for name, total in sums.items()}}
+
     def _outputs_in_compute_dtype(self, outputs) -> np.ndarray:
         """Floating outputs as a contiguous float32 (float64 stays float64) array."""
         if not isinstance(outputs, np.ndarray):
@@ -140,6 +154,10 @@ class CrossEntropyLoss(Loss):
         if divisor == 0:  # every target ignored: torch's 0 / 0
             return float("nan")
         return float(losses.sum() / divisor)
+
+    def evaluation_sums(self, logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+        """{"accuracy": rows whose largest logit is the target} (ignored rows count as wrong)."""
+        return {"accuracy": int(np.count_nonzero(np.argmax(logits, axis=-1) == targets))}
 
     def _check_targets(self, logits: np.ndarray, targets) -> np.ndarray:
         """Integer targets of shape logits.shape[:-1], each in [0, C) or equal to ignore_index."""

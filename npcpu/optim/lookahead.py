@@ -56,6 +56,21 @@ class Lookahead:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
 
+    # -- the rest of what the Trainer calls (npcpu.optim.optimizer.TrainerOptimizer) -------------
+    fused_into_backward = False
+
+    def fuse_into_backward(self) -> None:
+        """Refused: the sync every k steps reads every parameter's fast weights after its step,
+        which an update inside backward does not leave a place for."""
+        raise TypeError("update_in_backward needs an npcpu Optimizer (SGD, Adam, AdamW), "
+                        "got Lookahead")
+
+    def evaluation_weights(self):
+        return self.slow_weights_swapped()
+
+    def describe(self) -> str:
+        return f"Lookahead({self.optimizer.describe()})"
+
     def step(self) -> None:
         self.optimizer.step()
         self.step_count += 1
