@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npcpu.text.prepare import TextDataError, main, prepare_text, read_chunks
+from npcpu.cli import main
+from npcpu.text.prepare import TextDataError, prepare_text, read_chunks
 from npcpu.text.tokenizers import BPETokenizer, CharTokenizer, load_tokenizer
 
 try:
@@ -202,7 +203,7 @@ def test_argument_errors(tmp_path):
 
 
 def test_main_runs_the_command_line_and_shows_progress(tmp_path, capsys):
-    assert main([STDLIB_FILES[0], "--out", str(tmp_path / "out"), "--tokenizer", "byte",
+    assert main(["prepare-text", STDLIB_FILES[0], "--out", str(tmp_path / "out"), "--tokenizer", "byte",
                  "--val-fraction", "0.25"]) == 0
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["tokenizer"] == "byte" and meta["val_fraction"] == 0.25

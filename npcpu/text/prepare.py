@@ -305,9 +305,3 @@ def run(args) -> int:
     print(f"{args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
           f"{meta['tokenizer']} tokenizer, vocab_size {meta['vocab_size']}, {meta['dtype']}")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="npcpu prepare-text", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
