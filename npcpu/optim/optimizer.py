@@ -43,7 +43,7 @@ from __future__ import annotations
 import numpy as np
 
 from npcpu.checks import check_flag, check_int, check_real
-from npcpu.kernels import optim as kernels
+from npcpu.kernels.optim_io import ELEMENTS_PER_HASH, Rounding, random_scratch
 from npcpu.nn.parameter import Parameter
 from npcpu.precision import bfloat16, to_storage
 
@@ -106,7 +106,7 @@ class Optimizer:
     """
 
     elementwise = True
-    element_alignment = kernels.ELEMENTS_PER_HASH
+    element_alignment = ELEMENTS_PER_HASH
 
     def __init__(self, params, defaults: dict, *, state_dtype: str = "fp32",
                  master_weights: bool = False, stochastic_rounding: bool = True, seed: int = 0):
@@ -149,7 +149,8 @@ class Optimizer:
     def _update(self, weights, grad, state: dict, group: dict, rounding: tuple) -> None:
         """Update flat `weights` in place from flat `grad` (state["step"] already counts this step).
 
-        `rounding` is (stochastic, seed, stream, random scratch), passed on to the kernel.
+        `rounding` is the kernels' npcpu.kernels.optim_io.Rounding (stochastic, seed, stream,
+        first element, random scratch), passed on to the kernel as it is.
         """
         raise NotImplementedError
 
@@ -274,7 +275,7 @@ class Optimizer:
         stochastic = self.stochastic_rounding and any(
             a.dtype == bfloat16 for a in (weights, *state.values()) if isinstance(a, np.ndarray))
         seed, stream = np.uint64(self.seed), np.uint64((state["step"] << 32) | index)
-        random = kernels.random_scratch()  # the kernels' per-thread scratch for random bits
+        random = random_scratch()  # the kernels' per-thread scratch for random bits
 
         def update(grad: np.ndarray, first: int = 0) -> None:
             stop, alignment = first + grad.size, self.element_alignment
@@ -284,7 +285,8 @@ class Optimizer:
                                  "parameter" + ("" if self.elementwise else
                                                 f", and {owner} updates whole tensors only"))
             part = {**state, **{name: a[first:stop] for name, a in arrays.items()}}
-            rounding = (stochastic, seed, stream, np.uint64(first), random)
+            rounding = Rounding(stochastic=stochastic, seed=seed, stream=stream, first=np.uint64(first),
+                                random=random)
             self._update(flat(weights)[first:stop], grad, part, group, rounding)
             self.publish_master(p, first, stop)
         return update
