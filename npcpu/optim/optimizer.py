@@ -28,7 +28,8 @@ continues bit for bit.
 Updating inside backward
 ------------------------
 `fuse_into_backward()` makes each parameter's layer hand its gradient to the optimizer as soon as
-it is complete, during the backward pass (`Parameter.updater`); `step()` is then not called. A
+it is complete, during the backward pass (`Parameter.updater`: the optimizer implements
+npcpu.nn.parameter.InBackwardUpdater, all that nn/ knows of it); `step()` is then not called. A
 Linear layer does it a block of weight rows at a time (npcpu.nn.weight_blocks), so the model never
 holds its whole gradient: for mlp52m in bf16 that is 216 MB of float32 gradients not allocated.
 Both paths run the same code: `begin_update(p)` counts the step and returns a function that updates
