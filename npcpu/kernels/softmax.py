@@ -10,6 +10,37 @@ import numpy as np
 from numba import njit, prange
 
 
+@njit(cache=True)
+def cross_entropy_row(x, target, label_smoothing, grad_scale, dlogits):
+    """The loss of one row of logits x (C,) against class `target` (returned, float64), and its
+    gradient into dlogits (C,): the formulas of `cross_entropy_forward_backward`. Also the loss of
+    the compiled training step (npcpu.kernels.compiled_step)."""
+    classes = x.size
+    smooth_per_class = label_smoothing / classes
+    # the row maximum, in the logits' dtype (so that exp runs in it too); a NaN never wins a
+    # comparison, and it still poisons the sum below
+    row_max = x[0]
+    for c in range(1, classes):
+        if x[c] > row_max:
+            row_max = x[c]
+    sum_exp = 0.0
+    sum_logits = 0.0
+    for c in range(classes):
+        shifted_exp = np.exp(x[c] - row_max)
+        dlogits[c] = shifted_exp  # kept, so the gradient loop below needs no second exp
+        sum_exp += shifted_exp
+        sum_logits += x[c]
+    lse = row_max + np.log(sum_exp)
+    loss = lse - (1.0 - label_smoothing) * x[target]
+    if label_smoothing > 0.0:  # guarded: 0 * (-inf) from a -inf logit would be NaN
+        loss -= smooth_per_class * sum_logits
+    inv_sum_exp = 1.0 / sum_exp
+    for c in range(classes):
+        dlogits[c] = (dlogits[c] * inv_sum_exp - smooth_per_class) * grad_scale
+    dlogits[target] -= (1.0 - label_smoothing) * grad_scale
+    return loss
+
+
 @njit(parallel=True, cache=True)
 def cross_entropy_forward_backward(losses, dlogits, logits, targets, ignore_index, label_smoothing,
                                    grad_scale):
@@ -26,35 +57,10 @@ def cross_entropy_forward_backward(losses, dlogits, logits, targets, ignore_inde
     `grad_scale` is 1 / (the mean's divisor) for reduction "mean", 1 for "sum". A row whose target
     is `ignore_index` gets loss 0 and a zero gradient.
     """
-    rows, classes = logits.shape
-    smooth_per_class = label_smoothing / classes
-    for n in prange(rows):
-        x = logits[n]
-        target = targets[n]
-        if target == ignore_index:
+    for n in prange(logits.shape[0]):
+        if targets[n] == ignore_index:
             losses[n] = 0.0
-            for c in range(classes):
-                dlogits[n, c] = 0.0
-            continue
-        # the row maximum, in the logits' dtype (so that exp runs in it too); a NaN never wins a
-        # comparison, and it still poisons the sum below
-        row_max = x[0]
-        for c in range(1, classes):
-            if x[c] > row_max:
-                row_max = x[c]
-        sum_exp = 0.0
-        sum_logits = 0.0
-        for c in range(classes):
-            shifted_exp = np.exp(x[c] - row_max)
-            dlogits[n, c] = shifted_exp  # kept, so the gradient loop below needs no second exp
-            sum_exp += shifted_exp
-            sum_logits += x[c]
-        lse = row_max + np.log(sum_exp)
-        loss = lse - (1.0 - label_smoothing) * x[target]
-        if label_smoothing > 0.0:  # guarded: 0 * (-inf) from a -inf logit would be NaN
-            loss -= smooth_per_class * sum_logits
-        losses[n] = loss
-        inv_sum_exp = 1.0 / sum_exp
-        for c in range(classes):
-            dlogits[n, c] = (dlogits[n, c] * inv_sum_exp - smooth_per_class) * grad_scale
-        dlogits[n, target] -= (1.0 - label_smoothing) * grad_scale
+            dlogits[n, :] = 0.0
+        else:
+            losses[n] = cross_entropy_row(logits[n], targets[n], label_smoothing, grad_scale,
+                                          dlogits[n])
