@@ -12,8 +12,11 @@ from numba import njit, prange
 
 @njit(parallel=True, cache=True)
 def cross_entropy_forward_backward(losses, dlogits, logits, targets, ignore_index, label_smoothing,
-                                   grad_scale):
-    """Per-row loss and its gradient for logits (N, C) and targets (N,).
+                                   grad_scale, classes):
+    """Per-row loss and its gradient for logits (N, P) and targets (N,), over the first `classes`
+    columns (C = classes <= P): columns C .. P - 1 are vocabulary padding, left out of the softmax,
+    and get a zero gradient. `dlogits` may be `logits` itself (the gradient written in place: every
+    logit of a row is read before the row is overwritten).
 
     Writes losses (N,) (float64) and dlogits (N, C). With eps = label_smoothing, the target
     distribution of a row is q = (1 - eps) * onehot(t) + eps / C (torch's label smoothing), and
@@ -26,16 +29,19 @@ def cross_entropy_forward_backward(losses, dlogits, logits, targets, ignore_inde
     `grad_scale` is 1 / (the mean's divisor) for reduction "mean", 1 for "sum". A row whose target
     is `ignore_index` gets loss 0 and a zero gradient.
     """
-    rows, classes = logits.shape
+    rows, padded = logits.shape
     smooth_per_class = label_smoothing / classes
     for n in prange(rows):
         x = logits[n]
         target = targets[n]
+        for c in range(classes, padded):
+            dlogits[n, c] = 0.0
         if target == ignore_index:
             losses[n] = 0.0
             for c in range(classes):
                 dlogits[n, c] = 0.0
             continue
+        target_logit = x[target]
         # the row maximum, in the logits' dtype (so that exp runs in it too); a NaN never wins a
         # comparison, and it still poisons the sum below
         row_max = x[0]
@@ -50,7 +56,7 @@ def cross_entropy_forward_backward(losses, dlogits, logits, targets, ignore_inde
             sum_exp += shifted_exp
             sum_logits += x[c]
         lse = row_max + np.log(sum_exp)
-        loss = lse - (1.0 - label_smoothing) * x[target]
+        loss = lse - (1.0 - label_smoothing) * target_logit
         if label_smoothing > 0.0:  # guarded: 0 * (-inf) from a -inf logit would be NaN
             loss -= smooth_per_class * sum_logits
         losses[n] = loss
