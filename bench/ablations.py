@@ -82,7 +82,7 @@ FULL = {
     "lamb_lrs": [4e-3, 1e-2, 2.5e-2, 6e-2],   # a 3-point sweep put both optima at its top end
     "adamw_lrs": [1e-3, 3e-3, 1e-2, 3e-2],
     "seeds": [0, 1, 2],
-    # mlp52m (DESIGN.md) for a few steps: big enough that parameters and optimizer state, not the
+    # mlp52m (docs/DESIGN.md) for a few steps: big enough that parameters and optimizer state, not the
     # interpreter, decide the peak memory.
     "memory_preset": "mlp52m",
     "memory": {"train": {"epochs": None, "max_steps": 8, "eval_every": None,

@@ -2,7 +2,7 @@
 
     python bench/bench_mlp.py [--repeats 10] [--threads N]
 
-mlp52m (DESIGN.md): 784-4096-4096-4096-4096-100, FusedLinearReLU x4 + Linear, batch 128. One step is
+mlp52m (docs/DESIGN.md): 784-4096-4096-4096-4096-100, FusedLinearReLU x4 + Linear, batch 128. One step is
 forward, then backward of a fixed random dL/dlogits; no loss, no optimizer. torch gets the same
 weights (state_dict) and thread count, its input needs no gradient (npcpu: input_requires_grad False),
 and its gradients are set to None before each step, as `optimizer.zero_grad()` does by default.

@@ -1,4 +1,4 @@
-"""Training speed and peak memory, npcpu against PyTorch, on the canonical workloads (DESIGN.md).
+"""Training speed and peak memory, npcpu against PyTorch, on the canonical workloads (docs/DESIGN.md).
 
     python bench/bench_train.py [--workload mlp52m|logreg-mnist|all] [--rounds N] [--threads 2]
                                 [--quick] [--samples N] [--configs SUBSTRING ...] [--note TEXT]

@@ -1,4 +1,4 @@
-"""The canonical training workloads (DESIGN.md) as npcpu and torch models with the same initial weights.
+"""The canonical training workloads (docs/DESIGN.md) as npcpu and torch models with the same initial weights.
 
     mlp52m        MLP 784-4096-4096-4096-4096-100 (54.7M parameters), batch 128, Adam; one fixed
                   batch of SyntheticClassification(784 features, 100 classes)

@@ -1,5 +1,27 @@
-"""npcpu: train neural networks on a CPU with NumPy and Numba, no PyTorch and no autograd."""
+"""npcpu: train neural networks on a CPU with NumPy and Numba, no PyTorch and no autograd.
 
-from npcpu import backend  # noqa: F401  (chooses the Numba threading layer before any kernel runs)
+`import npcpu` loads only the backend (BLAS and Numba threading); the subpackages load on first use,
+as attributes, the way torch users write them: `npcpu.nn.Linear(3, 2)`, `npcpu.optim.AdamW(...)`.
+"""
+
+import importlib
+
+from npcpu import numba_cache
+
+numba_cache.install()  # before any kernel is compiled or loaded (see npcpu/numba_cache.py)
+
+from npcpu import backend  # noqa: E402,F401  (chooses the Numba threading layer before any kernel runs)
 
 __version__ = "0.1.0"
+
+SUBPACKAGES = ("data", "nn", "optim", "train")
+
+
+def __getattr__(name: str):
+    if name in SUBPACKAGES:
+        return importlib.import_module(f"npcpu.{name}")  # also binds it as an attribute of npcpu
+    raise AttributeError(f"module 'npcpu' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(SUBPACKAGES))

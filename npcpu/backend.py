@@ -5,9 +5,10 @@ same time in a training step, so both are set to the same count, once, through `
 
 Idle OpenBLAS threads busy-wait after each GEMM, by default for up to 2^28 cycles (about 0.1 s),
 before they sleep; a Numba kernel that runs right after a GEMM (the optimizer step after backward,
-the updates inside backward, the widening of bf16 weights) then shares the cores with them. On the
-project's 2-core machine fp32 Adam after mlp52m's backward took 71-76 ms that way and 42-45 ms
-with a wait of 2^20 cycles (0.3 ms), the whole step 7% less. OpenBLAS reads that wait, as
+the updates inside backward, the widening of bf16 weights) then shares the cores with them, and
+runs measurably slower (bench/RESULTS.md, "Measurements behind design choices"). A wait of 2^20
+cycles (well under a millisecond) keeps a thread warm between the GEMMs of one step and no longer
+than that. OpenBLAS reads that wait, as
 OPENBLAS_THREAD_TIMEOUT (log2 of the cycles), once, when it loads: so unless the user set it, it
 is set to 20 while SciPy's BLAS (the one npcpu's GEMMs use) loads here, and removed again, so that
 other processes started later (torch in the benchmarks) do not inherit it. It has no effect when
@@ -90,8 +91,8 @@ def set_threads(n: int | None) -> int:
 def _blas_libraries() -> list:
     """threadpoolctl's controllers of the BLAS libraries loaded at the first call, SciPy's (the one
     npcpu.blas calls) first. Found once per process: the search reads /proc/self/maps and opens
-    every library (~2.5 ms, which every Trainer.fit paid for its header); the controllers report
-    live thread counts."""
+    every library, milliseconds that every Trainer.fit would otherwise pay for its header); the
+    controllers report live thread counts."""
     blas = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
     return sorted(blas, key=lambda lib: "scipy" not in os.path.basename(
         os.path.dirname(lib.filepath or "")))
@@ -105,7 +106,8 @@ def _gemm_blas_controller():
 
 @contextmanager
 def single_blas_thread():
-    """Run the enclosed GEMMs (npcpu.blas) on one BLAS thread; about 1 us when there is a switch."""
+    """Run the enclosed GEMMs (npcpu.blas) on one BLAS thread (two threadpoolctl calls when the count
+    has to change, none when it is already one)."""
     blas = _gemm_blas_controller()
     threads = blas.get_num_threads() if blas is not None else 1
     if threads == 1:

@@ -117,7 +117,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
 PRESETS: dict[str, dict] = {
     # The embedded default: the whole seed system, about a minute or two on a 2-core laptop.
     "default": {},
-    # The mlp52m scale from DESIGN.md: 784-4096-4096-4096-4096-100, batch 128.
+    # The mlp52m scale from docs/DESIGN.md: 784-4096-4096-4096-4096-100, batch 128.
     "mlp52m": {
         "model": {"hidden": [4096, 4096, 4096, 4096]},
         "data": {"input_dim": 784, "num_classes": 100, "train_size": 60_000, "eval_size": 5_000},

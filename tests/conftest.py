@@ -7,6 +7,14 @@ import numba
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses the `torch` fixture, so that CI can run them again, and only them,
+    once torch is installed (`pytest -m torch`)."""
+    for item in items:
+        if "torch" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.torch)
+
+
 @pytest.fixture(scope="session")
 def torch():
     """The torch module for parity tests.

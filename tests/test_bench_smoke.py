@@ -1,7 +1,7 @@
 """Smoke tests of bench/: bench_train.py (one quick logreg-mnist round on 2,048 samples, JSON
 checked) and profile_mlp52m.py (one profiled step, its table checked).
 
-Timings are not asserted (DESIGN.md: speed is measured by bench/, never by a timed unit test); this
+Timings are not asserted (docs/DESIGN.md: speed is measured by bench/, never by a timed unit test); this
 checks that the chosen configurations each ran in a process of their own and that the record has
 its fields, the npcpu/torch ratios and the targets.
 """

@@ -1,1 +1,1 @@
-"""Numba kernels: pure functions over arrays, no classes, no state. See DESIGN.md, "Kernels"."""
+"""Numba kernels: pure functions over arrays, no classes, no state. See docs/DESIGN.md, "Kernels"."""
