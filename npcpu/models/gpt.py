@@ -97,6 +97,7 @@ class GPT(Module):
         self.lm_head = Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tied:
             self.lm_head.weight = self.transformer.wte.weight
+            self.lm_head.weight.uses = 2  # updated inside backward after both gradients are in
         self._initialize(np.random.default_rng(seed))
         self._batch_shape = None
 
@@ -223,12 +224,9 @@ class GPT(Module):
         """Module.load_state_dict, plus the head: a tied model takes a state dict with both head
         keys holding one array (nanoGPT's, or an npcpu GPT's) or with the head stored once (only
         transformer.wte.weight); an untied model needs its own lm_head.weight."""
-        state = dict(state)
         wte, head = "transformer.wte.weight", "lm_head.weight"
-        if self.config.tied and wte in state:
-            if head not in state:
-                state[head] = state[wte]
-            elif not np.array_equal(np.asarray(state[head]), np.asarray(state[wte])):
+        if self.config.tied and wte in state and head in state:
+            if not np.array_equal(np.asarray(state[head]), np.asarray(state[wte])):
                 raise ValueError("GPT.load_state_dict: this model ties lm_head.weight to "
                                  "transformer.wte.weight, but the state dict holds two different "
                                  "arrays (an untied model's): build it with GPTConfig(tied=False)")

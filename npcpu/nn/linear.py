@@ -114,7 +114,8 @@ class Linear(Module):
         work.record("gemm" if self.input_requires_grad else "gemm_skipped")
         if dx is not None:
             dx = dx.reshape(self._input_shape)
-        self.update_parameters_in_backward()  # the bias (W was, by blocks) when updated in backward
+        if self.bias is not None:  # W was updated by blocks (when updated in backward)
+            self.bias.update_in_backward()
         self._saved_input = self._input_shape = None
         return dx
 

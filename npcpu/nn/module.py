@@ -209,10 +209,12 @@ class Module:
         if state:
             raise ValueError(f"{self!r}: unexpected extra state {sorted(state)}")
 
-    def state_dict(self) -> OrderedDict:
-        """Parameter arrays under PyTorch's keys (a tied Parameter under each of its names, as in
-        torch). The arrays are the parameters' own (not copies)."""
-        return OrderedDict((name, p.data) for name, p in self.named_parameters(remove_duplicate=False))
+    def state_dict(self, remove_duplicate: bool = False) -> OrderedDict:
+        """Parameter arrays under PyTorch's keys: a tied Parameter under each of its names, as in
+        torch, or (`remove_duplicate`, for checkpoints) once, under its first name, which
+        `load_state_dict` accepts too. The arrays are the parameters' own (not copies)."""
+        return OrderedDict((name, p.data) for name, p in self.named_parameters(
+            remove_duplicate=remove_duplicate))
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Copy arrays into the parameters, converting to each parameter's storage dtype.
@@ -223,7 +225,9 @@ class Module:
         own = dict(self.named_parameters(remove_duplicate=False))
         problems = []
         if strict:
-            missing = sorted(set(own) - set(state))
+            provided = {id(own[name]) for name in state if name in own}  # a tied one: either name
+            missing = sorted(name for name, p in own.items()
+                             if name not in state and id(p) not in provided)
             unexpected = sorted(set(state) - set(own))
             if missing:
                 problems.append(f"missing keys {missing}")

@@ -29,6 +29,10 @@ class Parameter:
     updater : Optimizer or None
         The optimizer that updates this parameter inside the backward pass
         (`Optimizer.fuse_into_backward`); None when updates happen in `optimizer.step()`.
+    uses : int
+        How many layers read this Parameter in one forward pass: 1, or 2 for a weight tied between
+        two layers (a GPT's token embedding and output head), set by the model that ties it. Inside
+        backward the update waits for the last use's gradient (`complete_use`).
     """
 
     def __init__(self, data: np.ndarray, name: str = ""):
@@ -41,6 +45,8 @@ class Parameter:
         self.name = name
         self.frozen = False
         self.updater = None
+        self.uses = 1
+        self._uses_completed = 0  # uses whose gradient this backward pass has added so far
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -88,11 +94,22 @@ class Parameter:
             return self._grad, 0.0
         return self._grad, 1.0
 
+    def complete_use(self) -> bool:
+        """Record that one of the `uses` has added its gradient in this backward pass; True when
+        it was the last, so that the gradient is complete and the update may run (and the count
+        starts again for the next backward pass)."""
+        self._uses_completed += 1
+        if self._uses_completed < self.uses:
+            return False
+        self._uses_completed = 0
+        return True
+
     def update_in_backward(self) -> None:
-        """With an `updater`: apply this step's update from the gradient accumulated so far, and
-        drop the gradient. Layers call it at the end of their backward pass; it does nothing
-        without an updater, for a frozen parameter or one without a gradient."""
-        if self.updater is None or self.frozen or self._grad is None:
+        """With an `updater`: once the last use's gradient is in (`complete_use`), apply this
+        step's update from the accumulated gradient, and drop the gradient. Layers call it at the
+        end of their backward pass; it does nothing without an updater or for a frozen parameter,
+        and for a tied one it only counts the uses before the last."""
+        if self.updater is None or self.frozen or not self.complete_use() or self._grad is None:
             return
         self.updater.begin_update(self)(self.grad.reshape(-1))
         self.grad = None

@@ -92,10 +92,12 @@ def backward(dz: np.ndarray, x: np.ndarray, weight: Parameter, need_dx: bool) ->
     """dL/dW for an unfrozen W, and dx = dz W (N, K) when `need_dx` (else None is returned).
 
     dL/dW is added into W.grad (one GEMM, beta 0 after zero_grad), or, when W has an updater
-    (Optimizer.fuse_into_backward), computed a block of rows at a time and handed to it: W is then
-    updated when this returns, and W.grad stays None.
+    (Optimizer.fuse_into_backward) and this is its last use in the backward pass (a tied W has
+    two, see Parameter.complete_use), computed a block of rows at a time, added to what the
+    earlier uses accumulated, and handed to it: W is then updated when this returns, and W.grad
+    is None.
     """
-    in_backward = weight.updater is not None and not weight.frozen
+    in_backward = weight.updater is not None and not weight.frozen and weight.complete_use()
     if not weight.frozen and not in_backward:
         grad, beta = weight.grad_for_gemm()  # beta 0 right after zero_grad()
         blas.accumulate_weight_grad(grad, dz, x, beta)
@@ -103,6 +105,7 @@ def backward(dz: np.ndarray, x: np.ndarray, weight: Parameter, need_dx: bool) ->
         return blas.matmul_weight(dz, weight.data) if need_dx else None
     dx = np.empty((dz.shape[0], weight.shape[1]), dtype=dz.dtype) if need_dx else None
     update = weight.updater.begin_update(weight) if in_backward else None
+    earlier = weight.grad if in_backward else None  # the other uses' gradient (a tied W)
     for start, stop, scratch in _blocks(weight):
         dz_rows = np.ascontiguousarray(dz[:, start:stop])
         if need_dx:
@@ -110,5 +113,9 @@ def backward(dz: np.ndarray, x: np.ndarray, weight: Parameter, need_dx: bool) ->
                                beta=0.0 if start == 0 else 1.0)
         if update is not None:
             blas.accumulate_weight_grad(scratch, dz_rows, x, 0.0)  # dW[r], over W[r] widened
+            if earlier is not None:
+                scratch += earlier[start:stop]
             update(scratch.reshape(-1), start * weight.shape[1])
+    if in_backward:
+        weight.grad = None
     return dx

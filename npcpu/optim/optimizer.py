@@ -316,9 +316,10 @@ class Optimizer:
         time and hands each block here at once (npcpu.nn.weight_blocks); other layers hand over
         their (small) gradients at the end of their backward. Every parameter's gradient is
         dropped after its update, so gradient clipping, gradient accumulation, loss scaling and
-        anything else that reads gradients after backward cannot be combined with this, nor can a
-        parameter shared by two layers (it would be updated once per layer). Elementwise
-        optimizers only (SGD, Adam, AdamW): LAMB needs the whole update's norm first.
+        anything else that reads gradients after backward cannot be combined with this. A
+        parameter shared by two layers (`Parameter.uses` = 2, a tied weight) is updated once, after
+        its last use's gradient. Elementwise optimizers only (SGD, Adam, AdamW): LAMB needs the
+        whole update's norm first.
         """
         owner = type(self).__name__
         if not self.elementwise:

@@ -525,7 +525,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything needed to continue bit-exactly: model, optimizer, schedule, scaler, counters."""
         return {
-            "model": dict(self.model.state_dict()),
+            "model": dict(self.model.state_dict(remove_duplicate=True)),  # a tied weight once
             "model_extra": {name: m.extra_state() for name, m in self.model.named_modules()
                             if m.extra_state()},
             "optimizer": self.optimizer.state_dict(),
