@@ -4,10 +4,13 @@ Dimension legend: N rows (every leading dimension flattened: batch * time), C cl
 logits are float32 or float64; targets an integer class index per row.
 
 No fastmath here: a NaN or Inf in the logits must reach the loss, where the loss scaler sees it.
+The exponentials go through npcpu.kernels.fastexp (vectorized; within 2 ulp in float32).
 """
 
 import numpy as np
 from numba import njit, prange
+
+from npcpu.kernels.fastexp import exp_shifted, row_sum
 
 
 @njit(parallel=True, cache=True)
@@ -30,6 +33,7 @@ def cross_entropy_forward_backward(losses, dlogits, logits, targets, ignore_inde
     is `ignore_index` gets loss 0 and a zero gradient.
     """
     rows, padded = logits.shape
+    in_place = dlogits.ctypes.data == logits.ctypes.data
     smooth_per_class = label_smoothing / classes
     for n in prange(rows):
         x = logits[n]
@@ -48,13 +52,17 @@ def cross_entropy_forward_backward(losses, dlogits, logits, targets, ignore_inde
         for c in range(1, classes):
             if x[c] > row_max:
                 row_max = x[c]
-        sum_exp = 0.0
         sum_logits = 0.0
-        for c in range(classes):
-            shifted_exp = np.exp(x[c] - row_max)
-            dlogits[n, c] = shifted_exp  # kept, so the gradient loop below needs no second exp
-            sum_exp += shifted_exp
-            sum_logits += x[c]
+        if label_smoothing > 0.0:
+            for c in range(classes):
+                sum_logits += x[c]
+        # exp(logits - max), kept in dlogits so that the gradient loop below needs no second exp
+        out = dlogits[n]
+        if in_place:  # one array passed twice: LLVM's overlap check would refuse to vectorize
+            exp_shifted(out, out, classes, row_max, np.empty(classes, np.int32))
+        else:
+            exp_shifted(out, x, classes, row_max, np.empty(classes, np.int32))
+        sum_exp = row_sum(dlogits[n], classes)
         lse = row_max + np.log(sum_exp)
         loss = lse - (1.0 - label_smoothing) * target_logit
         if label_smoothing > 0.0:  # guarded: 0 * (-inf) from a -inf logit would be NaN
