@@ -5,7 +5,7 @@ import pytest
 
 from npcpu.kernels.attention import causal_softmax_backward, causal_softmax_forward
 from npcpu.nn import MLP, Block, CausalSelfAttention, Dropout, KVCache, Module
-from tests import nanogpt_torch
+from bench import nanogpt_torch
 from tests.gradcheck import check_layer_gradients
 from tests.torchcheck import assert_forward_backward_match_torch
 

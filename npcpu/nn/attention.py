@@ -103,6 +103,34 @@ def weighted_values(probs: np.ndarray, v: np.ndarray) -> np.ndarray:
     return y
 
 
+
+def attention_gradients(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                        probs: np.ndarray, attn_dropout: Dropout) -> np.ndarray:
+    """dL/dqkv (B, T, 3, H, D), the layout of c_attn's output, from dy = dL/dy (B, H, T, D), the
+    kept q, k, v (B, H, T, D) and probs (B, H, T, T), and the Dropout that dropped the probs."""
+    batch, heads, steps, head_size = q.shape
+    dqkv = np.empty((batch, steps, 3, heads, head_size), dtype=dy.dtype)
+    dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    dropped = attn_dropout.reapply(probs)
+    dprobs = np.empty_like(probs)
+    for b in range(batch):
+        for h in range(heads):
+            # forward: y = dropped v
+            blas.matmul(dy[b, h], v[b, h], transpose_b=True, out=dprobs[b, h])
+            dv[b, h] = blas.matmul(dropped[b, h], dy[b, h], transpose_a=True)
+    del dropped
+    # forward: dropped = attn_dropout(probs); probs = causal_softmax(scores)
+    dscores = np.ascontiguousarray(attn_dropout.backward(dprobs))
+    causal_softmax_backward(dscores.reshape(batch * heads, steps, steps),
+                            probs.reshape(batch * heads, steps, steps), 0)
+    scale = 1.0 / math.sqrt(head_size)
+    for b in range(batch):
+        for h in range(heads):
+            # forward: scores = q k^T / sqrt(D)
+            dq[b, h] = blas.matmul(dscores[b, h], k[b, h], alpha=scale)
+            dk[b, h] = blas.matmul(dscores[b, h], q[b, h], transpose_a=True, alpha=scale)
+    return dqkv
+
 class CausalSelfAttention(Module):
     """Multi-head causal self-attention with a fused q/k/v projection (GPT-2, nanoGPT).
 
@@ -187,25 +215,5 @@ class CausalSelfAttention(Module):
         batch, heads, steps, head_size = q.shape
         dmerged = self.c_proj.backward(self.resid_dropout.backward(dout))
         dy = np.ascontiguousarray(dmerged.reshape(batch, steps, heads, head_size).transpose(0, 2, 1, 3))
-        # dqkv (B, T, 3, H, D): the layout c_attn's output had, so it is c_attn's upstream gradient
-        dqkv = np.empty((batch, steps, 3, heads, head_size), dtype=dtype)
-        dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-        dropped = self.attn_dropout.reapply(probs)
-        dprobs = np.empty_like(probs)
-        for b in range(batch):
-            for h in range(heads):
-                # forward: y = dropped v
-                blas.matmul(dy[b, h], v[b, h], transpose_b=True, out=dprobs[b, h])
-                dv[b, h] = blas.matmul(dropped[b, h], dy[b, h], transpose_a=True)
-        del dropped
-        # forward: dropped = attn_dropout(probs); probs = causal_softmax(scores)
-        dscores = np.ascontiguousarray(self.attn_dropout.backward(dprobs))
-        causal_softmax_backward(dscores.reshape(batch * heads, steps, steps),
-                                probs.reshape(batch * heads, steps, steps), 0)
-        scale = 1.0 / math.sqrt(head_size)
-        for b in range(batch):
-            for h in range(heads):
-                # forward: scores = q k^T / sqrt(D)
-                dq[b, h] = blas.matmul(dscores[b, h], k[b, h], alpha=scale)
-                dk[b, h] = blas.matmul(dscores[b, h], q[b, h], transpose_a=True, alpha=scale)
+        dqkv = attention_gradients(dy, q, k, v, probs, self.attn_dropout)
         return self.c_attn.backward(dqkv.reshape(batch, steps, 3 * self.n_embd))

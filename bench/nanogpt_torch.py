@@ -1,7 +1,7 @@
-"""A small torch model of nanoGPT's architecture, written for the parity tests (not imported by
-npcpu): the same module names, so that state dicts map one to one, and scaled_dot_product_attention
-with is_causal=True. `build(torch, ...)` returns the classes bound to the given torch module, so
-that importing this file never imports torch."""
+"""A torch model of nanoGPT's architecture, for the parity tests and bench_gpt.py (never imported
+by npcpu): the same module names, so that state dicts map one to one, and
+scaled_dot_product_attention with is_causal=True. `build(torch)` returns the classes bound to the
+given torch module, so that importing this file never imports torch."""
 
 import math
 
@@ -83,11 +83,16 @@ def build(torch):
             return self.lm_head(self.transformer.ln_f(x))
 
         @torch.no_grad()
-        def generate(self, idx, max_new_tokens):
-            """Greedy generation by full recomputation of the cropped window (nanoGPT's loop)."""
+        def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+            """nanoGPT's sampling loop: the whole cropped window recomputed for every token (no
+            key/value cache); top_k=1 is greedy."""
             for _ in range(max_new_tokens):
                 window = idx if idx.shape[1] <= self.block_size else idx[:, -self.block_size:]
-                next_token = self(window)[:, -1, :].argmax(dim=-1, keepdim=True)
+                logits = self(window)[:, -1, :] / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+                    logits[logits < kth] = -float("inf")
+                next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
                 idx = torch.cat((idx, next_token), dim=1)
             return idx
 
