@@ -18,6 +18,10 @@ thread's share waits for a scheduler time slice (measured on this project's 2-co
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numba
 import numpy as np
 from scipy.linalg.blas import dgemm, sgemm
 
@@ -95,3 +99,29 @@ def matmul(a: np.ndarray, b: np.ndarray, *, transpose_a: bool = False, transpose
     if not np.shares_memory(result, out):  # the wrapper worked on a copy of out: copy it back
         out[...] = result.T
     return out
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def run_independent(task: Callable[[int], None], count: int) -> None:
+    """task(i) for i in range(count), for many small independent GEMMs (attention's products per
+    batch and head): spread over one Python thread per core (Numba's thread count), each running
+    its GEMMs on one BLAS thread. SciPy's BLAS wrappers release the GIL, so the threads run at once.
+
+    Why not one GEMM at a time on every BLAS thread: a (T, T) x (T, D) product is too small to be
+    split well, and each split GEMM waits for its slowest thread (for a whole time slice when
+    another process holds a core). Each task's result is its own single-threaded GEMMs', so it
+    does not depend on the thread count.
+    """
+    threads = min(count, numba.get_num_threads())
+    with backend.single_blas_thread():
+        if threads <= 1:
+            for i in range(count):
+                task(i)
+            return
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="npcpu-gemm")
+        for _ in pool.map(task, range(count)):  # re-raises a task's exception here
+            pass

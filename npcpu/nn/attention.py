@@ -85,10 +85,12 @@ def attention_scores(q: np.ndarray, k: np.ndarray, offset: int) -> np.ndarray:
     batch, heads, queries, head_size = q.shape
     probs = np.empty((batch, heads, queries, k.shape[2]), dtype=q.dtype)
     scale = 1.0 / math.sqrt(head_size)
-    for b in range(batch):
-        for h in range(heads):
-            blas.matmul(q[b, h], np.ascontiguousarray(k[b, h]), transpose_b=True, alpha=scale,
-                        out=probs[b, h])
+
+    def scores(g):
+        b, h = divmod(g, heads)
+        blas.matmul(q[b, h], np.ascontiguousarray(k[b, h]), transpose_b=True, alpha=scale,
+                    out=probs[b, h])
+    blas.run_independent(scores, batch * heads)
     causal_softmax_forward(probs.reshape(batch * heads, queries, -1), offset)
     return probs
 
@@ -97,9 +99,11 @@ def weighted_values(probs: np.ndarray, v: np.ndarray) -> np.ndarray:
     """y (B, H, T, D) = probs v per (b, h), probs (B, H, T, S), v (B, H, S, D)."""
     batch, heads, queries, _ = probs.shape
     y = np.empty((batch, heads, queries, v.shape[3]), dtype=probs.dtype)
-    for b in range(batch):
-        for h in range(heads):
-            blas.matmul(probs[b, h], np.ascontiguousarray(v[b, h]), out=y[b, h])
+
+    def product(g):
+        b, h = divmod(g, heads)
+        blas.matmul(probs[b, h], np.ascontiguousarray(v[b, h]), out=y[b, h])
+    blas.run_independent(product, batch * heads)
     return y
 
 
@@ -113,22 +117,24 @@ def attention_gradients(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndar
     dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
     dropped = attn_dropout.reapply(probs)
     dprobs = np.empty_like(probs)
-    for b in range(batch):
-        for h in range(heads):
-            # forward: y = dropped v
-            blas.matmul(dy[b, h], v[b, h], transpose_b=True, out=dprobs[b, h])
-            dv[b, h] = blas.matmul(dropped[b, h], dy[b, h], transpose_a=True)
+
+    def through_values(g):  # forward: y = dropped v
+        b, h = divmod(g, heads)
+        blas.matmul(dy[b, h], v[b, h], transpose_b=True, out=dprobs[b, h])
+        dv[b, h] = blas.matmul(dropped[b, h], dy[b, h], transpose_a=True)
+    blas.run_independent(through_values, batch * heads)
     del dropped
     # forward: dropped = attn_dropout(probs); probs = causal_softmax(scores)
     dscores = np.ascontiguousarray(attn_dropout.backward(dprobs))
     causal_softmax_backward(dscores.reshape(batch * heads, steps, steps),
                             probs.reshape(batch * heads, steps, steps), 0)
     scale = 1.0 / math.sqrt(head_size)
-    for b in range(batch):
-        for h in range(heads):
-            # forward: scores = q k^T / sqrt(D)
-            dq[b, h] = blas.matmul(dscores[b, h], k[b, h], alpha=scale)
-            dk[b, h] = blas.matmul(dscores[b, h], q[b, h], transpose_a=True, alpha=scale)
+
+    def through_scores(g):  # forward: scores = q k^T / sqrt(D)
+        b, h = divmod(g, heads)
+        dq[b, h] = blas.matmul(dscores[b, h], k[b, h], alpha=scale)
+        dk[b, h] = blas.matmul(dscores[b, h], q[b, h], transpose_a=True, alpha=scale)
+    blas.run_independent(through_scores, batch * heads)
     return dqkv
 
 class CausalSelfAttention(Module):
