@@ -23,13 +23,18 @@ backward, each line quoting the forward line it differentiates:
     `qkv = x W_attn^T + b_attn`: through c_attn, with dqkv = concat(dq, dk, dv)
 
 Kernel choice: the (T, T) scores are materialized and every product is a BLAS GEMM per (b, h),
-with one fused Numba pass (npcpu.kernels.attention) for the masked softmax in each direction.
+with one fused Numba pass (npcpu.kernels.attention) for the masked softmax in each direction. The
+(b, h) pairs are independent: each runs its GEMMs on one BLAS thread, and the pairs are spread
+over the cores (npcpu.blas.run_independent), since a (T, T) x (T, D) product is too small to be
+split well between BLAS threads.
 The alternative, a tiled Numba kernel with an online softmax that recomputes the scores in
 backward (flash attention), keeps O(T) memory per head but does its multiply-adds in Numba loops,
-which reach a fraction of BLAS's speed on this CPU, and recomputes the QK^T product in backward:
-at T <= 1024 and the head sizes of small GPTs the scores (B * H * T * T floats per layer, kept in
-the storage dtype) cost less memory than the vocabulary-sized logits of the same step, so the
-GEMM path is the faster one at an acceptable memory cost.
+which reach a fraction of BLAS's speed, and recomputes the QK^T product in backward: measured at
+T = 512 and 1024, even its forward pass, which skips the masked half, was slower than the GEMM
+path's. The price is memory: the kept probs are B * H * T * T values per layer. For gpt-small
+(4 layers, 4 heads, T = 512) that is less than the (B, T, V) logits of the same step; for 12
+layers of 12 heads at T = 1024 the probs of all layers outweigh the logits several times (bf16
+storage halves them), and there a flash kernel's O(T) memory would be the better trade.
 
 Kept for backward: q, k, v (one (3, B, H, T, D) array) and probs, in the storage dtype, and the
 two Dropout layers' streams (their masks are regenerated, never stored).
