@@ -161,3 +161,25 @@ def test_cached_attention_equals_full_attention():
         pieces.append(layer.forward(x[:, start:stop], cache, 0))
         cache.length = stop
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_does_not_depend_on_the_thread_count():
+    import numba
+
+    rng = np.random.default_rng(41)
+    x = rng.standard_normal((3, 6, 8)).astype(np.float32)
+    dy = rng.standard_normal((3, 6, 8)).astype(np.float32)
+    results = []
+    previous = numba.get_num_threads()
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            layer = CausalSelfAttention(8, 2)
+            randomize(layer, np.random.default_rng(42))
+            out = layer.forward(x)
+            dx = layer.backward(dy)
+            results.append((out, dx, layer.c_attn.weight.grad.copy()))
+    finally:
+        numba.set_num_threads(previous)
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
