@@ -87,6 +87,7 @@ def bench_fused_layer(repeats: int) -> dict:
     rng = np.random.default_rng(1)
     features = 4096
     layer = FusedLinearReLU(features, features, seed=0)
+    layer.input_requires_grad = True  # dL/dx too, as plain_numpy computes it
     x = rng.standard_normal((BATCH, features)).astype(np.float32)
     dy = rng.standard_normal((BATCH, features)).astype(np.float32)
     weight, bias = layer.weight.data, layer.bias.data

@@ -29,6 +29,8 @@ import numba
 import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
+from npcpu.checks import check_int
+
 OPENBLAS_THREAD_TIMEOUT = "20"  # log2 of the cycles an idle OpenBLAS thread spins (module docstring)
 
 
@@ -79,9 +81,7 @@ def set_threads(n: int | None) -> int:
     cores = numba.config.NUMBA_NUM_THREADS
     if n is None:
         n = cores
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"threads must be a positive integer, got {n!r}")
-    n = min(n, cores)
+    n = min(check_int("set_threads", "n", n, 1), cores)
     numba.set_num_threads(n)
     threadpool_limits(limits=n, user_api="blas")
     return n

@@ -90,9 +90,9 @@ def cmd_train(args) -> int:
         save_run_config(run_dir, config)
     progress = {"auto": None, "bar": True, "lines": False}[args.progress]
     result = run.fit(run_dir, progress=progress)
-    if "eval_accuracy" in result:
-        print(f"final eval: loss {result['eval_loss']:.4f}  accuracy {result['eval_accuracy']:.4f}"
-              f"  (chance {1 / run.num_classes:.4f})  run dir {run_dir}")
+    if "eval_loss" in result:
+        chance = f"  (chance {1 / run.num_classes:.4f})" if "eval_accuracy" in result else ""
+        print(f"final eval: {_eval_summary(result)}{chance}  run dir {run_dir}")
     if run.trainer.interrupted is not None:
         return 130 if run.trainer.interrupted == "SIGINT" else 143
     return 0
@@ -109,9 +109,14 @@ def cmd_eval(args) -> int:
     path = best_checkpoint(args.run_dir) if args.best else args.run_dir
     info = run.trainer.resume(path)
     result = run.trainer.evaluate(run.eval_data)
-    print(f"{info['path']} (step {run.trainer.step}): eval loss {result['eval_loss']:.4f}  "
-          f"accuracy {result['eval_accuracy']:.4f}")
+    print(f"{info['path']} (step {run.trainer.step}): eval {_eval_summary(result)}")
     return 0
+
+
+def _eval_summary(result: dict) -> str:
+    """"loss 0.1234  accuracy 0.9600": each eval_* metric the loss reports."""
+    return "  ".join(f"{name[len('eval_'):]} {value:.4f}" for name, value in result.items()
+                     if name.startswith("eval_"))
 
 
 def cmd_info(args) -> int:

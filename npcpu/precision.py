@@ -13,18 +13,17 @@ compute dtype. Conversions go through the Numba kernels in `npcpu.kernels.conver
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
-bfloat16 = np.dtype(ml_dtypes.bfloat16)
+from npcpu.dtypes import bfloat16, float16
+from npcpu.kernels import convert
 
 STORAGE_DTYPES = {
     "fp64": np.dtype(np.float64),
     "fp32": np.dtype(np.float32),
     "bf16": bfloat16,
-    "fp16": np.dtype(np.float16),
+    "fp16": float16,
 }
-HALF_DTYPES = (bfloat16, np.dtype(np.float16))
 
 
 def check_precision(precision: str) -> str:
@@ -48,14 +47,12 @@ def to_compute(x: np.ndarray, dtype: np.dtype = np.dtype(np.float32)) -> np.ndar
 
     bfloat16 and float16 are widened exactly by the parallel conversion kernels.
     """
-    from npcpu.kernels import convert
-
     dtype = np.dtype(dtype)
     if x.dtype == dtype:
         return x
     if x.dtype == bfloat16 and dtype == np.float32:
         return convert.bf16_to_f32(x)
-    if x.dtype == np.float16 and dtype == np.float32:
+    if x.dtype == float16 and dtype == np.float32:
         return convert.f16_to_f32(x)
     return x.astype(dtype)
 
@@ -66,8 +63,6 @@ def to_storage(x: np.ndarray, dtype: np.dtype, *, seed: int | None = None) -> np
     Round-to-nearest-even by default; with a `seed`, bfloat16 uses stochastic rounding from a
     counter-based hash of (seed, element index), so results do not depend on thread scheduling.
     """
-    from npcpu.kernels import convert
-
     dtype = np.dtype(dtype)
     if x.dtype == dtype:
         return x
@@ -76,6 +71,6 @@ def to_storage(x: np.ndarray, dtype: np.dtype, *, seed: int | None = None) -> np
         if seed is None:
             return convert.f32_to_bf16(x32)
         return convert.f32_to_bf16_stochastic(x32, seed)
-    if dtype == np.float16:
+    if dtype == float16:
         return convert.f32_to_f16(to_compute(x, np.dtype(np.float32)))
     return x.astype(dtype)

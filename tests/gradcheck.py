@@ -27,6 +27,7 @@ def check_layer_gradients(layer, x: np.ndarray, rng: np.random.Generator, *,
                           check_input: bool = True, rtol: float = 1e-6, atol: float = 1e-8):
     """Compare a layer's backward (dx and every parameter grad) with central differences in float64."""
     layer.set_precision("fp64")
+    layer.input_requires_grad = check_input  # opt in to dL/dx (a layer used alone computes none)
     x = np.array(x, dtype=np.float64)
     out = layer.forward(x)
     upstream = rng.standard_normal(out.shape)

@@ -101,6 +101,7 @@ def test_half_precision_stash_and_closeness(name, saved, precision, storage):
     rng = np.random.default_rng(4)
     x, dy = rng.standard_normal((6, 9)).astype(np.float32), rng.standard_normal((6, 9)).astype(np.float32)
     reference, layer = LAYERS[name][0](), LAYERS[name][0]().set_precision(precision)
+    reference.input_requires_grad = layer.input_requires_grad = True
     y_ref, y = reference.forward(x), layer.forward(x)
     assert getattr(layer, saved).dtype == storage and y.dtype == np.float32
     np.testing.assert_allclose(y, y_ref, rtol=1e-6)  # forward itself runs in float32

@@ -59,6 +59,7 @@ class FixedMasks(Module):
         self.inner = inner
 
     def forward(self, x):
+        self.inner.input_requires_grad = self.input_requires_grad
         for m in self.inner.modules():
             if isinstance(m, Dropout):
                 m.calls = 0

@@ -316,7 +316,7 @@ def test_bad_arguments_name_the_function_and_the_received_value():
         convert.bf16_to_f32(np.zeros(3, np.float32))
     with pytest.raises(TypeError, match="f16_to_f32 expects a numpy.ndarray, got list"):
         convert.f16_to_f32([1.0])
-    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\), got -1"):
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\), got -1"):
         convert.f32_to_bf16_stochastic(np.zeros(3, np.float32), -1)
     with pytest.raises(TypeError, match="f32_to_f16: out must be a float16 array, got float32"):
         convert.f32_to_f16(np.zeros(3, np.float32), out=np.zeros(3, np.float32))

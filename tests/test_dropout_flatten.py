@@ -37,6 +37,7 @@ def test_dropout_kernel_matches_numpy(n, dtype, num_threads):
 
 def test_dropout_statistics_and_backward_uses_the_same_mask():
     layer = Dropout(0.25, seed=3)
+    layer.input_requires_grad = True
     x = np.random.default_rng(1).uniform(1, 2, (200, 300)).astype(np.float32)
     y = layer.forward(x)
     kept = y != 0
@@ -71,9 +72,11 @@ def test_eval_and_p0_are_identity_p1_gives_zeros():
     with pytest.raises(RuntimeError, match="before forward"):
         layer.backward(x)
     identity = Dropout(0.0)
+    identity.input_requires_grad = True
     assert identity.forward(x) is x
     np.testing.assert_array_equal(identity.backward(x), x)
     zeros = Dropout(1.0)
+    zeros.input_requires_grad = True
     np.testing.assert_array_equal(zeros.forward(x), np.zeros_like(x))
     np.testing.assert_array_equal(zeros.backward(x), np.zeros_like(x))
 
@@ -86,6 +89,7 @@ class FixedMaskDropout(Module):
         self.dropout = Dropout(0.4, seed=11)
 
     def forward(self, x):
+        self.dropout.input_requires_grad = self.input_requires_grad
         self.dropout.calls = 0
         return self.dropout.forward(x)
 
@@ -116,6 +120,7 @@ def test_dropout_rejects_bad_arguments():
 def test_flatten_matches_torch(torch, start_dim, end_dim, shape):
     x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
     layer = Flatten(start_dim, end_dim)
+    layer.input_requires_grad = True
     y = layer.forward(x)
     expected = torch.nn.Flatten(start_dim, end_dim)(torch.from_numpy(x)).numpy()
     assert y.shape == expected.shape

@@ -6,7 +6,7 @@ import pytest
 
 from npcpu import checkpoint
 from npcpu.models import GPT, GPTConfig
-from npcpu.nn import CrossEntropyLoss, Embedding, Linear, weight_blocks
+from npcpu.nn import CrossEntropyLoss, weight_blocks
 from npcpu.optim import SGD, AdamW, Lookahead
 
 CONFIG = GPTConfig(vocab_size=29, block_size=8, n_layer=2, n_head=2, n_embd=8)
@@ -62,31 +62,6 @@ def test_update_in_backward_equals_step_for_a_tied_head(monkeypatch, name, preci
     for key in state_step:
         np.testing.assert_allclose(np.float64(state_fused[key]), np.float64(state_step[key]),
                                    rtol=rtol, atol=rtol, err_msg=key)
-
-
-def test_the_head_as_last_use_adds_the_earlier_gradient_by_blocks(monkeypatch):
-    """The other order: the embedding's gradient arrives first, the Linear's block loop last."""
-    monkeypatch.setattr(weight_blocks, "BLOCK_ELEMENTS", 16)
-    rng = np.random.default_rng(4)
-    idx = rng.integers(0, 11, (3, 5))
-    upstream_embedding = rng.standard_normal((3, 5, 6)).astype(np.float32)
-    upstream_head = rng.standard_normal((3, 5, 11)).astype(np.float32)
-    weights = []
-    for in_backward in (False, True):
-        embedding, head = Embedding(11, 6, seed=0), Linear(6, 11, bias=False)
-        head.weight = embedding.weight
-        head.weight.uses = 2
-        optimizer = AdamW([embedding.weight], lr=1e-2)
-        if in_backward:
-            optimizer.fuse_into_backward()
-        head.forward(embedding.forward(idx))
-        embedding.backward(upstream_embedding)
-        assert in_backward or embedding.weight.grad is not None
-        head.backward(upstream_head)
-        if not in_backward:
-            optimizer.step()
-        weights.append(embedding.weight.data.copy())
-    np.testing.assert_array_equal(weights[1], weights[0])
 
 
 def test_lookahead_syncs_a_tied_weight_once():

@@ -119,6 +119,7 @@ def _torch_copy(torch, layer):
 def test_matches_torch(torch, normalized_shape, shape):
     rng = np.random.default_rng(11)
     layer = LayerNorm(normalized_shape, eps=1e-4)
+    layer.input_requires_grad = True
     reference = torch.nn.LayerNorm(normalized_shape, eps=1e-4)
     with torch.no_grad():  # torch -> npcpu: random weights made in torch
         reference.weight.normal_()
@@ -149,6 +150,7 @@ def test_large_mean_small_variance_is_accurate(torch):
     x = (1e4 + 0.1 * rng.standard_normal((9, 24))).astype(np.float32)
     upstream = rng.standard_normal(x.shape).astype(np.float32)
     layer = LayerNorm(24)
+    layer.input_requires_grad = True
     reference = _torch_copy(torch, layer).double()
     y = layer(x)
     dx = layer.backward(upstream)
@@ -171,6 +173,7 @@ def test_bf16_is_close_to_fp32():
     bf16 = LayerNorm(32)
     bf16.load_state_dict(fp32.state_dict())
     bf16.set_precision("bf16")
+    fp32.input_requires_grad = bf16.input_requires_grad = True
     assert bf16.weight.data.dtype == bfloat16
     y32, y16 = fp32(x), bf16(x)
     assert y16.dtype == np.float32 and bf16._xhat.dtype == bfloat16

@@ -207,6 +207,7 @@ def test_half_precision_step_stashes_storage_dtype_and_stays_close(layer_class, 
     x = rng.standard_normal((8, 24)).astype(np.float32)
     dy = rng.standard_normal((8, 16)).astype(np.float32)
     reference, layer = layer_class(24, 16, seed=3), layer_class(24, 16, seed=3)
+    reference.input_requires_grad = layer.input_requires_grad = True
     layer.set_precision(precision)
     assert layer.weight.data.dtype == storage
     results = []
@@ -226,6 +227,7 @@ def test_half_precision_step_stashes_storage_dtype_and_stays_close(layer_class, 
 def test_frozen_weight_gets_no_gradient_and_skips_its_gemm(layer_class):
     rng = np.random.default_rng(11)
     layer = layer_class(6, 4, seed=0)
+    layer.input_requires_grad = True
     layer.weight.frozen = True
     work.reset()
     layer.forward(rng.standard_normal((3, 6)).astype(np.float32))

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from npcpu.nn import FusedLinearReLU, Linear, Parameter, ReLU, Sequential
+from npcpu.nn import FusedLinearReLU, Linear, Parameter, ReLU, Sequential, work
+from npcpu.optim.clip import clip_grad_value
 from npcpu.precision import bfloat16
 
 
@@ -65,6 +66,29 @@ def test_sequential_routes_input_gradients_around_frozen_layers():
     assert [layer.input_requires_grad for layer in model] == [False, True, True]
 
 
+def test_a_model_called_directly_computes_no_input_gradient_unless_asked():
+    rng = np.random.default_rng(2)
+    x, dy = rng.standard_normal((4, 5)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)
+    model = make_model()
+    assert not model.input_requires_grad  # torch's default for an input that asks for nothing
+    work.reset()
+    model.forward(x)
+    assert model.backward(dy) is None
+    assert [layer.input_requires_grad for layer in model] == [False, True, True]
+    assert work.counts["gemm"] == 2 + 3 and work.counts["gemm_skipped"] == 1  # no dx GEMM in layer 0
+    assert all(p.grad is not None for p in model.parameters())
+    model.input_requires_grad = True  # the opt-in
+    model.forward(x)
+    dx = model.backward(dy)
+    assert dx.shape == x.shape and np.all(np.isfinite(dx)) and np.any(dx != 0)
+    relu = ReLU()
+    relu.forward(x)
+    assert relu.backward(x) is None  # a layer used alone: no dL/dx either
+    relu.input_requires_grad = True
+    relu.forward(x)
+    np.testing.assert_array_equal(relu.backward(x), np.maximum(x, 0))
+
+
 def test_parameter_rejects_integer_data_and_sequential_non_modules():
     with pytest.raises(TypeError, match="floating point"):
         Parameter(np.arange(3), name="w")
@@ -112,3 +136,41 @@ def test_linear_backward_after_zero_grad_gives_this_gradient_only():
     layer.forward(x)
     layer.backward(dy)  # the next backward accumulates
     np.testing.assert_allclose(layer.weight.grad, 2 * dy.T @ x, rtol=1e-6)
+
+
+def test_reading_a_zeroed_gradient_writes_nothing_and_writers_get_the_accumulator():
+    p = Parameter(np.ones((2, 3), np.float32))
+    accumulator = p.grad_buffer()
+    accumulator[...] = np.nan
+    p.zero_grad()
+    seen = p.grad
+    np.testing.assert_array_equal(seen, 0.0)  # a reader sees zeros...
+    assert np.isnan(accumulator).all()        # ...and the accumulator was not filled
+    with pytest.raises(ValueError, match="read-only"):
+        seen[0, 0] = 1.0                      # writing to what a reader got is an error, not lost
+    p.zero_grad()
+    clip_grad_value([p], 0.5)  # a writer (in place) gets the accumulator, zeros written first
+    assert p.grad_buffer() is accumulator
+    np.testing.assert_array_equal(accumulator, 0.0)
+
+
+def test_work_counts_and_weight_block_buffers_are_per_thread():
+    import threading
+
+    from npcpu.nn import weight_blocks
+
+    work.reset()
+    work.record("gemm", 3)
+    seen = {}
+
+    def other_thread():
+        work.record("gemm")
+        seen["counts"] = dict(work.counts)
+        seen["buffer"] = weight_blocks._scratch(2, 3, np.dtype(np.float32))
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert seen["counts"] == {"gemm": 1} and work.counts["gemm"] == 3
+    mine = weight_blocks._scratch(2, 3, np.dtype(np.float32))
+    assert not np.shares_memory(mine, seen["buffer"])

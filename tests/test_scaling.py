@@ -269,12 +269,12 @@ def test_scale_loss_grad_keeps_dtype():
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(init_scale=0.0), ValueError, "init_scale must be positive"),
+    (dict(init_scale=0.0), ValueError, "init_scale must be > 0"),
     (dict(init_scale=float("inf")), ValueError, "init_scale"),
     (dict(init_scale=1e39), ValueError, "finite in float32"),
     (dict(growth_factor=1.0), ValueError, "growth_factor must be > 1"),
     (dict(backoff_factor=1.0), ValueError, r"backoff_factor must be in \(0, 1\)"),
-    (dict(backoff_factor=0.0), ValueError, "backoff_factor must be positive"),
+    (dict(backoff_factor=0.0), ValueError, r"backoff_factor must be in \(0, 1\)"),
     (dict(growth_interval=0), ValueError, "growth_interval must be >= 1"),
     (dict(growth_interval=2.5), TypeError, "growth_interval must be an integer"),
 ])

@@ -103,6 +103,7 @@ def test_half_weight_blocks_match_the_widened_weight(small_blocks, layer_class, 
     layer.set_precision(storage)
     reference = layer_class(7, 10, seed=0)
     reference.load_state_dict({k: v.astype(np.float32) for k, v in layer.state_dict().items()})
+    layer.input_requires_grad = reference.input_requires_grad = True
     rng = np.random.default_rng(1)
     x = rng.standard_normal((5, 7)).astype(np.float32)
     x_stored = x.astype(layer.storage_dtype).astype(np.float32)  # what the half layer keeps

@@ -9,6 +9,7 @@ def assert_forward_backward_match_torch(torch, module, reference, x, upstream):
     """Run module.forward(x) and module.backward(upstream), and the same through the torch module
     `reference` with `upstream` as dL/dy; assert that y and dL/dx agree to float32 tolerance.
     The parameter gradients are left in both modules for the caller to compare."""
+    module.input_requires_grad = True  # as x_t below: a module used alone computes no dL/dx otherwise
     y = module.forward(x)
     dx = module.backward(upstream)
     x_t = torch.from_numpy(x).requires_grad_(True)

@@ -29,19 +29,6 @@ def check_indices(indices, size: int, owner: str) -> np.ndarray:
     return idx
 
 
-def check_int(owner: str, name: str, value, minimum: int, maximum: int | None = None) -> int:
-    """`value` as an int in [minimum, maximum) (no upper bound when None): TypeError or ValueError
-    naming `owner` and the argument."""
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{owner}: {name} must be an integer, got {type(value).__name__}") from None
-    if value < minimum or (maximum is not None and value >= maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum})"
-        raise ValueError(f"{owner}: {name} must be {bound}, got {value}")
-    return value
-
-
 def check_index(i, size: int, owner: str) -> int:
     """An integer index `i` in [-size, size) as one in [0, size), like a Python sequence."""
     try:

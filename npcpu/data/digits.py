@@ -6,10 +6,10 @@ nothing is downloaded).
 
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 
+from npcpu.checks import check_real
 from npcpu.data.arrays import ArrayDataset
 
 
@@ -32,11 +32,7 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0):
     Pixels (0..16 in the source) are divided by 16. The split is stratified (each class keeps its
     share in both parts) and a pure function of `seed`.
     """
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
-        raise TypeError(f"load_digits: test_fraction must be a float, "
-                        f"got {type(test_fraction).__name__}")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"load_digits: test_fraction must be in (0, 1), got {test_fraction}")
+    check_real("load_digits", "test_fraction", test_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
     try:
         from sklearn.datasets import load_digits as sklearn_load_digits
     except ImportError as error:

@@ -17,13 +17,9 @@ import threading
 import numba
 import numpy as np
 
-from npcpu.data.arrays import check_int
+from npcpu.checks import check_int
 
 _POLL_SECONDS = 0.05
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    return check_int("DataLoader", name, value, minimum)
 
 
 def _stack_items(dataset, indices: np.ndarray):
@@ -60,9 +56,9 @@ class DataLoader:
             raise TypeError(f"DataLoader: dataset must have __len__ and batch or __getitem__, "
                             f"got {type(dataset).__name__}")
         self.dataset = dataset
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.seed = _check_int("seed", seed, 0)
-        self.prefetch = _check_int("prefetch", prefetch, 0)
+        self.batch_size = check_int("DataLoader", "batch_size", batch_size, 1)
+        self.seed = check_int("DataLoader", "seed", seed, 0)
+        self.prefetch = check_int("DataLoader", "prefetch", prefetch, 0)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.epoch = 0
@@ -79,11 +75,11 @@ class DataLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration epoch `epoch` (its order is a pure function of (seed, epoch))."""
-        self.epoch = _check_int("epoch", epoch, 0)
+        self.epoch = check_int("DataLoader", "epoch", epoch, 0)
 
     def order(self, epoch: int) -> np.ndarray:
         """The sample indices of epoch `epoch`, in the order they are served."""
-        epoch = _check_int("epoch", epoch, 0)
+        epoch = check_int("DataLoader", "epoch", epoch, 0)
         n = len(self.dataset)
         if not self.shuffle:
             return np.arange(n, dtype=np.int64)
@@ -91,7 +87,7 @@ class DataLoader:
 
     def batch_indices(self, epoch: int, batch_index: int) -> np.ndarray:
         """The sample indices of batch `batch_index` of epoch `epoch`."""
-        batch_index = _check_int("batch_index", batch_index, 0)
+        batch_index = check_int("DataLoader", "batch_index", batch_index, 0)
         if batch_index >= len(self):
             raise IndexError(f"DataLoader: batch_index {batch_index} is out of range for "
                              f"{len(self)} batches")
@@ -103,8 +99,8 @@ class DataLoader:
 
     def iter_from(self, epoch: int, batch_index: int):
         """Iterate over epoch `epoch` from batch `batch_index` on, 0 <= batch_index <= len(self)."""
-        epoch = _check_int("epoch", epoch, 0)
-        batch_index = _check_int("batch_index", batch_index, 0)
+        epoch = check_int("DataLoader", "epoch", epoch, 0)
+        batch_index = check_int("DataLoader", "batch_index", batch_index, 0)
         if batch_index > len(self):
             raise ValueError(f"DataLoader: batch_index must be <= {len(self)} batches, "
                              f"got {batch_index}")

@@ -18,11 +18,11 @@ A different seed is a different task (another teacher), not a held-out split.
 from __future__ import annotations
 
 import functools
-import numbers
 
 import numpy as np
 
-from npcpu.data.arrays import check_index, check_indices, check_int
+from npcpu.checks import check_int, check_real
+from npcpu.data.arrays import check_index, check_indices
 from npcpu.kernels import synthetic as kernels
 
 _CALIBRATION_SAMPLES_PER_CLASS = 200
@@ -30,11 +30,6 @@ _CALIBRATION_MIN_SAMPLES = 4_000
 _CALIBRATION_MAX_SAMPLES = 20_000
 _BALANCE_STEPS = 60
 _BALANCE_RATE = 0.1
-
-
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    """`value` as an int in [minimum, 2**63) (it is hashed as a uint64 counter)."""
-    return check_int("SyntheticClassification", name, value, minimum, 2**63)
 
 
 @functools.lru_cache(maxsize=8)
@@ -99,19 +94,14 @@ class SyntheticClassification:
 
     def __init__(self, size: int, input_dim: int, num_classes: int, seed: int = 0, *,
                  label_noise: float = 0.0, hidden: int = 64, offset: int = 0):
-        self.size = _check_int("size", size)
-        self.input_dim = _check_int("input_dim", input_dim)
-        self.num_classes = _check_int("num_classes", num_classes, minimum=2)
-        self.hidden = _check_int("hidden", hidden)
-        self.offset = _check_int("offset", offset, minimum=0)
-        self.seed = _check_int("seed", seed, minimum=0)
-        if isinstance(label_noise, bool) or not isinstance(label_noise, numbers.Real):
-            raise TypeError(f"SyntheticClassification: label_noise must be a float, "
-                            f"got {type(label_noise).__name__}")
-        if not 0.0 <= label_noise <= 1.0:
-            raise ValueError(f"SyntheticClassification: label_noise must be in [0, 1], "
-                             f"got {label_noise}")
-        self.label_noise = float(label_noise)
+        owner, below_2_63 = "SyntheticClassification", 2**63  # each is hashed as a uint64 counter
+        self.size = check_int(owner, "size", size, 1, below_2_63)
+        self.input_dim = check_int(owner, "input_dim", input_dim, 1, below_2_63)
+        self.num_classes = check_int(owner, "num_classes", num_classes, 2, below_2_63)
+        self.hidden = check_int(owner, "hidden", hidden, 1, below_2_63)
+        self.offset = check_int(owner, "offset", offset, 0, below_2_63)
+        self.seed = check_int(owner, "seed", seed, 0, below_2_63)
+        self.label_noise = check_real(owner, "label_noise", label_noise, low=0.0, high=1.0)
         self._w1, self._w2, self._b2 = _teacher(self.seed, self.input_dim, self.hidden,
                                                 self.num_classes)
 

@@ -39,11 +39,11 @@ page faults of a freshly allocated array: pass `out=` to reuse one (about 2x fas
 import numpy as np
 from numba import njit, prange, uint16, uint32
 
+from npcpu.checks import check_int
+from npcpu.dtypes import as_bits, bfloat16, float16
 from npcpu.kernels.rng import hash_index
-from npcpu.precision import HALF_DTYPES, bfloat16
 
 _F32 = np.dtype(np.float32)
-_F16 = np.dtype(np.float16)
 BF16_ROUNDING_STREAM = 0xB16
 """The rng stream `f32_to_bf16_stochastic` draws from: element i of a call with seed s uses
 `hash_index(s, BF16_ROUNDING_STREAM, i)`. Other kernels that round stochastically pick their own."""
@@ -223,11 +223,6 @@ def _widen_f16_kernel(src, dst):
 # ---------------------------------------------------------------- array functions
 
 
-def _numba_view(x):
-    """Numba sees a 16-bit float array as its uint16 bit patterns."""
-    return x.view(np.uint16) if x.dtype in HALF_DTYPES else x
-
-
 def _convert(name, kernel, x, x_dtype, out, out_dtype, *kernel_args):
     """Run `kernel(src, *kernel_args, dst)` on `x` flattened in C order; returns `out` or a new array."""
     if not isinstance(x, np.ndarray):
@@ -245,7 +240,7 @@ def _convert(name, kernel, x, x_dtype, out, out_dtype, *kernel_args):
             f"{'' if out.flags.c_contiguous else ' (not C-contiguous)'}"
         )
     src = np.ascontiguousarray(x).reshape(-1)
-    kernel(_numba_view(src), *kernel_args, _numba_view(out).reshape(-1))
+    kernel(as_bits(src), *kernel_args, as_bits(out).reshape(-1))
     return out
 
 
@@ -282,8 +277,7 @@ def f32_to_bf16_stochastic(x, seed, *, out=None):
     -------
     ndarray of ml_dtypes.bfloat16, shape (S...), C-contiguous (`out` if given)
     """
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-        raise ValueError(f"f32_to_bf16_stochastic: seed must be an integer in [0, 2**64), got {seed!r}")
+    seed = check_int("f32_to_bf16_stochastic", "seed", seed, 0, 2**64)
     name, kernel = "f32_to_bf16_stochastic", _round_bf16_stochastic_kernel
     stream = np.uint64(BF16_ROUNDING_STREAM)
     return _convert(name, kernel, x, _F32, out, bfloat16, np.uint64(seed), stream)
@@ -316,7 +310,7 @@ def f32_to_f16(x, *, out=None):
     -------
     ndarray of float16, shape (S...), C-contiguous (`out` if given)
     """
-    return _convert("f32_to_f16", _round_f16_nearest_kernel, x, _F32, out, _F16)
+    return _convert("f32_to_f16", _round_f16_nearest_kernel, x, _F32, out, float16)
 
 
 def f16_to_f32(x, *, out=None):
@@ -331,4 +325,4 @@ def f16_to_f32(x, *, out=None):
     -------
     ndarray of float32, shape (S...), C-contiguous (`out` if given)
     """
-    return _convert("f16_to_f32", _widen_f16_kernel, x, _F16, out, _F32)
+    return _convert("f16_to_f32", _widen_f16_kernel, x, float16, out, _F32)

@@ -48,6 +48,9 @@ BLOCK = 1024
 a block's random bits (compute only) overlaps the memory traffic of the blocks around it: at 54M
 parameters bf16-state Adam takes about 15% longer with 4096. LAMB's per-block sums are what makes
 its norms the same for any thread count: they are added in block order."""
+ELEMENTS_PER_HASH = 4
+"""Elements rounded with the bits of one 64-bit hash: a range of a tensor updated on its own must
+start at a multiple of it to draw the same bits as the whole tensor's update."""
 PARAM_SLOT, EXP_AVG_SLOT, EXP_AVG_SQ_SLOT, MAX_EXP_AVG_SQ_SLOT = 0, 1, 2, 3
 SLOTS = 4
 

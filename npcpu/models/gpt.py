@@ -97,7 +97,10 @@ class GPT(Module):
         self.lm_head = Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tied:
             self.lm_head.weight = self.transformer.wte.weight
-            self.lm_head.weight.uses = 2  # updated inside backward after both gradients are in
+            self.lm_head.weight.uses_per_backward = 2  # updated inside backward after both gradients are in
+        for inner in (self.transformer.drop, self.transformer.h, self.transformer.ln_f,
+                      self.lm_head):
+            inner.input_requires_grad = True  # the embeddings below need the residual's gradient
         self._initialize(np.random.default_rng(seed))
         self._batch_shape = None
 
@@ -144,7 +147,6 @@ class GPT(Module):
     def forward(self, idx: np.ndarray) -> np.ndarray:
         """logits (B, T, V) for token ids idx (B, T), T <= block_size."""
         idx = self.check_tokens(idx)
-        self.transformer.h.input_requires_grad = True  # the embeddings below need dL/dx
         x = self.transformer.drop.forward(self._embed(idx, 0))
         x = self.transformer.ln_f.forward(self.transformer.h.forward(x))
         return self.lm_head.forward(x)

@@ -1,7 +1,8 @@
 """Elementwise activations: ReLU, GELU (exact and tanh forms), Tanh. Each is one parallel kernel per pass.
 
 Legend: x input, y output, dy = dL/dy, all of one shape (any); kernels see flat views.
-What each keeps for backward, and nothing more: ReLU a bit-packed mask (1 bit per element), GELU
+Each backward returns dL/dx only when the layer's `input_requires_grad` (npcpu.nn.module), else
+None. What each keeps for backward, and nothing more: ReLU a bit-packed mask (1 bit per element), GELU
 its input (in the storage dtype), Tanh its output (in the storage dtype). In eval mode nothing.
 Under "fp32"/"fp64" GELU keeps the caller's input and Tanh its returned output by reference (no
 copy): neither may be modified in place before backward.
@@ -38,12 +39,14 @@ class ReLU(Module):
         self._mask, self._shape = (mask, x.shape) if self.training else (None, None)
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray) -> np.ndarray | None:
         if self._mask is None:
             raise self.missing_forward()
         dy = self.check_grad_output(dy, self._shape)
-        dx = np.empty_like(dy)
-        kernels.relu_backward(dy.reshape(-1), self._mask, dx.reshape(-1))
+        dx = None
+        if self.input_requires_grad:
+            dx = np.empty_like(dy)
+            kernels.relu_backward(dy.reshape(-1), self._mask, dx.reshape(-1))
         self._mask = self._shape = None
         return dx
 
@@ -87,13 +90,15 @@ class GELU(Module):
         self._saved_input = to_storage(x, self.storage_dtype) if self.training else None
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray) -> np.ndarray | None:
         if self._saved_input is None:
             raise self.missing_forward()
         dy = self.check_grad_output(dy, self._saved_input.shape)
-        x = np.ascontiguousarray(to_compute(self._saved_input, self.compute_dtype))
-        dx = np.empty_like(dy)
-        self._KERNELS[self.approximate][1](x.reshape(-1), dy.reshape(-1), dx.reshape(-1))
+        dx = None
+        if self.input_requires_grad:
+            x = np.ascontiguousarray(to_compute(self._saved_input, self.compute_dtype))
+            dx = np.empty_like(dy)
+            self._KERNELS[self.approximate][1](x.reshape(-1), dy.reshape(-1), dx.reshape(-1))
         self._saved_input = None
         return dx
 
@@ -117,12 +122,14 @@ class Tanh(Module):
         self._saved_output = to_storage(y, self.storage_dtype) if self.training else None
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray) -> np.ndarray | None:
         if self._saved_output is None:
             raise self.missing_forward()
         dy = self.check_grad_output(dy, self._saved_output.shape)
-        y = np.ascontiguousarray(to_compute(self._saved_output, self.compute_dtype))
-        dx = np.empty_like(dy)
-        kernels.tanh_backward(y.reshape(-1), dy.reshape(-1), dx.reshape(-1))
+        dx = None
+        if self.input_requires_grad:
+            y = np.ascontiguousarray(to_compute(self._saved_output, self.compute_dtype))
+            dx = np.empty_like(dy)
+            kernels.tanh_backward(y.reshape(-1), dy.reshape(-1), dx.reshape(-1))
         self._saved_output = None
         return dx

@@ -178,6 +178,8 @@ class CausalSelfAttention(Module):
         self.c_proj = Linear(n_embd, n_embd, bias)
         self.attn_dropout = Dropout(dropout, seed=seed)
         self.resid_dropout = Dropout(dropout, seed=seed + 1)
+        for inner in (self.c_proj, self.attn_dropout, self.resid_dropout):
+            inner.input_requires_grad = True  # inside the layer; c_attn follows the layer's own
         self._qkv = None  # (3, B, H, T, D), storage dtype
         self._probs = None  # (B, H, T, T), storage dtype
 

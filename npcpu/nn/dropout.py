@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from npcpu.checks import check_int, check_real
 from npcpu.kernels.activations import dropout_apply
 from npcpu.nn.module import Module
 
@@ -38,12 +39,8 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.5, *, seed: int = 0):
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"Dropout: p must be a probability in [0, 1], got {p!r}")
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-            raise TypeError(f"Dropout: seed must be an int, got {seed!r}")
-        self.p = float(p)
-        self.seed = int(seed)
+        self.p = check_real("Dropout", "p", p, low=0.0, high=1.0)
+        self.seed = check_int("Dropout", "seed", seed)
         self.calls = 0
         self._stream = None  # the `calls` value of the forward pass that backward differentiates
         self._shape = None
@@ -58,10 +55,7 @@ class Dropout(Module):
         unexpected = sorted(set(state) - {"calls"})
         if unexpected:
             raise ValueError(f"{self!r}: unexpected extra state {unexpected}, expected only 'calls'")
-        calls = state.get("calls", self.calls)
-        if not isinstance(calls, (int, np.integer)) or isinstance(calls, bool) or calls < 0:
-            raise ValueError(f"{self!r}: extra state 'calls' must be a non-negative int, got {calls!r}")
-        self.calls = int(calls)
+        self.calls = check_int(repr(self), "extra state 'calls'", state.get("calls", self.calls), 0)
 
     def _apply(self, values: np.ndarray, stream: int) -> np.ndarray:
         out = np.empty_like(values)
@@ -89,10 +83,13 @@ class Dropout(Module):
             raise self.missing_forward()
         return x if self._stream is None else self._apply(x, self._stream)
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray) -> np.ndarray | None:
+        """dL/dx = dy * mask / (1 - p) when `input_requires_grad`, else None."""
         if self._shape is None:
             raise self.missing_forward()
         dy = self.check_grad_output(dy, self._shape)
-        dx = dy if self._stream is None else self._apply(dy, self._stream)
+        dx = None
+        if self.input_requires_grad:
+            dx = dy if self._stream is None else self._apply(dy, self._stream)
         self._stream = self._shape = None
         return dx

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from npcpu.checks import check_int
 from npcpu.nn.module import Module
 from npcpu.nn.parameter import Parameter
 from npcpu.precision import to_compute
@@ -54,16 +55,12 @@ class Embedding(Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
                  seed: int | None = None):
         super().__init__()
-        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"Embedding: {name} must be a positive int, got {value!r}")
+        num_embeddings = check_int("Embedding", "num_embeddings", num_embeddings, 1)
+        self.embedding_dim = check_int("Embedding", "embedding_dim", embedding_dim, 1)
         if padding_idx is not None:
-            if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(f"Embedding: padding_idx must be in [{-num_embeddings}, "
-                                 f"{num_embeddings}), got {padding_idx}")
-            padding_idx = int(padding_idx) % num_embeddings
-        self.num_embeddings = int(num_embeddings)
-        self.embedding_dim = int(embedding_dim)
+            padding_idx = check_int("Embedding", "padding_idx", padding_idx, -num_embeddings,
+                                    num_embeddings) % num_embeddings
+        self.num_embeddings = num_embeddings
         self.padding_idx = padding_idx
         rng = np.random.default_rng(seed)
         weight = rng.standard_normal((self.num_embeddings, self.embedding_dim), dtype=np.float32)

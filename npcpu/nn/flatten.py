@@ -47,10 +47,11 @@ class Flatten(Module):
         self._input_shape = x.shape if self.training else None
         return x.reshape(self._merged_shape(x.shape))
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray) -> np.ndarray | None:
+        """dL/dx = dy reshaped to x's shape when `input_requires_grad`, else None."""
         if self._input_shape is None:
             raise self.missing_forward()
         dy = self.check_grad_output(dy, self._merged_shape(self._input_shape))
-        dx = dy.reshape(self._input_shape)
+        dx = dy.reshape(self._input_shape) if self.input_requires_grad else None
         self._input_shape = None
         return dx

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from npcpu.checks import check_int
 from npcpu.kernels import linear as kernels
 from npcpu.nn import weight_blocks, work
 from npcpu.nn.module import Module
@@ -43,8 +44,8 @@ class Linear(Module):
               dL/dW += dy^T x           (M, K), skipped when the weight is frozen
               dL/db += sum_n dy[n, :]   (M,),   skipped when the bias is frozen
 
-    With an optimizer fused into backward (`Optimizer.fuse_into_backward`), W and b are updated
-    before backward returns, W a block of rows at a time right after dx has used those rows.
+    With an optimizer updating inside backward (`Parameter.updater`), W and b are updated before
+    backward returns, W a block of rows at a time right after dx has used those rows.
 
     The input kept for dL/dW is the caller's array itself under "fp32" and "fp64" (no copy): do not
     modify it in place between forward and backward. Under "bf16"/"fp16" a copy in the storage
@@ -54,13 +55,8 @@ class Linear(Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  seed: int | None = None):
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise TypeError(f"{type(self).__name__}: {name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{type(self).__name__}: {name} must be positive, got {value}")
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = check_int(type(self).__name__, "in_features", in_features, 1)
+        self.out_features = check_int(type(self).__name__, "out_features", out_features, 1)
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(in_features)
         self.weight = Parameter(rng.uniform(-bound, bound, (out_features, in_features)).astype(np.float32))
@@ -114,7 +110,7 @@ class Linear(Module):
         work.record("gemm" if self.input_requires_grad else "gemm_skipped")
         if dx is not None:
             dx = dx.reshape(self._input_shape)
-        if self.bias is not None:  # W was updated by blocks (when updated in backward)
+        if self.bias is not None:  # W took its update (if any) by blocks in weight_blocks.backward
             self.bias.update_in_backward()
         self._saved_input = self._input_shape = None
         return dx

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from npcpu.checks import check_real
+from npcpu.dtypes import HALF_DTYPES
 from npcpu.kernels.softmax import cross_entropy_forward_backward
-from npcpu.precision import HALF_DTYPES, to_compute
+from npcpu.precision import to_compute
 
 REDUCTIONS = ("mean", "sum")
 
@@ -51,6 +53,20 @@ class Loss:
             raise RuntimeError(f"{self!r}: backward() called before forward()")
         return self._grad
 
+    def evaluation_sums(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+        """This batch's sums of the metrics an evaluation reports besides the loss, by name.
+
+        Trainer.evaluate adds them up over the data and hands the totals to
+        `evaluation_metrics`. A plain loss has none (an MSELoss run reports its loss only).
+        """
+        return {}
+
+    def evaluation_metrics(self, loss: float, sums: dict[str, float], samples: int) -> dict:
+        """The metrics of an evaluation from its mean loss and the totals of `evaluation_sums`:
+        the loss, and each total per sample. Trainer.evaluate reports them as "eval_<name>"; a
+        loss whose metrics are not per-sample means (perplexity, tokens) overrides this."""
+        return {"loss": loss, **{name: total / samples for name, total in sums.items()}}
+
     def _outputs_in_compute_dtype(self, outputs) -> np.ndarray:
         """Floating outputs as a contiguous float32 (float64 stays float64) array."""
         if not isinstance(outputs, np.ndarray):
@@ -67,9 +83,7 @@ class Loss:
             return 1.0
         if normalizer is None:
             return float(count)
-        if not normalizer > 0:
-            raise ValueError(f"{self!r}: normalizer must be positive, got {normalizer!r}")
-        return float(normalizer) * per_unit
+        return check_real(repr(self), "normalizer", normalizer, low=0.0, low_open=True, allow_inf=True) * per_unit
 
     def _gradient_buffer(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
         """The gradient array, reused from the last call when shape and dtype agree."""
@@ -103,7 +117,7 @@ class CrossEntropyLoss(Loss):
         Write dL/dlogits over the logits array passed to `forward` (float32 or float64 and
         C-contiguous; otherwise over the converted copy) instead of into a buffer of the same
         size: for a large vocabulary, one (N, P) array fewer. The caller must not read the
-        logits after the call.
+        logits after the call (Trainer.evaluate takes `evaluation_sums` before the loss).
 
     Notes
     -----
@@ -158,6 +172,12 @@ class CrossEntropyLoss(Loss):
         if divisor == 0:  # every target ignored: torch's 0 / 0
             return float("nan")
         return float(losses.sum() / divisor)
+
+    def evaluation_sums(self, logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+        """{"accuracy": rows whose largest logit (among the real classes) is the target} (ignored
+        rows count as wrong)."""
+        real = logits[..., :self._classes(logits.shape[-1])]
+        return {"accuracy": int(np.count_nonzero(np.argmax(real, axis=-1) == targets))}
 
     def _classes(self, columns: int) -> int:
         """C, the real classes among the logits' `columns`."""

@@ -1,10 +1,19 @@
 """Module and Sequential: the autograd-free layer contract.
 
 A layer's `forward(x)` returns its output and keeps on the layer exactly what its `backward` needs;
-`backward(dy)` returns dL/dx (or None when no one needs it) and ADDS dL/dparam into each
-`Parameter.grad`. Nothing here knows about optimizers: they meet the model only at `Parameter`
-(also when an optimizer updates inside backward: a layer hands its finished gradients to
-`Parameter.update_in_backward`, see `Module.update_parameters_in_backward`).
+`backward(dy)` ADDS dL/dparam into each `Parameter.grad` and returns dL/dx when the layer's
+`input_requires_grad` is True, else None (and then computes no dL/dx at all).
+
+Input gradients, as in torch: a model or layer called directly computes no gradient for its input
+(`input_requires_grad` is False by default), since the data needs none and dL/dx of a first
+Linear layer is a whole GEMM. Ask for it with ``module.input_requires_grad = True`` (gradient
+checks, a model whose input is another model's output). Inside a `Sequential` the children are
+routed: a layer gets True when a trainable layer sits below it or the Sequential's own input
+needs a gradient.
+
+Nothing here knows about optimizers: they meet the model only at `Parameter` (also when an
+optimizer updates inside backward: a layer hands its finished gradients to the parameter's
+`InBackwardUpdater`, see npcpu.nn.parameter and `update_parameters_in_backward`).
 
 Names and `state_dict()` keys follow PyTorch ("0.weight", "0.bias", ...), so a state dict moves
 between an npcpu model and the equivalent torch module unchanged.
@@ -30,9 +39,10 @@ class Module:
     training : bool
         Train mode (dropout active, caches kept) or eval mode (`eval()`: no caches are kept).
     input_requires_grad : bool
-        Whether `backward` must compute dL/dx. True for a layer used alone; a `Sequential` sets it
-        for its children (False for the first layer of a model and for everything above a frozen
-        prefix), and the Trainer sets it False on the model, so that no dx GEMM is wasted.
+        Whether `backward` computes and returns dL/dx (else it returns None). False by default, as
+        a torch input that does not ask for a gradient gets none; set it True to get dL/dx of a
+        layer or model used alone. A `Sequential` sets it for its children from its own value and
+        from which layers below are trainable (False for everything up to a frozen prefix).
     precision : str
         "fp32", "bf16", "fp16" or "fp64": storage of parameters and of the activations kept for
         backward (see npcpu.precision). Set with `set_precision`.
@@ -42,7 +52,7 @@ class Module:
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
         self.training = True
-        self.input_requires_grad = True
+        self.input_requires_grad = False
         self.precision = "fp32"
 
     # -- registration (attribute assignment, as in torch) ---------------------------------------
@@ -109,9 +119,10 @@ class Module:
         return np.ascontiguousarray(to_compute(dy, self.compute_dtype))
 
     def update_parameters_in_backward(self) -> None:
-        """Hand this layer's own parameters to their optimizer if it updates inside backward
-        (Optimizer.fuse_into_backward); nothing otherwise. Layers call it as their backward ends,
-        once they no longer read their parameters."""
+        """Hand this layer's own parameters to their updater when it updates inside backward
+        (`Parameter.update_in_backward`: only at a parameter's last use in the pass); nothing
+        otherwise. Layers call it once as their backward ends, when they no longer read their
+        parameters (each call counts one use of each parameter)."""
         for p in self._parameters.values():
             p.update_in_backward()
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from npcpu.checks import check_int, check_real
 from npcpu.kernels.layernorm import layernorm_backward, layernorm_forward
 from npcpu.nn.module import Module
 from npcpu.nn.parameter import Parameter
@@ -52,13 +53,11 @@ class LayerNorm(Module):
         super().__init__()
         shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) \
             else tuple(normalized_shape)
-        if not shape or any(not isinstance(n, (int, np.integer)) or n < 1 for n in shape):
-            raise ValueError(f"LayerNorm: normalized_shape must be a positive int or a tuple of "
-                             f"positive ints, got {normalized_shape!r}")
-        if not eps > 0:
-            raise ValueError(f"LayerNorm: eps must be positive, got {eps!r}")
-        self.normalized_shape = tuple(int(n) for n in shape)
-        self.eps = float(eps)
+        if not shape:
+            raise ValueError("LayerNorm: normalized_shape must have at least one dimension, got ()")
+        self.normalized_shape = tuple(check_int("LayerNorm", f"normalized_shape[{i}]", n, 1)
+                                      for i, n in enumerate(shape))
+        self.eps = check_real("LayerNorm", "eps", eps, low=0.0, low_open=True)
         self.elementwise_affine = bool(elementwise_affine)
         size = math.prod(self.normalized_shape)
         if self.elementwise_affine:

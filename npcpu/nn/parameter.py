@@ -1,10 +1,44 @@
-"""Parameter: a tensor a layer learns, its float32 gradient accumulator, and whether it is frozen."""
+"""Parameter: a tensor a layer learns, its gradient accumulator, and the hand-off to an optimizer
+that updates it inside the backward pass (`InBackwardUpdater`, the one thing nn/ knows of optim/).
+
+The gradient accumulator has three states: none (`grad` is None), holding a sum (backward passes
+add into it), and marked zero by `zero_grad()`. Marking writes nothing: the next dW GEMM overwrites
+the accumulator (beta = 0, `grad_for_gemm`) instead of adding to zeros, which for mlp52m saves a
+216 MB fill and a 216 MB read per step. Readers of `grad` see zeros while it is marked (a read-only
+zero array; reading never writes); code that adds into or scales the accumulator in place asks for
+it with `grad_buffer()` (zeros written then, if marked) or `grad_for_gemm()`.
+"""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
-from npcpu.precision import HALF_DTYPES, to_compute
+from npcpu.dtypes import HALF_DTYPES
+from npcpu.precision import to_compute
+
+
+class RangeUpdate(Protocol):
+    def __call__(self, grad: np.ndarray, first: int = 0) -> None:
+        """Update the parameter's elements first .. first + grad.size - 1 (C order) from `grad`,
+        their gradient (flat, in the parameter's compute dtype)."""
+
+
+class InBackwardUpdater(Protocol):
+    """An optimizer that updates parameters during the backward pass, as their gradients complete.
+
+    A layer whose backward finishes a parameter's gradient (`Parameter.takes_update`) calls
+    `begin_update(param)` once, then the returned function once with the whole gradient or once per
+    disjoint range of elements until every element is updated (a Linear layer hands dL/dW over a
+    block of weight rows at a time). Each range must start at a multiple of `element_alignment`;
+    the result does not depend on how the elements are split. npcpu.optim.Optimizer implements it.
+    """
+
+    element_alignment: int
+
+    def begin_update(self, param: Parameter) -> RangeUpdate:
+        """Count one step of `param` and return the function that applies it."""
 
 
 class Parameter:
@@ -16,23 +50,19 @@ class Parameter:
         The stored values: float32, float64 (gradient checks), bfloat16 or float16.
     grad : ndarray or None
         The gradient accumulator, in the compute dtype (float32; float64 when `data` is float64).
-        None until the first backward pass touches it; backward passes only ever add into it,
-        and `zero_grad()` is the one reset. `zero_grad()` writes nothing: it marks the
-        accumulator as zero, the next dW GEMM then overwrites it (beta = 0, see
-        `grad_for_gemm`) instead of adding to zeros, and any other reader or accumulator
-        finds it filled with zeros (on first access). For mlp52m that saves a 216 MB fill and
-        a 216 MB read per step.
+        None until the first backward pass touches it; backward passes only ever add into it, and
+        `zero_grad()` is the one reset (see the module docstring: reading never writes).
     name : str
         The dotted name under which the owning model lists it ("0.weight"); set by the model.
     frozen : bool
         A frozen parameter gets no gradient and no update.
-    updater : Optimizer or None
+    updater : InBackwardUpdater or None
         The optimizer that updates this parameter inside the backward pass
         (`Optimizer.fuse_into_backward`); None when updates happen in `optimizer.step()`.
-    uses : int
-        How many layers read this Parameter in one forward pass: 1, or 2 for a weight tied between
-        two layers (a GPT's token embedding and output head), set by the model that ties it. Inside
-        backward the update waits for the last use's gradient (`complete_use`).
+    uses_per_backward : int
+        How many layers use this parameter in one forward pass: 1, or 2 for a weight tied between
+        a token embedding and an output head. Its gradient is the sum over the uses, and with an
+        `updater` it is updated once, by the backward of its last use (`takes_update`).
     """
 
     def __init__(self, data: np.ndarray, name: str = ""):
@@ -44,9 +74,9 @@ class Parameter:
         self._grad_is_zero = False  # zero_grad() was called and nothing has written _grad since
         self.name = name
         self.frozen = False
-        self.updater = None
-        self.uses = 1
-        self._uses_completed = 0  # uses whose gradient this backward pass has added so far
+        self.updater: InBackwardUpdater | None = None
+        self.uses_per_backward = 1
+        self._uses_done = 0  # uses whose backward has run in the current backward pass
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -64,11 +94,15 @@ class Parameter:
         """The values in the compute dtype: `data` itself when float32/float64, else a widened copy."""
         return to_compute(self.data, self.compute_dtype)
 
+    # -- the gradient accumulator -----------------------------------------------------------------
     @property
     def grad(self) -> np.ndarray | None:
+        """The accumulated gradient, for reading: None, the accumulator, or, while it is marked
+        zero, a read-only array of zeros (the accumulator itself is not touched)."""
         if self._grad_is_zero:
-            self._grad.fill(0)
-            self._grad_is_zero = False
+            zeros = np.zeros(self.data.shape, dtype=self._grad.dtype)
+            zeros.flags.writeable = False
+            return zeros
         return self._grad
 
     @grad.setter
@@ -76,11 +110,13 @@ class Parameter:
         self._grad, self._grad_is_zero = value, False
 
     def grad_buffer(self) -> np.ndarray:
-        """The gradient accumulator, holding zeros on first use or after zero_grad(). Backward
-        adds into it."""
+        """The accumulator, to add into or modify in place: zeros when new or marked zero."""
         if self._grad is None:
             self._grad = np.zeros(self.data.shape, dtype=self.compute_dtype)
-        return self.grad
+        elif self._grad_is_zero:
+            self._grad.fill(0)
+        self._grad_is_zero = False
+        return self._grad
 
     def grad_for_gemm(self) -> tuple[np.ndarray, float]:
         """(accumulator, beta) for a GEMM that computes grad = beta * grad + (this gradient):
@@ -94,30 +130,33 @@ class Parameter:
             return self._grad, 0.0
         return self._grad, 1.0
 
-    def complete_use(self) -> bool:
-        """Record that one of the `uses` has added its gradient in this backward pass; True when
-        it was the last, so that the gradient is complete and the update may run (and the count
-        starts again for the next backward pass)."""
-        self._uses_completed += 1
-        if self._uses_completed < self.uses:
+    def zero_grad(self) -> None:
+        """Mark the accumulator zero (nothing is written: see the module docstring)."""
+        if self._grad is not None:
+            self._grad_is_zero = True
+
+    # -- updates inside backward ------------------------------------------------------------------
+    def takes_update(self) -> bool:
+        """Called once by the backward of each layer that uses this parameter: True when it has an
+        `updater`, is not frozen, and this use is its last in the backward pass (its gradient is
+        then complete), so that the caller must hand the gradient to the updater instead of
+        accumulating it. False otherwise: the caller accumulates into the gradient as usual."""
+        if self.updater is None or self.frozen:
             return False
-        self._uses_completed = 0
+        self._uses_done += 1
+        if self._uses_done < self.uses_per_backward:
+            return False
+        self._uses_done = 0
         return True
 
     def update_in_backward(self) -> None:
-        """With an `updater`: once the last use's gradient is in (`complete_use`), apply this
-        step's update from the accumulated gradient, and drop the gradient. Layers call it at the
-        end of their backward pass; it does nothing without an updater or for a frozen parameter,
-        and for a tied one it only counts the uses before the last."""
-        if self.updater is None or self.frozen or not self.complete_use() or self._grad is None:
+        """For a layer whose backward has accumulated this parameter's gradient in full: when that
+        use `takes_update`, apply the update from the accumulated gradient and drop the gradient.
+        Does nothing without an updater, for a frozen parameter, or before its last use."""
+        if not self.takes_update() or self._grad is None:
             return
         self.updater.begin_update(self)(self.grad.reshape(-1))
         self.grad = None
-
-    def zero_grad(self) -> None:
-        """Make the accumulator zero (lazily: see `grad`)."""
-        if self._grad is not None:
-            self._grad_is_zero = True
 
     def __repr__(self) -> str:
         frozen = ", frozen" if self.frozen else ""

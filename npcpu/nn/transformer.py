@@ -43,6 +43,8 @@ class MLP(Module):
         self.gelu = GELU(approximate)
         self.c_proj = Linear(4 * n_embd, n_embd, bias)
         self.dropout = Dropout(dropout, seed=seed)
+        for inner in (self.gelu, self.c_proj, self.dropout):
+            inner.input_requires_grad = True  # inside the layer; c_fc follows the layer's own
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.c_fc.input_requires_grad = self.input_requires_grad
@@ -83,15 +85,20 @@ class Block(Module):
         self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, seed=seed)
         self.ln_2 = LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout, bias, approximate, seed=seed + 2)
+        for inner in (self.attn, self.ln_2, self.mlp):
+            inner.input_requires_grad = True  # inside the block; ln_1 follows the block's own
 
     def forward(self, x: np.ndarray, cache: KVCache | None = None, layer: int = 0) -> np.ndarray:
         """out (B, T, C); `cache` and `layer` go to the attention (generation, eval mode)."""
         x = self.check_input(x, min_ndim=3)
+        self.ln_1.input_requires_grad = self.input_requires_grad
         h = x + self.attn.forward(self.ln_1.forward(x), cache, layer)
         return h + self.mlp.forward(self.ln_2.forward(h))
 
     def backward(self, dout: np.ndarray) -> np.ndarray | None:
         dh = dout + self.ln_2.backward(self.mlp.backward(dout))
-        dx = self.ln_1.backward(self.attn.backward(dh))
+        dx = self.ln_1.backward(self.attn.backward(dh))  # None when the block's input needs none
+        if dx is None:
+            return None
         dx += dh
         return dx

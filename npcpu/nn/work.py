@@ -3,16 +3,34 @@
 Layers call `record("gemm")` for each GEMM they run and `record("gemm_skipped")` for each they
 skip (a frozen weight's dW, an input that needs no dx). Counting is a dict increment per GEMM:
 negligible beside the GEMM itself.
+
+The counts are per thread (threading.local): `counts` is the calling thread's, so two models
+trained in two threads count separately; `reset()` clears the calling thread's counts.
 """
 
+import threading
 from collections import Counter
 
-counts: Counter = Counter()
+_local = threading.local()
+
+
+def _counts() -> Counter:
+    counts = getattr(_local, "counts", None)
+    if counts is None:
+        counts = _local.counts = Counter()
+    return counts
 
 
 def record(kind: str, n: int = 1) -> None:
-    counts[kind] += n
+    _counts()[kind] += n
 
 
 def reset() -> None:
-    counts.clear()
+    _counts().clear()
+
+
+def __getattr__(name: str):
+    """`work.counts`: the calling thread's Counter."""
+    if name == "counts":
+        return _counts()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

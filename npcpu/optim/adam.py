@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from npcpu.kernels import optim as kernels
-from npcpu.optim.optimizer import Optimizer, check_betas, check_flag, check_number, flat
+from npcpu.checks import check_flag, check_real
+from npcpu.optim.optimizer import Optimizer, check_betas, flat
 
 
 class Adam(Optimizer):
@@ -37,10 +38,10 @@ class Adam(Optimizer):
 
     def _check_group(self, group: dict) -> None:
         owner = type(self).__name__
-        check_number(owner, "lr", group["lr"])
+        check_real(owner, "lr", group["lr"], low=0.0)
         check_betas(owner, group["betas"])
-        check_number(owner, "eps", group["eps"], low_open=True)
-        check_number(owner, "weight_decay", group["weight_decay"])
+        check_real(owner, "eps", group["eps"], low=0.0, low_open=True)
+        check_real(owner, "weight_decay", group["weight_decay"], low=0.0)
         check_flag(owner, "amsgrad", group["amsgrad"])
         check_flag(owner, "maximize", group["maximize"])
 

@@ -9,21 +9,16 @@ float32 gradients is more accurate than torch's float32 one; they agree to float
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
+from npcpu.checks import check_real
 from npcpu.kernels.grads import max_abs, power_sum
 from npcpu.optim.scaling import trainable_gradients
 
 
-def _check_norm_type(norm_type) -> float:
-    if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real):
-        raise TypeError(f"norm_type must be a real number or inf, got {type(norm_type).__name__}")
-    norm_type = float(norm_type)
-    if not norm_type > 0:
-        raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
-    return norm_type
+def _check_norm_type(owner: str, norm_type) -> float:
+    return check_real(owner, "norm_type", norm_type, low=0.0, low_open=True, allow_inf=True)
 
 
 def get_total_norm(params, norm_type: float = 2.0) -> float:
@@ -32,7 +27,7 @@ def get_total_norm(params, norm_type: float = 2.0) -> float:
     ``||g||_p = (sum_i |g_i| ** p) ** (1/p)`` over every entry of every gradient;
     ``||g||_inf = max_i |g_i|``. 0.0 when there are no gradients; NaN if any entry is NaN.
     """
-    return _total_norm(trainable_gradients(params), _check_norm_type(norm_type))
+    return _total_norm(trainable_gradients(params), _check_norm_type("get_total_norm", norm_type))
 
 
 def _total_norm(grads: list[np.ndarray], norm_type: float) -> float:
@@ -56,14 +51,14 @@ def clip_grad_norm(params, max_norm: float, norm_type: float = 2.0, error_if_non
     float
         The total norm before clipping (see `get_total_norm`).
     """
-    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not max_norm >= 0:
-        raise ValueError(f"clip_grad_norm: max_norm must be a number >= 0, got {max_norm!r}")
+    max_norm = check_real("clip_grad_norm", "max_norm", max_norm, low=0.0, allow_inf=True)
+    norm_type = _check_norm_type("clip_grad_norm", norm_type)
     grads = trainable_gradients(params)
-    total_norm = _total_norm(grads, _check_norm_type(norm_type))
+    total_norm = _total_norm(grads, norm_type)
     if error_if_nonfinite and not math.isfinite(total_norm):
         raise RuntimeError(f"clip_grad_norm: the total norm of order {norm_type} of the gradients is "
                            f"{total_norm}; set error_if_nonfinite=False to clip anyway")
-    coef = min(float(max_norm) / (total_norm + 1e-6), 1.0)  # min keeps a NaN coef, as torch's clamp
+    coef = min(max_norm / (total_norm + 1e-6), 1.0)  # min keeps a NaN coef, as torch's clamp
     if coef != 1.0:
         with np.errstate(invalid="ignore"):  # Inf * 0 gives the NaN documented above
             for grad in grads:
@@ -74,7 +69,6 @@ def clip_grad_norm(params, max_norm: float, norm_type: float = 2.0, error_if_non
 def clip_grad_value(params, clip_value: float) -> None:
     """Clamp every gradient entry to ``[-clip_value, clip_value]`` in place (NaN stays NaN), as torch's
     clip_grad_value_."""
-    if isinstance(clip_value, bool) or not isinstance(clip_value, numbers.Real) or not clip_value >= 0:
-        raise ValueError(f"clip_grad_value: clip_value must be a number >= 0, got {clip_value!r}")
+    clip_value = check_real("clip_grad_value", "clip_value", clip_value, low=0.0, allow_inf=True)
     for grad in trainable_gradients(params):
         np.clip(grad, -clip_value, clip_value, out=grad)

@@ -7,7 +7,8 @@ import math
 import numpy as np
 
 from npcpu.kernels import optim as kernels
-from npcpu.optim.optimizer import Optimizer, check_betas, check_flag, check_number, flat
+from npcpu.checks import check_flag, check_real
+from npcpu.optim.optimizer import Optimizer, check_betas, flat
 
 
 def check_weight_norm_clamp(owner: str, clamp) -> None:
@@ -16,8 +17,8 @@ def check_weight_norm_clamp(owner: str, clamp) -> None:
     if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
         raise ValueError(f"{owner}: weight_norm_clamp must be None or a pair (lower, upper), "
                          f"got {clamp!r}")
-    lower = check_number(owner, "weight_norm_clamp[0]", clamp[0])
-    upper = check_number(owner, "weight_norm_clamp[1]", clamp[1], low_open=True)
+    lower = check_real(owner, "weight_norm_clamp[0]", clamp[0], low=0.0)
+    upper = check_real(owner, "weight_norm_clamp[1]", clamp[1], low=0.0, low_open=True)
     if lower > upper:
         raise ValueError(f"{owner}: weight_norm_clamp must have lower <= upper, got {clamp!r}")
 
@@ -86,10 +87,10 @@ class LAMB(Optimizer):
                          stochastic_rounding=stochastic_rounding, seed=seed)
 
     def _check_group(self, group: dict) -> None:
-        check_number("LAMB", "lr", group["lr"])
+        check_real("LAMB", "lr", group["lr"], low=0.0)
         check_betas("LAMB", group["betas"])
-        check_number("LAMB", "eps", group["eps"], low_open=True)
-        check_number("LAMB", "weight_decay", group["weight_decay"])
+        check_real("LAMB", "eps", group["eps"], low=0.0, low_open=True)
+        check_real("LAMB", "weight_decay", group["weight_decay"], low=0.0)
         check_flag("LAMB", "bias_correction", group["bias_correction"])
         check_weight_norm_clamp("LAMB", group["weight_norm_clamp"])
         check_flag("LAMB", "adaptation", group["adaptation"])

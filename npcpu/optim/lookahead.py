@@ -6,8 +6,9 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from npcpu.checks import check_int, check_real
 from npcpu.kernels import optim as kernels
-from npcpu.optim.optimizer import Optimizer, check_number, flat
+from npcpu.optim.optimizer import Optimizer, flat
 from npcpu.precision import bfloat16, to_storage
 
 
@@ -45,8 +46,8 @@ class Lookahead:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"Lookahead: optimizer must be an npcpu Optimizer, got "
                             f"{type(optimizer).__name__}")
-        self.k = check_k(k)
-        self.alpha = check_number("Lookahead", "alpha", alpha, low_open=True, high=1.0)
+        self.k = check_int("Lookahead", "k", k, 1)
+        self.alpha = check_real("Lookahead", "alpha", alpha, low=0.0, low_open=True, high=1.0)
         self.optimizer = optimizer
         self.param_groups = optimizer.param_groups
         self.step_count = 0
@@ -54,6 +55,21 @@ class Lookahead:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
+
+    # -- the rest of what the Trainer calls (npcpu.optim.optimizer.TrainerOptimizer) -------------
+    fused_into_backward = False
+
+    def fuse_into_backward(self) -> None:
+        """Refused: the sync every k steps reads every parameter's fast weights after its step,
+        which an update inside backward does not leave a place for."""
+        raise TypeError("update_in_backward needs an npcpu Optimizer (SGD, Adam, AdamW), "
+                        "got Lookahead")
+
+    def evaluation_weights(self):
+        return self.slow_weights_swapped()
+
+    def describe(self) -> str:
+        return f"Lookahead({self.optimizer.describe()})"
 
     def step(self) -> None:
         self.optimizer.step()
@@ -102,11 +118,9 @@ class Lookahead:
         for key in ("optimizer", "slow_weights", "step_count", "k", "alpha"):
             if key not in state_dict:
                 raise ValueError(f"{owner}: missing field {key!r}")
-        k, alpha = check_k(state_dict["k"]), check_number(owner, "alpha", state_dict["alpha"],
-                                                           low_open=True, high=1.0)
-        step_count = state_dict["step_count"]
-        if isinstance(step_count, bool) or not isinstance(step_count, (int, np.integer)) or step_count < 0:
-            raise ValueError(f"{owner}: step_count must be a non-negative integer, got {step_count!r}")
+        k = check_int(owner, "k", state_dict["k"], 1)
+        alpha = check_real(owner, "alpha", state_dict["alpha"], low=0.0, low_open=True, high=1.0)
+        step_count = check_int(owner, "step_count", state_dict["step_count"], 0)
         saved = state_dict["slow_weights"]
         if set(saved) != set(self.slow_weights):
             raise ValueError(f"{owner}: slow_weights: expected indices {sorted(self.slow_weights)}, "
@@ -121,8 +135,3 @@ class Lookahead:
         self.slow_weights = {i: np.array(saved[i], copy=True, order="C") for i in self.slow_weights}
         self.k, self.alpha, self.step_count = k, alpha, int(step_count)
 
-
-def check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"Lookahead: k must be an integer >= 1, got {k!r}")
-    return int(k)

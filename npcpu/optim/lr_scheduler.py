@@ -23,10 +23,10 @@ Resuming through the constructor's ``last_epoch`` argument gives the closed form
 
 from __future__ import annotations
 
-import numbers
 from bisect import bisect_right
 from typing import Callable, Sequence
 
+from npcpu.checks import check_int, check_real
 from npcpu.optim.schedules import (
     Schedule,
     cosine_annealing_schedule,
@@ -80,8 +80,7 @@ class LRScheduler:
     def __init__(self, optimizer, last_epoch: int = -1):
         owner = type(self).__name__
         _check_optimizer(owner, optimizer)
-        if isinstance(last_epoch, bool) or not isinstance(last_epoch, numbers.Integral) or last_epoch < -1:
-            raise ValueError(f"{owner}: last_epoch must be an integer >= -1, got {last_epoch!r}")
+        last_epoch = check_int(owner, "last_epoch", last_epoch, -1)
         self.optimizer = optimizer
         for i, group in enumerate(optimizer.param_groups):
             if last_epoch == -1:
@@ -194,15 +193,9 @@ class LinearLR(LRScheduler):
 
     def __init__(self, optimizer, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
                  total_iters: int = 5, last_epoch: int = -1):
-        if not 0 < start_factor <= 1:
-            raise ValueError(f"LinearLR: start_factor must be in (0, 1], got {start_factor}")
-        if not 0 <= end_factor <= 1:
-            raise ValueError(f"LinearLR: end_factor must be in [0, 1], got {end_factor}")
-        if isinstance(total_iters, bool) or not isinstance(total_iters, numbers.Integral) or total_iters < 1:
-            raise ValueError(f"LinearLR: total_iters must be an integer >= 1, got {total_iters!r}")
-        self.start_factor = float(start_factor)
-        self.end_factor = float(end_factor)
-        self.total_iters = int(total_iters)
+        self.start_factor = check_real("LinearLR", "start_factor", start_factor, low=0.0, low_open=True, high=1.0)
+        self.end_factor = check_real("LinearLR", "end_factor", end_factor, low=0.0, high=1.0)
+        self.total_iters = check_int("LinearLR", "total_iters", total_iters, 1)
         super().__init__(optimizer, last_epoch)
 
     def lr_schedules(self) -> list[Schedule]:
@@ -249,10 +242,8 @@ class OneCycleLR(LRScheduler):
         if total_steps is None:
             if epochs is None or steps_per_epoch is None:
                 raise ValueError("OneCycleLR: give total_steps, or epochs and steps_per_epoch")
-            for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
-                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                    raise ValueError(f"OneCycleLR: {name} must be a positive integer, got {value!r}")
-            total_steps = epochs * steps_per_epoch
+            total_steps = (check_int("OneCycleLR", "epochs", epochs, 1)
+                           * check_int("OneCycleLR", "steps_per_epoch", steps_per_epoch, 1))
         self.total_steps = total_steps
         self.pct_start = pct_start
         self.anneal_strategy = anneal_strategy

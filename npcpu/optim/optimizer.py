@@ -40,10 +40,12 @@ LAMB cannot be fused.
 
 from __future__ import annotations
 
-import math
+import contextlib
+from typing import ContextManager, Protocol, runtime_checkable
 
 import numpy as np
 
+from npcpu.checks import check_flag, check_int, check_real
 from npcpu.kernels import optim as kernels
 from npcpu.nn.parameter import Parameter
 from npcpu.precision import bfloat16, to_storage
@@ -51,34 +53,46 @@ from npcpu.precision import bfloat16, to_storage
 STATE_DTYPES = ("fp32", "bf16")
 
 
+@runtime_checkable
+class TrainerOptimizer(Protocol):
+    """What npcpu.train.Trainer calls on an optimizer: Optimizer and Lookahead implement it.
+
+    param_groups         list of dicts with "params" and "lr" (schedulers write "lr")
+    fused_into_backward  True once the parameters are updated inside backward
+    step(), zero_grad(), state_dict(), load_state_dict(state)   as in torch
+    fuse_into_backward() update each parameter inside backward from now on (TypeError or
+                         ValueError, saying why, where this optimizer cannot)
+    evaluation_weights() a context manager within which the parameters hold the weights to
+                         evaluate (the parameters themselves, or Lookahead's slow weights)
+    describe()           a short name for logs: "AdamW", "Lookahead(LAMB)"
+    """
+
+    param_groups: list
+    fused_into_backward: bool
+
+    def step(self) -> None: ...
+
+    def zero_grad(self) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state_dict: dict) -> None: ...
+
+    def fuse_into_backward(self) -> None: ...
+
+    def evaluation_weights(self) -> ContextManager: ...
+
+    def describe(self) -> str: ...
+
+
 # ---------------------------------------------------------------------------------------------
 # hyperparameter checks shared by the optimizers
 # ---------------------------------------------------------------------------------------------
-def check_number(owner: str, field: str, value, *, low: float = 0.0, high: float = math.inf,
-                 low_open: bool = False, high_open: bool = False) -> float:
-    """`value` as a float, after checking it is a finite real number in the stated interval."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{owner}: {field} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if not math.isfinite(value) or below or above:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{owner}: {field} must be finite and in {interval}, got {value!r}")
-    return value
-
-
 def check_betas(owner: str, betas) -> tuple[float, float]:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
-    return tuple(check_number(owner, f"betas[{i}]", b, high=1.0, high_open=True)
+    return tuple(check_real(owner, f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
                  for i, b in enumerate(betas))
-
-
-def check_flag(owner: str, field: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{owner}: {field} must be a bool, got {type(value).__name__}")
-    return bool(value)
 
 
 def flat(array: np.ndarray) -> np.ndarray:
@@ -113,6 +127,10 @@ class Optimizer:
     elementwise : bool (class attribute)
         True when the update of each element depends only on that element's gradient and state,
         so that a tensor can be updated a range of elements at a time (fuse_into_backward).
+    element_alignment : int (class attribute)
+        Ranges handed to `begin_update`'s function start at a multiple of this (the stochastic
+        rounding draws one hash per that many elements); with `begin_update`, the
+        npcpu.nn.parameter.InBackwardUpdater protocol that layers call inside backward.
     fused_into_backward : bool
         Set by `fuse_into_backward()`.
     param_groups : list of dict
@@ -123,18 +141,17 @@ class Optimizer:
     """
 
     elementwise = True
+    element_alignment = kernels.ELEMENTS_PER_HASH
 
     def __init__(self, params, defaults: dict, *, state_dtype: str = "fp32",
                  master_weights: bool = False, stochastic_rounding: bool = True, seed: int = 0):
         owner = type(self).__name__
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"{owner}: state_dtype must be one of {STATE_DTYPES}, got {state_dtype!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"{owner}: seed must be a non-negative integer, got {seed!r}")
+        self.seed = check_int(owner, "seed", seed, 0)
         self.state_dtype = state_dtype
         self.master_weights = check_flag(owner, "master_weights", master_weights)
         self.stochastic_rounding = check_flag(owner, "stochastic_rounding", stochastic_rounding)
-        self.seed = int(seed)
         self.defaults = dict(defaults)
         self._check_group(dict(self.defaults))
         self.param_groups: list[dict] = []
@@ -274,9 +291,9 @@ class Optimizer:
     def begin_update(self, p: Parameter):
         """Count one step of `p` (creating its state at the first) and return `update(grad, first=0)`,
         which updates p's elements first .. first + grad.size - 1 (in C order) from `grad`, their
-        gradient (flat, in p's compute dtype). `first` must be a multiple of 4. Call it once with
-        the whole gradient, or once per disjoint range until every element is updated (elementwise
-        optimizers only): both give the same result, bit for bit."""
+        gradient (flat, in p's compute dtype). `first` must be a multiple of `element_alignment`.
+        Call it once with the whole gradient, or once per disjoint range until every element is
+        updated (elementwise optimizers only): both give the same result, bit for bit."""
         owner = type(self).__name__
         index = self._index[id(p)]
         group = self.param_groups[self._group_index[id(p)]]
@@ -295,10 +312,10 @@ class Optimizer:
         random = kernels.random_scratch()  # the kernels' per-thread scratch for random bits
 
         def update(grad: np.ndarray, first: int = 0) -> None:
-            stop = first + grad.size
-            if first % 4 or stop > p.size or (not self.elementwise and grad.size != p.size):
+            stop, alignment = first + grad.size, self.element_alignment
+            if first % alignment or stop > p.size or (not self.elementwise and grad.size != p.size):
                 raise ValueError(f"{owner}: cannot update elements {first}..{stop - 1} of {p!r}: "
-                                 "ranges must start at a multiple of 4 and lie inside the "
+                                 f"ranges must start at a multiple of {alignment} and lie inside the "
                                  "parameter" + ("" if self.elementwise else
                                                 f", and {owner} updates whole tensors only"))
             part = {**state, **{name: a[first:stop] for name, a in arrays.items()}}
@@ -317,9 +334,9 @@ class Optimizer:
         their (small) gradients at the end of their backward. Every parameter's gradient is
         dropped after its update, so gradient clipping, gradient accumulation, loss scaling and
         anything else that reads gradients after backward cannot be combined with this. A
-        parameter shared by two layers (`Parameter.uses` = 2, a tied weight) is updated once, after
-        its last use's gradient. Elementwise optimizers only (SGD, Adam, AdamW): LAMB needs the
-        whole update's norm first.
+        parameter used by several layers (a tied weight) must say how many
+        (`Parameter.uses_per_backward`): it is then updated once, by its last use. Elementwise
+        optimizers only (SGD, Adam, AdamW): LAMB needs the whole update's norm first.
         """
         owner = type(self).__name__
         if not self.elementwise:
@@ -336,6 +353,14 @@ class Optimizer:
     def _fuse(self, p: Parameter) -> None:
         p.updater = self
         p.grad = None  # a gradient accumulated before fusing would never be used
+
+    # -- what the Trainer calls besides step (TrainerOptimizer) -----------------------------------
+    def evaluation_weights(self) -> ContextManager:
+        """The parameters are the weights to evaluate: nothing to swap."""
+        return contextlib.nullcontext(self)
+
+    def describe(self) -> str:
+        return type(self).__name__
 
     # -- state dicts -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -369,9 +394,7 @@ class Optimizer:
         if state_dict["state_dtype"] != self.state_dtype:
             raise ValueError(f"{owner}: state_dtype: expected {self.state_dtype!r}, got "
                              f"{state_dict['state_dtype']!r}")
-        seed = state_dict["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"{owner}: seed must be a non-negative integer, got {seed!r}")
+        seed = check_int(owner, "seed", state_dict["seed"], 0)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"{owner}: param_groups: expected {len(self.param_groups)} groups, got "
@@ -407,10 +430,7 @@ class Optimizer:
         where = f"{owner}: state[{index!r}] ({p.name or 'parameter'})"
         if set(saved) != {"step", *spec}:
             raise ValueError(f"{where}: expected fields {sorted({'step', *spec})}, got {sorted(saved)}")
-        step = saved["step"]
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"{where}: step must be a non-negative integer, got {step!r}")
-        state = {"step": int(step)}
+        state = {"step": check_int(where, "step", saved["step"], 0)}
         for name, dtype in spec.items():
             array = saved[name]
             if not isinstance(array, np.ndarray):

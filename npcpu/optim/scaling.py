@@ -27,18 +27,19 @@ without a gradient are left alone.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
+from npcpu.checks import check_int, check_real
 from npcpu.kernels.grads import EXPONENT_MASKS, unscale_and_count_nonfinite
 
 _READY, _UNSCALED, _STEPPED = "ready", "unscaled", "stepped"
 
 
 def trainable_gradients(params_or_optimizer) -> list[np.ndarray]:
-    """The gradient arrays of the unfrozen parameters that have one, from an optimizer's param groups
-    or from an iterable of Parameters, each checked to be a float32/float64 C-contiguous array."""
+    """The gradient accumulators of the unfrozen parameters that have one, from an optimizer's param
+    groups or from an iterable of Parameters, each checked to be a float32/float64 C-contiguous
+    array. They are the accumulators themselves (`Parameter.grad_buffer()`), for modifying in place."""
     if hasattr(params_or_optimizer, "param_groups"):
         params = [p for group in params_or_optimizer.param_groups for p in group["params"]]
     else:
@@ -47,7 +48,7 @@ def trainable_gradients(params_or_optimizer) -> list[np.ndarray]:
     for p in params:
         if getattr(p, "frozen", False) or p.grad is None:
             continue
-        grad = p.grad
+        grad = p.grad_buffer()
         if not isinstance(grad, np.ndarray) or grad.dtype not in EXPONENT_MASKS:
             raise TypeError(f"{p!r}: gradient must be a float32 or float64 array, got "
                             f"{getattr(grad, 'dtype', type(grad).__name__)}")
@@ -63,12 +64,11 @@ def _as_float32_value(value: float) -> float:
         return float(np.float32(value))
 
 
-def _check_positive_finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"DynamicLossScaler: {name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not (value > 0 and math.isfinite(_as_float32_value(value))):
-        raise ValueError(f"DynamicLossScaler: {name} must be positive and finite in float32, got {value}")
+def _check_float32_real(name: str, value, **bounds) -> float:
+    """`check_real`, and also finite once rounded to float32 (the scale is a float32)."""
+    value = check_real("DynamicLossScaler", name, value, **bounds)
+    if not math.isfinite(_as_float32_value(value)):
+        raise ValueError(f"DynamicLossScaler: {name} must be finite in float32, got {value}")
     return value
 
 
@@ -98,27 +98,20 @@ class DynamicLossScaler:
                  growth_interval: int = 2000, enabled: bool = True):
         self.enabled = bool(enabled)
         self._set_settings(growth_factor, backoff_factor, growth_interval)
-        self._scale = _as_float32_value(_check_positive_finite("init_scale", init_scale))
+        self._scale = _as_float32_value(_check_float32_real("init_scale", init_scale, low=0.0, low_open=True))
         self._growth_tracker = 0
         self.skipped_steps = 0
         self._stage = _READY
         self._found_inf = False
 
     def _set_settings(self, growth_factor, backoff_factor, growth_interval) -> None:
-        growth_factor = _check_positive_finite("growth_factor", growth_factor)
-        backoff_factor = _check_positive_finite("backoff_factor", backoff_factor)
-        if not growth_factor > 1.0:
-            raise ValueError(f"DynamicLossScaler: growth_factor must be > 1, got {growth_factor}")
-        if not backoff_factor < 1.0:
-            raise ValueError(f"DynamicLossScaler: backoff_factor must be in (0, 1), got {backoff_factor}")
-        if isinstance(growth_interval, bool) or not isinstance(growth_interval, numbers.Integral):
-            raise TypeError(f"DynamicLossScaler: growth_interval must be an integer, got "
-                            f"{type(growth_interval).__name__} {growth_interval!r}")
-        if growth_interval < 1:
-            raise ValueError(f"DynamicLossScaler: growth_interval must be >= 1, got {growth_interval}")
-        self.growth_factor = growth_factor
-        self.backoff_factor = backoff_factor
-        self.growth_interval = int(growth_interval)
+        owner = "DynamicLossScaler"
+        growth_factor = _check_float32_real("growth_factor", growth_factor, low=1.0, low_open=True)
+        backoff_factor = check_real(owner, "backoff_factor", backoff_factor, low=0.0, high=1.0,
+                                    low_open=True, high_open=True)
+        growth_interval = check_int(owner, "growth_interval", growth_interval, 1)
+        self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
+        self.growth_interval = growth_interval
 
     @property
     def scale(self) -> float:
@@ -188,7 +181,7 @@ class DynamicLossScaler:
         if not self.enabled:
             return
         if new_scale is not None:
-            self._scale = _as_float32_value(_check_positive_finite("new_scale", new_scale))
+            self._scale = _as_float32_value(_check_float32_real("new_scale", new_scale, low=0.0, low_open=True))
         elif self._stage == _READY:
             raise RuntimeError("DynamicLossScaler.update: no unscale_() or step() since the last update()")
         elif self._found_inf:
@@ -222,7 +215,7 @@ class DynamicLossScaler:
                              "disabled scaler?)")
         self._set_settings(state_dict["growth_factor"], state_dict["backoff_factor"],
                            state_dict["growth_interval"])
-        self._scale = _as_float32_value(_check_positive_finite("scale", state_dict["scale"]))
+        self._scale = _as_float32_value(_check_float32_real("scale", state_dict["scale"], low=0.0, low_open=True))
         self._growth_tracker = int(state_dict["_growth_tracker"])
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self._stage = _READY

@@ -14,10 +14,10 @@ roundings (torch itself updates those recursively; see npcpu/optim/lr_scheduler.
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 from bisect import bisect_right
 from typing import Callable, Sequence
+
+from npcpu.checks import check_int, check_real
 
 Schedule = Callable[[int], float]
 
@@ -26,29 +26,7 @@ Schedule = Callable[[int], float]
 
 
 def _check_step(step) -> int:
-    try:
-        step = operator.index(step)
-    except TypeError:
-        raise TypeError(f"schedule step must be an integer, got {type(step).__name__} {step!r}") from None
-    if step < 0:
-        raise ValueError(f"schedule step must be >= 0, got {step}")
-    return step
-
-
-def _check_count(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    return check_int("schedule", "step", step, 0)
 
 
 # ---------------------------------------------------------------- interpolations
@@ -72,7 +50,7 @@ _INTERPOLATIONS = {"cos": _cosine_interpolation, "linear": _linear_interpolation
 
 def constant_schedule(value: float) -> Schedule:
     """``lr(t) = value``."""
-    value = _check_finite("constant_schedule value", value)
+    value = check_real("constant_schedule", "value", value)
 
     def schedule(step: int) -> float:
         _check_step(step)
@@ -87,9 +65,9 @@ def linear_schedule(init_value: float, end_value: float, transition_steps: int) 
     ``lr(t) = init + (end - init) * min(t, T) / T`` with ``T = transition_steps``; T = 0 gives
     `end_value` from step 0. (torch's LinearLR is this with ``init = base_lr * start_factor``.)
     """
-    init_value = _check_finite("linear_schedule init_value", init_value)
-    end_value = _check_finite("linear_schedule end_value", end_value)
-    transition_steps = _check_count("linear_schedule transition_steps", transition_steps, 0)
+    init_value = check_real("linear_schedule", "init_value", init_value)
+    end_value = check_real("linear_schedule", "end_value", end_value)
+    transition_steps = check_int("linear_schedule", "transition_steps", transition_steps, 0)
 
     def schedule(step: int) -> float:
         step = _check_step(step)
@@ -107,9 +85,9 @@ def cosine_annealing_schedule(init_value: float, end_value: float, half_period: 
     after T it climbs back to `init_value` at 2T, and so on. This is the closed form of torch's
     CosineAnnealingLR (``T = T_max``, ``end = eta_min``), which is stepped past T_max that way.
     """
-    init_value = _check_finite("cosine_annealing_schedule init_value", init_value)
-    end_value = _check_finite("cosine_annealing_schedule end_value", end_value)
-    half_period = _check_count("cosine_annealing_schedule half_period", half_period, 1)
+    init_value = check_real("cosine_annealing_schedule", "init_value", init_value)
+    end_value = check_real("cosine_annealing_schedule", "end_value", end_value)
+    half_period = check_int("cosine_annealing_schedule", "half_period", half_period, 1)
 
     def schedule(step: int) -> float:
         return _cosine_interpolation(init_value, end_value, _check_step(step) / half_period)
@@ -129,8 +107,8 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
     and ``T = decay_steps`` (SGDR without restarts, Loshchilov & Hutter 2016; optax's
     cosine_decay_schedule).
     """
-    init_value = _check_finite("cosine_decay_schedule init_value", init_value)
-    alpha = _check_finite("cosine_decay_schedule alpha", alpha)
+    init_value = check_real("cosine_decay_schedule", "init_value", init_value)
+    alpha = check_real("cosine_decay_schedule", "alpha", alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"cosine_decay_schedule alpha must be in [0, 1], got {alpha}")
     return _held_after(cosine_annealing_schedule(init_value, alpha * init_value, decay_steps), decay_steps)
@@ -146,10 +124,10 @@ def warmup_cosine_decay_schedule(init_value: float, peak_value: float, warmup_st
         join_schedules([linear_schedule(init, peak, warmup_steps),
                         cosine from peak to end over decay_steps - warmup_steps], [warmup_steps])
     """
-    peak_value = _check_finite("warmup_cosine_decay_schedule peak_value", peak_value)
-    end_value = _check_finite("warmup_cosine_decay_schedule end_value", end_value)
-    warmup_steps = _check_count("warmup_cosine_decay_schedule warmup_steps", warmup_steps, 0)
-    decay_steps = _check_count("warmup_cosine_decay_schedule decay_steps", decay_steps, 1)
+    peak_value = check_real("warmup_cosine_decay_schedule", "peak_value", peak_value)
+    end_value = check_real("warmup_cosine_decay_schedule", "end_value", end_value)
+    warmup_steps = check_int("warmup_cosine_decay_schedule", "warmup_steps", warmup_steps, 0)
+    decay_steps = check_int("warmup_cosine_decay_schedule", "decay_steps", decay_steps, 1)
     if decay_steps <= warmup_steps:
         raise ValueError(f"warmup_cosine_decay_schedule decay_steps ({decay_steps}) must exceed "
                          f"warmup_steps ({warmup_steps})")
@@ -162,9 +140,9 @@ def warmup_cosine_decay_schedule(init_value: float, peak_value: float, warmup_st
 
 def step_decay_schedule(init_value: float, step_size: int, gamma: float = 0.1) -> Schedule:
     """``lr(t) = init * gamma ** (t // step_size)``: multiply by `gamma` every `step_size` steps (StepLR)."""
-    init_value = _check_finite("step_decay_schedule init_value", init_value)
-    step_size = _check_count("step_decay_schedule step_size", step_size, 1)
-    gamma = _check_finite("step_decay_schedule gamma", gamma)
+    init_value = check_real("step_decay_schedule", "init_value", init_value)
+    step_size = check_int("step_decay_schedule", "step_size", step_size, 1)
+    gamma = check_real("step_decay_schedule", "gamma", gamma)
 
     def schedule(step: int) -> float:
         return init_value * gamma ** (_check_step(step) // step_size)
@@ -174,8 +152,8 @@ def step_decay_schedule(init_value: float, step_size: int, gamma: float = 0.1) -
 
 def exponential_decay_schedule(init_value: float, gamma: float) -> Schedule:
     """``lr(t) = init * gamma ** t``: multiply by `gamma` every step (ExponentialLR)."""
-    init_value = _check_finite("exponential_decay_schedule init_value", init_value)
-    gamma = _check_finite("exponential_decay_schedule gamma", gamma)
+    init_value = check_real("exponential_decay_schedule", "init_value", init_value)
+    gamma = check_real("exponential_decay_schedule", "gamma", gamma)
 
     def schedule(step: int) -> float:
         return init_value * gamma ** _check_step(step)
@@ -190,7 +168,7 @@ def warmup_step_decay_schedule(init_value: float, peak_value: float, warmup_step
     ``lr(t) = init + (peak - init) * t / W`` for ``t < W = warmup_steps``, else
     ``peak * decay_factor ** ((t - W) // decay_steps)`` (e.g. W = 4000, factor 0.5 every 50,000).
     """
-    warmup_steps = _check_count("warmup_step_decay_schedule warmup_steps", warmup_steps, 0)
+    warmup_steps = check_int("warmup_step_decay_schedule", "warmup_steps", warmup_steps, 0)
     return join_schedules(
         [linear_schedule(init_value, peak_value, warmup_steps),
          step_decay_schedule(peak_value, decay_steps, decay_factor)],
@@ -213,9 +191,9 @@ def one_cycle_schedule(total_steps: int, max_lr: float, pct_start: float = 0.3,
     Defined for steps 0 ... total_steps (the last one extrapolates the last phase by one step, as
     torch allows); a later step raises ValueError, as in torch.
     """
-    max_lr = _check_finite("one_cycle_schedule max_lr", max_lr)
-    div_factor = _check_finite("one_cycle_schedule div_factor", div_factor)
-    final_div_factor = _check_finite("one_cycle_schedule final_div_factor", final_div_factor)
+    max_lr = check_real("one_cycle_schedule", "max_lr", max_lr)
+    div_factor = check_real("one_cycle_schedule", "div_factor", div_factor)
+    final_div_factor = check_real("one_cycle_schedule", "final_div_factor", final_div_factor)
     initial_lr = max_lr / div_factor
     return three_point_cycle_schedule(total_steps, initial_lr, max_lr, initial_lr / final_div_factor,
                                       pct_start, anneal_strategy, three_phase)
@@ -230,8 +208,8 @@ def three_point_cycle_schedule(total_steps: int, start_value: float, peak_value:
     `start_value` to `end_value`. OneCycleLR cycles momentum with this too: start = max_momentum,
     peak = base_momentum, end = max_momentum.
     """
-    total_steps = _check_count("one-cycle total_steps", total_steps, 1)
-    pct_start = _check_finite("one-cycle pct_start", pct_start)
+    total_steps = check_int("one-cycle", "total_steps", total_steps, 1)
+    pct_start = check_real("one-cycle", "pct_start", pct_start)
     if not 0.0 <= pct_start <= 1.0:
         raise ValueError(f"one-cycle pct_start must be in [0, 1], got {pct_start}")
     if anneal_strategy not in _INTERPOLATIONS:
@@ -267,7 +245,7 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     non-decreasing, non-negative integers, one fewer than `schedules`.
     """
     schedules = list(schedules)
-    boundaries = [_check_count("join_schedules boundary", b, 0) for b in boundaries]
+    boundaries = [check_int("join_schedules", "boundary", b, 0) for b in boundaries]
     if len(boundaries) != len(schedules) - 1 or not schedules:
         raise ValueError(f"join_schedules needs one boundary fewer than schedules, got "
                          f"{len(schedules)} schedules and {len(boundaries)} boundaries")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from npcpu.kernels import optim as kernels
-from npcpu.optim.optimizer import Optimizer, check_flag, check_number, flat
+from npcpu.checks import check_flag, check_real
+from npcpu.optim.optimizer import Optimizer, flat
 
 
 class SGD(Optimizer):
@@ -34,10 +35,10 @@ class SGD(Optimizer):
                          stochastic_rounding=stochastic_rounding, seed=seed)
 
     def _check_group(self, group: dict) -> None:
-        check_number("SGD", "lr", group["lr"])
-        check_number("SGD", "momentum", group["momentum"])
-        check_number("SGD", "dampening", group["dampening"], high=1.0)
-        check_number("SGD", "weight_decay", group["weight_decay"])
+        check_real("SGD", "lr", group["lr"], low=0.0)
+        check_real("SGD", "momentum", group["momentum"], low=0.0)
+        check_real("SGD", "dampening", group["dampening"], low=0.0, high=1.0)
+        check_real("SGD", "weight_decay", group["weight_decay"], low=0.0)
         check_flag("SGD", "maximize", group["maximize"])
         if check_flag("SGD", "nesterov", group["nesterov"]) and (
                 group["momentum"] <= 0 or group["dampening"] != 0):

@@ -2,10 +2,10 @@
 
 The reference path (npcpu.train.trainer.Trainer, or a loop of model.forward, loss, model.backward,
 optimizer.step, zero_grad) spends most of a small model's step outside the arithmetic: for
-softmax regression 784 -> 10 at batch 128 a step is about 2M multiply-adds (some 40 us of work),
-and each of its Python-level calls (shape and dtype checks, BLAS dispatch and thread-count
-switching, gradient zeroing, the optimizer's per-parameter bookkeeping, the data set's index
-checks and gather) costs a few microseconds; together they cost more than the arithmetic.
+softmax regression 784 -> 10 at batch 128 a step is about 2M multiply-adds, and its Python-level
+calls (shape and dtype checks, BLAS dispatch and thread-count switching, gradient zeroing, the
+optimizer's per-parameter bookkeeping, the data set's index checks and gather) together cost
+more than the arithmetic.
 `CompiledClassifierStep` runs the same math (npcpu.kernels.compiled_step) for all the steps of an
 epoch in one compiled call per thread, reading the batches straight from the (S, D) data array
 in the loader's order; two threads split layer 0 by its input columns. It gives the same
@@ -39,7 +39,7 @@ import threading
 import numba
 import numpy as np
 
-from npcpu.data.arrays import check_int
+from npcpu.checks import check_int
 from npcpu.data.loader import DataLoader
 from npcpu.kernels.compiled_step import COLUMN_BLOCKS, train_worker
 from npcpu.nn.linear import FusedLinearReLU, Linear
@@ -48,7 +48,7 @@ from npcpu.nn.module import Sequential
 from npcpu.optim.sgd import SGD
 
 OWNER = "CompiledClassifierStep"
-MIN_WORK_PER_THREAD = 1 << 18  # multiply-adds per thread and step (~10 us): far above a barrier
+MIN_WORK_PER_THREAD = 1 << 18  # multiply-adds per thread and step: far above a barrier's cost
 SUPPORTED = ("a Sequential of Linear/FusedLinearReLU layers with trainable fp32 parameters, "
              "CrossEntropyLoss(reduction='mean', label_smoothing=0) and SGD with state_dtype='fp32'")
 
