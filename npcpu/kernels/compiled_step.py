@@ -93,9 +93,12 @@ def cross_entropy_rows(logits, y, rows, scale, dlogits):
     gradient dlogits[i] = (softmax(logits[i]) - onehot) * scale (scale = 1 / batch rows): the
     reference loss's row rule (cross_entropy_row, no label smoothing). Returns the sum in float64
     (times `scale` it is these rows' part of the mean loss)."""
+    classes = logits.shape[1]
+    bits = np.empty(classes, np.int32)  # the row helper's exp scratch, shared by the rows
     total = 0.0
     for i in range(rows.size):
-        total += cross_entropy_row(logits[i], y[rows[i]], 0.0, scale, dlogits[i])
+        total += cross_entropy_row(logits[i], y[rows[i]], classes, 0.0, scale, dlogits[i], False,
+                                   bits)
     return total
 
 

@@ -342,9 +342,10 @@ class Trainer:
             with self.optimizer.evaluation_weights():
                 for x, y in loader:
                     outputs = self.model.forward(x)
-                    loss += self.loss_fn(outputs, y, normalizer=items)
+                    # the sums first: a loss may write its gradient over the outputs (in_place)
                     for name, value in self.loss_fn.evaluation_sums(outputs, y).items():
                         sums[name] = sums.get(name, 0) + value
+                    loss += self.loss_fn(outputs, y, normalizer=items)
         finally:
             self.model.train()
         metrics = self.loss_fn.evaluation_metrics(loss, sums, items)
