@@ -56,6 +56,11 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--best", action="store_true", help="use the best checkpoint")
     evaluate.add_argument("--threads", type=int)
 
+    prepare = sub.add_parser("prepare-text", help="tokenize text files into DIR/train.bin, "
+                             "val.bin, tokenizer.json, meta.json (nanoGPT's format)")
+    from npcpu.text.prepare import add_arguments as add_prepare_text_arguments
+    add_prepare_text_arguments(prepare)
+
     sub.add_parser("info", help="versions, BLAS, Numba threading layer, CPU bfloat16 support")
 
     bench = sub.add_parser("bench", help="benchmarks against PyTorch (needs torch)")
@@ -91,9 +96,9 @@ def cmd_train(args) -> int:
         save_run_config(run_dir, config)
     progress = {"auto": None, "bar": True, "lines": False}[args.progress]
     result = run.fit(run_dir, progress=progress)
-    if "eval_accuracy" in result:
-        print(f"final eval: loss {result['eval_loss']:.4f}  accuracy {result['eval_accuracy']:.4f}"
-              f"  (chance {1 / run.num_classes:.4f})  run dir {run_dir}")
+    if "eval_loss" in result:
+        chance = f"  (chance {1 / run.num_classes:.4f})" if "eval_accuracy" in result else ""
+        print(f"final eval: {_eval_summary(result)}{chance}  run dir {run_dir}")
     if run.trainer.interrupted is not None:
         return 130 if run.trainer.interrupted == "SIGINT" else 143
     return 0
@@ -110,9 +115,19 @@ def cmd_eval(args) -> int:
     path = best_checkpoint(args.run_dir) if args.best else args.run_dir
     info = run.trainer.resume(path)
     result = run.trainer.evaluate(run.eval_data)
-    print(f"{info['path']} (step {run.trainer.step}): eval loss {result['eval_loss']:.4f}  "
-          f"accuracy {result['eval_accuracy']:.4f}")
+    print(f"{info['path']} (step {run.trainer.step}): eval {_eval_summary(result)}")
     return 0
+
+
+def _eval_summary(result: dict) -> str:
+    """"loss 0.1234  accuracy 0.9600": each eval_* metric the loss reports."""
+    return "  ".join(f"{name[len('eval_'):]} {value:.4f}" for name, value in result.items()
+                     if name.startswith("eval_"))
+
+
+def cmd_prepare_text(args) -> int:
+    from npcpu.text.prepare import run
+    return run(args)
 
 
 def cmd_info(args) -> int:
@@ -145,7 +160,8 @@ def main(argv=None) -> int:
     Set NPCPU_DEBUG=1 to see the full traceback instead.
     """
     args = make_parser().parse_args(argv)
-    commands = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}
+    commands = {"train": cmd_train, "eval": cmd_eval, "prepare-text": cmd_prepare_text,
+                "info": cmd_info, "bench": cmd_bench}
     try:
         return commands[args.command](args)
     except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as e:

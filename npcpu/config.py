@@ -117,7 +117,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
 }
 
 PRESETS: dict[str, dict] = {
-    # The embedded default: the whole seed system, about a minute or two on a 2-core laptop.
+    # The embedded default: the whole seed system, every feature on.
     "default": {},
     # The mlp52m scale from docs/DESIGN.md: 784-4096-4096-4096-4096-100, batch 128.
     "mlp52m": {

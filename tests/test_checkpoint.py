@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from npcpu import checkpoint
+from npcpu.checkpoint import durable
 from npcpu.checkpoint import (CheckpointError, best_checkpoint, export_model, flatten_state,
                               list_checkpoints, load_checkpoint, save_checkpoint, unflatten_state)
 
@@ -193,9 +193,9 @@ class CrashAt:
         self.k, self.calls, self.crashed, self.pointer_replaced = k, 0, False, False
         for owner, name in [(os, "mkdir"), (os, "rename"), (os, "replace"), (os, "fsync"),
                             (os, "unlink"), (os, "rmdir"), (shutil, "rmtree"),
-                            (checkpoint, "save_file")]:
+                            (durable, "save_file")]:
             monkeypatch.setattr(owner, name, self.wrap(name, getattr(owner, name)))
-        monkeypatch.setattr(checkpoint, "open", self.wrap("open", open), raising=False)
+        monkeypatch.setattr(durable, "open", self.wrap("open", open), raising=False)
 
     def wrap(self, name, function):
         def crashing(*args, **kwargs):
@@ -359,7 +359,7 @@ def saved(tmp_path):
 def rewrite_tensors(directory: Path, tensors: dict) -> None:
     """Replace the tensors file and record its true hash, so that checks past the hash are reached."""
     save_file(tensors, directory / "tensors.safetensors")
-    edit_json(directory, lambda doc: doc.update(tensors_sha256=checkpoint._fsync_and_hash(
+    edit_json(directory, lambda doc: doc.update(tensors_sha256=durable.fsync_and_hash(
         directory / "tensors.safetensors")))
 
 
@@ -439,7 +439,7 @@ def test_tensors_file_missing_or_malformed(saved):
     header = json.dumps({"model.w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 99]}})
     (saved / "tensors.safetensors").write_bytes(len(header).to_bytes(8, "little")
                                                 + header.encode() + bytes(24))
-    edit_json(saved, lambda doc: doc.update(tensors_sha256=checkpoint._fsync_and_hash(
+    edit_json(saved, lambda doc: doc.update(tensors_sha256=durable.fsync_and_hash(
         saved / "tensors.safetensors")))
     with pytest.raises(CheckpointError, match="'model.w'.*does not fit data_offsets"):
         load_checkpoint(saved)

@@ -89,3 +89,20 @@ def test_mlp_on_digits_reaches_97_percent():
                              batch_size=run.config["train"]["batch_size"], eval_data=run.eval_data,
                              progress=False)
     assert result["eval_accuracy"] >= 0.97, result
+
+
+def test_resuming_a_finished_run_changes_nothing_unless_the_limits_are_raised(tmp_path, capsys):
+    from npcpu.checkpoint import list_checkpoints
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(EXAMPLES / "tiny.toml"), "--run-dir", str(run_dir),
+                 "--train.epochs", "1", "--threads", "1", "--progress", "lines"]) == 0
+    capsys.readouterr()
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert main(["train", "--resume", str(run_dir), "--progress", "lines"]) == 0
+    assert "the run is complete: it is at step 16" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
+    assert main(["train", "--resume", str(run_dir), "--train.epochs", "2", "--progress",
+                 "lines"]) == 0
+    assert "the run is complete" not in capsys.readouterr().err
+    assert list_checkpoints(run_dir)[-1].name == "step-000032"

@@ -23,7 +23,7 @@ from npcpu.optim.sgd import SGD
 from npcpu.train.build import build_run
 from npcpu.train.callbacks import Callback, EarlyStopping
 from npcpu.train.freezing import DynamicFreezer
-from npcpu.train import trainer as trainer_module
+from npcpu.train import runner_compiled
 from npcpu.train.trainer import Trainer
 from statecheck import assert_same_state
 
@@ -187,7 +187,7 @@ def test_log_eval_and_checkpoint_points_are_the_same_and_chunks_end_there(tmp_pa
 def test_chunks_grow_to_about_compiled_chunk_seconds_of_steps(monkeypatch, seconds, chunk_ends):
     """After a first chunk of COMPILED_CHUNK_STEPS, a chunk runs as many steps as the one before
     ran in COMPILED_CHUNK_SECONDS (here 0 s: never more than 100; 1e9 s: the rest of the epoch)."""
-    monkeypatch.setattr(trainer_module, "COMPILED_CHUNK_SECONDS", seconds)
+    monkeypatch.setattr(runner_compiled, "COMPILED_CHUNK_SECONDS", seconds)
     trainer, calls = fit("auto", "logreg", "plain", data=make_data(n=520 * 4), batch_size=4,
                          epochs=1, log_every=10)
     assert sorted({at for at, _ in calls.steps}) == chunk_ends

@@ -8,6 +8,7 @@ import numpy as np
 
 from npcpu.checks import check_int, check_real
 from npcpu.kernels import optim as kernels
+from npcpu.kernels.optim_io import Rounding, random_scratch
 from npcpu.optim.optimizer import Optimizer, flat
 from npcpu.precision import bfloat16, to_storage
 
@@ -56,6 +57,21 @@ class Lookahead:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
 
+    # -- the rest of what the Trainer calls (npcpu.optim.optimizer.TrainerOptimizer) -------------
+    fused_into_backward = False
+
+    def fuse_into_backward(self) -> None:
+        """Refused: the sync every k steps reads every parameter's fast weights after its step,
+        which an update inside backward does not leave a place for."""
+        raise TypeError("update_in_backward needs an npcpu Optimizer (SGD, Adam, AdamW), "
+                        "got Lookahead")
+
+    def evaluation_weights(self):
+        return self.slow_weights_swapped()
+
+    def describe(self) -> str:
+        return f"Lookahead({self.optimizer.describe()})"
+
     def step(self) -> None:
         self.optimizer.step()
         self.step_count += 1
@@ -65,15 +81,16 @@ class Lookahead:
     def _sync(self) -> None:
         inner = self.optimizer
         sync_number = self.step_count // self.k
-        random = kernels.random_scratch()
+        random = random_scratch()
         for index, p in inner.indexed_params():
             if p.frozen:
                 continue
             fast, slow = inner.weights_of(p), self.slow_weights[index]
             stream = np.uint64((1 << 63) | (sync_number << 32) | index)
-            kernels.lookahead_sync(flat(fast), flat(slow), slow.dtype.type(self.alpha),
-                                   inner.stochastic_rounding and fast.dtype == bfloat16,
-                                   np.uint64(inner.seed), stream, random)
+            rounding = Rounding(stochastic=inner.stochastic_rounding and fast.dtype == bfloat16,
+                                seed=np.uint64(inner.seed), stream=stream, first=np.uint64(0),
+                                random=random)
+            kernels.lookahead_sync(flat(fast), flat(slow), slow.dtype.type(self.alpha), rounding)
             inner.publish_master(p)
 
     @contextmanager

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from npcpu.checks import check_int, check_real
+
 
 class Callback:
     """Base class: every hook does nothing."""
@@ -52,9 +54,9 @@ class EarlyStopping(Callback):
                  min_delta: float = 0.0):
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
-        if not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"EarlyStopping: patience must be an integer >= 1, got {patience!r}")
-        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.monitor, self.mode = monitor, mode
+        self.patience = check_int("EarlyStopping", "patience", patience, 1)
+        self.min_delta = check_real("EarlyStopping", "min_delta", min_delta, low=0.0)
         self.best = math.inf if mode == "min" else -math.inf
         self.bad_evals = 0
 
@@ -168,8 +170,9 @@ class Progress(Callback):
                   f"{metrics['samples_per_s']:.0f} samples/s", file=self.stream, flush=True)
 
     def on_eval_end(self, trainer, metrics: dict) -> None:
-        self.write(f"eval @ step {metrics['step']}: loss {metrics['eval_loss']:.4f}  "
-                   f"accuracy {metrics['eval_accuracy']:.4f}")
+        self.write(f"eval @ step {metrics['step']}: " + "  ".join(
+            f"{name[len('eval_'):]} {value:.4f}" for name, value in metrics.items()
+            if name.startswith("eval_")))
 
     def write(self, message: str) -> None:
         if self._bar is not None:

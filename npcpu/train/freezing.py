@@ -20,6 +20,7 @@ from collections import deque
 
 import numpy as np
 
+from npcpu.checks import check_int, check_real
 from npcpu.optim.clip import get_total_norm
 
 
@@ -50,21 +51,14 @@ class DynamicFreezer:
     def __init__(self, threshold: float = 0.01, patience: int = 30, window: int = 10, *,
                  prefix_only: bool = True, relative: bool = False, min_active: int = 1,
                  start_step: int = 0):
-        if not (np.isfinite(threshold) and threshold > 0):
-            raise ValueError(f"DynamicFreezer: threshold must be a positive number, got {threshold!r}")
-        for name, value in (("patience", patience), ("window", window)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DynamicFreezer: {name} must be an integer >= 1, got {value!r}")
-        for name, value in (("min_active", min_active), ("start_step", start_step)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"DynamicFreezer: {name} must be an integer >= 0, got {value!r}")
-        self.threshold = float(threshold)
-        self.patience = patience
-        self.window = window
+        owner = "DynamicFreezer"
+        self.threshold = check_real(owner, "threshold", threshold, low=0.0, low_open=True)
+        self.patience = check_int(owner, "patience", patience, 1)
+        self.window = check_int(owner, "window", window, 1)
         self.prefix_only = prefix_only
         self.relative = relative
-        self.min_active = min_active
-        self.start_step = start_step
+        self.min_active = check_int(owner, "min_active", min_active, 0)
+        self.start_step = check_int(owner, "start_step", start_step, 0)
         self.history: dict[str, deque] = {}
         self.quiet_steps: dict[str, int] = {}
         self.frozen_at: dict[str, int] = {}  # layer name -> optimizer step at which it froze

@@ -1,0 +1,172 @@
+"""Step runners: what runs the optimizer steps of `Trainer.fit`, behind one interface.
+
+The Trainer's loop (epochs, evaluation, checkpoints, callbacks, signals, early stop) never runs
+a forward or backward pass itself: it asks a step runner for up to `limit` steps and gets one
+StepResult per step. Two runners exist:
+
+    ReferenceRunner   (here) one step per call: forward and backward over a window of
+                      micro-batches, then unscale, clip, freeze and the optimizer step.
+    CompiledRunner    (npcpu.train.runner_compiled) many plain-SGD steps of a small classifier
+                      in one Numba call.
+
+The contract, for the runners to come (a language-model runner, a data-parallel one):
+
+- `note`: one line fit() logs after the header ("compiled step: off (...)").
+- `preferred_steps() -> int`: how many steps the runner wants from its next call (>= 1). The
+  loop asks for min(that, steps to the end, steps to the next evaluation or checkpoint).
+- `steps(limit) -> iterator of StepResult`: run at most `limit` steps from the trainer's data
+  position (`trainer.epoch`, `trainer.batch_index`, which the runner advances as it consumes
+  micro-batches; a step never spans two epochs) and yield one StepResult per step run. The
+  loop handles each result as it arrives: it steps the scheduler (after a step taken), counts
+  `trainer.step`, `samples_seen`, `skipped_steps`. A runner that yields lazily, one step at a
+  time, therefore sees the scheduler and counters as the step before left them; a runner that
+  runs several steps before its first yield must plan the learning rates itself (as
+  CompiledRunner does). The loop calls the callbacks once the iterator is exhausted.
+  A step whose loss is not finite raises FloatingPointError (naming the step and whether the
+  inputs were finite) after yielding the steps before it, with the optimizer step not taken.
+- `close()`: release what the runner holds (a prefetch thread); called at the end of fit().
+
+A runner reads the trainer's model, loss, optimizer and settings; it is built by
+`Trainer.make_runner(loader, log_every)`, which a subclass overrides to supply its own. A runner
+that changes only part of the reference step subclasses ReferenceRunner and overrides one of its
+two halves: `forward_backward(window)` (a data-parallel runner all-reduces the gradients, loss
+and samples after it) or `optimizer_step(loss, items, window)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from npcpu.optim.clip import clip_grad_norm as clip_grad_norm_
+from npcpu.optim.clip import get_total_norm
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, as a runner reports it.
+
+    loss        the window's mean loss
+    items       samples in the window
+    grad_norm   total gradient 2-norm before clipping (None: not computed, e.g. updates inside
+                backward, or a step skipped by the loss scaler)
+    skipped     the loss scaler skipped the optimizer step (Inf/NaN gradients)
+    frozen_now  names of the layers the freezer froze at this step
+    extra       further per-step metrics, added to on_step_end's metrics as they are
+    """
+    loss: float
+    items: int
+    grad_norm: float | None
+    skipped: bool = False
+    frozen_now: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+class StepRunner(Protocol):
+    """The interface Trainer.fit runs its steps through (the contract: the module docstring)."""
+
+    note: str
+
+    def preferred_steps(self) -> int: ...
+
+    def steps(self, limit: int) -> Iterator[StepResult]: ...
+
+    def close(self) -> None: ...
+
+
+def non_finite_message(trainer, loss: float, window: list) -> str:
+    """The FloatingPointError text for a non-finite loss at the trainer's next step."""
+    bad_inputs = [i for i, (x, _) in enumerate(window)
+                  if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.all(np.isfinite(x))]
+    where = (f"micro-batch(es) {bad_inputs} of this window contain NaN/Inf inputs"
+             if bad_inputs else "the inputs are finite, so the model diverged "
+             "(lower the learning rate, clip gradients, or use a loss scaler)")
+    return (f"loss is {loss} at step {trainer.step + 1} (epoch {trainer.epoch}): {where}. "
+            "The optimizer step was not taken; parameters are unchanged.")
+
+
+class ReferenceRunner:
+    """The reference step (npcpu.train.trainer's module docstring), one per call of `steps`."""
+
+    def __init__(self, trainer, loader, note: str = "reference step"):
+        self.trainer, self.loader, self.note = trainer, loader, note
+        self._batches = None  # the running iterator over the current epoch's micro-batches
+
+    def preferred_steps(self) -> int:
+        return 1  # the loop checks its stop conditions between any two steps
+
+    def steps(self, limit: int):
+        for _ in range(limit):
+            window = self._next_window()
+            loss, items = self.forward_backward(window)
+            yield self.optimizer_step(loss, items, window)
+
+    def close(self) -> None:
+        if self._batches is not None:
+            self._batches.close()  # stops the prefetch thread
+            self._batches = None
+
+    def _next_window(self) -> list:
+        """The next `accumulation_steps` micro-batches; a window never crosses an epoch boundary."""
+        trainer, loader = self.trainer, self.loader
+        if trainer.batch_index >= len(loader):
+            trainer.epoch += 1
+            trainer.batch_index = 0
+            self.close()
+        if self._batches is None:  # first window of a fit(), or a new epoch
+            self._batches = loader.iter_from(trainer.epoch, trainer.batch_index)
+        stop = min(trainer.batch_index + trainer.accumulation_steps, len(loader))
+        window = [next(self._batches) for _ in range(stop - trainer.batch_index)]
+        trainer.batch_index = stop
+        return window
+
+    def forward_backward(self, window: list) -> tuple[float, int]:
+        """(the window's mean loss, its samples), the gradients summed into the parameters.
+
+        The seam for a data-parallel runner: it calls this, then all-reduces the gradients, the
+        loss and the samples across processes before optimizer_step.
+        """
+        trainer = self.trainer
+        model, loss_fn, scaler = trainer.model, trainer.loss_fn, trainer.loss_scaler
+        items = sum(len(y) for _, y in window)
+        loss = 0.0
+        for x, y in window:
+            logits = model.forward(x)
+            loss += loss_fn(logits, y, normalizer=items)
+            if trainer.update_in_backward and not math.isfinite(loss):  # backward would update
+                raise FloatingPointError(non_finite_message(trainer, loss, window))
+            dlogits = loss_fn.backward()
+            if scaler is not None:
+                dlogits = scaler.scale_loss_grad(dlogits)
+            model.backward(dlogits)
+        return loss, items
+
+    def optimizer_step(self, loss: float, items: int, window: list) -> StepResult:
+        """Unscale, check, clip, observe for freezing, step (or skip), zero the gradients."""
+        trainer = self.trainer
+        model, optimizer, scaler = trainer.model, trainer.optimizer, trainer.loss_scaler
+        if trainer.update_in_backward:  # updated by backward; the gradients are gone
+            return StepResult(loss, items, None)
+        params = [p for p in model.parameters() if not p.frozen]
+        found_inf = scaler.unscale_(optimizer) if scaler is not None else False
+        if scaler is None and not math.isfinite(loss):
+            optimizer.zero_grad()
+            raise FloatingPointError(non_finite_message(trainer, loss, window))
+        grad_norm, frozen_now = None, []
+        if not found_inf:
+            grad_norm = clip_grad_norm_(params, trainer.clip_grad_norm) \
+                if trainer.clip_grad_norm is not None else get_total_norm(params)
+            if trainer.freezer is not None:
+                frozen_now = trainer.freezer.observe(model, trainer.step + 1)
+        if scaler is not None:
+            stepped = scaler.step(optimizer)  # skips the step when a gradient is Inf/NaN
+            scaler.update()
+        else:
+            optimizer.step()
+            stepped = True
+        optimizer.zero_grad()
+        return StepResult(loss, items, grad_norm, skipped=not stepped, frozen_now=frozen_now)
