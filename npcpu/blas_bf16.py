@@ -8,7 +8,8 @@ contracts, computed by the native AVX512_BF16 kernels (npcpu.kernels.gemm_bf16).
 x and W are bfloat16 arrays (ml_dtypes). dz may be float32: it is then rounded to the nearest
 bfloat16 first (the instruction multiplies bfloat16 only), which is the one rounding this path
 adds to the widened one (npcpu.blas on float32 copies of the same bfloat16 x and W). Results,
-products and sums are float32. Only call these where npcpu.gemm_path.native_available() is true.
+products and sums are float32. Only call these where npcpu.backend.native_bf16_gemm_unavailable()
+is None. An odd K costs a padded bfloat16 copy of W in forward (pairs must not straddle two rows).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from npcpu.dtypes import bfloat16
 from npcpu.kernels import convert
 from npcpu.kernels import gemm_bf16 as kernels
-from npcpu.dtypes import bfloat16
 
 _NO_PANELS = np.empty(0, np.uint32)
 _NO_SOURCE = np.empty((0, 0), np.uint16)
