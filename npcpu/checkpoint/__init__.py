@@ -6,7 +6,8 @@ The package, by job:
     tensors   the safetensors file: storable dtypes, and parsing it (and why npcpu parses it)
     durable   durable file writes: temporary name, fsync, rename, fsync the directory
     store     the run directory: checkpoint names, ``latest``, keeping the last k and the best
-    load      loading a checkpoint with validation (SHA-256, markers, dtypes, shapes, finiteness)
+    load      loading a checkpoint with validation (SHA-256, markers, dtypes, shapes, finiteness),
+              and the newest valid one of a run, naming each damaged one passed over
     export    a model's state dict as one safetensors file for torch
 
 **Model weights are readable without npcpu.** The Trainer saves its model's state dict under the
@@ -23,7 +24,7 @@ key "model", so a checkpoint's tensors file holds the weights as ``model.0.weigh
 
 from npcpu.checkpoint.codec import FORMAT_VERSION, CheckpointError, flatten_state, unflatten_state
 from npcpu.checkpoint.export import export_model
-from npcpu.checkpoint.load import load_checkpoint
+from npcpu.checkpoint.load import load_checkpoint, load_newest_valid
 from npcpu.checkpoint.store import (CHECKPOINTS, FORMAT, LATEST, STATE_FILE, TENSORS_FILE,
                                     best_checkpoint, ensure_writable, list_checkpoints,
                                     save_checkpoint)
@@ -31,5 +32,5 @@ from npcpu.checkpoint.tensors import SAFETENSORS_DTYPES
 
 __all__ = ["CHECKPOINTS", "FORMAT", "FORMAT_VERSION", "LATEST", "SAFETENSORS_DTYPES", "STATE_FILE",
            "TENSORS_FILE", "CheckpointError", "best_checkpoint", "ensure_writable", "export_model",
-           "flatten_state", "list_checkpoints", "load_checkpoint", "save_checkpoint",
+           "flatten_state", "list_checkpoints", "load_checkpoint", "load_newest_valid", "save_checkpoint",
            "unflatten_state"]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from npcpu.checkpoint.codec import (FORMAT_VERSION, CheckpointError, decode_plain,
                                     unflatten_with_order)
-from npcpu.checkpoint.store import FORMAT, STATE_FILE, TENSORS_FILE, resolve
+from npcpu.checkpoint.store import FORMAT, STATE_FILE, TENSORS_FILE, candidates, resolve
 from npcpu.checkpoint.tensors import FLOAT_DTYPES, parse_safetensors
 
 
@@ -84,6 +85,38 @@ def load_checkpoint(path, *, check_finite: bool = True) -> tuple[dict, dict]:
             "mode": document.get("mode"), "config": config, "versions": document.get("versions"),
             "saved_at": document.get("saved_at"), "tensors_sha256": digest, "fallback": fallback}
     return state, info
+
+
+def load_newest_valid(path, *, check_finite: bool = True) -> tuple[dict, dict]:
+    """Load the newest checkpoint of a run directory that passes every check of `load_checkpoint`.
+
+    For resuming and evaluating: a damaged newest checkpoint (a changed, truncated or missing
+    file, a broken state.json) must not stop a run that has older valid ones, and must never be
+    loaded. Each checkpoint passed over is named with its error in a RuntimeWarning and in
+    ``info["skipped"]``, a list of (path, error message), newest first. The order tried is
+    ``latest``'s target, then the other checkpoint directories newest first; a checkpoint
+    directory given directly is the only one tried.
+
+    Raises
+    ------
+    CheckpointError
+        When no checkpoint is valid; the message lists each one tried with what was wrong.
+    """
+    skipped = []
+    for directory in candidates(Path(path)):
+        try:
+            state, info = load_checkpoint(directory, check_finite=check_finite)
+        except CheckpointError as err:
+            skipped.append((directory, str(err)))
+            continue
+        for bad, error in skipped:
+            warnings.warn(f"load_newest_valid: skipped the damaged checkpoint {bad.name}: {error}",
+                          RuntimeWarning, stacklevel=2)
+        info["skipped"] = skipped
+        info["fallback"] = bool(skipped)
+        return state, info
+    listing = "\n".join(f"  {bad.name}: {error}" for bad, error in skipped)
+    raise CheckpointError(f"{path}: no valid checkpoint; tried, newest first:\n{listing}")
 
 
 def _reject_constant(name: str):

@@ -261,21 +261,50 @@ def resolve(path: Path) -> tuple[Path, bool]:
             return path, False
         raise CheckpointError(f"{path}: neither a run directory (no {CHECKPOINTS}/) nor a "
                               f"checkpoint directory (no {STATE_FILE})")
-    pointer = root / LATEST
-    try:
-        name = pointer.read_text().strip()
-        problem = None if CHECKPOINT_NAME.fullmatch(name) else f"it holds {name!r}"
-        if problem is None and not (root / name / STATE_FILE).is_file():
-            problem = f"it names {name}, which is missing or incomplete"
-    except (OSError, UnicodeDecodeError) as err:
-        problem = f"it cannot be read ({err.__class__.__name__})"
+    name, problem = _read_pointer(root)
+    if problem is None and not (root / name / STATE_FILE).is_file():
+        problem = f"it names {name}, which is missing or incomplete"
     if problem is None:
         return root / name, False
     entries = scan(root)
     if not entries:
         raise CheckpointError(f"{path}: no complete checkpoint in {root}")
     newest = entries[-1][2]
-    warnings.warn(f"load_checkpoint: {pointer} is broken ({problem}); loading the newest complete "
+    warnings.warn(f"load_checkpoint: {root / LATEST} is broken ({problem}); loading the newest complete "
                   f"checkpoint, {newest.name}", RuntimeWarning, stacklevel=3)
     return newest, True
 
+
+
+def _read_pointer(root: Path) -> tuple[str | None, str | None]:
+    """(the checkpoint name ``root/latest`` holds, None), or (None, what is wrong with it)."""
+    try:
+        name = (root / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"it cannot be read ({err.__class__.__name__})"
+    if not CHECKPOINT_NAME.fullmatch(name):
+        return None, f"it holds {name!r}"
+    return name, None
+
+
+def candidates(path: Path) -> list[Path]:
+    """The checkpoint directories to try, in order, when resuming from `path`.
+
+    A checkpoint directory is its own only candidate. For a run directory: the checkpoint
+    ``latest`` names, then every other checkpoint directory newest first, the incomplete ones
+    included (so that a checkpoint with a missing file is reported, not passed over silently).
+    """
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such directory (expected a run directory or a "
+                              "checkpoint directory)")
+    if not (path / CHECKPOINTS).is_dir():
+        return [resolve(path)[0]]
+    root = path / CHECKPOINTS
+    newest_first = [entry for *_, entry in reversed(scan(root, complete_only=False))]
+    name, _ = _read_pointer(root)
+    if name is not None and root / name in newest_first:
+        newest_first.remove(root / name)
+        newest_first.insert(0, root / name)
+    if not newest_first:
+        raise CheckpointError(f"{path}: no checkpoint in {root}")
+    return newest_first

@@ -32,6 +32,7 @@ import math
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 from npcpu import checkpoint
@@ -373,8 +374,14 @@ class Trainer:
                                           keep_last=keep_last, metric=metric, mode="min")
 
     def resume(self, path) -> dict:
-        """Load the latest (or the given) checkpoint into this trainer; returns the checkpoint info."""
-        state, info = checkpoint.load_checkpoint(path)
+        """Load the newest valid checkpoint of a run directory (or the given checkpoint) into this
+        trainer; returns the checkpoint info. Damaged newer checkpoints are skipped, each named
+        with its error in the log (and in info["skipped"]); none valid is a CheckpointError."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # logged below instead
+            state, info = checkpoint.load_newest_valid(path)
+        for skipped, error in info["skipped"]:
+            self.log(f"resume: skipped the damaged checkpoint {skipped.name}: {error}")
         self.load_state_dict(state)
         return info
 
