@@ -109,6 +109,17 @@ def save_checkpoint(run_dir, state: dict, *, step: int, keep_last: int | None = 
     config = encode_plain(config, "config")
 
     root = ensure_writable(run_dir) / CHECKPOINTS
+    try:
+        return _save(root, tensors, meta, step, keep_last, metric, mode, config)
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise OSError(err.errno, f"checkpoint of step {step} not saved, the previous ones are "
+                      f"intact ({err.strerror})", err.filename) from err
+
+
+def _save(root: Path, tensors: dict, meta: dict, step: int, keep_last, metric, mode,
+          config) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     name = _new_checkpoint_name(root, step)
     final = root / name

@@ -1,8 +1,8 @@
 """The safetensors file of a checkpoint: which arrays it can hold, and reading it back.
 
-Why npcpu parses the file itself instead of calling the safetensors library's loader
-(the library still writes every file, and tests/test_checkpoint.py checks that its reader and
-this one agree on every dtype):
+npcpu writes the file itself too (`durable.write_safetensors` says why); tests/test_checkpoint.py
+checks that the library's reader reads what npcpu writes, and agrees with npcpu's parser, on
+every dtype. Why npcpu parses the file itself instead of calling the safetensors library's loader:
 
 - The SHA-256 recorded in state.json must cover the very bytes that are loaded, so the file is
   read once into one buffer, hashed, and parsed from that buffer. `safetensors.numpy.load(bytes)`
@@ -35,6 +35,14 @@ SAFETENSORS_DTYPES = {
 }
 SUPPORTED_DTYPES = set(SAFETENSORS_DTYPES.values())
 FLOAT_DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), bfloat16)
+
+
+def safetensors_code(name: str, dtype: np.dtype) -> str:
+    """The safetensors dtype code ("F32", "BF16", ...) of a storable dtype."""
+    for code, candidate in SAFETENSORS_DTYPES.items():
+        if dtype == candidate:
+            return code
+    raise TypeError(f"checkpoint tensor {name!r} has dtype {dtype}, which safetensors cannot hold")
 
 
 def storable(name: str, array: np.ndarray) -> np.ndarray:

@@ -14,13 +14,16 @@ setting `trainer.stop_training = True`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
+from npcpu.checkpoint.durable import remove_quietly, token, write_durably
 from npcpu.checks import check_int, check_real
 
 
@@ -86,7 +89,10 @@ class MetricsFile(Callback):
     """Append one flushed JSON line per logged step to `run_dir/metrics.jsonl`; export CSV at the end.
 
     Evaluations go to the same file with `"kind": "eval"`. On resume the file is cut back to the
-    checkpoint's step, so the file always tells one consistent history.
+    checkpoint's step, so the file always tells one consistent history. The file never holds
+    half a line: each line is written whole, and a write that fails (disk full, I/O error) is
+    cut back to the last newline before the OSError, naming the file, stops the run; the cut
+    on resume replaces the file atomically.
     """
 
     def __init__(self, run_dir: Path, log_every: int = 10):
@@ -95,21 +101,41 @@ class MetricsFile(Callback):
         self._file = None
 
     def on_fit_start(self, trainer) -> None:
-        kept = []
+        kept, cut = [], False
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
+            text = self.path.read_text()
+            cut = text != "" and not text.endswith("\n")  # a last line that lost its newline
+            for line in text.splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
+                    cut = True
                     break  # a line cut by a crash: everything after it is gone too
                 if record.get("step", 0) <= trainer.step:
                     kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
-        self._file = open(self.path, "a", buffering=1)
+                else:
+                    cut = True
+        if cut or not self.path.exists():
+            tmp = self.path.with_name(f".{self.path.name}-{token()}.tmp")
+            try:
+                write_durably(tmp, "".join(line + "\n" for line in kept).encode())
+                os.replace(tmp, self.path)
+            except BaseException:
+                remove_quietly(tmp)
+                raise
+        self._file = open(self.path, "ab", buffering=0)
 
     def _write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        line = memoryview((json.dumps(record) + "\n").encode())
+        end = self._file.seek(0, os.SEEK_END)
+        try:
+            while line:  # an unbuffered write may write part of the line
+                line = line[self._file.write(line):]
+        except OSError as err:
+            with contextlib.suppress(OSError):  # the reader on resume also drops a half line
+                self._file.truncate(end)
+            raise OSError(err.errno, f"metrics line not written ({err.strerror})",
+                          str(self.path)) from err
 
     def on_step_end(self, trainer, metrics: dict) -> None:
         if metrics["step"] % self.log_every == 0 or metrics.get("frozen_now"):
