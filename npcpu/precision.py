@@ -57,6 +57,19 @@ def to_compute(x: np.ndarray, dtype: np.dtype = np.dtype(np.float32)) -> np.ndar
     return x.astype(dtype)
 
 
+def overflow_threshold(dtype: np.dtype) -> float:
+    """The smallest magnitude that rounds to Inf in the 16-bit `dtype` (round to nearest even):
+    the largest finite value plus half its ulp, 2**maxexp (1 - 2**-(mantissa bits + 2));
+    65520 for float16, about 3.3961e38 for bfloat16."""
+    info = np.finfo(np.dtype(dtype)) if np.dtype(dtype) != bfloat16 else _bf16_finfo()
+    return 2.0 ** info.maxexp * (1 - 2.0 ** -(info.nmant + 2))
+
+
+def _bf16_finfo():
+    import ml_dtypes
+    return ml_dtypes.finfo(bfloat16)
+
+
 def to_storage(x: np.ndarray, dtype: np.dtype, *, seed: int | None = None) -> np.ndarray:
     """Round `x` into the storage `dtype`; no copy when it already is one.
 

@@ -50,7 +50,8 @@ from npcpu.checks import check_flag, check_int, check_real
 from npcpu.kernels.optim_io import ELEMENTS_PER_HASH, Rounding, random_scratch
 from npcpu.nn.parameter import Parameter
 from npcpu.optim.optimizer_state import checked_state
-from npcpu.precision import bfloat16, to_storage
+from npcpu.kernels.grads import max_abs
+from npcpu.precision import bfloat16, overflow_threshold, to_storage
 
 STATE_DTYPES = ("fp32", "bf16")
 
@@ -261,8 +262,23 @@ class Optimizer:
         first .. stop - 1 in C order; all by default)."""
         weights = self.weights_of(p)
         if weights is not p.data:
+            source = weights.reshape(-1)[first:stop]
+            self._check_storable(p, source)
             target = p.data.reshape(-1)[first:stop]
-            target[...] = to_storage(weights.reshape(-1)[first:stop], p.data.dtype)
+            target[...] = to_storage(source, p.data.dtype)
+
+    def _check_storable(self, p: Parameter, values: np.ndarray) -> None:
+        """Raise FloatingPointError, naming `p`, when a master-copy value would round to Inf in
+        p's 16-bit storage (float16 overflows at 65520): the overflow is not stored. The master
+        copy and the optimizer state keep the update, so the run must stop here."""
+        threshold = overflow_threshold(p.data.dtype)
+        peak = max_abs(values) if values.size else 0.0
+        if peak >= threshold:
+            raise FloatingPointError(
+                f"{type(self).__name__}: the update of {p!r} overflows {p.data.dtype}: a value "
+                f"of magnitude {peak:.6g} would round to Inf (from {threshold:.6g} on); not "
+                "stored into the parameter. Lower the learning rate or keep this parameter in "
+                "float32.")
 
     def param_values(self, p: Parameter) -> np.ndarray:
         """The parameter's values in its compute dtype, from the master copy when there is one."""

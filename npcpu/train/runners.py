@@ -22,8 +22,10 @@ The contract, for the runners to come (a language-model runner, a data-parallel 
   time, therefore sees the scheduler and counters as the step before left them; a runner that
   runs several steps before its first yield must plan the learning rates itself (as
   CompiledRunner does). The loop calls the callbacks once the iterator is exhausted.
-  A step whose loss is not finite raises FloatingPointError (naming the step and whether the
-  inputs were finite) after yielding the steps before it, with the optimizer step not taken.
+  A step whose loss is not finite, or without a loss scaler whose gradients are not, raises
+  FloatingPointError (naming the step, whether the inputs were finite, and the first layer, in
+  the model's parameter order, whose gradient is not) after yielding the steps before it, with
+  the optimizer step not taken.
 - `close()`: release what the runner holds (a prefetch thread); called at the end of fit().
 
 A runner reads the trainer's model, loss, optimizer and settings; it is built by
@@ -78,15 +80,32 @@ class StepRunner(Protocol):
     def close(self) -> None: ...
 
 
-def non_finite_message(trainer, loss: float, window: list) -> str:
-    """The FloatingPointError text for a non-finite loss at the trainer's next step."""
+def non_finite_message(trainer, loss: float, window: list, gradients: str | None = None) -> str:
+    """The FloatingPointError text for a non-finite loss at the trainer's next step; `gradients`
+    is `non_finite_gradients(model)` when backward has run."""
     bad_inputs = [i for i, (x, _) in enumerate(window)
                   if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.all(np.isfinite(x))]
     where = (f"micro-batch(es) {bad_inputs} of this window contain NaN/Inf inputs"
              if bad_inputs else "the inputs are finite, so the model diverged "
              "(lower the learning rate, clip gradients, or use a loss scaler)")
-    return (f"loss is {loss} at step {trainer.step + 1} (epoch {trainer.epoch}): {where}. "
+    grads = f"; {gradients}" if gradients else ""
+    return (f"loss is {loss} at step {trainer.step + 1} (epoch {trainer.epoch}){grads}: {where}. "
             "The optimizer step was not taken; parameters are unchanged.")
+
+
+def non_finite_gradients(model) -> str | None:
+    """Which gradients hold NaN/Inf, in the model's parameter order: "non-finite gradient first
+    in layer '0' (Linear), parameter 0.weight; 2 of 4 gradients non-finite", or None."""
+    bad = [name for name, p in model.named_parameters()
+           if not p.frozen and p.grad is not None and not np.all(np.isfinite(p.grad))]
+    if not bad:
+        return None
+    layer = bad[0].rpartition(".")[0]
+    module = dict(model.named_modules())[layer]
+    total = sum(1 for _, p in model.named_parameters() if not p.frozen and p.grad is not None)
+    return (f"non-finite gradient first in layer {layer or '(the model)'!r} "
+            f"({type(module).__name__}), parameter {bad[0]}; {len(bad)} of {total} gradients "
+            "non-finite")
 
 
 class ReferenceRunner:
@@ -154,12 +173,20 @@ class ReferenceRunner:
         params = [p for p in model.parameters() if not p.frozen]
         found_inf = scaler.unscale_(optimizer) if scaler is not None else False
         if scaler is None and not math.isfinite(loss):
+            gradients = non_finite_gradients(model)
             optimizer.zero_grad()
-            raise FloatingPointError(non_finite_message(trainer, loss, window))
+            raise FloatingPointError(non_finite_message(trainer, loss, window, gradients))
         grad_norm, frozen_now = None, []
         if not found_inf:
-            grad_norm = clip_grad_norm_(params, trainer.clip_grad_norm) \
-                if trainer.clip_grad_norm is not None else get_total_norm(params)
+            grad_norm = self._grad_norm(params, check=scaler is None)
+            if not math.isfinite(grad_norm):  # only without a scaler (it found none above)
+                gradients = non_finite_gradients(model)
+                optimizer.zero_grad()
+                raise FloatingPointError(
+                    f"gradient norm is {grad_norm} at step {trainer.step + 1} (epoch "
+                    f"{trainer.epoch}) with a finite loss {loss}: {gradients}. The optimizer "
+                    "step was not taken; parameters are unchanged (use a loss scaler to skip "
+                    "such steps).")
             if trainer.freezer is not None:
                 frozen_now = trainer.freezer.observe(model, trainer.step + 1)
         if scaler is not None:
@@ -170,3 +197,14 @@ class ReferenceRunner:
             stepped = True
         optimizer.zero_grad()
         return StepResult(loss, items, grad_norm, skipped=not stepped, frozen_now=frozen_now)
+
+    def _grad_norm(self, params: list, check: bool) -> float:
+        """The total gradient norm, clipping when the trainer clips. With `check`, a non-finite
+        norm is returned with the gradients untouched (clipping would make them all NaN)."""
+        max_norm = self.trainer.clip_grad_norm
+        if max_norm is None:
+            return get_total_norm(params)
+        try:
+            return clip_grad_norm_(params, max_norm, error_if_nonfinite=check)
+        except RuntimeError:  # raised only for a non-finite norm, before any gradient changes
+            return math.nan
