@@ -64,13 +64,13 @@ def test_non_finite_gradient_with_finite_loss_stops_naming_step_and_layer(clip, 
         np.testing.assert_array_equal(array, before[key], err_msg=key)
 
 
-def test_non_finite_loss_names_the_first_layer_with_a_non_finite_gradient():
+@pytest.mark.parametrize("compiled", ["auto", "off"])  # auto: the compiled step applies here
+def test_non_finite_loss_names_the_first_layer_with_a_non_finite_gradient(compiled):
     data = make_data()
     data.x[5, 2] = np.nan
     model = make_model()
     trainer = Trainer(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1),
-                      compiled="off", log_stream=io.StringIO())  # (the compiled step keeps its
-    # gradients inside its kernel: its error names the step and the inputs only)
+                      compiled=compiled, log_stream=io.StringIO())
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 \(epoch 0\); non-finite "
                                                  r"gradient first in layer '0' \(FusedLinearReLU\)"
                                                  r", parameter 0.weight.*micro-batch\(es\) \[0\]"):

@@ -30,7 +30,7 @@ import numpy as np
 
 from npcpu.data.arrays import ArrayDataset
 from npcpu.train.compiled import CompiledClassifierStep
-from npcpu.train.runners import StepResult, non_finite_message
+from npcpu.train.runners import StepResult, non_finite_message, window_gradients
 
 COMPILED_CHUNK_STEPS = 100
 COMPILED_CHUNK_SECONDS = 0.25
@@ -89,7 +89,8 @@ class CompiledRunner:
         if taken < len(losses):
             start = (first + taken) * batch_size
             window = [loader.dataset.batch(order[start:start + batch_size])]
-            raise FloatingPointError(non_finite_message(trainer, float(losses[taken]), window))
+            raise FloatingPointError(non_finite_message(trainer, float(losses[taken]), window,
+                                                        window_gradients(trainer, window)))
 
     def _planned_lrs(self, steps: int) -> np.ndarray:
         """(k, groups): each param group's lr at each of the next k <= `steps` steps.

@@ -108,6 +108,16 @@ def non_finite_gradients(model) -> str | None:
             "non-finite")
 
 
+def window_gradients(trainer, window: list) -> str | None:
+    """`non_finite_gradients` after a reference forward and backward of `window`, for a runner
+    whose step keeps its gradients to itself (the compiled one); the gradients are zeroed after."""
+    ReferenceRunner(trainer, loader=None).forward_backward(window)
+    try:
+        return non_finite_gradients(trainer.model)
+    finally:
+        trainer.optimizer.zero_grad()
+
+
 class ReferenceRunner:
     """The reference step (npcpu.train.trainer's module docstring), one per call of `steps`."""
 
