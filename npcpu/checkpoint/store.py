@@ -120,6 +120,7 @@ def save_checkpoint(run_dir, state: dict, *, step: int, keep_last: int | None = 
 
 def _save(root: Path, tensors: dict, meta: dict, step: int, keep_last, metric, mode,
           config) -> Path:
+    """save_checkpoint's file-system work (the protocol in the module docstring)."""
     root.mkdir(parents=True, exist_ok=True)
     name = _new_checkpoint_name(root, step)
     final = root / name
