@@ -132,7 +132,7 @@ class ReferenceRunner:
         """
         trainer = self.trainer
         model, loss_fn, scaler = trainer.model, trainer.loss_fn, trainer.loss_scaler
-        items = sum(len(y) for _, y in window)
+        items = self.window_items(window)
         loss = 0.0
         for x, y in window:
             logits = model.forward(x)
@@ -144,6 +144,11 @@ class ReferenceRunner:
                 dlogits = scaler.scale_loss_grad(dlogits)
             model.backward(dlogits)
         return loss, items
+
+    def window_items(self, window: list) -> int:
+        """What the window's loss is the mean over: its samples (a language model's runner
+        counts target tokens)."""
+        return sum(len(y) for _, y in window)
 
     def optimizer_step(self, loss: float, items: int, window: list) -> StepResult:
         """Unscale, check, clip, observe for freezing, step (or skip), zero the gradients."""

@@ -205,8 +205,7 @@ class Trainer:
                             ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
             if value is not None:
                 check_int("Trainer.fit", name, value, 1)
-        loader = train_data if isinstance(train_data, DataLoader) else \
-            DataLoader(train_data, batch_size, shuffle=True, seed=self.seed)
+        loader = self.make_loader(train_data, batch_size)
         windows_per_epoch = math.ceil(len(loader) / self.accumulation_steps)
         total = max_steps if max_steps is not None else None
         if epochs is not None:
@@ -264,6 +263,14 @@ class Trainer:
             self.log(f"stopped by {self.interrupted} at step {self.step}"
                      + (f"; checkpoint saved in {run_dir}" if run_dir is not None else ""))
         return {**metrics, **(self.last_eval or {})}
+
+    def make_loader(self, train_data, batch_size: int):
+        """fit()'s micro-batches: `train_data` itself when it is a DataLoader, else a DataLoader
+        over it shuffled by (seed, epoch). A trainer whose data is addressed otherwise (a
+        language model's, by (seed, step)) overrides this."""
+        if isinstance(train_data, DataLoader):
+            return train_data
+        return DataLoader(train_data, batch_size, shuffle=True, seed=self.seed)
 
     def make_runner(self, loader: DataLoader, log_every: int) -> StepRunner:
         """The step runner of one fit() (npcpu.train.runners): CompiledRunner where `compiled`
