@@ -1,4 +1,4 @@
-"""The `npcpu` command: train, eval, info, bench (also `python -m npcpu ...`)."""
+"""The `npcpu` command: train, eval, generate, prepare-text, info, bench (also `python -m npcpu ...`)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model (no arguments: the embedded default run)")
     train.add_argument("--config", action="append", default=[], metavar="FILE",
-                       help="TOML configuration file (may be given more than once)")
+                       help="TOML configuration file, or the LLM-trainer guide's YAML "
+                       "(.yaml, .yml; needs PyYAML); may be given more than once")
     train.add_argument("--preset", default="default", choices=sorted(PRESETS),
                        help="embedded configuration to start from")
     train.add_argument("--run-dir", type=Path, help="where checkpoints and metrics go "
@@ -55,6 +56,18 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--best", action="store_true", help="use the best checkpoint")
     evaluate.add_argument("--threads", type=int)
+
+    generate = sub.add_parser("generate", help="sample text from a language-model run's latest "
+                              "checkpoint, streamed to stdout")
+    generate.add_argument("run_dir", type=Path)
+    generate.add_argument("--prompt", default="", help="text the sample continues (default: "
+                          "the start of the validation text's first token)")
+    generate.add_argument("--max-new-tokens", type=int, default=500)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int, default=200)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--best", action="store_true", help="use the best checkpoint")
+    generate.add_argument("--threads", type=int)
 
     prepare = sub.add_parser("prepare-text", help="tokenize text files into DIR/train.bin, "
                              "val.bin, tokenizer.json, meta.json (nanoGPT's format)")
@@ -124,6 +137,18 @@ def _eval_summary(result: dict) -> str:
                      if name.startswith("eval_"))
 
 
+def cmd_generate(args) -> int:
+    from npcpu import backend
+    from npcpu.checkpoint import best_checkpoint
+    from npcpu.text.generate import generate_from_run
+
+    backend.set_threads(args.threads)
+    path = best_checkpoint(args.run_dir) if args.best else args.run_dir
+    generate_from_run(args.run_dir, path, args.prompt, args.max_new_tokens, args.temperature,
+                      args.top_k, args.seed, sys.stdout)
+    return 0
+
+
 def cmd_prepare_text(args) -> int:
     from npcpu.text.prepare import run
     return run(args)
@@ -159,7 +184,8 @@ def main(argv=None) -> int:
     Set NPCPU_DEBUG=1 to see the full traceback instead.
     """
     args = make_parser().parse_args(argv)
-    commands = {"train": cmd_train, "eval": cmd_eval, "prepare-text": cmd_prepare_text,
+    commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
+                "prepare-text": cmd_prepare_text,
                 "info": cmd_info, "bench": cmd_bench}
     try:
         return commands[args.command](args)
