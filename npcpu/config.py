@@ -182,9 +182,9 @@ PRESETS.update({
         model={"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
         data={"kind": "synthetic_text", "vocab_size": 16, "order": 2, "branching": 4,
               "train_size": 100_000, "eval_size": 128},
-        optim={"lr": 3e-3, "betas": [0.9, 0.99]},
+        optim={"lr": 6e-3, "betas": [0.9, 0.99]},
         schedule={"warmup_steps": 30},
-        train={"max_steps": 600, "batch_size": 16, "eval_every": 200, "checkpoint_every": 200,
+        train={"max_steps": 600, "batch_size": 32, "eval_every": 200, "checkpoint_every": 200,
                "log_every": 50}),
     # nanoGPT's CPU run (shakespeare_char on a laptop): give the prepared text as --data.path.
     "gpt-char": _gpt_preset(

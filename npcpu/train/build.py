@@ -179,7 +179,8 @@ def build_run(config: dict, *, callbacks=(), log_stream=None) -> Run:
         if freeze["enabled"] else None
     trainer_class = LanguageModelTrainer if language_model else Trainer
     options = {} if language_model else {"compiled": train_cfg["compiled"]}
-    trainer = trainer_class(model, CrossEntropyLoss(), optimizer, scheduler=scheduler,
+    loss_fn = CrossEntropyLoss(in_place=True) if language_model else CrossEntropyLoss()
+    trainer = trainer_class(model, loss_fn, optimizer, scheduler=scheduler,
                       accumulation_steps=train_cfg["accumulation_steps"],
                       precision=train_cfg["precision"], clip_grad_norm=train_cfg["clip_grad_norm"],
                       freezer=freezer, callbacks=callbacks, seed=train_cfg["seed"],
