@@ -84,7 +84,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from npcpu import backend
-    from npcpu.train.build import build_run, load_run_config, save_run_config
+    from npcpu.train.build import bind_tokenizer, build_run, load_run_config, save_run_config
 
     if args.resume is not None:
         if args.config or args.preset != "default":
@@ -102,10 +102,12 @@ def cmd_train(args) -> int:
     backend.set_threads(config["train"]["threads"])
     run = build_run(config)
     if args.resume is not None:
+        bind_tokenizer(run, run_dir, new_run=False)
         info = run.trainer.resume(run_dir)
         run.trainer.log(f"resumed from {info['path']} (step {run.trainer.step})")
     else:
         save_run_config(run_dir, config)
+        bind_tokenizer(run, run_dir, new_run=True)
     progress = {"auto": None, "bar": True, "lines": False}[args.progress]
     result = run.fit(run_dir, progress=progress)
     if "eval_loss" in result:
@@ -119,11 +121,12 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from npcpu import backend
     from npcpu.checkpoint import best_checkpoint
-    from npcpu.train.build import build_run, load_run_config
+    from npcpu.train.build import bind_tokenizer, build_run, load_run_config
 
     backend.set_threads(args.threads)
     config = load_run_config(args.run_dir)
     run = build_run(config)
+    bind_tokenizer(run, args.run_dir, new_run=False)
     path = best_checkpoint(args.run_dir) if args.best else args.run_dir
     info = run.trainer.resume(path)
     result = run.trainer.evaluate(run.eval_data)

@@ -95,6 +95,14 @@ def test_python_source_prepared_trained_evaluated_and_sampled(stdlib_text, capsy
     sample = capsys.readouterr().out
     assert sample.startswith("def ") and len(sample) == len("def ") + 60 + 1  # one char a token
 
+    # the run's data directory prepared again with another tokenizer: refused, both named
+    prepare_text(STDLIB_FILES, stdlib_text / "bytes", tokenizer="byte")
+    config = json.loads((run_dir / "config.json").read_text())
+    config["data"]["path"] = str(stdlib_text / "bytes")
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert main(["eval", str(run_dir)]) == 2
+    assert "another tokenizer than the run's (directory: byte" in capsys.readouterr().err
+
 
 def test_data_made_by_another_tokenizer_is_refused(stdlib_text, tmp_path):
     other = tmp_path / "bytes"
@@ -188,3 +196,16 @@ def test_a_gpt_needs_text_data():
         build_config(overrides={"model": {"kind": "gpt"}})
     with pytest.raises(ConfigError, match="needs data.path"):
         build_config(preset="gpt-char")
+
+
+def test_early_stopping_watches_the_validation_loss():
+    """With a zero learning rate the validation loss never improves: patience 1 stops the run
+    at the second evaluation."""
+    config = build_config(preset="gpt-synthetic", overrides={
+        "model": {"n_layer": 1, "n_embd": 16, "block_size": 8},
+        "data": {"eval_size": 8}, "optim": {"lr": 0.0},
+        "train": {"max_steps": 50, "eval_every": 5, "checkpoint_every": None,
+                  "early_stopping_patience": 1}})
+    run = build_run(config)
+    run.fit(None, progress=False)
+    assert run.trainer.step == 10

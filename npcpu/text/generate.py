@@ -79,13 +79,14 @@ def generate_from_run(run_dir, checkpoint_path, prompt: str, max_new_tokens: int
                       temperature: float, top_k: int | None, seed: int, out) -> np.ndarray:
     """Load the run's model from `checkpoint_path`, write prompt and sample to `out` as they
     come; returns the ids (1, T0 + max_new_tokens)."""
-    from npcpu.train.build import build_run, load_run_config
+    from npcpu.train.build import bind_tokenizer, build_run, load_run_config
 
     config = load_run_config(run_dir)
     if config["model"]["kind"] != "gpt":
         raise ConfigError(f"{run_dir}: generate needs a language-model run (model.kind 'gpt'), "
                           f"this one is {config['model']['kind']!r}")
     run = build_run(config)
+    bind_tokenizer(run, run_dir, new_run=False)
     run.trainer.resume(checkpoint_path)
     model = run.trainer.model
     tokenizer = getattr(run.eval_data, "tokenizer", None)

@@ -21,7 +21,7 @@ from npcpu.optim.lr_scheduler import LambdaLR
 from npcpu.optim.schedules import (constant_schedule, warmup_cosine_decay_schedule,
                                    warmup_step_decay_schedule)
 from npcpu.optim.sgd import SGD
-from npcpu.text import SyntheticText, TextDataset
+from npcpu.text import SyntheticText, TextDataset, load_tokenizer
 from npcpu.train.callbacks import EarlyStopping
 from npcpu.train.freezing import DynamicFreezer
 from npcpu.train.lm import LanguageModelBatches, LanguageModelTrainer
@@ -187,6 +187,20 @@ def build_run(config: dict, *, callbacks=(), log_stream=None) -> Run:
                       update_in_backward=train_cfg["update_in_backward"], log_stream=log_stream,
                       **options)
     return Run(config, trainer, train_data, eval_data, num_classes, total_steps)
+
+
+def bind_tokenizer(run: Run, run_dir, *, new_run: bool) -> None:
+    """A text run keeps its tokenizer in RUN_DIR/tokenizer.json: written when the run starts,
+    and checked against the data directory's when it is resumed, evaluated or sampled (a data
+    directory prepared again with another tokenizer is refused, naming both)."""
+    tokenizer = getattr(run.eval_data, "tokenizer", None)
+    if tokenizer is None:
+        return
+    path = Path(run_dir) / "tokenizer.json"
+    if new_run:
+        tokenizer.save(path)
+    elif path.is_file():
+        run.eval_data.check_tokenizer(load_tokenizer(path))
 
 
 def save_run_config(run_dir, config: dict) -> None:
