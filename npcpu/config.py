@@ -338,9 +338,6 @@ def validate(config: dict) -> None:
     data, model = config["data"], config["model"]
     if data["kind"] == "mnist" and not data["path"]:
         raise ConfigError("config: data.kind = 'mnist' needs data.path (a directory of IDX files)")
-    if data["kind"] == "text" and not data["path"]:
-        raise ConfigError("config: data.kind = 'text' needs data.path (a directory made by npcpu "
-                          "prepare-text), e.g. --data.path DIR")
     if (model["kind"] == "gpt") != (data["kind"] in LANGUAGE_DATA):
         raise ConfigError(f"config: model.kind {model['kind']!r} cannot train on data.kind "
                           f"{data['kind']!r}: a gpt takes 'text' (--data.kind text --data.path "

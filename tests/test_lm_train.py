@@ -195,7 +195,7 @@ def test_a_gpt_needs_text_data():
     with pytest.raises(ConfigError, match="cannot train on"):
         build_config(overrides={"model": {"kind": "gpt"}})
     with pytest.raises(ConfigError, match="needs data.path"):
-        build_config(preset="gpt-char")
+        build_run(build_config(preset="gpt-char"))
 
 
 def test_early_stopping_watches_the_validation_loss():

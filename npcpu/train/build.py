@@ -72,6 +72,9 @@ def build_language_data(data: dict, model: dict, batch_size: int):
     "synthetic_text": a TextDataset of a prepare-text directory (its windows of
     model.block_size positions drawn by (data.seed, step)) or a SyntheticText."""
     if data["kind"] == "text":
+        if not data["path"]:  # checked here, not in validate: the text presets name no path
+            raise ConfigError("config: data.kind = 'text' needs data.path (a directory made by "
+                              "npcpu prepare-text), e.g. --data.path DIR")
         dataset = TextDataset(data["path"], model["block_size"], seed=data["seed"])
         windows = None  # the training split cut into block_size pieces
     else:
