@@ -123,5 +123,9 @@ def run_independent(task: Callable[[int], None], count: int) -> None:
         pool = _pools.get(threads)
         if pool is None:
             pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="npcpu-gemm")
-        for _ in pool.map(task, range(count)):  # re-raises a task's exception here
+
+        def every_threads_th(first: int) -> None:  # one submission per thread, not per task:
+            for i in range(first, count, threads):  # a small model's step has hundreds of tasks
+                task(i)
+        for _ in pool.map(every_threads_th, range(threads)):  # re-raises a task's exception
             pass
