@@ -8,8 +8,9 @@ StepResult per step. Two runners exist:
                       micro-batches, then unscale, clip, freeze and the optimizer step.
     CompiledRunner    (npcpu.train.runner_compiled) many plain-SGD steps of a small classifier
                       in one Numba call.
+    LanguageModelRunner (npcpu.train.lm) the reference step with target tokens as its items.
 
-The contract, for the runners to come (a language-model runner, a data-parallel one):
+The contract, for the runners to come (a data-parallel one):
 
 - `note`: one line fit() logs after the header ("compiled step: off (...)").
 - `preferred_steps() -> int`: how many steps the runner wants from its next call (>= 1). The
@@ -29,8 +30,9 @@ The contract, for the runners to come (a language-model runner, a data-parallel 
 A runner reads the trainer's model, loss, optimizer and settings; it is built by
 `Trainer.make_runner(loader, log_every)`, which a subclass overrides to supply its own. A runner
 that changes only part of the reference step subclasses ReferenceRunner and overrides one of its
-two halves: `forward_backward(window)` (a data-parallel runner all-reduces the gradients, loss
-and samples after it) or `optimizer_step(loss, items, window)`.
+parts: `forward_backward(window)` (a data-parallel runner all-reduces the gradients, loss
+and samples after it), `optimizer_step(loss, items, window)`, or `window_items(window)`, what
+the window's loss is a mean over (LanguageModelRunner: its non-ignored target tokens).
 """
 
 from __future__ import annotations
