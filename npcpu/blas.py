@@ -12,8 +12,8 @@ whose idle threads spin for a while after each call and would compete with the o
 
 Small GEMMs run on one BLAS thread: below SMALL_GEMM multiply-adds, the cost of waking and joining
 a second thread is larger than the work it takes over, and when the other core is busy the second
-thread's share waits for a scheduler time slice (measured on this project's 2-core machine: a
-64x64x256 GEMM took 19 us on one thread and 15 ms on two while the other core was loaded).
+thread's share waits for a scheduler time slice (a small GEMM then takes orders of magnitude
+longer on two threads than on one).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from scipy.linalg.blas import dgemm, sgemm
 
 from npcpu import backend
 
-SMALL_GEMM = 1 << 23  # multiply-adds (8M: about 0.3 ms on one core)
+SMALL_GEMM = 1 << 23  # multiply-adds: well under a millisecond on one core
 
 
 def _gemm(dtype: np.dtype):

@@ -167,12 +167,15 @@ class Module:
             yield from child._named_parameters_all(f"{prefix}.{name}" if prefix else name)
 
     def parameters(self) -> list[Parameter]:
-        """All parameters, each named with its dotted state-dict key (set here)."""
-        params = []
+        """All parameters, each once (as torch's: a weight tied between two layers is listed under
+        its first name), each named with its dotted state-dict key (set here). `named_parameters`
+        and `state_dict` list a tied weight under every name, as torch's state_dict does."""
+        params = {}
         for name, p in self.named_parameters():
-            p.name = name
-            params.append(p)
-        return params
+            if id(p) not in params:
+                p.name = name
+                params[id(p)] = p
+        return list(params.values())
 
     def num_parameters(self) -> int:
         return sum(p.size for p in self.parameters())
