@@ -144,6 +144,10 @@ def test_padded_vocabulary_columns_get_no_gradient_and_in_place_matches():
     assert np.all(grad[..., 10:] == 0)
     with pytest.raises(ValueError, match="out of range"):
         padded(logits.copy(), np.full((3, 4), 11))
+    padded(logits.copy(), targets)
+    padded.backward()
+    with pytest.raises(RuntimeError, match="before forward"):  # handed over, not kept into the
+        padded.backward()                                      # next step's forward
 
 
 # -- bad input -----------------------------------------------------------------------------------
