@@ -1,4 +1,4 @@
-"""The `npcpu` command: train, eval, generate, prepare-text, info, bench (also `python -m npcpu ...`)."""
+"""The `npcpu` command: train, eval, generate, prepare-text, info, bench (also `python -m npcpu`)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@
 
 Trains the small configuration below (bf16, LAMB + Lookahead, dropout, accumulation, warmup +
 cosine, freezing) with one thread, logging every step to RUN_DIR/metrics.jsonl and checkpointing
-every 4 steps (`--lm`: LM_CONFIG, a small GPT instead). `--sleep` slows each step down so that a test can kill the process mid-run.
+every 4 steps (`--lm`: LM_CONFIG, a small GPT instead). `--sleep` slows each step down so that a
+test can kill the process mid-run.
 """
 
 import argparse
