@@ -146,16 +146,18 @@ from npcpu.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
-# rank 1 raises at its 5th step
-RAISE_ON_RANK_1 = """
-import os, sys
+# rank 1 fails at its 5th step: FAILURE is "raise" (an exception) or "hang" (sleeps for ever)
+FAIL_ON_RANK_1 = """
+import os, sys, time
 from npcpu.dist.trainer import DataParallelRunner
 if os.environ.get("PMI_RANK") == "1":
     plain, calls = DataParallelRunner.forward_backward, []
     def failing(self, window):
         calls.append(1)
-        if len(calls) == 5:
+        if len(calls) == 5 and FAILURE == "raise":
             raise RuntimeError("a failure planted by the test")
+        if len(calls) == 5:
+            time.sleep(1000)
         return plain(self, window)
     DataParallelRunner.forward_backward = failing
 from npcpu.cli import main
@@ -193,12 +195,18 @@ def test_a_killed_rank_ends_the_run_and_the_last_checkpoint_loads(mpiexec, tmp_p
     assert state["trainer"]["step"] == info["step"]
 
 
-def test_a_rank_that_raises_ends_every_rank_with_an_error_naming_it(mpiexec, tmp_path):
+@pytest.mark.parametrize("failure", ["raise", "hang"])
+def test_a_rank_that_raises_or_hangs_ends_every_rank_with_an_error(mpiexec, tmp_path, failure):
+    """Raising: rank 1 names itself and aborts the job. Hanging: the others time out (after
+    dist.timeout, 3 s here) naming the reduction they waited for, and abort the job."""
     started = time.monotonic()
-    done = train(mpiexec, 3, tmp_path / "run", *TINY, *FP32, *LONG, wrapper=RAISE_ON_RANK_1,
-                 check=False)
+    done = train(mpiexec, 3, tmp_path / "run", *TINY, *FP32, *LONG, "--dist.timeout", "3",
+                 wrapper=f"FAILURE = {failure!r}\n" + FAIL_ON_RANK_1, check=False)
     assert time.monotonic() - started < SECONDS
     assert done.returncode != 0
-    assert "rank 1 of 3" in done.stderr and "a failure planted by the test" in done.stderr
+    if failure == "raise":
+        assert "rank 1 of 3" in done.stderr and "a failure planted by the test" in done.stderr
+    else:
+        assert "did not complete within 3 s" in done.stderr
     _, info = load_checkpoint(tmp_path / "run")
     assert info["step"] == 4  # rank 1 failed in step 5
