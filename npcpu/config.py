@@ -116,6 +116,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
                          min=1.0),
         "bucket_mb": Field("float", 25.0, "size of the gradient buckets reduced at once (MB)",
                            min=0.001),
+        "overlap": Field("bool", True, "start each bucket's all-reduce during backward, as soon "
+                         "as its gradients are finished"),
     },
     "freeze": {
         "enabled": Field("bool", True, "dynamic layer freezing"),
@@ -158,6 +160,8 @@ PRESETS: dict[str, dict] = {
                          min=1.0),
         "bucket_mb": Field("float", 25.0, "size of the gradient buckets reduced at once (MB)",
                            min=0.001),
+        "overlap": Field("bool", True, "start each bucket's all-reduce during backward, as soon "
+                         "as its gradients are finished"),
     },
     "freeze": {"enabled": False},
     },

@@ -100,6 +100,34 @@ def test_two_and_three_ranks_equal_one_process_to_float32_rounding(mpiexec, tmp_
                         assert got[key] == value, (ranks, key)
 
 
+def compare_runs(tmp_path, mpiexec, ranks: int, *options) -> None:
+    """1 process and `ranks` ranks with `options`: parameters to float32 rounding, same metrics."""
+    train(mpiexec, 1, tmp_path / "one", *options)
+    train(mpiexec, ranks, tmp_path / "many", *options)
+    one, many = final_state(tmp_path / "one"), final_state(tmp_path / "many")
+    for key, value in one["trainer"].items():
+        assert key == "last_eval" or many["trainer"][key] == value, key
+    assert many["freezer"]["frozen_at"] == one["freezer"]["frozen_at"]
+    for name, value in one["model"].items():
+        np.testing.assert_allclose(many["model"][name], value, rtol=2e-5, atol=2e-6, err_msg=name)
+    for got, want in zip(metrics(tmp_path / "many"), metrics(tmp_path / "one"), strict=True):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, rel=1e-4, abs=1e-6)
+                                if isinstance(value, float) else value), key
+
+
+@pytest.mark.parametrize("overlap", ["true", "false"])
+def test_small_buckets_with_and_without_overlap_and_frozen_layers(mpiexec, tmp_path, overlap):
+    """1 KB buckets (several per model, reduced as backward finishes them, or after it), and a
+    freezer that freezes layers during the run (frozen parameters take no part in a bucket)."""
+    freezing = ["--freeze.threshold", "1e9", "--freeze.patience", "1", "--freeze.window", "1",
+                "--freeze.start_step", "3"]
+    compare_runs(tmp_path, mpiexec, 3, *TINY, *FP32, "--dist.bucket_mb", "0.001",
+                 "--dist.overlap", overlap, *freezing)
+    assert any(line.get("frozen_layers") for line in metrics(tmp_path / "many"))
+
+
 def test_deterministic_mode_is_bitwise_the_same_for_one_two_and_three_ranks(mpiexec, tmp_path):
     """bf16 storage with stochastic rounding, dropout: every parameter, every metric, bit for bit."""
     runs = {}
