@@ -150,20 +150,7 @@ PRESETS: dict[str, dict] = {
         "schedule": {"warmup_steps": 20},
         "train": {"epochs": 60, "batch_size": 64, "accumulation_steps": 1, "precision": "fp32",
                   "eval_every": 500, "checkpoint_every": 500, "log_every": 100},
-        "dist": {
-        "deterministic": Field("bool", False, "data parallel (mpiexec): add the ranks' gradients "
-                               "in a fixed order, bitwise the same run for any number of ranks "
-                               "dividing dist.parts (slower)"),
-        "parts": Field("int", 12, "deterministic: pieces each global micro-batch is cut into, "
-                       "a multiple of the number of ranks", min=1),
-        "timeout": Field("float", 60.0, "seconds a rank waits for the others before it fails",
-                         min=1.0),
-        "bucket_mb": Field("float", 25.0, "size of the gradient buckets reduced at once (MB)",
-                           min=0.001),
-        "overlap": Field("bool", True, "start each bucket's all-reduce during backward, as soon "
-                         "as its gradients are finished"),
-    },
-    "freeze": {"enabled": False},
+        "freeze": {"enabled": False},
     },
 }
 
