@@ -196,8 +196,9 @@ LONG = ["--train.max_steps", "100000", "--train.checkpoint_every", "2", "--train
         "none", "--dist.timeout", "20"]
 
 
-def test_a_killed_rank_ends_the_run_and_the_last_checkpoint_loads(mpiexec, tmp_path):
-    run_dir = tmp_path / "run"
+def signal_rank_1(mpiexec, run_dir: Path, signum: int) -> subprocess.Popen:
+    """A long 3-rank run, whose rank 1 gets `signum` once the step-4 checkpoint exists; returns
+    the finished job (stderr read) after checking it ended within 60 s of the signal."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     command = [mpiexec, "-n", "3", sys.executable, "-c", RECORD_PID, "train", "--run-dir",
                str(run_dir), *TINY, *FP32, *LONG]
@@ -209,18 +210,33 @@ def test_a_killed_rank_ends_the_run_and_the_last_checkpoint_loads(mpiexec, tmp_p
             assert job.poll() is None, job.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.1)
-        os.kill(int((run_dir / "pid-1").read_text()), signal.SIGKILL)
-        killed_at = time.monotonic()
-        job.wait(timeout=60)
-        assert time.monotonic() - killed_at < 60
+        os.kill(int((run_dir / "pid-1").read_text()), signum)
+        signalled_at = time.monotonic()
+        job.errors = job.communicate(timeout=60)[1]
+        assert time.monotonic() - signalled_at < 60
     finally:
         if job.poll() is None:
             job.kill()
             job.wait()
+    return job
+
+
+def test_a_killed_rank_ends_the_run_and_the_last_checkpoint_loads(mpiexec, tmp_path):
+    job = signal_rank_1(mpiexec, tmp_path / "run", signal.SIGKILL)
     assert job.returncode != 0
-    state, info = load_checkpoint(run_dir)
+    state, info = load_checkpoint(tmp_path / "run")
     assert info["step"] >= 4 and info["step"] % 2 == 0
     assert state["trainer"]["step"] == info["step"]
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(mpiexec,
+                                                                                 tmp_path):
+    """The ranks agree on the step to stop after (else the others would wait for rank 1)."""
+    job = signal_rank_1(mpiexec, tmp_path / "run", signal.SIGTERM)
+    assert job.returncode != 0
+    state, info = load_checkpoint(tmp_path / "run")
+    assert f"stopped by a signal to another rank at step {info['step']}" in job.errors
+    assert state["trainer"]["step"] == info["step"] > 4
 
 
 @pytest.mark.parametrize("failure", ["raise", "hang"])

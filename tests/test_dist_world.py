@@ -1,6 +1,7 @@
 """npcpu.dist in one process, without MPI: launcher detection, threads per rank, the rows each
 rank serves, the refusals, and the deterministic pieces summed in one process."""
 
+import os
 import sys
 
 import numpy as np
@@ -46,7 +47,7 @@ def test_threads_per_rank_divide_the_node_and_can_be_overridden():
     assert World(local_size=1).threads_per_rank(3) == 3
     for ranks in (1, 2, 64):
         threads = World(size=ranks, local_size=ranks).threads_per_rank()
-        assert 1 <= threads <= max(1, __import__("os").cpu_count() // ranks)
+        assert 1 <= threads <= max(1, os.cpu_count() // ranks)
 
 
 @pytest.mark.parametrize("parts", [2, 3])
