@@ -34,7 +34,7 @@ from numba import njit
 from npcpu import backend
 from npcpu.data.arrays import ArrayDataset
 from npcpu.data.loader import DataLoader
-from npcpu.kernels.compiled_step import prefetch_rows
+from npcpu.kernels.compiled_gemm import prefetch_rows
 from npcpu.nn.linear import Linear
 from npcpu.nn.losses import CrossEntropyLoss
 from npcpu.nn.module import Sequential

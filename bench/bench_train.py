@@ -39,7 +39,6 @@ import argparse
 import io
 import itertools
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ from typing import Callable
 
 import numpy as np
 import workloads as wl
-from common import markdown_table, write_json
+from common import markdown_table, peak_rss_mb, write_json
 
 # -- configurations -------------------------------------------------------------------------------
 # A builder takes the parsed child arguments and returns (step, samples per step, info); `step()`
@@ -232,21 +231,6 @@ ROUNDS = (5, 1)
 
 
 # -- the child process ----------------------------------------------------------------------------
-def _peak_rss_mb() -> float:
-    """This process's peak resident set, MB. On Linux VmHWM of /proc/self/status: getrusage's
-    ru_maxrss survives execve, so a child would report at least its parent's peak at fork (every
-    child of this script read 495 MB, the parent's, until this was changed)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    per_mb = 1024 * 1024 if sys.platform == "darwin" else 1024  # macOS: bytes; Linux: kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mb
-
-
 def run_child(args) -> dict:
     """Build one configuration, warm it up, time it; everything a round needs, as a dict.
 
@@ -260,7 +244,7 @@ def run_child(args) -> dict:
     if config is None:
         import roofline
         return {"roofline": roofline.mlp52m_roofline(args.repeats)}
-    baseline_mb = _peak_rss_mb()
+    baseline_mb = peak_rss_mb()
     step, samples, info = config.build(args)
     first_call_s = None
     for i in range(args.warmup):
@@ -274,7 +258,7 @@ def run_child(args) -> dict:
         step()
         times.append(time.perf_counter() - start)
     return {"seconds": times, "samples_per_step": samples, "first_call_s": first_call_s,
-            "peak_rss_mb": _peak_rss_mb(), "rss_after_imports_mb": baseline_mb, "info": info}
+            "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": baseline_mb, "info": info}
 
 
 # -- the parent: rounds of child processes, summaries, ratios, targets ----------------------------

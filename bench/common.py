@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -36,6 +38,20 @@ def summarize(seconds: list[float]) -> dict:
     """Median, min and max in milliseconds, and the number of repetitions."""
     ms = [1e3 * s for s in seconds]
     return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "repeats": len(ms)}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set, MB. On Linux VmHWM of /proc/self/status: getrusage's
+    ru_maxrss survives execve, so a child process would report at least its parent's peak at fork."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    per_mb = 1024 * 1024 if sys.platform == "darwin" else 1024  # macOS: bytes; Linux: kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mb
 
 
 def machine_facts() -> dict:

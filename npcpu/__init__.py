@@ -14,7 +14,7 @@ from npcpu import backend  # noqa: E402,F401  (chooses the Numba threading layer
 
 __version__ = "0.1.0"
 
-SUBPACKAGES = ("data", "nn", "optim", "train")
+SUBPACKAGES = ("data", "models", "nn", "optim", "text", "train")
 
 
 def __getattr__(name: str):

@@ -12,18 +12,22 @@ whose idle threads spin for a while after each call and would compete with the o
 
 Small GEMMs run on one BLAS thread: below SMALL_GEMM multiply-adds, the cost of waking and joining
 a second thread is larger than the work it takes over, and when the other core is busy the second
-thread's share waits for a scheduler time slice (measured on this project's 2-core machine: a
-64x64x256 GEMM took 19 us on one thread and 15 ms on two while the other core was loaded).
+thread's share waits for a scheduler time slice (a small GEMM then takes orders of magnitude
+longer on two threads than on one).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numba
 import numpy as np
 from scipy.linalg.blas import dgemm, sgemm
 
 from npcpu import backend
 
-SMALL_GEMM = 1 << 23  # multiply-adds (8M: about 0.3 ms on one core)
+SMALL_GEMM = 1 << 23  # multiply-adds: well under a millisecond on one core
 
 
 def _gemm(dtype: np.dtype):
@@ -71,3 +75,53 @@ def accumulate_weight_grad(grad: np.ndarray, dy: np.ndarray, x: np.ndarray,
                    trans_b=1, overwrite_c=1)
     if not np.shares_memory(result, grad):  # the wrapper worked on a copy of grad: copy it back
         grad[...] = result.T
+
+
+def matmul(a: np.ndarray, b: np.ndarray, *, transpose_a: bool = False, transpose_b: bool = False,
+           alpha: float = 1.0, out: np.ndarray | None = None, beta: float = 0.0) -> np.ndarray:
+    """alpha op(a) op(b) (+ beta out) for C-contiguous 2-D a and b, op a transpose when asked.
+
+    The attention GEMMs (one per batch and head) go through here. In Fortran order the C-order
+    result is C^T = op(b)^T op(a)^T, and a C-order array's .T is its Fortran view: so BLAS gets
+    b.T and a.T with the two transpose flags swapped, and no operand is copied. With `out`
+    (C-contiguous, of the result's shape) the result is written there and `out` returned.
+    """
+    rows = a.shape[1] if transpose_a else a.shape[0]
+    inner = a.shape[0] if transpose_a else a.shape[1]
+    columns = b.shape[0] if transpose_b else b.shape[1]
+    gemm = _gemm(a.dtype)
+    macs = rows * inner * columns
+    if out is None:
+        return _call(macs, gemm, alpha, b.T, a.T, trans_a=int(transpose_b),
+                     trans_b=int(transpose_a)).T
+    result = _call(macs, gemm, alpha, b.T, a.T, beta=beta, c=out.T, trans_a=int(transpose_b),
+                   trans_b=int(transpose_a), overwrite_c=1)
+    if not np.shares_memory(result, out):  # the wrapper worked on a copy of out: copy it back
+        out[...] = result.T
+    return out
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def run_independent(task: Callable[[int], None], count: int) -> None:
+    """task(i) for i in range(count), for many small independent GEMMs (attention's products per
+    batch and head): spread over one Python thread per core (Numba's thread count), each running
+    its GEMMs on one BLAS thread. SciPy's BLAS wrappers release the GIL, so the threads run at once.
+
+    Why not one GEMM at a time on every BLAS thread: a (T, T) x (T, D) product is too small to be
+    split well, and each split GEMM waits for its slowest thread (for a whole time slice when
+    another process holds a core). Each task's result is its own single-threaded GEMMs', so it
+    does not depend on the thread count.
+    """
+    threads = min(count, numba.get_num_threads())
+    with backend.single_blas_thread():
+        if threads <= 1:
+            for i in range(count):
+                task(i)
+            return
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="npcpu-gemm")
+        for _ in pool.map(task, range(count)):  # re-raises a task's exception here
+            pass

@@ -56,6 +56,11 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--best", action="store_true", help="use the best checkpoint")
     evaluate.add_argument("--threads", type=int)
 
+    prepare = sub.add_parser("prepare-text", help="tokenize text files into DIR/train.bin, "
+                             "val.bin, tokenizer.json, meta.json (nanoGPT's format)")
+    from npcpu.text.prepare import add_arguments as add_prepare_text_arguments
+    add_prepare_text_arguments(prepare)
+
     sub.add_parser("info", help="versions, BLAS, Numba threading layer, CPU bfloat16 support")
 
     bench = sub.add_parser("bench", help="benchmarks against PyTorch (needs torch)")
@@ -131,6 +136,11 @@ def _eval_summary(result: dict) -> str:
                      if name.startswith("eval_"))
 
 
+def cmd_prepare_text(args) -> int:
+    from npcpu.text.prepare import run
+    return run(args)
+
+
 def cmd_info(args) -> int:
     from npcpu.info import format_info, system_info
     print(format_info(system_info()))
@@ -161,7 +171,8 @@ def main(argv=None) -> int:
     Set NPCPU_DEBUG=1 to see the full traceback instead.
     """
     args = make_parser().parse_args(argv)
-    commands = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}
+    commands = {"train": cmd_train, "eval": cmd_eval, "prepare-text": cmd_prepare_text,
+                "info": cmd_info, "bench": cmd_bench}
     try:
         return commands[args.command](args)
     except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as e:

@@ -6,7 +6,10 @@ import pytest
 
 from npcpu.data.arrays import ArrayDataset
 from npcpu.data.loader import DataLoader
+from npcpu.kernels import compiled_gemm
 from npcpu.kernels import compiled_step as kernels
+from npcpu.kernels.linear import add_row_sums
+from npcpu.kernels.optim import SGDHyper
 from npcpu.nn.activations import ReLU
 from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.losses import CrossEntropyLoss, MSELoss
@@ -32,7 +35,7 @@ def test_linear_forward_matches_numpy(dtype, n, k, m, relu, has_bias):
     weight = rng.standard_normal((m, k)).astype(dtype)
     bias = rng.standard_normal(m).astype(dtype) if has_bias else np.empty(0, dtype)
     out = np.full((n + 2, m), np.nan, dtype)
-    kernels.linear_forward(a, rows, weight, bias, relu, out, 0, k)
+    compiled_gemm.linear_forward(a, rows, weight, bias, relu, out, 0, k)
     expected = a[rows] @ weight.T + (bias if has_bias else 0)
     if relu:
         expected = np.maximum(expected, 0)
@@ -48,18 +51,18 @@ def test_backward_kernels_match_numpy(n, k, m):
     dz = rng.standard_normal((n + 2, m)).astype(np.float32)
     grad_weight = rng.standard_normal((m, k)).astype(np.float32)  # the kernels add to it
     expected = grad_weight + dz[:n].T @ a[rows]
-    kernels.add_weight_grad(dz, a, rows, grad_weight, 0, k)
+    compiled_gemm.add_weight_grad(dz, a, rows, grad_weight, 0, k)
     np.testing.assert_allclose(grad_weight, expected, rtol=RTOL, atol=ATOL * n)
     grad_bias = rng.standard_normal(m).astype(np.float32)
     expected = grad_bias + dz[:n].sum(axis=0)
-    kernels.add_bias_grad(dz, n, grad_bias)
+    add_row_sums(dz[:n], grad_bias)
     np.testing.assert_allclose(grad_bias, expected, rtol=RTOL, atol=ATOL * n)
     dx = np.full((n + 2, k), np.nan, np.float32)
-    kernels.input_grad(dz, weight, n, dx)
+    compiled_gemm.input_grad(dz, weight, n, dx)
     np.testing.assert_allclose(dx[:n], dz[:n] @ weight, rtol=RTOL, atol=ATOL * m)
     out = np.maximum(rng.standard_normal((n + 2, m)), 0).astype(np.float32)
     masked = dz.copy()
-    kernels.relu_backward(masked, out, n)
+    compiled_gemm.relu_backward(masked, out, n)
     np.testing.assert_array_equal(masked[:n], np.where(out[:n] > 0, dz[:n], 0))
     np.testing.assert_array_equal(masked[n:], dz[n:])
 
@@ -87,8 +90,10 @@ def test_sgd_update_matches_formula(momentum, dampening, weight_decay, nesterov,
     rng = np.random.default_rng(2)
     w, g, b = (rng.standard_normal(23) for _ in range(3))
     param, buffer = w.copy(), (b.copy() if momentum else np.empty(0))
-    kernels.sgd_update(param, g, buffer, 0.1, momentum, dampening, weight_decay, nesterov,
-                       maximize, first)
+    kernels.sgd_update(param, g, buffer, SGDHyper(lr=0.1, momentum=momentum,
+                                                  one_minus_dampening=1 - dampening,
+                                                  weight_decay=weight_decay, nesterov=nesterov,
+                                                  maximize=maximize, first_step=first))
     d = (-g if maximize else g) + weight_decay * w
     if momentum:
         new_b = d if first else momentum * b + (1 - dampening) * d

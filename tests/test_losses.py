@@ -31,7 +31,8 @@ def test_kernel_matches_numpy(num_threads, rows, classes, dtype, rtol, label_smo
     targets = rng.integers(0, classes, rows)
     targets[::3] = -100
     losses, grad = np.empty(rows), np.empty_like(logits)
-    cross_entropy_forward_backward(losses, grad, logits, targets, -100, label_smoothing, 0.25)
+    cross_entropy_forward_backward(losses, grad, logits, targets, -100, label_smoothing, 0.25,
+                                   logits.shape[1])
     ref_losses, ref_grad = cross_entropy_numpy(logits, targets, -100, label_smoothing, 0.25)
     np.testing.assert_allclose(losses, ref_losses, rtol=rtol, atol=rtol)
     np.testing.assert_allclose(grad, ref_grad, rtol=rtol, atol=rtol)

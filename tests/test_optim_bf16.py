@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from npcpu.kernels import optim as kernels
+from npcpu.kernels.optim_io import Rounding, random_scratch
 from npcpu.kernels.convert import round_bf16_stochastic_with_bits
 from npcpu.nn.parameter import Parameter
 from npcpu.optim.adam import Adam
@@ -27,8 +28,11 @@ def round_momentum_buffer(grad, stochastic, seed, stream):
     buffer = np.zeros(grad.size, np.uint16)
     weights = np.zeros(grad.size, np.float32)
     f32 = np.float32
-    kernels.sgd_step(weights, grad, buffer, f32(0.0), f32(0.9), f32(1.0), f32(0.0), False, False, True,
-                     stochastic, np.uint64(seed), np.uint64(stream), np.uint64(0), kernels.random_scratch())
+    hyper = kernels.SGDHyper(lr=f32(0.0), momentum=f32(0.9), one_minus_dampening=f32(1.0),
+                             weight_decay=f32(0.0), nesterov=False, maximize=False, first_step=True)
+    rounding = Rounding(stochastic=stochastic, seed=np.uint64(seed), stream=np.uint64(stream),
+                        first=np.uint64(0), random=random_scratch())
+    kernels.sgd_step(weights, grad, buffer, hyper, rounding)
     return buffer
 
 

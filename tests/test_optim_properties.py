@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from npcpu.kernels import optim as kernels
+from npcpu.kernels.optim_io import Rounding, random_scratch
 from npcpu.nn.parameter import Parameter
 from npcpu.optim.adam import Adam, AdamW
 from npcpu.optim.lamb import LAMB
@@ -189,6 +190,12 @@ def test_zero_grad_zeroes_every_gradient():
 # ---------------------------------------------------------------------------------------------
 # Kernels against plain NumPy twins (float64 arithmetic, then compared at float32 tolerance)
 # ---------------------------------------------------------------------------------------------
+def to_nearest():
+    """The kernels' Rounding for round-to-nearest (float32 arrays ignore it altogether)."""
+    return Rounding(stochastic=False, seed=np.uint64(0), stream=np.uint64(0), first=np.uint64(0),
+                    random=random_scratch())
+
+
 def twin_sgd(w, g, b, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step):
     g = -g if maximize else g
     g = g + weight_decay * w
@@ -224,9 +231,11 @@ def test_sgd_kernel_matches_numpy(num_threads, n, options):
                                           0.1, first_step=first_step, **full)
         w_out, b_out = w.copy(), b.copy()
         buffer = b_out if full["momentum"] else None  # the kernel takes None for "no momentum"
-        kernels.sgd_step(w_out, g, buffer, f32(0.1), f32(full["momentum"]), f32(1 - full["dampening"]),
-                         f32(full["weight_decay"]), full["nesterov"], full["maximize"], first_step,
-                         False, np.uint64(0), np.uint64(0), np.uint64(0), kernels.random_scratch())
+        hyper = kernels.SGDHyper(lr=f32(0.1), momentum=f32(full["momentum"]),
+                                 one_minus_dampening=f32(1 - full["dampening"]),
+                                 weight_decay=f32(full["weight_decay"]), nesterov=full["nesterov"],
+                                 maximize=full["maximize"], first_step=first_step)
+        kernels.sgd_step(w_out, g, buffer, hyper, to_nearest())
         np.testing.assert_allclose(w_out, expected_w, rtol=1e-5, atol=1e-6)
         if full["momentum"]:
             np.testing.assert_allclose(b_out, expected_b, rtol=1e-5, atol=1e-6)
@@ -244,11 +253,12 @@ def test_adam_kernel_matches_numpy(num_threads, n, decoupled, amsgrad, maximize)
                          decoupled, amsgrad, maximize, t)
     out = [a.copy() for a in (w, m, v, vmax)]
     f32 = np.float32
-    kernels.adam_step(out[0], g, out[1], out[2], out[3] if amsgrad else None, f32(1 - beta1), f32(beta2),
-                      f32(1 - beta2), f32(eps), f32(0.0 if decoupled else wd),
-                      f32(1 - lr * wd if decoupled else 1.0), f32(lr / (1 - beta1 ** t)),
-                      f32((1 - beta2 ** t) ** 0.5), maximize, False, np.uint64(0), np.uint64(0),
-                      np.uint64(0), kernels.random_scratch())
+    hyper = kernels.AdamHyper(one_minus_beta1=f32(1 - beta1), beta2=f32(beta2), one_minus_beta2=f32(1 - beta2),
+                              eps=f32(eps), weight_decay=f32(0.0 if decoupled else wd),
+                              decay_factor=f32(1 - lr * wd if decoupled else 1.0),
+                              step_size=f32(lr / (1 - beta1 ** t)),
+                              bias_correction2_sqrt=f32((1 - beta2 ** t) ** 0.5), maximize=maximize)
+    kernels.adam_step(out[0], g, out[1], out[2], out[3] if amsgrad else None, hyper, to_nearest())
     for got, want in zip(out, expected):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
 
@@ -265,16 +275,15 @@ def test_lamb_kernels_match_numpy(num_threads, n):
     out_m, out_v, out_w = m.copy(), v.copy(), w.copy()
     f32 = np.float32
     partial = np.empty((2, kernels.block_count(n)))
-    weight_sq, update_sq = kernels.lamb_moments(out_w, g, out_m, out_v, f32(1 - beta1), f32(beta2),
-                                                f32(1 - beta2), f32(eps), f32(wd), f32(1 / bc1), f32(1 / bc2),
-                                                False, False, np.uint64(0), np.uint64(0), np.uint64(0),
-                                                kernels.random_scratch(), partial)
+    hyper = kernels.LambHyper(one_minus_beta1=f32(1 - beta1), beta2=f32(beta2), one_minus_beta2=f32(1 - beta2),
+                              eps=f32(eps), weight_decay=f32(wd), inverse_bias_correction1=f32(1 / bc1),
+                              inverse_bias_correction2=f32(1 / bc2), maximize=False)
+    weight_sq, update_sq = kernels.lamb_moments(out_w, g, out_m, out_v, hyper, to_nearest(), partial)
     np.testing.assert_allclose(out_m, m64, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out_v, v64, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(weight_sq, np.sum(w64 ** 2), rtol=1e-6)
     np.testing.assert_allclose(update_sq, np.sum(u64 ** 2), rtol=1e-4)
-    kernels.lamb_apply(out_w, out_m, out_v, f32(0.01), f32(eps), f32(wd), f32(1 / bc1), f32(1 / bc2),
-                       False, np.uint64(0), np.uint64(0), np.uint64(0), kernels.random_scratch())
+    kernels.lamb_apply(out_w, out_m, out_v, f32(0.01), hyper, to_nearest())
     np.testing.assert_allclose(out_w, w64 - 0.01 * u64, rtol=1e-5, atol=1e-6)
 
 
@@ -284,8 +293,7 @@ def test_lookahead_kernel_matches_numpy(num_threads, n):
     fast, slow = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
     expected = slow.astype(np.float64) + 0.3 * (fast.astype(np.float64) - slow)
     fast_out, slow_out = fast.copy(), slow.copy()
-    kernels.lookahead_sync(fast_out, slow_out, np.float32(0.3), False, np.uint64(0), np.uint64(0),
-                           kernels.random_scratch())
+    kernels.lookahead_sync(fast_out, slow_out, np.float32(0.3), to_nearest())
     # inputs are O(1): results that cancel to near 0 carry an O(1) float32 ulp (1.2e-7) of error
     np.testing.assert_allclose(slow_out, expected, rtol=1e-6, atol=3e-7)
     np.testing.assert_array_equal(fast_out, slow_out)

@@ -19,7 +19,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-SPINS_BEFORE_YIELD = 2000  # ~10-50 us of pause loops, then give the core away while waiting
+SPINS_BEFORE_YIELD = 2000  # pause loops (short against a step), then give the core away while waiting
 
 _sched_yield = None if sys.platform == "win32" else types.ExternalFunction("sched_yield", types.intc())
 

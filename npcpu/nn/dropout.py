@@ -83,6 +83,14 @@ class Dropout(Module):
         self._first = self.row_offset * (x.size // x.shape[0]) if x.ndim else 0
         return self._apply(x, stream, self._first)
 
+    def reapply(self, x: np.ndarray) -> np.ndarray:
+        """The last training forward's mask (and scale) applied to `x` again, without advancing
+        `calls`: for a caller that needs the dropped values again in its backward pass instead of
+        keeping them (attention's dropped probabilities). Call it before `backward`."""
+        if self._shape is None:
+            raise self.missing_forward()
+        return x if self._stream is None else self._apply(x, self._stream)
+
     def backward(self, dy: np.ndarray) -> np.ndarray | None:
         """dL/dx = dy * mask / (1 - p) when `input_requires_grad`, else None."""
         if self._shape is None:

@@ -15,10 +15,9 @@ from npcpu.precision import to_compute
 def scatter_add_rows(dweight, dout, indices, skip_index):
     """dweight[indices[i]] += dout[i] for every i with indices[i] != skip_index.
 
-    dweight (V, D), dout (N, D), indices (N,). Serial on purpose: the work is N * D additions
-    (0.1 ms for N = 1024 tokens of D = 256), and a serial loop needs no guard against two tokens
-    with the same index. Measured against np.add.at (about 100x slower) and a sort + reduceat
-    (about 10x slower).
+    dweight (V, D), dout (N, D), indices (N,). Serial on purpose: the work is only N * D
+    additions, and a serial loop needs no guard against two tokens with the same index. It
+    measured much faster than np.add.at and than a sort + reduceat.
     """
     for i in range(indices.shape[0]):
         row = indices[i]

@@ -109,6 +109,15 @@ class CrossEntropyLoss(Loss):
         eps: the target distribution is (1 - eps) * onehot(target) + eps / C.
     reduction : {"mean", "sum"}
         "mean" divides by the number of non-ignored targets (or by `normalizer`).
+    classes : int or None
+        The number of real classes C when the logits' last dimension P is larger (vocabulary
+        padding, e.g. 50257 words in 50304 columns): columns C .. P - 1 are left out of the softmax
+        and get a zero gradient. None: every column is a class.
+    in_place : bool
+        Write dL/dlogits over the logits array passed to `forward` (float32 or float64 and
+        C-contiguous; otherwise over the converted copy) instead of into a buffer of the same
+        size: for a large vocabulary, one (N, P) array fewer. The caller must not read the
+        logits after the call (Trainer.evaluate takes `evaluation_sums` before the loss).
 
     Notes
     -----
@@ -130,34 +139,54 @@ class CrossEntropyLoss(Loss):
     """
 
     def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0,
-                 reduction: str = "mean"):
+                 reduction: str = "mean", *, classes: int | None = None, in_place: bool = False):
         super().__init__(reduction)
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"CrossEntropyLoss: label_smoothing must be in [0, 1], "
                              f"got {label_smoothing!r}")
+        if classes is not None and (not isinstance(classes, (int, np.integer)) or classes < 1):
+            raise ValueError(f"CrossEntropyLoss: classes must be a positive int or None, "
+                             f"got {classes!r}")
         self.ignore_index = int(ignore_index)
         self.label_smoothing = float(label_smoothing)
+        self.classes = None if classes is None else int(classes)
+        self.in_place = bool(in_place)
 
     def forward(self, logits: np.ndarray, targets: np.ndarray, normalizer: float | None = None
                 ) -> float:
         logits = self._outputs_in_compute_dtype(logits)
         targets = self._check_targets(logits, targets)
-        classes = logits.shape[-1]
+        columns = logits.shape[-1]
         count = int(np.count_nonzero(targets != self.ignore_index))
         divisor = self._divisor(count, normalizer)
         losses = np.empty(targets.size, dtype=np.float64)
-        dlogits = self._gradient_buffer(logits.shape, logits.dtype)
-        cross_entropy_forward_backward(losses, dlogits.reshape(-1, classes),
-                                       logits.reshape(-1, classes), targets.reshape(-1),
+        if self.in_place:
+            dlogits = self._grad = logits
+        else:
+            dlogits = self._gradient_buffer(logits.shape, logits.dtype)
+        cross_entropy_forward_backward(losses, dlogits.reshape(-1, columns),
+                                       logits.reshape(-1, columns), targets.reshape(-1),
                                        self.ignore_index, self.label_smoothing,
-                                       1.0 / divisor if divisor > 0 else 0.0)
+                                       1.0 / divisor if divisor > 0 else 0.0,
+                                       self._classes(columns))
         if divisor == 0:  # every target ignored: torch's 0 / 0
             return float("nan")
         return float(losses.sum() / divisor)
 
     def evaluation_sums(self, logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-        """{"accuracy": rows whose largest logit is the target} (ignored rows count as wrong)."""
-        return {"accuracy": int(np.count_nonzero(np.argmax(logits, axis=-1) == targets))}
+        """{"accuracy": rows whose largest logit (among the real classes) is the target} (ignored
+        rows count as wrong)."""
+        real = logits[..., :self._classes(logits.shape[-1])]
+        return {"accuracy": int(np.count_nonzero(np.argmax(real, axis=-1) == targets))}
+
+    def _classes(self, columns: int) -> int:
+        """C, the real classes among the logits' `columns`."""
+        if self.classes is None:
+            return columns
+        if self.classes > columns:
+            raise ValueError(f"{self!r}: classes={self.classes} but the logits have only {columns} "
+                             "columns")
+        return self.classes
 
     def _check_targets(self, logits: np.ndarray, targets) -> np.ndarray:
         """Integer targets of shape logits.shape[:-1], each in [0, C) or equal to ignore_index."""
@@ -167,7 +196,7 @@ class CrossEntropyLoss(Loss):
         if logits.ndim < 2 or targets.shape != logits.shape[:-1]:
             raise ValueError(f"{self!r}: expected logits (..., C) and targets of the leading shape, "
                              f"got logits {logits.shape} and targets {targets.shape}")
-        classes = logits.shape[-1]
+        classes = self._classes(logits.shape[-1])
         targets = np.ascontiguousarray(targets, dtype=np.int64)
         bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= classes))
         if bad.any():
@@ -176,8 +205,10 @@ class CrossEntropyLoss(Loss):
         return targets
 
     def extra_repr(self) -> str:
+        padding = "" if self.classes is None else f", classes={self.classes}"
+        in_place = ", in_place=True" if self.in_place else ""
         return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-                f"reduction={self.reduction!r}")
+                f"reduction={self.reduction!r}{padding}{in_place}")
 
 
 class MSELoss(Loss):

@@ -148,19 +148,34 @@ class Module:
         for _, m in self.named_modules():
             yield m
 
-    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+    def named_parameters(self, prefix: str = "", remove_duplicate: bool = True
+                         ) -> Iterator[tuple[str, Parameter]]:
+        """(dotted name, Parameter) pairs. A Parameter shared by two layers (a tied weight) is
+        listed once, under its first name, unless `remove_duplicate` is False (as in torch)."""
+        seen = set()
+        for name, p in self._named_parameters_all(prefix):
+            if remove_duplicate:
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+            yield name, p
+
+    def _named_parameters_all(self, prefix: str) -> Iterator[tuple[str, Parameter]]:
         for name, p in self._parameters.items():
             yield (f"{prefix}.{name}" if prefix else name), p
         for name, child in self._modules.items():
-            yield from child.named_parameters(f"{prefix}.{name}" if prefix else name)
+            yield from child._named_parameters_all(f"{prefix}.{name}" if prefix else name)
 
     def parameters(self) -> list[Parameter]:
-        """All parameters, each named with its dotted state-dict key (set here)."""
-        params = []
+        """All parameters, each once (as torch's: a weight tied between two layers is listed under
+        its first name), each named with its dotted state-dict key (set here). `named_parameters`
+        and `state_dict` list a tied weight under every name, as torch's state_dict does."""
+        params = {}
         for name, p in self.named_parameters():
-            p.name = name
-            params.append(p)
-        return params
+            if id(p) not in params:
+                p.name = name
+                params[id(p)] = p
+        return list(params.values())
 
     def num_parameters(self) -> int:
         return sum(p.size for p in self.parameters())
@@ -208,9 +223,12 @@ class Module:
         if state:
             raise ValueError(f"{self!r}: unexpected extra state {sorted(state)}")
 
-    def state_dict(self) -> OrderedDict:
-        """Parameter arrays under PyTorch's keys. The arrays are the parameters' own (not copies)."""
-        return OrderedDict((name, p.data) for name, p in self.named_parameters())
+    def state_dict(self, remove_duplicate: bool = False) -> OrderedDict:
+        """Parameter arrays under PyTorch's keys: a tied Parameter under each of its names, as in
+        torch, or (`remove_duplicate`, for checkpoints) once, under its first name, which
+        `load_state_dict` accepts too. The arrays are the parameters' own (not copies)."""
+        return OrderedDict((name, p.data) for name, p in self.named_parameters(
+            remove_duplicate=remove_duplicate))
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Copy arrays into the parameters, converting to each parameter's storage dtype.
@@ -218,10 +236,12 @@ class Module:
         Names and shapes are checked first, all together, so a bad state dict changes nothing.
         Accepts NumPy arrays or anything `np.asarray` takes (a CPU torch tensor included).
         """
-        own = dict(self.named_parameters())
+        own = dict(self.named_parameters(remove_duplicate=False))
         problems = []
         if strict:
-            missing = sorted(set(own) - set(state))
+            provided = {id(own[name]) for name in state if name in own}  # a tied one: either name
+            missing = sorted(name for name, p in own.items()
+                             if name not in state and id(p) not in provided)
             unexpected = sorted(set(state) - set(own))
             if missing:
                 problems.append(f"missing keys {missing}")
@@ -309,3 +329,18 @@ def _skip_backward(layers: list[Module]) -> None:
     for layer in layers:
         layer.skip_backward()
     return None
+
+
+class ModuleDict(Module):
+    """Named submodules, registered in the given order (torch.nn.ModuleDict): a namespace that
+    gives its children dotted state-dict keys ("transformer.wte.weight"); it has no forward."""
+
+    def __init__(self, modules: dict[str, Module]):
+        super().__init__()
+        for name, module in modules.items():
+            if not isinstance(module, Module):
+                raise TypeError(f"ModuleDict: {name!r} is not a Module, got {type(module).__name__}")
+            setattr(self, name, module)
+
+    def __getitem__(self, name: str) -> Module:
+        return self._modules[name]

@@ -131,9 +131,11 @@ class Parameter:
         return self._grad, 1.0
 
     def zero_grad(self) -> None:
-        """Mark the accumulator zero (nothing is written: see the module docstring)."""
+        """Mark the accumulator zero (nothing is written: see the module docstring), and start the
+        count of uses for `takes_update` afresh (a backward pass cut short leaves it behind)."""
         if self._grad is not None:
             self._grad_is_zero = True
+        self._uses_done = 0
 
     # -- updates inside backward ------------------------------------------------------------------
     def takes_update(self) -> bool:

@@ -57,11 +57,12 @@ class Adam(Optimizer):
             coupled_decay, decay_factor = weight_decay, 1.0
         exp_avg, exp_avg_sq = flat(state["exp_avg"]), flat(state["exp_avg_sq"])
         max_exp_avg_sq = flat(state["max_exp_avg_sq"]) if group["amsgrad"] else None
-        kernels.adam_step(weights, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                          real(1 - beta1), real(beta2), real(1 - beta2), real(group["eps"]),
-                          real(coupled_decay), real(decay_factor),
-                          real(lr / (1 - beta1 ** step)), real((1 - beta2 ** step) ** 0.5),
-                          group["maximize"], *rounding)
+        hyper = kernels.AdamHyper(
+            one_minus_beta1=real(1 - beta1), beta2=real(beta2), one_minus_beta2=real(1 - beta2),
+            eps=real(group["eps"]), weight_decay=real(coupled_decay), decay_factor=real(decay_factor),
+            step_size=real(lr / (1 - beta1 ** step)), bias_correction2_sqrt=real((1 - beta2 ** step) ** 0.5),
+            maximize=group["maximize"])
+        kernels.adam_step(weights, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding)
 
 
 class AdamW(Adam):

@@ -117,11 +117,12 @@ class LAMB(Optimizer):
             bias_correction1, bias_correction2 = 1.0, 1.0
         exp_avg, exp_avg_sq = flat(state["exp_avg"]), flat(state["exp_avg_sq"])
         partial_sums = np.empty((2, kernels.block_count(weights.size)), dtype=np.float64)
-        corrections = (real(1 / bias_correction1), real(1 / bias_correction2))
-        weight_sq, update_sq = kernels.lamb_moments(
-            weights, grad, exp_avg, exp_avg_sq, real(1 - beta1), real(beta2), real(1 - beta2),
-            real(group["eps"]), real(weight_decay), *corrections, group["maximize"], *rounding,
-            partial_sums)
+        hyper = kernels.LambHyper(
+            one_minus_beta1=real(1 - beta1), beta2=real(beta2), one_minus_beta2=real(1 - beta2),
+            eps=real(group["eps"]), weight_decay=real(weight_decay),
+            inverse_bias_correction1=real(1 / bias_correction1),
+            inverse_bias_correction2=real(1 / bias_correction2), maximize=group["maximize"])
+        weight_sq, update_sq = kernels.lamb_moments(weights, grad, exp_avg, exp_avg_sq, hyper, rounding,
+                                                    partial_sums)
         trust = self.trust_ratio(math.sqrt(weight_sq), math.sqrt(update_sq), group)
-        kernels.lamb_apply(weights, exp_avg, exp_avg_sq, real(group["lr"] * trust),
-                           real(group["eps"]), real(weight_decay), *corrections, *rounding)
+        kernels.lamb_apply(weights, exp_avg, exp_avg_sq, real(group["lr"] * trust), hyper, rounding)

@@ -8,6 +8,7 @@ import numpy as np
 
 from npcpu.checks import check_int, check_real
 from npcpu.kernels import optim as kernels
+from npcpu.kernels.optim_io import Rounding, random_scratch
 from npcpu.optim.optimizer import Optimizer, flat
 from npcpu.precision import bfloat16, to_storage
 
@@ -80,15 +81,16 @@ class Lookahead:
     def _sync(self) -> None:
         inner = self.optimizer
         sync_number = self.step_count // self.k
-        random = kernels.random_scratch()
+        random = random_scratch()
         for index, p in inner.indexed_params():
             if p.frozen:
                 continue
             fast, slow = inner.weights_of(p), self.slow_weights[index]
             stream = np.uint64((1 << 63) | (sync_number << 32) | index)
-            kernels.lookahead_sync(flat(fast), flat(slow), slow.dtype.type(self.alpha),
-                                   inner.stochastic_rounding and fast.dtype == bfloat16,
-                                   np.uint64(inner.seed), stream, random)
+            rounding = Rounding(stochastic=inner.stochastic_rounding and fast.dtype == bfloat16,
+                                seed=np.uint64(inner.seed), stream=stream, first=np.uint64(0),
+                                random=random)
+            kernels.lookahead_sync(flat(fast), flat(slow), slow.dtype.type(self.alpha), rounding)
             inner.publish_master(p)
 
     @contextmanager

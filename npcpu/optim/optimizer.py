@@ -28,7 +28,8 @@ continues bit for bit.
 Updating inside backward
 ------------------------
 `fuse_into_backward()` makes each parameter's layer hand its gradient to the optimizer as soon as
-it is complete, during the backward pass (`Parameter.updater`); `step()` is then not called. A
+it is complete, during the backward pass (`Parameter.updater`: the optimizer implements
+npcpu.nn.parameter.InBackwardUpdater, all that nn/ knows of it); `step()` is then not called. A
 Linear layer does it a block of weight rows at a time (npcpu.nn.weight_blocks), so the model never
 holds its whole gradient: for mlp52m in bf16 that is 216 MB of float32 gradients not allocated.
 Both paths run the same code: `begin_update(p)` counts the step and returns a function that updates
@@ -46,8 +47,9 @@ from typing import ContextManager, Protocol, runtime_checkable
 import numpy as np
 
 from npcpu.checks import check_flag, check_int, check_real
-from npcpu.kernels import optim as kernels
+from npcpu.kernels.optim_io import ELEMENTS_PER_HASH, Rounding, random_scratch
 from npcpu.nn.parameter import Parameter
+from npcpu.optim.optimizer_state import checked_state
 from npcpu.precision import bfloat16, to_storage
 
 STATE_DTYPES = ("fp32", "bf16")
@@ -141,7 +143,7 @@ class Optimizer:
     """
 
     elementwise = True
-    element_alignment = kernels.ELEMENTS_PER_HASH
+    element_alignment = ELEMENTS_PER_HASH
 
     def __init__(self, params, defaults: dict, *, state_dtype: str = "fp32",
                  master_weights: bool = False, stochastic_rounding: bool = True, seed: int = 0):
@@ -184,7 +186,8 @@ class Optimizer:
     def _update(self, weights, grad, state: dict, group: dict, rounding: tuple) -> None:
         """Update flat `weights` in place from flat `grad` (state["step"] already counts this step).
 
-        `rounding` is (stochastic, seed, stream, random scratch), passed on to the kernel.
+        `rounding` is the kernels' npcpu.kernels.optim_io.Rounding (stochastic, seed, stream,
+        first element, random scratch), passed on to the kernel as it is.
         """
         raise NotImplementedError
 
@@ -309,7 +312,7 @@ class Optimizer:
         stochastic = self.stochastic_rounding and any(
             a.dtype == bfloat16 for a in (weights, *state.values()) if isinstance(a, np.ndarray))
         seed, stream = np.uint64(self.seed), np.uint64((state["step"] << 32) | index)
-        random = kernels.random_scratch()  # the kernels' per-thread scratch for random bits
+        random = random_scratch()  # the kernels' per-thread scratch for random bits
 
         def update(grad: np.ndarray, first: int = 0) -> None:
             stop, alignment = first + grad.size, self.element_alignment
@@ -319,7 +322,8 @@ class Optimizer:
                                  "parameter" + ("" if self.elementwise else
                                                 f", and {owner} updates whole tensors only"))
             part = {**state, **{name: a[first:stop] for name, a in arrays.items()}}
-            rounding = (stochastic, seed, stream, np.uint64(first), random)
+            rounding = Rounding(stochastic=stochastic, seed=seed, stream=stream, first=np.uint64(first),
+                                random=random)
             self._update(flat(weights)[first:stop], grad, part, group, rounding)
             self.publish_master(p, first, stop)
         return update
@@ -387,60 +391,13 @@ class Optimizer:
         what this optimizer would create; nothing is ever cast. A ValueError names the first field
         that does not, and leaves the optimizer unchanged.
         """
-        owner = f"{type(self).__name__}.load_state_dict"
-        for key in ("state", "param_groups", "seed", "state_dtype"):
-            if key not in state_dict:
-                raise ValueError(f"{owner}: missing field {key!r}")
-        if state_dict["state_dtype"] != self.state_dtype:
-            raise ValueError(f"{owner}: state_dtype: expected {self.state_dtype!r}, got "
-                             f"{state_dict['state_dtype']!r}")
-        seed = check_int(owner, "seed", state_dict["seed"], 0)
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"{owner}: param_groups: expected {len(self.param_groups)} groups, got "
-                             f"{len(saved_groups)}")
-        new_groups, group_of = [], {}
-        for g, (own, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(saved.get("params", ())) != len(own["params"]):
-                raise ValueError(f"{owner}: param_groups[{g}]: expected {len(own['params'])} params, "
-                                 f"got {len(saved.get('params', ()))}")
-            missing = sorted(set(own) - set(saved))
-            if missing:
-                raise ValueError(f"{owner}: param_groups[{g}]: missing hyperparameters {missing}")
-            merged = {**saved, "params": own["params"]}
-            self._check_group(merged)
-            new_groups.append(merged)
-            for saved_index, p in zip(saved["params"], own["params"]):
-                group_of[saved_index] = (p, merged)
-        new_state = {}
-        for saved_index, saved in state_dict["state"].items():
-            if saved_index not in group_of:
-                raise ValueError(f"{owner}: state[{saved_index!r}]: no parameter has this index")
-            p, group = group_of[saved_index]
-            new_state[self._index[id(p)]] = self._checked_state(owner, saved_index, saved, p, group)
+        new_groups, new_state, seed = checked_state(self, state_dict)
         for own, merged in zip(self.param_groups, new_groups):
             own.update(merged)
         self.state = new_state
-        self.seed = int(seed)
+        self.seed = seed
         for p in self._params:
             self.publish_master(p)
-
-    def _checked_state(self, owner: str, index, saved: dict, p: Parameter, group: dict) -> dict:
-        spec = self._state_spec(p, group)
-        where = f"{owner}: state[{index!r}] ({p.name or 'parameter'})"
-        if set(saved) != {"step", *spec}:
-            raise ValueError(f"{where}: expected fields {sorted({'step', *spec})}, got {sorted(saved)}")
-        state = {"step": check_int(where, "step", saved["step"], 0)}
-        for name, dtype in spec.items():
-            array = saved[name]
-            if not isinstance(array, np.ndarray):
-                raise ValueError(f"{where}: {name} must be a NumPy array, got {type(array).__name__}")
-            if array.shape != p.shape:
-                raise ValueError(f"{where}: {name}: expected shape {p.shape}, got {array.shape}")
-            if array.dtype != dtype:
-                raise ValueError(f"{where}: {name}: expected dtype {dtype}, got {array.dtype}")
-            state[name] = np.array(array, copy=True, order="C")
-        return state
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]

@@ -51,6 +51,8 @@ class SGD(Optimizer):
     def _update(self, weights, grad, state, group, rounding) -> None:
         real = grad.dtype.type
         buffer = flat(state["momentum_buffer"]) if group["momentum"] != 0 else None
-        kernels.sgd_step(weights, grad, buffer, real(group["lr"]), real(group["momentum"]),
-                         real(1 - group["dampening"]), real(group["weight_decay"]),
-                         group["nesterov"], group["maximize"], state["step"] == 1, *rounding)
+        hyper = kernels.SGDHyper(lr=real(group["lr"]), momentum=real(group["momentum"]),
+                                 one_minus_dampening=real(1 - group["dampening"]),
+                                 weight_decay=real(group["weight_decay"]), nesterov=group["nesterov"],
+                                 maximize=group["maximize"], first_step=state["step"] == 1)
+        kernels.sgd_step(weights, grad, buffer, hyper, rounding)

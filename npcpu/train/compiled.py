@@ -41,7 +41,8 @@ import numpy as np
 
 from npcpu.checks import check_int
 from npcpu.data.loader import DataLoader
-from npcpu.kernels.compiled_step import COLUMN_BLOCKS, train_worker
+from npcpu.kernels.compiled_step import (COLUMN_BLOCKS, SharedBuffers, StepPlan, ThreadModel,
+                                         train_worker)
 from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.losses import CrossEntropyLoss
 from npcpu.nn.module import Sequential
@@ -245,7 +246,13 @@ class CompiledClassifierStep:
         group_weight_grads = tuple(np.empty_like(w) if l else no_grad
                                    for _ in range(COLUMN_BLOCKS) for l, w in enumerate(weights))
         group_bias_grads = tuple(np.empty_like(b) for _ in range(COLUMN_BLOCKS) for b in biases)
-        group_losses = np.zeros(COLUMN_BLOCKS)
+        plan = StepPlan(x=x, y=y, order=order, batch_size=batch_size, first_batch=first_batch,
+                        steps=steps, lrs=lrs, first_step=first_step)
+        shared = SharedBuffers(counter=counter, partials=partials, acts=acts, dzs=dzs,
+                               group_weight_grads=group_weight_grads,
+                               group_bias_grads=group_bias_grads,
+                               group_losses=np.zeros(COLUMN_BLOCKS), block_squares=block_squares,
+                               losses=losses, grad_norms=grad_norms)
         arguments = []
         for thread in range(threads):
             if thread:  # own copies of everything above W_0 (they stay bitwise equal)
@@ -254,13 +261,11 @@ class CompiledClassifierStep:
                 buffers = buffers[:1] + tuple(b.copy() for b in buffers[1:])
             # g_W0 too is per thread (each fills its own columns): two threads writing the two
             # ends of one cache line of a shared g_W0 made two threads slower than one.
-            grad_weights = tuple(np.empty_like(w) for w in weights)
-            grad_biases = tuple(np.empty_like(b) for b in biases)
-            arguments.append((thread, threads, counter, x, y, order, batch_size, first_batch, steps,
-                              weights, biases, relu, buffers, lrs, hyper, flags, first_step,
-                              partials, acts, dzs, group_weight_grads, group_bias_grads,
-                              group_losses, grad_weights, grad_biases, block_squares, losses,
-                              grad_norms))
+            model = ThreadModel(weights=weights, biases=biases, relu=relu, momentum_buffers=buffers,
+                                hyper=hyper, flags=flags,
+                                grad_weights=tuple(np.empty_like(w) for w in weights),
+                                grad_biases=tuple(np.empty_like(b) for b in biases))
+            arguments.append((thread, threads, plan, model, shared))
         return arguments
 
     def _sgd_settings(self):

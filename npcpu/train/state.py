@@ -7,7 +7,7 @@ def trainer_state(trainer) -> dict:
     """Everything needed to continue `trainer` bit-exactly: model, optimizer, schedule, scaler,
     freezer, the callbacks that have a state, counters."""
     return {
-        "model": dict(trainer.model.state_dict()),
+        "model": dict(trainer.model.state_dict(remove_duplicate=True)),  # a tied weight once
         "model_extra": {name: m.extra_state() for name, m in trainer.model.named_modules()
                         if m.extra_state()},
         "optimizer": trainer.optimizer.state_dict(),

@@ -355,8 +355,9 @@ class Trainer:
                     for _ in range(first, stop):
                         x, y = next(batches)
                         outputs = self.model.forward(x)
-                        results.append((self.loss_fn(outputs, y, normalizer=items),
-                                        self.loss_fn.evaluation_sums(outputs, y)))
+                        # the sums first: a loss may write its gradient over the outputs (in_place)
+                        sums = self.loss_fn.evaluation_sums(outputs, y)
+                        results.append((self.loss_fn(outputs, y, normalizer=items), sums))
                 finally:
                     batches.close()
         finally:

@@ -1,0 +1,73 @@
+"""The fused masked softmax of causal self-attention, forward and backward, between its GEMMs.
+
+Dimension legend: G = batch * heads (each (b, h) pair is one independent attention), T queries,
+S keys (S = T in training; S = offset + T with a key/value cache, the first `offset` keys being
+earlier positions). Query t sits at absolute position offset + t and may attend to keys
+0 .. offset + t: the causal mask. Arrays are float32 or float64 (Numba specializes per dtype).
+
+    scores (G, T, S)   q k^T / sqrt(head_size), from the GEMM; turned in place into probs
+    probs  (G, T, S)   softmax over the allowed keys of each row, exactly 0 at masked keys
+    dprobs (G, T, S)   dL/dprobs from the GEMMs; turned in place into dL/dscores
+
+Rows are independent, so both kernels run one row per iteration of a parallel loop; each row is
+read once for its maximum, once for exp and sum, once to normalize, and never past its last
+allowed key (the masked part is written with zeros without being read).
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from npcpu.kernels.fastexp import exp_shifted, row_sum
+
+
+@njit(parallel=True, cache=True)
+def causal_softmax_forward(scores, offset):
+    """probs = softmax over keys 0 .. offset + t of each row t, in place; 0 at masked keys.
+
+    For row (g, t) with n = min(S, offset + t + 1) allowed keys:
+
+        m          = max_{s < n} scores[g, t, s]                  (stable: exp(. - m) <= 1)
+        probs[s]   = exp(scores[s] - m) / sum_{s' < n} exp(scores[s'] - m)     for s < n
+        probs[s]   = 0                                                         for s >= n
+
+    The sum accumulates in float64; exp is npcpu.kernels.fastexp's (within 2 ulp in float32). No
+    fastmath: a NaN in the scores must reach the loss.
+    """
+    groups, queries, keys = scores.shape
+    for row in prange(groups * queries):
+        g, t = row // queries, row % queries
+        x = scores[g, t]
+        allowed = min(keys, offset + t + 1)
+        row_max = x[0]
+        for s in range(1, allowed):
+            if x[s] > row_max:
+                row_max = x[s]
+        exp_shifted(x, x, allowed, row_max, np.empty(allowed, np.int32))
+        inv_total = 1.0 / row_sum(x, allowed)
+        for s in range(allowed):
+            x[s] *= inv_total
+        for s in range(allowed, keys):
+            x[s] = 0.0
+
+
+@njit(parallel=True, cache=True)
+def causal_softmax_backward(dprobs, probs, offset):
+    """dscores = probs * (dprobs - sum_s dprobs * probs) for each row, in place over dprobs.
+
+    In the forward pass this was `probs[s] = exp(scores[s] - m) / sum exp(...)`, whose Jacobian is
+    dprobs[s] / dscores[s'] = probs[s] (delta(s, s') - probs[s']); its product with the upstream
+    row is the line above (the max m cancels). Masked keys had no influence on the output, so their
+    dscores is 0 (written, not computed: an Inf in dprobs there does not leak through 0 * Inf).
+    """
+    groups, queries, keys = dprobs.shape
+    for row in prange(groups * queries):
+        g, t = row // queries, row % queries
+        dp, p = dprobs[g, t], probs[g, t]
+        allowed = min(keys, offset + t + 1)
+        dot = 0.0
+        for s in range(allowed):
+            dot += dp[s] * p[s]
+        for s in range(allowed):
+            dp[s] = p[s] * (dp[s] - dot)
+        for s in range(allowed, keys):
+            dp[s] = 0.0

@@ -1,0 +1,34 @@
+"""npcpu.kernels.fastexp against NumPy: exp within 2 ulp in float32, exact np.exp in float64."""
+
+import numpy as np
+
+from npcpu.kernels.fastexp import exp_shifted, row_sum
+
+
+def test_float32_exp_is_within_two_ulp_of_numpy():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(-87, 88, 100_003), np.linspace(-5, 5, 1001)]).astype(np.float32)
+    out = np.empty_like(x)
+    exp_shifted(out, x, x.size, np.float32(0.0), np.empty(x.size, np.int32))
+    exact = np.exp(x.astype(np.float64))
+    ulp = np.spacing(exact.astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(out - exact) / ulp) <= 2.0
+
+
+def test_shift_count_and_special_values():
+    x = np.array([3.0, np.nan, -np.inf, -200.0, 0.5, 7.0, 9.0], dtype=np.float32)
+    out = np.full_like(x, -1.0)
+    exp_shifted(out, x, 6, np.float32(1.0), np.empty(7, np.int32))
+    assert np.isclose(out[0], np.exp(2.0), rtol=3e-7) and np.isnan(out[1])
+    assert out[2] == 0 and out[3] == 0  # flushed to zero below e^-87.3
+    assert np.isclose(out[4], np.exp(-0.5), rtol=3e-7) and np.isclose(out[5], np.exp(6.0), rtol=3e-7)
+    assert out[6] == -1.0  # past the count: untouched
+
+
+def test_float64_takes_numpy_exp_and_row_sum_sums():
+    x = np.linspace(-3, 3, 17)
+    out = np.empty_like(x)
+    exp_shifted(out, x, x.size, 0.5, np.empty(x.size, np.int32))
+    np.testing.assert_allclose(out, np.exp(x - 0.5), rtol=1e-15)
+    assert row_sum(x.astype(np.float32), 9) == np.sum(x[:9].astype(np.float32), dtype=np.float64)
+    assert np.isnan(row_sum(np.array([1.0, np.nan, np.inf]), 3))
