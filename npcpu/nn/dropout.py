@@ -89,7 +89,7 @@ class Dropout(Module):
         keeping them (attention's dropped probabilities). Call it before `backward`."""
         if self._shape is None:
             raise self.missing_forward()
-        return x if self._stream is None else self._apply(x, self._stream)
+        return x if self._stream is None else self._apply(x, self._stream, self._first)
 
     def backward(self, dy: np.ndarray) -> np.ndarray | None:
         """dL/dx = dy * mask / (1 - p) when `input_requires_grad`, else None."""
