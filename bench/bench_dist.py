@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=3, help="first steps left out (warm-up)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--preset", default="mlp52m")
+    parser.add_argument("--parts", type=int, default=12, help="deterministic: dist.parts")
     parser.add_argument("--setups", default="single,overlap,after,deterministic",
                         help="comma-separated subset of the setups")
     args = parser.parse_args()
@@ -57,7 +58,7 @@ def main() -> None:
         "single": (1, n * t, []),
         "overlap": (n, t, ["--dist.overlap", "true"]),
         "after": (n, t, ["--dist.overlap", "false"]),
-        "deterministic": (n, t, ["--dist.deterministic", "true", "--dist.parts", str(n)]),
+        "deterministic": (n, t, ["--dist.deterministic", "true", "--dist.parts", str(args.parts)]),
     }
     chosen = {name: setups[name] for name in args.setups.split(",")}
     medians = {name: [] for name in chosen}
