@@ -97,7 +97,7 @@ class GPT(Module):
         self.lm_head = Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tied:
             self.lm_head.weight = self.transformer.wte.weight
-            self.lm_head.weight.uses_per_backward = 2  # updated inside backward after both gradients are in
+            self.lm_head.weight.uses_per_backward = 2  # updated in backward after both uses
         for inner in (self.transformer.drop, self.transformer.h, self.transformer.ln_f,
                       self.lm_head):
             inner.input_requires_grad = True  # the embeddings below need the residual's gradient
@@ -252,4 +252,5 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None,
     probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
     cumulative = np.cumsum(probs, axis=-1)
     draws = rng.random(logits.shape[0]) * cumulative[:, -1]
-    return np.array([np.searchsorted(row, draw, side="right") for row, draw in zip(cumulative, draws)])
+    return np.array([np.searchsorted(row, draw, side="right")
+                     for row, draw in zip(cumulative, draws)])
