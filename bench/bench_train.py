@@ -57,24 +57,33 @@ from common import markdown_table, peak_rss_mb, write_json
 # runs one timed unit (an mlp52m step, or one logreg-mnist epoch).
 
 
-def _npcpu_mlp52m(precision: str, update_in_backward: bool = False):
+def _npcpu_mlp52m(precision: str, update_in_backward: bool = False, bf16_gemm: str = "auto"):
+    """bf16_gemm: npcpu.backend.set_bf16_gemm's setting ("auto": native where the CPU has it)."""
     def build(args):
+        from npcpu import backend
+        path = backend.set_bf16_gemm(bf16_gemm)
         return wl.npcpu_mlp52m_step(precision, update_in_backward), wl.BATCH, \
             {"precision": precision, "adam_state_dtype": precision,
-             "update_in_backward": update_in_backward}
+             "update_in_backward": update_in_backward,
+             "bf16_gemm": path if precision == "bf16" else None}
     return build
 
 
-def _torch_mlp52m(adam_options: dict, compile_what: str | None = None):
+def _torch_mlp52m(adam_options: dict, compile_what: str | None = None, bf16: str | None = None):
     """compile_what: None (eager), "model" (torch.compile(model)), "model+optimizer" (also the
-    optimizer's step compiled, torch's recipe for a compiled optimizer)."""
+    optimizer's step compiled, torch's recipe for a compiled optimizer). bf16: None (float32),
+    "cast" (model and input cast to bfloat16: bf16 parameters, gradients and Adam states),
+    "autocast" (float32 parameters, the forward under torch.autocast("cpu", bfloat16))."""
     def build(args):
         torch = _import_torch(args.threads)
         model = wl.torch_mlp52m(torch, args.inputs)
-        optimizer = torch.optim.Adam(model.parameters(), lr=wl.MLP52M_LR, **adam_options)
         x, y = (torch.from_numpy(a) for a in wl.load_mlp52m_batch(args.inputs))
-        return _torch_step(torch, model, optimizer, lambda: [(x, y)], compile_what), wl.BATCH, \
-            _torch_info(torch, optimizer, compile_what)
+        if bf16 == "cast":
+            model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+        optimizer = torch.optim.Adam(model.parameters(), lr=wl.MLP52M_LR, **adam_options)
+        return _torch_step(torch, model, optimizer, lambda: [(x, y)], compile_what,
+                           autocast=bf16 == "autocast"), wl.BATCH, \
+            {**_torch_info(torch, optimizer, compile_what), "bf16": bf16 or "no (float32)"}
     return build
 
 
@@ -157,8 +166,10 @@ def _import_torch(threads: int):
     return torch
 
 
-def _torch_step(torch, model, optimizer, batches: Callable, compile_what: str | None):
-    """One pass over `batches()`: zero_grad, cross-entropy of model(x), backward, optimizer step."""
+def _torch_step(torch, model, optimizer, batches: Callable, compile_what: str | None,
+                autocast: bool = False):
+    """One pass over `batches()`: zero_grad, cross-entropy of model(x), backward, optimizer step;
+    with `autocast`, the forward and the loss under torch.autocast("cpu", bfloat16)."""
     forward = torch.compile(model) if compile_what else model
     optimizer_step = torch.compile(optimizer.step) if compile_what == "model+optimizer" \
         else optimizer.step
@@ -167,7 +178,9 @@ def _torch_step(torch, model, optimizer, batches: Callable, compile_what: str | 
     def run():
         for x, y in batches():
             optimizer.zero_grad()
-            cross_entropy(forward(x), y).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = cross_entropy(forward(x), y)
+            loss.backward()
             optimizer_step()
     return run
 
@@ -200,13 +213,19 @@ class Config:
 
 
 BF16_IN_BACKWARD = "npcpu bf16, Adam in backward"
+BF16_WIDENED = "npcpu bf16, GEMMs widened to fp32"
+TORCH_BF16_CAST = "torch model cast to bf16, fused Adam"
+TORCH_AUTOCAST = "torch autocast bf16, fused Adam"
 CONFIGS = {
     "mlp52m": [
         Config("npcpu fp32", "npcpu", _npcpu_mlp52m("fp32")),
         Config("npcpu bf16", "npcpu", _npcpu_mlp52m("bf16")),
         Config(BF16_IN_BACKWARD, "npcpu", _npcpu_mlp52m("bf16", update_in_backward=True)),
+        Config(BF16_WIDENED, "npcpu", _npcpu_mlp52m("bf16", bf16_gemm="widened")),
         Config("torch eager, default Adam", "torch", _torch_mlp52m({})),
         Config("torch eager, fused Adam", "torch", _torch_mlp52m({"fused": True})),
+        Config(TORCH_BF16_CAST, "torch", _torch_mlp52m({"fused": True}, bf16="cast")),
+        Config(TORCH_AUTOCAST, "torch", _torch_mlp52m({"fused": True}, bf16="autocast")),
         Config("torch.compile model, fused Adam", "torch", _torch_mlp52m({"fused": True}, "model")),
         Config("torch.compile model + Adam step", "torch", _torch_mlp52m({}, "model+optimizer")),
         Config("synthetic data batch", "probe", _synthetic_batches),
@@ -330,6 +349,11 @@ def _targets(report: dict) -> list[dict]:
             targets.append(_target(f"mlp52m {name} peak RSS <= 0.5x torch fused Adam's",
                                    bf16_rss / torch_rss if bf16_rss and torch_rss else None, 0.5,
                                    False))
+        bf16 = ratios.get("npcpu bf16", {})
+        targets.append(_target(f"mlp52m npcpu bf16 samples/s >= 1.0x {TORCH_BF16_CAST}",
+                               bf16.get(TORCH_BF16_CAST), 1.0, True))
+        targets.append(_target(f"mlp52m npcpu bf16 samples/s >= 1.3x {TORCH_AUTOCAST}",
+                               bf16.get(TORCH_AUTOCAST), 1.3, True))
         data_ms = res.get("synthetic data batch", {}).get("median_ms")
         targets.append(_target("synthetic batch of 128 >= 10x faster than an mlp52m fp32 step",
                                step_ms / data_ms if step_ms and data_ms else None, 10.0, True))

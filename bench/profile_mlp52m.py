@@ -1,13 +1,16 @@
 """Where an mlp52m training step spends its time: each phase timed inside real steps.
 
-    python bench/profile_mlp52m.py [--precision fp32|bf16] [--update-in-backward] [--steps 8]
+    python bench/profile_mlp52m.py [--precision fp32|bf16] [--bf16-gemm auto|native|widened]
+                                   [--update-in-backward] [--steps 8] [--threads N]
 
 The step is bench_train's (workloads.npcpu_mlp52m_step: "npcpu fp32", "npcpu bf16", "npcpu bf16,
 Adam in backward"): forward, cross-entropy, backward, Adam step, zero_grad. The GEMM calls of
-npcpu.nn.weight_blocks, the bf16 widening and each optimizer update are wrapped with timers for the
-profiled steps; "other" is the rest of the step (bias/ReLU/mask passes, the loss, Python). The
-same run also times the step's GEMMs alone as the roofline does (bench/roofline.py: each GEMM by
-itself, fastest of several): the difference is how much slower the same GEMMs run inside the step.
+npcpu.nn.weight_blocks (npcpu.blas, or npcpu.blas_bf16 on the native bf16 path), the bf16 widening
+(widened path) or rounding of x and dz to bf16 (native path) and each optimizer update are wrapped
+with timers for the profiled steps; "other" is the rest of the step (bias/ReLU/mask passes, the
+loss, Python). The same run also times the step's GEMMs alone as the roofline does
+(bench/roofline.py: each float32 GEMM by itself, fastest of several): the difference is how much
+slower the same GEMMs run inside the step (for fp32; the roofline's GEMMs are float32 sgemm).
 Medians over the profiled steps; one process, so run it a few times on a noisy machine.
 """
 
@@ -31,20 +34,23 @@ def _timed(totals: collections.Counter, name: str, fn):
     return wrapper
 
 
-def profile_steps(precision: str, update_in_backward: bool, steps: int) -> dict[str, list[float]]:
+def profile_steps(precision: str, update_in_backward: bool, steps: int,
+                  bf16_gemm: str = "auto") -> dict[str, list[float]]:
     """Milliseconds per phase of each of `steps` profiled steps (after 2 warm-up steps)."""
-    from npcpu import blas
+    from npcpu import backend, blas, blas_bf16
     from npcpu.kernels import convert
     from npcpu.optim.adam import Adam
 
+    backend.set_bf16_gemm(bf16_gemm)
     train_step = wl.npcpu_mlp52m_step(precision, update_in_backward)
 
     totals: collections.Counter = collections.Counter()
     wrapped = {  # (module, attribute) -> phase
-        (blas, "matmul_weight_transposed"): "forward GEMMs",
-        (blas, "matmul_weight"): "dx GEMMs",
-        (blas, "accumulate_weight_grad"): "dW GEMMs",
+        **{(gemms, "matmul_weight_transposed"): "forward GEMMs" for gemms in (blas, blas_bf16)},
+        **{(gemms, "matmul_weight"): "dx GEMMs" for gemms in (blas, blas_bf16)},
+        **{(gemms, "accumulate_weight_grad"): "dW GEMMs" for gemms in (blas, blas_bf16)},
         (convert, "bf16_to_f32"): "bf16 widening",
+        (convert, "f32_to_bf16"): "bf16 rounding",
     }
     originals = {key: getattr(*key) for key in wrapped}
     begin_update = Adam.begin_update
@@ -65,7 +71,7 @@ def profile_steps(precision: str, update_in_backward: bool, steps: int) -> dict[
             total = time.perf_counter() - start
             if step >= 2:
                 per_step["step"].append(1e3 * total)
-                for phase in (*wrapped.values(), "Adam updates"):
+                for phase in (*dict.fromkeys(wrapped.values()), "Adam updates"):
                     per_step[phase].append(1e3 * totals[phase])
                 per_step["other"].append(1e3 * (total - sum(totals.values())))
     finally:
@@ -84,11 +90,16 @@ def gemms_alone_ms(repeats: int) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--bf16-gemm", choices=("auto", "native", "widened"), default="auto",
+                        help="the GEMM path under bf16 (npcpu.backend.set_bf16_gemm)")
     parser.add_argument("--update-in-backward", action="store_true")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="BLAS and Numba threads "
+                        "(default: all cores)")
     args = parser.parse_args(argv)
-    import npcpu.backend  # noqa: F401  (OPENBLAS_THREAD_TIMEOUT, threading layer, as in training)
-    per_step = profile_steps(args.precision, args.update_in_backward, args.steps)
+    from npcpu import backend  # OPENBLAS_THREAD_TIMEOUT, threading layer, as in training
+    backend.set_threads(args.threads)
+    per_step = profile_steps(args.precision, args.update_in_backward, args.steps, args.bf16_gemm)
     median = {phase: statistics.median(values) for phase, values in per_step.items()}
     rows = [[phase, f"{ms:.1f}", f"{ms / median['step']:.0%}"] for phase, ms in median.items()
             if phase != "step" and ms > 0.05]

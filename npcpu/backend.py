@@ -145,11 +145,88 @@ def threading_info() -> dict:
 
 
 @functools.cache
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bfloat16 instructions (x86 AVX512_BF16 or Arm BF16)."""
+def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bfloat16 instructions (x86 AVX512_BF16 or Arm BF16)."""
+    flags = _cpu_flags()
     return "avx512_bf16" in flags or " bf16" in flags
+
+
+# -- the bf16 GEMM path ------------------------------------------------------------------------
+BF16_GEMM_SETTINGS = ("auto", "native", "widened")
+BF16_GEMM_ENV = "NPCPU_BF16_GEMM"
+_bf16_gemm_setting = None  # set_bf16_gemm's choice; None: the environment's, else "auto"
+
+
+@functools.cache
+def cpu_has_avx512_bf16() -> bool:
+    """True when the CPU has x86 AVX512_BF16 (vdpbf16ps), which the native bf16 GEMM is written for."""
+    return "avx512_bf16" in _cpu_flags()
+
+
+@functools.cache
+def _numba_targets_avx512_bf16() -> bool:
+    """True when Numba compiles for a CPU with avx512bf16 (not, e.g., NUMBA_CPU_NAME=generic).
+    Found once per process: LLVM's host feature query takes about a millisecond."""
+    if numba.config.CPU_NAME is not None:
+        features = numba.config.CPU_FEATURES or ""
+    else:
+        import llvmlite.binding as llvm
+        features = llvm.get_host_cpu_features().flatten()
+    return "+avx512bf16" in features
+
+
+def native_bf16_gemm_unavailable() -> str | None:
+    """Why the native bf16 GEMM (npcpu.blas_bf16) cannot run here, or None when it can: it needs
+    the CPU's AVX512_BF16 and Numba compiling for a target that has it."""
+    if not cpu_has_avx512_bf16():
+        return "the CPU has no AVX512_BF16 (the native bf16 GEMM is written for x86 vdpbf16ps)"
+    if not _numba_targets_avx512_bf16():
+        return "Numba's target CPU has no avx512bf16 (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES)"
+    return None
+
+
+def set_bf16_gemm(setting: str | None) -> str:
+    """Choose the GEMM path of bf16 layers: "auto" (native where the CPU has it), "native" (an
+    error where it cannot run), "widened" (bf16 widened to float32 for BLAS sgemm). None goes back
+    to the NPCPU_BF16_GEMM environment variable, else "auto". Returns the path in force."""
+    global _bf16_gemm_setting
+    if setting is not None:
+        _check_bf16_gemm_setting(setting, "bf16_gemm")
+    previous, _bf16_gemm_setting = _bf16_gemm_setting, setting
+    try:
+        return bf16_gemm_path()  # raises now, not at the first GEMM, when "native" cannot run
+    except RuntimeError:
+        _bf16_gemm_setting = previous
+        raise
+
+
+def _check_bf16_gemm_setting(setting, source: str) -> None:
+    if setting not in BF16_GEMM_SETTINGS:
+        raise ValueError(f"{source} must be one of {BF16_GEMM_SETTINGS}, got {setting!r}")
+
+
+def use_native_bf16_gemm() -> bool:
+    """Whether bf16 layers run their GEMMs on the native bf16 kernels (see set_bf16_gemm)."""
+    setting = _bf16_gemm_setting
+    if setting is None:
+        setting = os.environ.get(BF16_GEMM_ENV, "auto")
+        _check_bf16_gemm_setting(setting, BF16_GEMM_ENV)
+    if setting == "widened":
+        return False
+    reason = native_bf16_gemm_unavailable()
+    if setting == "native" and reason is not None:
+        raise RuntimeError(f"bf16_gemm = 'native' cannot run here: {reason}")
+    return reason is None
+
+
+def bf16_gemm_path() -> str:
+    """ "native avx512_bf16" or "widened to fp32": the path bf16 layers' GEMMs take."""
+    return "native avx512_bf16" if use_native_bf16_gemm() else "widened to fp32"

@@ -83,6 +83,14 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
+    from npcpu.dist import abort_on_error, init_world
+
+    world = init_world()  # one process, or this rank's place under mpiexec / srun
+    with abort_on_error(world):
+        return _train(args, world)
+
+
+def _train(args, world) -> int:
     from npcpu import backend
     from npcpu.train.build import bind_tokenizer, build_run, load_run_config, save_run_config
 
@@ -95,22 +103,27 @@ def cmd_train(args) -> int:
     else:
         config = build_config(preset=args.preset, files=args.config, overrides=_overrides(args))
         run_dir = args.run_dir or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if world.size > 1 and args.run_dir is None:
+            raise ConfigError("under mpiexec give --run-dir (the ranks would each name their own)")
     if args.print_config:
-        from npcpu.config import to_json
-        print(to_json(config))
+        if world.is_root:
+            from npcpu.config import to_json
+            print(to_json(config))
         return 0
-    backend.set_threads(config["train"]["threads"])
-    run = build_run(config)
+    threads = config["train"]["threads"]
+    backend.set_threads(world.threads_per_rank(threads) if world.size > 1 else threads)
+    backend.set_bf16_gemm(config["train"]["bf16_gemm"])
+    run = build_run(config, world=world)
     if args.resume is not None:
         bind_tokenizer(run, run_dir, new_run=False)
         info = run.trainer.resume(run_dir)
         run.trainer.log(f"resumed from {info['path']} (step {run.trainer.step})")
-    else:
+    elif world.is_root:
         save_run_config(run_dir, config)
         bind_tokenizer(run, run_dir, new_run=True)
     progress = {"auto": None, "bar": True, "lines": False}[args.progress]
     result = run.fit(run_dir, progress=progress)
-    if "eval_loss" in result:
+    if "eval_loss" in result and world.is_root:
         chance = f"  (chance {1 / run.num_classes:.4f})" if "eval_accuracy" in result else ""
         print(f"final eval: {_eval_summary(result)}{chance}  run dir {run_dir}")
     if run.trainer.interrupted is not None:

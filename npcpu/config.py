@@ -1,6 +1,7 @@
 """Run configuration: a schema, the embedded presets, TOML files and command-line overrides.
 
-A configuration is a dict of sections ("model", "data", "optim", "schedule", "train", "freeze"),
+A configuration is a dict of sections ("model", "data", "optim", "schedule", "train", "dist",
+"freeze"),
 each a dict of fields. Every field is declared once in SCHEMA with its type, default and allowed
 range; TOML files and `--section.field VALUE` command-line options are both checked against it
 before any work starts, and an error names the bad key.
@@ -101,9 +102,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "epochs": Field("int", 4, "epochs (the run ends at epochs or max_steps, the sooner)",
                         min=1, optional=True),
         "max_steps": Field("int", None, "optimizer steps", min=1, optional=True),
-        "batch_size": Field("int", 128, "micro-batch size", min=1),
+        "batch_size": Field("int", 128, "micro-batch size (the global one: data-parallel ranks "
+                            "each take their share of it)", min=1),
         "accumulation_steps": Field("int", 2, "micro-batches per optimizer step", min=1),
         "precision": Field("str", "bf16", "storage precision", choices=("fp32", "bf16", "fp16")),
+        "bf16_gemm": Field("str", "auto", "GEMMs under bf16 (auto: native where the CPU has "
+                           "AVX512_BF16, else widened to fp32)", choices=("auto", "native", "widened")),
         "clip_grad_norm": Field("float", 1.0, "clip the gradient norm", min=0.0, optional=True),
         "seed": Field("int", 0, "seed for initialization and data order", min=0),
         "eval_every": Field("int", 200, "evaluate every N steps", min=1, optional=True),
@@ -112,7 +116,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "early_stopping_patience": Field("int", None, "stop after N evaluations without a better "
                                          "eval accuracy (gpt: eval loss)", min=1, optional=True),
         "log_every": Field("int", 20, "log every N steps", min=1),
-        "threads": Field("int", None, "threads for BLAS and Numba (default: all cores)", min=1,
+        "threads": Field("int", None, "threads for BLAS and Numba (default: all cores; under "
+                         "MPI the node's cores divided by its ranks), per process", min=1,
                          optional=True),
         "compiled": Field("str", "auto", "compiled whole-step path for small SGD classifiers "
                           "(auto: where it applies; on: an error where it does not)",
@@ -120,6 +125,19 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "update_in_backward": Field("bool", False, "update each parameter inside backward and never "
                                     "hold the whole gradients (less memory; no accumulation, "
                                     "clipping, loss scaling or freezing)"),
+    },
+    "dist": {
+        "deterministic": Field("bool", False, "data parallel (mpiexec): add the ranks' gradients "
+                               "in a fixed order, bitwise the same run for any number of ranks "
+                               "dividing dist.parts (slower)"),
+        "parts": Field("int", 12, "deterministic: pieces each global micro-batch is cut into, "
+                       "a multiple of the number of ranks", min=1),
+        "timeout": Field("float", 60.0, "seconds a rank waits for the others before it fails",
+                         min=1.0),
+        "bucket_mb": Field("float", 25.0, "size of the gradient buckets reduced at once (MB)",
+                           min=0.001),
+        "overlap": Field("bool", True, "start each bucket's all-reduce during backward, as soon "
+                         "as its gradients are finished"),
     },
     "freeze": {
         "enabled": Field("bool", True, "dynamic layer freezing"),

@@ -1,4 +1,5 @@
-"""What this installation runs on: versions, BLAS, Numba threading, CPU bfloat16 support."""
+"""What this installation runs on: versions, BLAS, Numba threading, CPU bfloat16 support and the
+bf16 GEMM path."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def system_info() -> dict:
         "blas": backend.blas_info(),
         "numba_threading": backend.threading_info(),
         "cpu_bf16": backend.cpu_supports_bf16(),
+        "bf16_gemm": backend.bf16_gemm_path(),
     }
 
 
@@ -59,5 +61,6 @@ def format_info(info: dict) -> str:
         f"{blas['architecture']})",
         f"Numba        threading layer {threading['layer']}, {threading['threads']} threads",
         f"bfloat16     {'native CPU support' if info['cpu_bf16'] else 'no native CPU support'}",
+        f"bf16 GEMM    {info['bf16_gemm']}",
     ]
     return "\n".join(lines)

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_train.py"
 PROFILE = BENCH.parent / "profile_mlp52m.py"
 CONFIGS = ["npcpu layer loop", "npcpu Trainer.fit", "torch eager, default SGD"]
@@ -47,10 +49,40 @@ def test_bench_train_quick_logreg_writes_expected_json(torch, tmp_path):
 
 def test_profile_mlp52m_reports_every_phase_of_a_step_inside_backward():
     done = subprocess.run([sys.executable, str(PROFILE), "--steps", "1", "--precision", "bf16",
-                           "--update-in-backward"], capture_output=True, text=True, timeout=300)
+                           "--update-in-backward", "--bf16-gemm", "widened"], capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines()
             if line.startswith("| ") and "---" not in line}
     for phase in ("forward GEMMs", "dx GEMMs", "dW GEMMs", "bf16 widening", "Adam updates", "step"):
         assert phase in rows, done.stdout
     assert "the same GEMMs alone (the roofline's)" in done.stdout
+
+
+def test_profile_mlp52m_reports_the_native_bf16_phases():
+    from npcpu import backend
+    reason = backend.native_bf16_gemm_unavailable()
+    if reason is not None:
+        pytest.skip(f"native bf16 GEMM unavailable: {reason}")
+    done = subprocess.run([sys.executable, str(PROFILE), "--steps", "1", "--precision", "bf16",
+                           "--bf16-gemm", "native"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("|")[1].strip() for line in done.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert {"forward GEMMs", "dx GEMMs", "dW GEMMs", "bf16 rounding", "Adam updates"} <= rows
+
+
+def test_bench_gemm_bf16_quick_writes_expected_json(tmp_path):
+    from npcpu import backend
+    output = tmp_path / "gemm.json"
+    done = subprocess.run([sys.executable, str(BENCH.parent / "bench_gemm_bf16.py"), "--quick",
+                           "--repeats", "2", "--output", str(output)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(output.read_text())
+    assert record["bench"] == "bench_gemm_bf16-quick" and record["machine"]["bf16_gemm"]
+    key = "smoke 33x70x45 dW"
+    assert record["gflop_s"]["npcpu sgemm"][key]["median"] > 0
+    if backend.native_bf16_gemm_unavailable() is None:
+        assert record["comparison"][key]["x npcpu sgemm"] > 0
+        assert record["gflop_s"]["bf16 peak (registers)"]["median"] > 0

@@ -97,7 +97,8 @@ def test_step_is_refused_and_a_second_optimizer_is_refused():
 # -- 16-bit weights by blocks of rows ------------------------------------------------------------
 @pytest.mark.parametrize("layer_class", [Linear, FusedLinearReLU])
 @pytest.mark.parametrize("storage", ["bf16", "fp16"])
-def test_half_weight_blocks_match_the_widened_weight(small_blocks, layer_class, storage):
+def test_half_weight_blocks_match_the_widened_weight(small_blocks, widened_bf16_gemm, layer_class,
+                                                    storage):
     layer = layer_class(7, 10, seed=0)  # 4 rows per block: blocks of 4, 4 and 2 rows
     assert weight_blocks.block_rows(10, 7) == 4
     layer.set_precision(storage)

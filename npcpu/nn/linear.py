@@ -3,7 +3,9 @@
 Legend: N rows (all leading dimensions of the input flattened), K = in_features, M = out_features.
     x (N, K) input, W (M, K) weight (torch layout), b (M,) bias, y (N, M) output, dy = dL/dy (N, M).
 
-The GEMMs go to BLAS in the compute dtype (float32; float64 under "fp64") through npcpu.blas:
+The GEMMs go to BLAS in the compute dtype (float32; float64 under "fp64") through npcpu.blas, or,
+under "bf16" on a CPU with AVX512_BF16, to the native bfloat16 GEMMs (npcpu.blas_bf16, on the
+bfloat16 W and x, dz rounded to bfloat16; npcpu.backend.set_bf16_gemm chooses):
 dL/dW is accumulated in place by a GEMM with beta = 1, so gradient accumulation costs no temporary
 the size of W; the first GEMM after zero_grad() overwrites with beta = 0, so zeroing costs no pass.
 A 16-bit weight is widened for its GEMMs a block of rows at a time, and an optimizer fused into
@@ -22,7 +24,7 @@ from npcpu.kernels import linear as kernels
 from npcpu.nn import weight_blocks, work
 from npcpu.nn.module import Module
 from npcpu.nn.parameter import Parameter
-from npcpu.precision import to_compute, to_storage
+from npcpu.precision import to_storage
 
 
 class Linear(Module):
@@ -83,14 +85,12 @@ class Linear(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = self.check_input(x, features=self.in_features)
         x_rows = x.reshape(-1, self.in_features)
-        y = weight_blocks.forward(x_rows, self.weight)
+        x_stored = to_storage(x_rows, self.storage_dtype) if self.training else None
+        y = weight_blocks.forward(x_rows, self.weight, x_stored)
         work.record("gemm")
         self._finish_output(y)
-        if self.training:
-            self._saved_input = to_storage(x_rows, self.storage_dtype)
-            self._input_shape = x.shape
-        else:
-            self._saved_input = self._input_shape = None
+        self._saved_input = x_stored
+        self._input_shape = x.shape if self.training else None
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def skip_backward(self) -> None:
@@ -104,8 +104,7 @@ class Linear(Module):
         out_shape = (*self._input_shape[:-1], self.out_features)
         dy = self.check_grad_output(dy, out_shape).reshape(-1, self.out_features)
         dz = self._output_grad(dy)  # dL/d(x W^T + b), (N, M)
-        x_rows = None if self.weight.frozen else to_compute(self._saved_input, self.compute_dtype)
-        dx = weight_blocks.backward(dz, x_rows, self.weight, self.input_requires_grad)
+        dx = weight_blocks.backward(dz, self._saved_input, self.weight, self.input_requires_grad)
         work.record("gemm_skipped" if self.weight.frozen else "gemm")
         work.record("gemm" if self.input_requires_grad else "gemm_skipped")
         if dx is not None:

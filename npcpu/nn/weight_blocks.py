@@ -24,6 +24,12 @@ Block size: large enough that each block's GEMM runs near BLAS's speed on the wh
 that the updater is called few times per weight (smaller blocks measured slower, for both
 reasons); small against one widened large weight, which is the memory the blocks exist to save.
 
+Under bf16 precision on a CPU with AVX512_BF16 (npcpu.backend.use_native_bf16_gemm), the GEMMs
+run on bfloat16 operands instead (npcpu.blas_bf16): W is never widened, forward is one GEMM over
+all of W, x is the bfloat16 copy the layer keeps for backward, and dz is rounded to bfloat16 once
+for both backward GEMMs (the instruction multiplies bfloat16 only). The block loop is the same, on
+W's rows in place, when the updates run inside backward.
+
 The buffer is per thread (threading.local): a layer's GEMMs never overlap another layer's in one
 thread, and models trained in two threads at once each widen into their own.
 """
@@ -34,10 +40,11 @@ import threading
 
 import numpy as np
 
-from npcpu import blas
+from npcpu import backend, blas, blas_bf16
 from npcpu.dtypes import HALF_DTYPES, bfloat16
 from npcpu.kernels import convert
 from npcpu.nn.parameter import Parameter
+from npcpu.precision import to_compute, to_storage
 
 BLOCK_ELEMENTS = 1 << 22
 """Elements of W per block: 16 MB of float32, the size of each thread's buffer."""
@@ -61,9 +68,17 @@ def _scratch(rows: int, columns: int, dtype: np.dtype) -> np.ndarray:
     return buffer[:size].view(dtype).reshape(rows, columns)
 
 
-def _rows(weight: Parameter, start: int, stop: int, scratch: np.ndarray) -> np.ndarray:
-    """W[start:stop] in the compute dtype: widened into `scratch` for 16-bit storage, else a view."""
+def native(weight: Parameter) -> bool:
+    """Whether W's GEMMs run on the native bfloat16 kernels: a bfloat16 W where they can run."""
+    return weight.data.dtype == bfloat16 and backend.use_native_bf16_gemm()
+
+
+def _rows(weight: Parameter, start: int, stop: int, scratch: np.ndarray, native: bool) -> np.ndarray:
+    """W[start:stop] as its GEMMs take it: a view for the native bf16 GEMMs and for float32/float64,
+    else widened into `scratch`."""
     rows = weight.data[start:stop]
+    if native:
+        return rows
     if rows.dtype == bfloat16:
         return convert.bf16_to_f32(rows, out=scratch)
     if rows.dtype in HALF_DTYPES:
@@ -82,44 +97,55 @@ def _blocks(weight: Parameter, alignment: int = 1):
         yield start, stop, scratch[:stop - start]
 
 
-def forward(x: np.ndarray, weight: Parameter) -> np.ndarray:
-    """y = x W^T, (N, K) -> (N, M): one GEMM for a float weight, one per block for a 16-bit one."""
+def forward(x: np.ndarray, weight: Parameter, x_stored: np.ndarray | None = None) -> np.ndarray:
+    """y = x W^T, (N, K) -> (N, M): one GEMM for a float weight or the native bf16 path (on
+    `x_stored`, x in W's storage dtype, when the caller has it), one per block for a widened one."""
+    if native(weight):
+        return blas_bf16.matmul_weight_transposed(x if x_stored is None else x_stored, weight.data)
     if weight.data.dtype not in HALF_DTYPES:
         return blas.matmul_weight_transposed(x, weight.data)
     y = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
     for start, stop, scratch in _blocks(weight):
-        y[:, start:stop] = blas.matmul_weight_transposed(x, _rows(weight, start, stop, scratch))
+        y[:, start:stop] = blas.matmul_weight_transposed(x, _rows(weight, start, stop, scratch, False))
     return y
 
 
 def backward(dz: np.ndarray, x: np.ndarray, weight: Parameter, need_dx: bool) -> np.ndarray | None:
     """dL/dW for an unfrozen W, and dx = dz W (N, K) when `need_dx` (else None is returned).
 
+    x is the layer's input as kept for backward (W's storage dtype), dz in the compute dtype.
     dL/dW is added into W.grad (one GEMM, beta 0 after zero_grad); or, when this is the use of W
     that takes its update (`Parameter.takes_update`: W has an updater and this is its last use in
     the backward pass), computed a block of rows at a time, added to what earlier uses accumulated,
     and handed to the updater: W is then updated when this returns, and W.grad is None.
     """
     in_backward = weight.takes_update()
+    use_native = native(weight)
+    gemms = blas_bf16 if use_native else blas
+    dz_output = dz
+    if use_native:
+        dz = to_storage(dz, bfloat16)
+    elif not weight.frozen:
+        x = to_compute(x, weight.compute_dtype)
     if not weight.frozen and not in_backward:
         grad, beta = weight.grad_for_gemm()  # beta 0 right after zero_grad()
-        blas.accumulate_weight_grad(grad, dz, x, beta)
-    if not in_backward and weight.data.dtype not in HALF_DTYPES:
-        return blas.matmul_weight(dz, weight.data) if need_dx else None
-    dx = np.empty((dz.shape[0], weight.shape[1]), dtype=dz.dtype) if need_dx else None
+        gemms.accumulate_weight_grad(grad, dz, x, beta)
+    if not in_backward and (use_native or weight.data.dtype not in HALF_DTYPES):
+        return gemms.matmul_weight(dz, weight.data) if need_dx else None
+    dx = np.empty((dz.shape[0], weight.shape[1]), dtype=dz_output.dtype) if need_dx else None
     update = weight.updater.begin_update(weight) if in_backward else None
     earlier = weight.grad if in_backward else None  # the sum of W's earlier uses (a tied weight)
     alignment = weight.updater.element_alignment if in_backward else 1
     for start, stop, scratch in _blocks(weight, alignment):
         dz_rows = np.ascontiguousarray(dz[:, start:stop])
         if need_dx:
-            blas.matmul_weight(dz_rows, _rows(weight, start, stop, scratch), out=dx,
-                               beta=0.0 if start == 0 else 1.0)
+            gemms.matmul_weight(dz_rows, _rows(weight, start, stop, scratch, use_native), out=dx,
+                                beta=0.0 if start == 0 else 1.0)
         if update is not None:
             if earlier is not None:
                 scratch[...] = earlier[start:stop]
-            blas.accumulate_weight_grad(scratch, dz_rows, x, 0.0 if earlier is None else 1.0)
-            update(scratch.reshape(-1), start * weight.shape[1])  # dW[r], over W[r] widened
+            gemms.accumulate_weight_grad(scratch, dz_rows, x, 0.0 if earlier is None else 1.0)
+            update(scratch.reshape(-1), start * weight.shape[1])  # dW[r] (over W[r] widened)
     if in_backward:
         weight.grad = None
     return dx

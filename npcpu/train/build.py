@@ -156,7 +156,9 @@ def count_steps(train: dict, train_size: int) -> int:
     return min(steps)
 
 
-def build_run(config: dict, *, callbacks=(), log_stream=None) -> Run:
+def build_run(config: dict, *, callbacks=(), log_stream=None, world=None) -> Run:
+    """The Run of `config`; with a `world` of several processes (npcpu.dist.init_world), or
+    `dist.deterministic`, its trainer is npcpu.dist's DataParallelTrainer."""
     train_cfg = config["train"]
     language_model = config["model"]["kind"] == "gpt"
     if language_model:
@@ -180,6 +182,7 @@ def build_run(config: dict, *, callbacks=(), log_stream=None) -> Run:
                              prefix_only=freeze["prefix_only"], relative=freeze["relative"],
                              start_step=freeze["start_step"]) \
         if freeze["enabled"] else None
+<<<<<<< HEAD
     trainer_class = LanguageModelTrainer if language_model else Trainer
     options = {} if language_model else {"compiled": train_cfg["compiled"]}
     loss_fn = CrossEntropyLoss(in_place=True) if language_model else CrossEntropyLoss()
@@ -189,6 +192,20 @@ def build_run(config: dict, *, callbacks=(), log_stream=None) -> Run:
                       freezer=freezer, callbacks=callbacks, seed=train_cfg["seed"],
                       update_in_backward=train_cfg["update_in_backward"], log_stream=log_stream,
                       **options)
+=======
+    dist = config["dist"]
+    trainer_class, parallel = Trainer, {}
+    if world is not None and (world.size > 1 or dist["deterministic"]):
+        from npcpu.dist import DataParallelTrainer
+        trainer_class, parallel = DataParallelTrainer, dict(world=world, **dist)
+    trainer = trainer_class(model, CrossEntropyLoss(), optimizer, scheduler=scheduler,
+                      accumulation_steps=train_cfg["accumulation_steps"],
+                      precision=train_cfg["precision"], clip_grad_norm=train_cfg["clip_grad_norm"],
+                      freezer=freezer, callbacks=callbacks, seed=train_cfg["seed"],
+                      compiled=train_cfg["compiled"],
+                      update_in_backward=train_cfg["update_in_backward"], log_stream=log_stream,
+                      **parallel)
+>>>>>>> main
     return Run(config, trainer, train_data, eval_data, num_classes, total_steps)
 
 

@@ -132,25 +132,31 @@ class ReferenceRunner:
         The seam for a data-parallel runner: it calls this, then all-reduces the gradients, the
         loss and the samples across processes before optimizer_step.
         """
-        trainer = self.trainer
-        model, loss_fn, scaler = trainer.model, trainer.loss_fn, trainer.loss_scaler
         items = self.window_items(window)
         loss = 0.0
         for x, y in window:
-            logits = model.forward(x)
-            loss += loss_fn(logits, y, normalizer=items)
-            if trainer.update_in_backward and not math.isfinite(loss):  # backward would update
-                raise FloatingPointError(non_finite_message(trainer, loss, window))
-            dlogits = loss_fn.backward()
-            if scaler is not None:
-                dlogits = scaler.scale_loss_grad(dlogits)
-            model.backward(dlogits)
+            loss += self.micro_batch(x, y, items, window)
         return loss, items
 
     def window_items(self, window: list) -> int:
         """What the window's loss is the mean over: its samples (a language model's runner
         counts target tokens)."""
         return sum(len(y) for _, y in window)
+
+    def micro_batch(self, x, y, normalizer: int, window: list) -> float:
+        """Forward and backward of one micro-batch, its loss divided by `normalizer` (the items
+        of the whole window); the gradients add into the parameters. Returns that loss."""
+        trainer = self.trainer
+        model, loss_fn, scaler = trainer.model, trainer.loss_fn, trainer.loss_scaler
+        logits = model.forward(x)
+        loss = loss_fn(logits, y, normalizer=normalizer)
+        if trainer.update_in_backward and not math.isfinite(loss):  # backward would update
+            raise FloatingPointError(non_finite_message(trainer, loss, window))
+        dlogits = loss_fn.backward()
+        if scaler is not None:
+            dlogits = scaler.scale_loss_grad(dlogits)
+        model.backward(dlogits)
+        return loss
 
     def optimizer_step(self, loss: float, items: int, window: list) -> StepResult:
         """Unscale, check, clip, observe for freezing, step (or skip), zero the gradients."""

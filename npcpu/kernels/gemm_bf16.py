@@ -1,0 +1,243 @@
+"""bfloat16 x bfloat16 -> float32 GEMMs on AVX512_BF16: packing, cache blocking, both threads.
+
+Legend: one GEMM is C (P, Q) float32 = A (P, R) B (R, Q), bfloat16 operands handled as their uint16
+bit patterns (as in npcpu.kernels.convert), R summed in pairs (npcpu.kernels.dpbf16), so an odd R
+is padded with a zero pair half. Products and sums are float32; beta = 0 overwrites C (never reads
+it: NaN there does not reach the result), beta = 1 accumulates into it.
+
+The microkernel (dpbf16.tile) needs
+- A as 32-bit words, (A[p, 2r], A[p, 2r+1]) at a_words[p * a_row_step + r * a_pair_step]: a view of
+  a row-major bfloat16 matrix whose rows hold the pairs (no copy), or the rows of another matrix
+  interleaved in pairs (`interleave_rows`) when the pairs run down its columns;
+- B packed in panels of COLUMNS columns: panel j, pair r, column c at
+  ((j * pairs) + r) * COLUMNS + c, made either from a matrix whose pairs run down its columns
+  (rows 2r and 2r+1 interleaved) or from the transpose of one whose rows hold the pairs (a
+  transpose of 32-bit words); all of B at once (`pack_panels`) or a block at a time in each task.
+
+The three GEMMs of a linear layer, x (N, K), W (M, K), dz (N, M) (npcpu.blas_bf16):
+
+    y   = x W^T   as y^T (M, N) = W x^T     A = W's rows as words (no copy), B = x's words, packed
+                  (N < K), else as y = x W^T  A = x's rows as words, B = W's words, packed
+    dx  = dz W    (N, K)                    A = dz's rows as words, B = W's rows 2r, 2r+1, packed
+    dW += dz^T x  (M, K)                    A = dz's rows interleaved, B = x's rows interleaved, packed
+W is packed a block at a time inside each task where C has one block of rows (batch 128): never
+all of W at once.
+
+Blocking: each task of the parallel loop owns a block of BLOCK_ROWS x BLOCK_COLUMNS of C and walks
+R in steps of BLOCK_PAIRS. The B block of a step (BLOCK_PAIRS x BLOCK_COLUMNS words, in L2) is taken
+a panel at a time (BLOCK_PAIRS x COLUMNS words, in L1), each panel serving every row tile of A of
+the task. While the tiles compute, C's rows (last step) or the next step's B rows (packed per task)
+are prefetched, so that neither C's read-modify-write nor the packing waits for memory.
+"""
+
+import numpy as np
+from numba import njit, prange, uint32
+
+from npcpu.kernels import dpbf16
+from npcpu.kernels.dpbf16 import COLUMNS, ROWS
+from npcpu.kernels.intrinsics import prefetch
+
+BLOCK_PAIRS = 256               # pairs of R per step: a panel of B is 32 KB
+BLOCK_ROWS = 16 * ROWS          # rows of C per task (at most)
+BLOCK_COLUMNS = 8 * COLUMNS     # columns of C per task: a B block is 256 KB
+_SHIFT = uint32(16)
+
+
+# ------------------------------------------------------------------------------- packing
+
+
+@njit(inline="always", cache=True)
+def _pair(low, high):
+    """The 32-bit word of a bfloat16 pair: `low` first in memory (little-endian)."""
+    return uint32(low) | (uint32(high) << _SHIFT)
+
+
+@njit(cache=True)
+def _pack_row_pairs_block(source, pair_start, pair_stop, column_start, column_stop, out):
+    """out[((j * n) + r) * COLUMNS + c] = (source[2s, q], source[2s + 1, q]), s = pair_start + r,
+    with q = column_start + j * COLUMNS + c and n = pair_stop - pair_start; rows and columns past
+    source's end give zero halves."""
+    n_rows, n_columns = source.shape
+    n_pairs = pair_stop - pair_start
+    for j in range((column_stop - column_start + COLUMNS - 1) // COLUMNS):
+        q0 = column_start + j * COLUMNS
+        width = min(COLUMNS, n_columns - q0)
+        for r in range(n_pairs):
+            base = (j * n_pairs + r) * COLUMNS
+            row = 2 * (pair_start + r)
+            if width == COLUMNS and row + 1 < n_rows:
+                low, high = source[row, q0:q0 + COLUMNS], source[row + 1, q0:q0 + COLUMNS]
+                for c in range(COLUMNS):
+                    out[base + c] = _pair(low[c], high[c])
+            else:
+                for c in range(COLUMNS):
+                    low = source[row, q0 + c] if c < width else 0
+                    high = source[row + 1, q0 + c] if c < width and row + 1 < n_rows else 0
+                    out[base + c] = _pair(low, high)
+
+
+@njit(cache=True)
+def _pack_word_columns_block(source, pair_start, pair_stop, column_start, column_stop, out):
+    """As _pack_row_pairs_block for B = source^T, source (Q, L) holding the pairs in its rows:
+    out[((j * n) + r) * COLUMNS + c] = (source[q, 2(pair_start + r)], source[q, 2(pair_start + r) + 1]),
+    q = column_start + j * COLUMNS + c; columns past source's rows and the half past L are zero."""
+    n_columns, length = source.shape
+    n_pairs = pair_stop - pair_start
+    for j in range((column_stop - column_start + COLUMNS - 1) // COLUMNS):
+        q0 = column_start + j * COLUMNS
+        panel = out[j * n_pairs * COLUMNS:(j + 1) * n_pairs * COLUMNS]
+        for c in range(COLUMNS):
+            if q0 + c >= n_columns:
+                for r in range(n_pairs):
+                    panel[r * COLUMNS + c] = 0
+                continue
+            row = source[q0 + c]
+            for r in range(n_pairs):
+                k = 2 * (pair_start + r)
+                panel[r * COLUMNS + c] = _pair(row[k], row[k + 1] if k + 1 < length else 0)
+
+
+@njit(cache=True)
+def _pack_block(source, pairs_down_columns, pair_start, pair_stop, column_start, column_stop, out):
+    if pairs_down_columns:
+        _pack_row_pairs_block(source, pair_start, pair_stop, column_start, column_stop, out)
+    else:
+        _pack_word_columns_block(source, pair_start, pair_stop, column_start, column_stop, out)
+
+
+@njit(parallel=True, cache=True)
+def pack_panels(source, pairs_down_columns):
+    """All of B in panels (the layout of the module docstring), from a bfloat16 source: B = source
+    (R, Q) with `pairs_down_columns` (rows 2r, 2r + 1 interleaved), else B = source^T, source
+    (Q, R) holding the pairs in its rows (a transpose of 32-bit words)."""
+    n_rows, n_columns = source.shape if pairs_down_columns else source.shape[::-1]
+    n_pairs, n_panels = (n_rows + 1) // 2, (n_columns + COLUMNS - 1) // COLUMNS
+    out = np.empty(n_panels * n_pairs * COLUMNS, np.uint32)
+    for j in prange(n_panels):
+        _pack_block(source, pairs_down_columns, 0, n_pairs, j * COLUMNS, (j + 1) * COLUMNS,
+                    out[j * n_pairs * COLUMNS:(j + 1) * n_pairs * COLUMNS])
+    return out
+
+
+@njit(parallel=True, cache=True)
+def interleave_rows(source):
+    """(ceil(L / 2), Q) words of a bfloat16 source (L, Q): out[r, q] = (source[2r, q],
+    source[2r + 1, q]), a zero half past the last row."""
+    n_rows, n_columns = source.shape
+    out = np.empty(((n_rows + 1) // 2, n_columns), np.uint32)
+    for r in prange(n_rows // 2):
+        low, high = source[2 * r], source[2 * r + 1]
+        for q in range(n_columns):
+            out[r, q] = _pair(low[q], high[q])
+    if n_rows % 2:
+        for q in range(n_columns):
+            out[-1, q] = _pair(source[n_rows - 1, q], 0)
+    return out
+
+
+# ------------------------------------------------------------------------------- the GEMM
+
+
+@njit(cache=True)
+def _write_block(c, block, p_start, q_start, row_tiles, panels, accumulate):
+    """C (+)= a task's block of tiles, tile (t, j) of rows p_start + t ROWS and columns
+    q_start + j COLUMNS at block[(t * panels + j) * ROWS * COLUMNS], ROWS x COLUMNS row-major;
+    only the part inside C. Walks C along its memory (a transposed C, as y^T, column by column)."""
+    row_major = c.strides[0] >= c.strides[1]
+    for t in range(row_tiles):
+        p0 = p_start + t * ROWS
+        rows = min(ROWS, c.shape[0] - p0)
+        for j in range(panels):
+            q0 = q_start + j * COLUMNS
+            columns = min(COLUMNS, c.shape[1] - q0)
+            tile = block[(t * panels + j) * ROWS * COLUMNS:(t * panels + j + 1) * ROWS * COLUMNS]
+            if row_major:
+                for i in range(rows):
+                    c_row = c[p0 + i, q0:q0 + columns]
+                    tile_row = tile[i * COLUMNS:i * COLUMNS + columns]
+                    for k in range(columns):
+                        c_row[k] = c_row[k] + tile_row[k] if accumulate else tile_row[k]
+            else:
+                for k in range(columns):
+                    c_column = c[p0:p0 + rows, q0 + k]
+                    for i in range(rows):
+                        value = tile[i * COLUMNS + k]
+                        c_column[i] = c_column[i] + value if accumulate else value
+
+
+@njit(cache=True)
+def _prefetch_part(matrix, row_start, row_stop, column_start, column_stop, part, parts):
+    """Start loading part `part` of `parts` of matrix[row_start:row_stop, column_start:column_stop]
+    (split by rows) into the caches, for a row-major matrix (nothing for another layout): the
+    tiles computed meanwhile hide the wait for memory that C's read-modify-write and the packing
+    of B would otherwise stand still for."""
+    if matrix.strides[1] != matrix.itemsize or column_stop <= column_start:
+        return
+    per_line = 64 // matrix.itemsize
+    share = (row_stop - row_start + parts - 1) // parts
+    first = row_start + part * share
+    for row in range(first, min(row_stop, first + share)):
+        line = matrix[row, column_start:column_stop]
+        for k in range(0, line.size, per_line):
+            prefetch(line, k)
+        prefetch(line, line.size - 1)
+
+
+@njit(cache=True)
+def _block_rows(n_rows, column_blocks, threads):
+    """Rows of C per task: BLOCK_ROWS, or fewer (a multiple of ROWS) when C is too narrow to give
+    every thread two tasks otherwise (y^T = W x^T of a small layer is one block of columns)."""
+    row_tiles = (n_rows + ROWS - 1) // ROWS
+    wanted_row_blocks = (2 * threads + column_blocks - 1) // column_blocks
+    tiles_per_block = (row_tiles + wanted_row_blocks - 1) // wanted_row_blocks
+    return ROWS * max(1, min(BLOCK_ROWS // ROWS, tiles_per_block))
+
+
+@njit(parallel=True, cache=True)
+def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_source,
+         b_pairs_down_columns, threads):
+    """C (P, Q) = beta C + A B, float32 C (any layout), beta 0 or 1.
+
+    A: a_words as in the module docstring (flat uint32). B: `b_panels` (flat uint32, all of B
+    packed, pack_panels) when it is not empty, else packed from `b_source` as pack_panels does
+    (b_pairs_down_columns), a block at a time inside each task. Each task sums its block of C
+    over all of R in a block of its own, then adds it to C once. threads: Numba's thread count
+    (the tasks are sized to give each thread at least two).
+    """
+    n_rows, n_columns = c.shape
+    column_blocks = (n_columns + BLOCK_COLUMNS - 1) // BLOCK_COLUMNS
+    block_rows = _block_rows(n_rows, column_blocks, threads)
+    row_blocks = (n_rows + block_rows - 1) // block_rows
+    packed = b_panels.size > 0
+    for task in prange(row_blocks * column_blocks):
+        p_start = (task // column_blocks) * block_rows
+        q_start = (task % column_blocks) * BLOCK_COLUMNS
+        p_stop, q_stop = min(n_rows, p_start + block_rows), min(n_columns, q_start + BLOCK_COLUMNS)
+        panels = (q_stop - q_start + COLUMNS - 1) // COLUMNS
+        row_tiles = (p_stop - p_start + ROWS - 1) // ROWS
+        block = np.empty(row_tiles * panels * ROWS * COLUMNS, np.float32)
+        b_block = np.empty(0 if packed else panels * BLOCK_PAIRS * COLUMNS, np.uint32)
+        for r_start in range(0, n_pairs, BLOCK_PAIRS):
+            r_count = min(BLOCK_PAIRS, n_pairs - r_start)
+            if not packed:
+                _pack_block(b_source, b_pairs_down_columns, r_start, r_start + r_count, q_start,
+                            q_stop, b_block)
+            last_step = r_start + BLOCK_PAIRS >= n_pairs
+            next_rows = 2 * (r_start + BLOCK_PAIRS)
+            for j in range(panels):  # a panel of B stays in L1 while the row tiles of A pass
+                if last_step:  # C's block, for _write_block
+                    _prefetch_part(c, p_start, p_stop, q_start, q_stop, j, panels)
+                elif not packed:  # the B rows the next step packs
+                    _prefetch_part(b_source, next_rows, min(next_rows + 2 * BLOCK_PAIRS,
+                                   b_source.shape[0]), q_start, q_stop, j, panels)
+                if packed:
+                    b_data = b_panels
+                    b_start = ((q_start // COLUMNS + j) * n_pairs + r_start) * COLUMNS
+                else:
+                    b_data, b_start = b_block, j * r_count * COLUMNS
+                for t in range(row_tiles):
+                    p0 = p_start + t * ROWS
+                    dpbf16.tile(a_words, p0 * a_row_step + r_start * a_pair_step, a_row_step,
+                                a_pair_step, min(ROWS, n_rows - p0), b_data, b_start, r_count,
+                                block, (t * panels + j) * ROWS * COLUMNS, r_start > 0)
+        _write_block(c, block, p_start, q_start, row_tiles, panels, beta != 0)
