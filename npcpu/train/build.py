@@ -182,30 +182,24 @@ def build_run(config: dict, *, callbacks=(), log_stream=None, world=None) -> Run
                              prefix_only=freeze["prefix_only"], relative=freeze["relative"],
                              start_step=freeze["start_step"]) \
         if freeze["enabled"] else None
-<<<<<<< HEAD
-    trainer_class = LanguageModelTrainer if language_model else Trainer
-    options = {} if language_model else {"compiled": train_cfg["compiled"]}
+    dist = config["dist"]
+    trainer_class, options = Trainer, {"compiled": train_cfg["compiled"]}
+    if world is not None and (world.size > 1 or dist["deterministic"]):
+        if language_model:
+            raise ConfigError("config: data-parallel training of a gpt (model.kind 'gpt') is not "
+                              "supported yet; run it in one process")
+        from npcpu.dist import DataParallelTrainer
+        trainer_class, options = DataParallelTrainer, dict(world=world, **dist, **options)
+    elif language_model:
+        trainer_class, options = LanguageModelTrainer, {}
     loss_fn = CrossEntropyLoss(in_place=True) if language_model else CrossEntropyLoss()
     trainer = trainer_class(model, loss_fn, optimizer, scheduler=scheduler,
-                      accumulation_steps=train_cfg["accumulation_steps"],
-                      precision=train_cfg["precision"], clip_grad_norm=train_cfg["clip_grad_norm"],
-                      freezer=freezer, callbacks=callbacks, seed=train_cfg["seed"],
-                      update_in_backward=train_cfg["update_in_backward"], log_stream=log_stream,
-                      **options)
-=======
-    dist = config["dist"]
-    trainer_class, parallel = Trainer, {}
-    if world is not None and (world.size > 1 or dist["deterministic"]):
-        from npcpu.dist import DataParallelTrainer
-        trainer_class, parallel = DataParallelTrainer, dict(world=world, **dist)
-    trainer = trainer_class(model, CrossEntropyLoss(), optimizer, scheduler=scheduler,
-                      accumulation_steps=train_cfg["accumulation_steps"],
-                      precision=train_cfg["precision"], clip_grad_norm=train_cfg["clip_grad_norm"],
-                      freezer=freezer, callbacks=callbacks, seed=train_cfg["seed"],
-                      compiled=train_cfg["compiled"],
-                      update_in_backward=train_cfg["update_in_backward"], log_stream=log_stream,
-                      **parallel)
->>>>>>> main
+                            accumulation_steps=train_cfg["accumulation_steps"],
+                            precision=train_cfg["precision"],
+                            clip_grad_norm=train_cfg["clip_grad_norm"], freezer=freezer,
+                            callbacks=callbacks, seed=train_cfg["seed"],
+                            update_in_backward=train_cfg["update_in_backward"],
+                            log_stream=log_stream, **options)
     return Run(config, trainer, train_data, eval_data, num_classes, total_steps)
 
 
