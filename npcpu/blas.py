@@ -18,6 +18,7 @@ longer on two threads than on one).
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -101,7 +102,7 @@ def matmul(a: np.ndarray, b: np.ndarray, *, transpose_a: bool = False, transpose
     return out
 
 
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def run_independent(task: Callable[[int], None], count: int) -> None:
@@ -120,8 +121,13 @@ def run_independent(task: Callable[[int], None], count: int) -> None:
             for i in range(count):
                 task(i)
             return
-        pool = _pools.get(threads)
+        key = (os.getpid(), threads)  # a forked child has none of its parent's pool threads
+        pool = _pools.get(key)
         if pool is None:
-            pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="npcpu-gemm")
-        for _ in pool.map(task, range(count)):  # re-raises a task's exception here
+            pool = _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="npcpu-gemm")
+
+        def every_threads_th(first: int) -> None:  # one submission per thread, not per task:
+            for i in range(first, count, threads):  # a small model's step has hundreds of tasks
+                task(i)
+        for _ in pool.map(every_threads_th, range(threads)):  # re-raises a task's exception
             pass

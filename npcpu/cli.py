@@ -1,4 +1,4 @@
-"""The `npcpu` command: train, eval, info, bench (also `python -m npcpu ...`)."""
+"""The `npcpu` command: train, eval, generate, prepare-text, info, bench (also `python -m npcpu`)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model (no arguments: the embedded default run)")
     train.add_argument("--config", action="append", default=[], metavar="FILE",
-                       help="TOML configuration file (may be given more than once)")
+                       help="TOML configuration file, or the LLM-trainer guide's YAML "
+                       "(.yaml, .yml; needs PyYAML); may be given more than once")
     train.add_argument("--preset", default="default", choices=sorted(PRESETS),
                        help="embedded configuration to start from")
     train.add_argument("--run-dir", type=Path, help="where checkpoints and metrics go "
@@ -56,6 +57,18 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--best", action="store_true", help="use the best checkpoint")
     evaluate.add_argument("--threads", type=int)
 
+    generate = sub.add_parser("generate", help="sample text from a language-model run's latest "
+                              "checkpoint, streamed to stdout")
+    generate.add_argument("run_dir", type=Path)
+    generate.add_argument("--prompt", default="", help="text the sample continues (default: "
+                          "the start of the validation text's first token)")
+    generate.add_argument("--max-new-tokens", type=int, default=500)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int, default=200)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--best", action="store_true", help="use the best checkpoint")
+    generate.add_argument("--threads", type=int)
+
     prepare = sub.add_parser("prepare-text", help="tokenize text files into DIR/train.bin, "
                              "val.bin, tokenizer.json, meta.json (nanoGPT's format)")
     from npcpu.text.prepare import add_arguments as add_prepare_text_arguments
@@ -70,8 +83,16 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
+    from npcpu.dist import abort_on_error, init_world
+
+    world = init_world()  # one process, or this rank's place under mpiexec / srun
+    with abort_on_error(world):
+        return _train(args, world)
+
+
+def _train(args, world) -> int:
     from npcpu import backend
-    from npcpu.train.build import build_run, load_run_config, save_run_config
+    from npcpu.train.build import bind_tokenizer, build_run, load_run_config, save_run_config
 
     if args.resume is not None:
         if args.config or args.preset != "default":
@@ -82,21 +103,27 @@ def cmd_train(args) -> int:
     else:
         config = build_config(preset=args.preset, files=args.config, overrides=_overrides(args))
         run_dir = args.run_dir or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if world.size > 1 and args.run_dir is None:
+            raise ConfigError("under mpiexec give --run-dir (the ranks would each name their own)")
     if args.print_config:
-        from npcpu.config import to_json
-        print(to_json(config))
+        if world.is_root:
+            from npcpu.config import to_json
+            print(to_json(config))
         return 0
-    backend.set_threads(config["train"]["threads"])
+    threads = config["train"]["threads"]
+    backend.set_threads(world.threads_per_rank(threads) if world.size > 1 else threads)
     backend.set_bf16_gemm(config["train"]["bf16_gemm"])
-    run = build_run(config)
+    run = build_run(config, world=world)
     if args.resume is not None:
+        bind_tokenizer(run, run_dir, new_run=False)
         info = run.trainer.resume(run_dir)
         run.trainer.log(f"resumed from {info['path']} (step {run.trainer.step})")
-    else:
+    elif world.is_root:
         save_run_config(run_dir, config)
+        bind_tokenizer(run, run_dir, new_run=True)
     progress = {"auto": None, "bar": True, "lines": False}[args.progress]
     result = run.fit(run_dir, progress=progress)
-    if "eval_loss" in result:
+    if "eval_loss" in result and world.is_root:
         chance = f"  (chance {1 / run.num_classes:.4f})" if "eval_accuracy" in result else ""
         print(f"final eval: {_eval_summary(result)}{chance}  run dir {run_dir}")
     if run.trainer.interrupted is not None:
@@ -107,11 +134,12 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from npcpu import backend
     from npcpu.checkpoint import best_checkpoint
-    from npcpu.train.build import build_run, load_run_config
+    from npcpu.train.build import bind_tokenizer, build_run, load_run_config
 
     backend.set_threads(args.threads)
     config = load_run_config(args.run_dir)
     run = build_run(config)
+    bind_tokenizer(run, args.run_dir, new_run=False)
     path = best_checkpoint(args.run_dir) if args.best else args.run_dir
     info = run.trainer.resume(path)
     result = run.trainer.evaluate(run.eval_data)
@@ -123,6 +151,18 @@ def _eval_summary(result: dict) -> str:
     """"loss 0.1234  accuracy 0.9600": each eval_* metric the loss reports."""
     return "  ".join(f"{name[len('eval_'):]} {value:.4f}" for name, value in result.items()
                      if name.startswith("eval_"))
+
+
+def cmd_generate(args) -> int:
+    from npcpu import backend
+    from npcpu.checkpoint import best_checkpoint
+    from npcpu.text.generate import generate_from_run
+
+    backend.set_threads(args.threads)
+    path = best_checkpoint(args.run_dir) if args.best else args.run_dir
+    generate_from_run(args.run_dir, path, args.prompt, args.max_new_tokens, args.temperature,
+                      args.top_k, args.seed, sys.stdout)
+    return 0
 
 
 def cmd_prepare_text(args) -> int:
@@ -160,7 +200,8 @@ def main(argv=None) -> int:
     Set NPCPU_DEBUG=1 to see the full traceback instead.
     """
     args = make_parser().parse_args(argv)
-    commands = {"train": cmd_train, "eval": cmd_eval, "prepare-text": cmd_prepare_text,
+    commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
+                "prepare-text": cmd_prepare_text,
                 "info": cmd_info, "bench": cmd_bench}
     try:
         return commands[args.command](args)

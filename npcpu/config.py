@@ -1,6 +1,7 @@
 """Run configuration: a schema, the embedded presets, TOML files and command-line overrides.
 
-A configuration is a dict of sections ("model", "data", "optim", "schedule", "train", "freeze"),
+A configuration is a dict of sections ("model", "data", "optim", "schedule", "train", "dist",
+"freeze"),
 each a dict of fields. Every field is declared once in SCHEMA with its type, default and allowed
 range; TOML files and `--section.field VALUE` command-line options are both checked against it
 before any work starts, and an error names the bad key.
@@ -39,20 +40,38 @@ class Field:
 
 SCHEMA: dict[str, dict[str, Field]] = {
     "model": {
-        "hidden": Field("int_list", [1024, 512, 512], "hidden layer widths (FusedLinearReLU each)",
-                        min=1),
-        "dropout": Field("float", 0.0, "dropout after each hidden layer", min=0.0, max=0.99),
+        "kind": Field("str", "mlp", "model", choices=("mlp", "gpt")),
+        "hidden": Field("int_list", [1024, 512, 512], "mlp: hidden layer widths "
+                        "(FusedLinearReLU each)", min=1),
+        "dropout": Field("float", 0.0, "mlp: dropout after each hidden layer; gpt: every dropout",
+                         min=0.0, max=0.99),
+        "n_layer": Field("int", 4, "gpt: transformer blocks", min=1),
+        "n_head": Field("int", 4, "gpt: attention heads (divide n_embd)", min=1),
+        "n_embd": Field("int", 128, "gpt: channels", min=1),
+        "block_size": Field("int", 64, "gpt: context length (positions per training window)",
+                            min=1),
+        "bias": Field("bool", True, "gpt: biases in the Linear layers and LayerNorms"),
+        "vocab_size": Field("int", None, "gpt: rows of the token table (default: the data's "
+                            "vocabulary; a larger value pads it)", min=2, optional=True),
     },
     "data": {
-        "kind": Field("str", "synthetic", "data set", choices=("synthetic", "digits", "mnist")),
-        "train_size": Field("int", 100_000, "synthetic: training samples", min=1),
-        "eval_size": Field("int", 10_000, "synthetic: evaluation samples", min=1),
+        "kind": Field("str", "synthetic", "data set", choices=(
+            "synthetic", "digits", "mnist", "text", "synthetic_text")),
+        "train_size": Field("int", 100_000, "synthetic: training samples; synthetic_text: "
+                            "sequences per epoch", min=1),
+        "eval_size": Field("int", 10_000, "synthetic: evaluation samples; synthetic_text: "
+                           "evaluation sequences", min=1),
+        "vocab_size": Field("int", 16, "synthetic_text: tokens of the Markov source", min=2),
+        "order": Field("int", 2, "synthetic_text: tokens of context of the Markov source", min=1),
+        "branching": Field("int", 4, "synthetic_text: tokens that may follow each context",
+                           min=1),
         "input_dim": Field("int", 128, "synthetic: features per sample", min=1),
         "num_classes": Field("int", 10, "synthetic: classes", min=2),
         "label_noise": Field("float", 0.0, "synthetic: fraction of labels replaced at random",
                              min=0.0, max=1.0),
         "seed": Field("int", 0, "data seed (synthetic teacher and samples; digits split)", min=0),
-        "path": Field("str", "", "mnist: directory holding the IDX files"),
+        "path": Field("str", "", "mnist: directory holding the IDX files; text: a prepare-text "
+                      "directory"),
     },
     "optim": {
         "name": Field("str", "lamb", "optimizer", choices=("sgd", "adam", "adamw", "lamb")),
@@ -83,7 +102,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "epochs": Field("int", 4, "epochs (the run ends at epochs or max_steps, the sooner)",
                         min=1, optional=True),
         "max_steps": Field("int", None, "optimizer steps", min=1, optional=True),
-        "batch_size": Field("int", 128, "micro-batch size", min=1),
+        "batch_size": Field("int", 128, "micro-batch size (the global one: data-parallel ranks "
+                            "each take their share of it)", min=1),
         "accumulation_steps": Field("int", 2, "micro-batches per optimizer step", min=1),
         "precision": Field("str", "bf16", "storage precision", choices=("fp32", "bf16", "fp16")),
         "bf16_gemm": Field("str", "auto", "GEMMs under bf16 (auto: native where the CPU has "
@@ -94,9 +114,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "checkpoint_every": Field("int", 200, "checkpoint every N steps", min=1, optional=True),
         "keep_last": Field("int", 3, "checkpoints kept (plus the best)", min=1),
         "early_stopping_patience": Field("int", None, "stop after N evaluations without a better "
-                                         "eval accuracy", min=1, optional=True),
+                                         "eval accuracy (gpt: eval loss)", min=1, optional=True),
         "log_every": Field("int", 20, "log every N steps", min=1),
-        "threads": Field("int", None, "threads for BLAS and Numba (default: all cores)", min=1,
+        "threads": Field("int", None, "threads for BLAS and Numba (default: all cores; under "
+                         "MPI the node's cores divided by its ranks), per process", min=1,
                          optional=True),
         "compiled": Field("str", "auto", "compiled whole-step path for small SGD classifiers "
                           "(auto: where it applies; on: an error where it does not)",
@@ -104,6 +125,19 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "update_in_backward": Field("bool", False, "update each parameter inside backward and never "
                                     "hold the whole gradients (less memory; no accumulation, "
                                     "clipping, loss scaling or freezing)"),
+    },
+    "dist": {
+        "deterministic": Field("bool", False, "data parallel (mpiexec): add the ranks' gradients "
+                               "in a fixed order, bitwise the same run for any number of ranks "
+                               "dividing dist.parts (slower)"),
+        "parts": Field("int", 12, "deterministic: pieces each global micro-batch is cut into, "
+                       "a multiple of the number of ranks", min=1),
+        "timeout": Field("float", 60.0, "seconds a rank waits for the others before it fails",
+                         min=1.0),
+        "bucket_mb": Field("float", 25.0, "size of the gradient buckets reduced at once (MB)",
+                           min=0.001),
+        "overlap": Field("bool", True, "start each bucket's all-reduce during backward, as soon "
+                         "as its gradients are finished"),
     },
     "freeze": {
         "enabled": Field("bool", True, "dynamic layer freezing"),
@@ -139,6 +173,64 @@ PRESETS: dict[str, dict] = {
         "freeze": {"enabled": False},
     },
 }
+
+
+# What every language-model preset shares: AdamW without Lookahead or freezing, fp32, one
+# micro-batch per step, a run counted in steps.
+_GPT = {
+    "model": {"kind": "gpt", "dropout": 0.0},
+    "optim": {"name": "adamw", "lookahead": False, "weight_decay": 0.1, "betas": [0.9, 0.95],
+              "eps": 1e-8},
+    "schedule": {"name": "warmup_cosine", "min_lr_ratio": 0.1},
+    "train": {"epochs": None, "accumulation_steps": 1, "precision": "fp32",
+              "clip_grad_norm": 1.0},
+    "freeze": {"enabled": False},
+}
+
+
+def _gpt_preset(**sections) -> dict:
+    """_GPT with each section updated by the given one."""
+    return {name: {**_GPT.get(name, {}), **sections.get(name, {})}
+            for name in {*_GPT, *sections}}
+
+
+PRESETS.update({
+    # A Markov source of known entropy rate: the loss should reach its floor in well under a minute.
+    "gpt-synthetic": _gpt_preset(
+        model={"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
+        data={"kind": "synthetic_text", "vocab_size": 16, "order": 2, "branching": 4,
+              "train_size": 100_000, "eval_size": 128},
+        optim={"lr": 6e-3, "betas": [0.9, 0.99]},
+        schedule={"warmup_steps": 30},
+        train={"max_steps": 600, "batch_size": 32, "eval_every": 200, "checkpoint_every": 200,
+               "log_every": 50}),
+    # nanoGPT's CPU run (shakespeare_char on a laptop): give the prepared text as --data.path.
+    "gpt-char": _gpt_preset(
+        model={"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64},
+        data={"kind": "text"},
+        optim={"lr": 1e-3, "betas": [0.9, 0.99]},
+        schedule={"warmup_steps": 100},
+        train={"max_steps": 2000, "batch_size": 12, "eval_every": 250, "checkpoint_every": 500,
+               "log_every": 50}),
+    # The LLM-trainer guide's cpu_small_model and cpu_medium_model.
+    "gpt-small": _gpt_preset(
+        model={"vocab_size": 32000, "n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 512},
+        data={"kind": "text"},
+        optim={"lr": 8e-4},
+        schedule={"warmup_steps": 100},
+        train={"max_steps": 2000, "batch_size": 2, "accumulation_steps": 8, "eval_every": 200,
+               "checkpoint_every": 200, "log_every": 10}),
+    "gpt-medium": _gpt_preset(
+        model={"vocab_size": 50000, "n_layer": 12, "n_head": 12, "n_embd": 768,
+               "block_size": 1024},
+        data={"kind": "text"},
+        optim={"lr": 3e-4},
+        schedule={"warmup_steps": 200},
+        train={"max_steps": 5000, "batch_size": 1, "accumulation_steps": 16, "eval_every": 500,
+               "checkpoint_every": 500, "log_every": 10}),
+})
+
+LANGUAGE_DATA = ("text", "synthetic_text")
 
 
 def defaults() -> dict:
@@ -236,12 +328,20 @@ def load_toml(path) -> dict:
 
 
 def build_config(*, preset: str = "default", files=(), overrides: dict | None = None) -> dict:
-    """Defaults, then the preset, then each TOML file, then command-line overrides; all checked."""
+    """Defaults, then the preset, then each file (TOML; .yaml / .yml: the LLM-trainer guide's
+    format, npcpu.config_yaml), then command-line overrides; all checked."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r} (presets: {', '.join(PRESETS)})")
     config = merge(defaults(), PRESETS[preset], f"preset {preset!r}")
     for path in files:
-        config = merge(config, load_toml(path), str(path))
+        if Path(path).suffix.lower() in (".yaml", ".yml"):  # the LLM-trainer guide's format
+            from npcpu.config_yaml import load_guide_yaml
+            notices: list = []
+            config = merge(config, load_guide_yaml(path, notices), str(path))
+            for line in notices:
+                print(line, file=sys.stderr)
+        else:
+            config = merge(config, load_toml(path), str(path))
     if overrides:
         config = merge(config, overrides, "command line")
     validate(config)
@@ -253,8 +353,20 @@ def validate(config: dict) -> None:
     train = config["train"]
     if train["epochs"] is None and train["max_steps"] is None:
         raise ConfigError("config: set train.epochs or train.max_steps")
-    if config["data"]["kind"] == "mnist" and not config["data"]["path"]:
+    data, model = config["data"], config["model"]
+    if data["kind"] == "mnist" and not data["path"]:
         raise ConfigError("config: data.kind = 'mnist' needs data.path (a directory of IDX files)")
+    if (model["kind"] == "gpt") != (data["kind"] in LANGUAGE_DATA):
+        raise ConfigError(f"config: model.kind {model['kind']!r} cannot train on data.kind "
+                          f"{data['kind']!r}: a gpt takes 'text' (--data.kind text --data.path "
+                          f"DIR) or 'synthetic_text', an mlp the others")
+    if model["kind"] == "gpt":
+        if model["n_embd"] % model["n_head"]:
+            raise ConfigError(f"config: model.n_embd ({model['n_embd']}) must be divisible by "
+                              f"model.n_head ({model['n_head']})")
+        if data["kind"] == "synthetic_text" and data["branching"] > data["vocab_size"]:
+            raise ConfigError(f"config: data.branching ({data['branching']}) must be <= "
+                              f"data.vocab_size ({data['vocab_size']})")
     betas = config["optim"]["betas"]
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {betas!r}")

@@ -1,7 +1,10 @@
-"""Shared fixtures: torch (skip without it, fail under NPCPU_REQUIRE_TORCH=1) and thread counts."""
+"""Shared fixtures: torch (skip without it, fail under NPCPU_REQUIRE_TORCH=1), mpiexec (likewise
+with NPCPU_REQUIRE_MPI=1) and thread counts."""
 
 import importlib
+import importlib.util
 import os
+import shutil
 
 import numba
 import pytest
@@ -63,3 +66,17 @@ def native_bf16_gemm():
     backend.set_bf16_gemm("native")
     yield
     backend.set_bf16_gemm(None)
+
+
+@pytest.fixture(scope="session")
+def mpiexec():
+    """The mpiexec command, or a skip (a failure under NPCPU_REQUIRE_MPI=1) saying what is missing."""
+    missing = [what for what, absent in (
+        ("mpi4py", importlib.util.find_spec("mpi4py") is None),
+        ("mpiexec", shutil.which("mpiexec") is None)) if absent]
+    if missing:
+        message = f"{' and '.join(missing)} not found (pip install 'npcpu[mpi]' to run these)"
+        if os.environ.get("NPCPU_REQUIRE_MPI") == "1":
+            pytest.fail(f"NPCPU_REQUIRE_MPI=1 but {message}")
+        pytest.skip(message)
+    return shutil.which("mpiexec")

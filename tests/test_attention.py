@@ -184,3 +184,15 @@ def test_attention_does_not_depend_on_the_thread_count():
         numba.set_num_threads(previous)
     for one, two in zip(*results):
         np.testing.assert_array_equal(one, two)
+
+
+def test_attention_runs_in_a_forked_child_after_the_parent_ran_it():
+    import multiprocessing
+
+    layer = CausalSelfAttention(8, 2)
+    x = np.random.default_rng(43).standard_normal((3, 6, 8)).astype(np.float32)
+    expected = layer.forward(x)  # the parent's GEMM thread pool now exists
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        # a pool inherited without its threads would wait forever: fail after a minute instead
+        np.testing.assert_array_equal(pool.apply_async(layer.forward, (x,)).get(timeout=60),
+                                      expected)

@@ -31,8 +31,24 @@ def uniform_twin(seed, stream, n):
 def test_dropout_kernel_matches_numpy(n, dtype, num_threads):
     x = np.random.default_rng(0).standard_normal(n).astype(dtype)
     y = np.empty_like(x)
-    dropout_apply(x, y, 0.3, dtype(1 / 0.7), 5, 9)
+    dropout_apply(x, y, 0.3, dtype(1 / 0.7), 5, 9, 0)
     np.testing.assert_array_equal(y, np.where(uniform_twin(5, 9, n) >= 0.3, x * dtype(1 / 0.7), 0))
+
+
+def test_row_offset_gives_each_row_the_mask_of_the_whole_batch():
+    """Split a batch's rows between two layers (as data-parallel processes do), each told its
+    row_offset: forward and backward equal the whole batch's, row for row."""
+    x = np.random.default_rng(3).standard_normal((7, 5, 3)).astype(np.float32)
+    dy = np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
+    whole = Dropout(0.4, seed=11)
+    whole.input_requires_grad = True
+    y, dx = whole.forward(x), whole.backward(dy)
+    for start, stop in ((0, 3), (3, 7)):
+        part = Dropout(0.4, seed=11)
+        part.input_requires_grad = True
+        part.row_offset = start
+        np.testing.assert_array_equal(part.forward(x[start:stop]), y[start:stop])
+        np.testing.assert_array_equal(part.backward(dy[start:stop]), dx[start:stop])
 
 
 def test_dropout_statistics_and_backward_uses_the_same_mask():

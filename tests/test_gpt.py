@@ -144,6 +144,10 @@ def test_padded_vocabulary_columns_get_no_gradient_and_in_place_matches():
     assert np.all(grad[..., 10:] == 0)
     with pytest.raises(ValueError, match="out of range"):
         padded(logits.copy(), np.full((3, 4), 11))
+    padded(logits.copy(), targets)
+    padded.backward()
+    with pytest.raises(RuntimeError, match="before forward"):  # handed over, not kept into the
+        padded.backward()                                      # next step's forward
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -240,3 +244,18 @@ def test_bf16_training_tracks_fp32():
     assert curves["fp32"][-1] < 0.5 * curves["fp32"][0]
     # bf16 keeps 8 bits of mantissa: the curves part by a few percent, not more
     np.testing.assert_allclose(curves["bf16"], curves["fp32"], rtol=0.05)
+
+
+def test_generation_feeds_each_position_once_while_the_window_fits(monkeypatch):
+    model = GPT(GPTConfig(**TINY), seed=12)
+    fed = []
+    last_logits = GPT._last_logits
+
+    def recording(self, idx, cache):
+        fed.append(idx.shape[1])
+        return last_logits(self, idx, cache)
+    monkeypatch.setattr(GPT, "_last_logits", recording)
+    model.generate(np.zeros((1, 4), dtype=np.int64), 9, seed=0)  # 4 + 9 = 13 > block_size 11
+    # the prompt once, then one new position per step until the cache holds 11 positions; then
+    # the window slides and the step recomputes the last 11 (of 12)
+    assert fed == [4, 1, 1, 1, 1, 1, 1, 1, 11]

@@ -221,3 +221,24 @@ def test_eval_keeps_nothing_and_errors_name_the_layer():
         layer(np.ones((2, 4), np.int64))
     with pytest.raises(ValueError, match="normalized_shape"):
         LayerNorm(0)
+
+
+def test_without_bias_matches_torch(torch):
+    """nanoGPT's LayerNorm(bias=False): the state dict holds only the weight."""
+    rng = np.random.default_rng(13)
+    layer = LayerNorm(7, bias=False)
+    layer.input_requires_grad = True
+    reference = torch.nn.LayerNorm(7, bias=False)
+    with torch.no_grad():
+        reference.weight.normal_()
+    layer.load_state_dict(reference.state_dict())
+    assert list(layer.state_dict()) == ["weight"]
+    x = rng.standard_normal((3, 5, 7)).astype(np.float32)
+    upstream = rng.standard_normal((3, 5, 7)).astype(np.float32)
+    y, dx = layer(x), layer.backward(upstream)
+    x_t = torch.from_numpy(x).requires_grad_()
+    y_t = reference(x_t)
+    y_t.backward(torch.from_numpy(upstream))
+    np.testing.assert_allclose(y, y_t.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, x_t.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.weight.grad, reference.weight.grad.numpy(), rtol=1e-5, atol=1e-5)

@@ -47,10 +47,14 @@ class DataLoader:
         Batches prepared ahead by a background thread (0: no thread, batches made on demand).
         Under Numba's workqueue threading layer, which aborts when two threads launch parallel
         kernels at once, batches are always made on demand.
+    rows_of_batch : callable, optional
+        `rows_of_batch(n) -> (start, stop)`: serve only rows start..stop-1 of each batch of n
+        samples (a data-parallel process's share of the global batch, npcpu.dist). The batches,
+        their order and `len()` stay those of the whole data set; only the rows served change.
     """
 
     def __init__(self, dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, prefetch: int = 2):
+                 drop_last: bool = False, prefetch: int = 2, rows_of_batch=None):
         if not hasattr(dataset, "__len__") or not (hasattr(dataset, "batch")
                                                    or hasattr(dataset, "__getitem__")):
             raise TypeError(f"DataLoader: dataset must have __len__ and batch or __getitem__, "
@@ -61,6 +65,7 @@ class DataLoader:
         self.prefetch = check_int("DataLoader", "prefetch", prefetch, 0)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
+        self.rows_of_batch = rows_of_batch
         self.epoch = 0
         if len(dataset) == 0:
             raise ValueError("DataLoader: dataset is empty")
@@ -85,8 +90,12 @@ class DataLoader:
             return np.arange(n, dtype=np.int64)
         return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(n)
 
+    def batch_size_of(self, batch_index: int) -> int:
+        """Samples in batch `batch_index` of the whole data set (the last one may be smaller)."""
+        return min(self.batch_size, len(self.dataset) - batch_index * self.batch_size)
+
     def batch_indices(self, epoch: int, batch_index: int) -> np.ndarray:
-        """The sample indices of batch `batch_index` of epoch `epoch`."""
+        """The sample indices of batch `batch_index` of epoch `epoch` (all its rows)."""
         batch_index = check_int("DataLoader", "batch_index", batch_index, 0)
         if batch_index >= len(self):
             raise IndexError(f"DataLoader: batch_index {batch_index} is out of range for "
@@ -112,12 +121,17 @@ class DataLoader:
     def _batches(self, order: np.ndarray, first: int):
         make = getattr(self.dataset, "batch", None) or functools.partial(_stack_items, self.dataset)
         for b in range(first, len(self)):
-            yield make(order[b * self.batch_size:(b + 1) * self.batch_size])
+            indices = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.rows_of_batch is not None:
+                start, stop = self.rows_of_batch(len(indices))
+                indices = indices[start:stop]
+            yield make(indices)
 
     def __repr__(self) -> str:
         return (f"DataLoader({self.dataset!r}, batch_size={self.batch_size}, "
                 f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, "
-                f"prefetch={self.prefetch})")
+                f"prefetch={self.prefetch}"
+                + (f", rows_of_batch={self.rows_of_batch!r}" if self.rows_of_batch else "") + ")")
 
 
 def _threading_layer_is_thread_safe() -> bool:

@@ -105,12 +105,15 @@ def tanh_backward(y, dy, dx):
 
 # -- Dropout: the mask is a pure function of (seed, stream, index) -----------------------------------
 @njit(parallel=True, cache=True)
-def dropout_apply(x, y, p, scale, seed, stream):
-    """y[i] = x[i] * scale where uniform(seed, stream, i) >= p (kept with probability 1 - p), else 0.
+def dropout_apply(x, y, p, scale, seed, stream, first):
+    """y[i] = x[i] * scale where uniform(seed, stream, first + i) >= p (kept with probability
+    1 - p), else 0. `first` is the global index of x[0]: 0 in one process; in data-parallel
+    training the elements of the global batch before this process's rows, so that every element
+    gets the mask it would get in one process.
 
     Forward applies it to x and backward to dy with the same (seed, stream): dL/dx = dy * mask * scale,
     the same mask regenerated instead of stored.
     """
     zero = x.dtype.type(0)
     for i in prange(x.size):
-        y[i] = x[i] * scale if uniform(seed, stream, i) >= p else zero
+        y[i] = x[i] * scale if uniform(seed, stream, first + i) >= p else zero

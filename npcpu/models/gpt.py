@@ -97,7 +97,7 @@ class GPT(Module):
         self.lm_head = Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tied:
             self.lm_head.weight = self.transformer.wte.weight
-            self.lm_head.weight.uses_per_backward = 2  # updated inside backward after both gradients are in
+            self.lm_head.weight.uses_per_backward = 2  # updated in backward after both uses
         for inner in (self.transformer.drop, self.transformer.h, self.transformer.ln_f,
                       self.lm_head):
             inner.input_requires_grad = True  # the embeddings below need the residual's gradient
@@ -171,7 +171,8 @@ class GPT(Module):
         return self.lm_head.forward(self.transformer.ln_f.forward(x[:, -1:]))[:, 0]
 
     def generate(self, idx: np.ndarray, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, seed: int | None = None) -> np.ndarray:
+                 top_k: int | None = None, seed: int | None = None,
+                 on_token=None) -> np.ndarray:
         """Append `max_new_tokens` sampled tokens to idx (B, T0); returns (B, T0 + max_new_tokens).
 
         Each step conditions on the last block_size tokens, as nanoGPT's generate. Keys and values
@@ -183,6 +184,7 @@ class GPT(Module):
         temperature : logits are divided by it; 0 picks the most likely token (greedy)
         top_k : sample among the k most likely tokens only
         seed : seed of the sampling generator (None: fresh entropy)
+        on_token : called with each new column of token ids (B,) as it is sampled (streaming)
         """
         idx = self.check_tokens(idx, max_length=np.iinfo(np.int64).max)
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
@@ -209,6 +211,8 @@ class GPT(Module):
                 else:
                     logits = self._last_logits(tokens[:, length - 1:length], cache)
                 tokens[:, length] = sample(logits, temperature, top_k, rng)
+                if on_token is not None:
+                    on_token(tokens[:, length].copy())
                 length += 1
         finally:
             self.train(was_training)
@@ -252,4 +256,5 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None,
     probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
     cumulative = np.cumsum(probs, axis=-1)
     draws = rng.random(logits.shape[0]) * cumulative[:, -1]
-    return np.array([np.searchsorted(row, draw, side="right") for row, draw in zip(cumulative, draws)])
+    return np.array([np.searchsorted(row, draw, side="right")
+                     for row, draw in zip(cumulative, draws)])

@@ -227,6 +227,7 @@ class CausalSelfAttention(Module):
         self._qkv = self._probs = None
         batch, heads, steps, head_size = q.shape
         dmerged = self.c_proj.backward(self.resid_dropout.backward(dout))
-        dy = np.ascontiguousarray(dmerged.reshape(batch, steps, heads, head_size).transpose(0, 2, 1, 3))
+        dy = np.ascontiguousarray(
+            dmerged.reshape(batch, steps, heads, head_size).transpose(0, 2, 1, 3))
         dqkv = attention_gradients(dy, q, k, v, probs, self.attn_dropout)
         return self.c_attn.backward(dqkv.reshape(batch, steps, 3 * self.n_embd))

@@ -117,7 +117,8 @@ class CrossEntropyLoss(Loss):
         Write dL/dlogits over the logits array passed to `forward` (float32 or float64 and
         C-contiguous; otherwise over the converted copy) instead of into a buffer of the same
         size: for a large vocabulary, one (N, P) array fewer. The caller must not read the
-        logits after the call (Trainer.evaluate takes `evaluation_sums` before the loss).
+        logits after the call (Trainer.evaluate takes `evaluation_sums` before the loss), and
+        `backward()` returns the gradient once, without keeping it.
 
     Notes
     -----
@@ -172,6 +173,15 @@ class CrossEntropyLoss(Loss):
         if divisor == 0:  # every target ignored: torch's 0 / 0
             return float("nan")
         return float(losses.sum() / divisor)
+
+    def backward(self) -> np.ndarray:
+        """As Loss.backward; with `in_place`, the gradient (written over the logits) is returned
+        once and not kept, so that it is freed with the model's backward pass instead of being
+        held into the next step's forward (a second logits-sized array at the peak)."""
+        grad = super().backward()
+        if self.in_place:
+            self._grad = None
+        return grad
 
     def evaluation_sums(self, logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
         """{"accuracy": rows whose largest logit (among the real classes) is the target} (ignored

@@ -9,6 +9,7 @@ from npcpu.config import ConfigError, build_config, from_json, merge, to_json, v
 from npcpu.data.digits import load_digits
 from npcpu.data.mnist import load_mnist
 from npcpu.data.synthetic import SyntheticClassification
+from npcpu.models.gpt import GPT, GPTConfig
 from npcpu.nn.dropout import Dropout
 from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.losses import CrossEntropyLoss
@@ -20,8 +21,10 @@ from npcpu.optim.lr_scheduler import LambdaLR
 from npcpu.optim.schedules import (constant_schedule, warmup_cosine_decay_schedule,
                                    warmup_step_decay_schedule)
 from npcpu.optim.sgd import SGD
+from npcpu.text import SyntheticText, TextDataset, load_tokenizer
 from npcpu.train.callbacks import EarlyStopping
 from npcpu.train.freezing import DynamicFreezer
+from npcpu.train.lm import LanguageModelBatches, LanguageModelTrainer
 from npcpu.train.trainer import Trainer
 
 CONFIG_FILE = "config.json"
@@ -62,6 +65,34 @@ def build_data(data: dict):
     train = load_mnist(data["path"], train=True)
     test = load_mnist(data["path"], train=False)
     return train, test, train.input_dim, 10
+
+
+def build_language_data(data: dict, model: dict, batch_size: int):
+    """(training batches, evaluation data set, vocabulary) for data.kind "text" or
+    "synthetic_text": a TextDataset of a prepare-text directory (its windows of
+    model.block_size positions drawn by (data.seed, step)) or a SyntheticText."""
+    if data["kind"] == "text":
+        if not data["path"]:  # checked here, not in validate: the text presets name no path
+            raise ConfigError("config: data.kind = 'text' needs data.path (a directory made by "
+                              "npcpu prepare-text), e.g. --data.path DIR")
+        dataset = TextDataset(data["path"], model["block_size"], seed=data["seed"])
+        windows = None  # the training split cut into block_size pieces
+    else:
+        dataset = SyntheticText(data["vocab_size"], model["block_size"], order=data["order"],
+                                branching=data["branching"], seed=data["seed"],
+                                eval_sequences=data["eval_size"])
+        windows = data["train_size"]
+    return LanguageModelBatches(dataset, batch_size, windows), dataset, dataset.vocab_size
+
+
+def build_gpt(model: dict, data_vocab_size: int, seed: int) -> GPT:
+    """A GPT of the [model] section; its vocabulary the data's unless model.vocab_size pads it."""
+    vocab_size = model["vocab_size"] or data_vocab_size
+    if vocab_size < data_vocab_size:
+        raise ConfigError(f"config: model.vocab_size {vocab_size} is smaller than the data's "
+                          f"vocabulary of {data_vocab_size} token ids")
+    return GPT(GPTConfig(vocab_size, model["block_size"], model["n_layer"], model["n_head"],
+                         model["n_embd"], model["dropout"], model["bias"]), seed=seed)
 
 
 def build_model(model: dict, input_dim: int, num_classes: int, seed: int) -> Sequential:
@@ -125,28 +156,65 @@ def count_steps(train: dict, train_size: int) -> int:
     return min(steps)
 
 
-def build_run(config: dict, *, callbacks=(), log_stream=None) -> Run:
+def build_run(config: dict, *, callbacks=(), log_stream=None, world=None) -> Run:
+    """The Run of `config`; with a `world` of several processes (npcpu.dist.init_world), or
+    `dist.deterministic`, its trainer is npcpu.dist's DataParallelTrainer."""
     train_cfg = config["train"]
+    language_model = config["model"]["kind"] == "gpt"
+    if language_model:
+        monitor = ("eval_loss", "min")
+        train_data, eval_data, num_classes = build_language_data(
+            config["data"], config["model"], train_cfg["batch_size"])
+        model = build_gpt(config["model"], num_classes, train_cfg["seed"])
+        train_size = train_data.windows_per_epoch
+    else:
+        monitor = ("eval_accuracy", "max")
+        train_data, eval_data, input_dim, num_classes = build_data(config["data"])
+        model = build_model(config["model"], input_dim, num_classes, train_cfg["seed"])
+        train_size = len(train_data)
     if train_cfg["early_stopping_patience"] is not None:
-        callbacks = [*callbacks, EarlyStopping("eval_accuracy", "max",
-                                               train_cfg["early_stopping_patience"])]
-    train_data, eval_data, input_dim, num_classes = build_data(config["data"])
-    model = build_model(config["model"], input_dim, num_classes, train_cfg["seed"])
+        callbacks = [*callbacks, EarlyStopping(*monitor, train_cfg["early_stopping_patience"])]
     optimizer = build_optimizer(config["optim"], model, train_cfg["seed"], train_cfg["precision"])
-    total_steps = count_steps(train_cfg, len(train_data))
+    total_steps = count_steps(train_cfg, train_size)
     scheduler = LambdaLR(optimizer, build_schedule(config["schedule"], total_steps))
     freeze = config["freeze"]
     freezer = DynamicFreezer(freeze["threshold"], freeze["patience"], freeze["window"],
                              prefix_only=freeze["prefix_only"], relative=freeze["relative"],
                              start_step=freeze["start_step"]) \
         if freeze["enabled"] else None
-    trainer = Trainer(model, CrossEntropyLoss(), optimizer, scheduler=scheduler,
-                      accumulation_steps=train_cfg["accumulation_steps"],
-                      precision=train_cfg["precision"], clip_grad_norm=train_cfg["clip_grad_norm"],
-                      freezer=freezer, callbacks=callbacks, seed=train_cfg["seed"],
-                      compiled=train_cfg["compiled"],
-                      update_in_backward=train_cfg["update_in_backward"], log_stream=log_stream)
+    dist = config["dist"]
+    trainer_class, options = Trainer, {"compiled": train_cfg["compiled"]}
+    if world is not None and (world.size > 1 or dist["deterministic"]):
+        if language_model:
+            raise ConfigError("config: data-parallel training of a gpt (model.kind 'gpt') is not "
+                              "supported yet; run it in one process")
+        from npcpu.dist import DataParallelTrainer
+        trainer_class, options = DataParallelTrainer, dict(world=world, **dist, **options)
+    elif language_model:
+        trainer_class, options = LanguageModelTrainer, {}
+    loss_fn = CrossEntropyLoss(in_place=True) if language_model else CrossEntropyLoss()
+    trainer = trainer_class(model, loss_fn, optimizer, scheduler=scheduler,
+                            accumulation_steps=train_cfg["accumulation_steps"],
+                            precision=train_cfg["precision"],
+                            clip_grad_norm=train_cfg["clip_grad_norm"], freezer=freezer,
+                            callbacks=callbacks, seed=train_cfg["seed"],
+                            update_in_backward=train_cfg["update_in_backward"],
+                            log_stream=log_stream, **options)
     return Run(config, trainer, train_data, eval_data, num_classes, total_steps)
+
+
+def bind_tokenizer(run: Run, run_dir, *, new_run: bool) -> None:
+    """A text run keeps its tokenizer in RUN_DIR/tokenizer.json: written when the run starts,
+    and checked against the data directory's when it is resumed, evaluated or sampled (a data
+    directory prepared again with another tokenizer is refused, naming both)."""
+    tokenizer = getattr(run.eval_data, "tokenizer", None)
+    if tokenizer is None:
+        return
+    path = Path(run_dir) / "tokenizer.json"
+    if new_run:
+        tokenizer.save(path)
+    elif path.is_file():
+        run.eval_data.check_tokenizer(load_tokenizer(path))
 
 
 def save_run_config(run_dir, config: dict) -> None:

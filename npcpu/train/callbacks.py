@@ -193,7 +193,9 @@ class Progress(Callback):
             total = f"/{self.total_steps}" if self.total_steps else ""
             print(f"step {metrics['step']}{total}  epoch {metrics['epoch']}  "
                   f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.4g}  "
-                  f"{metrics['samples_per_s']:.0f} samples/s", file=self.stream, flush=True)
+                  + (f"{metrics['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in metrics
+                     else f"{metrics['samples_per_s']:.0f} samples/s"),
+                  file=self.stream, flush=True)
 
     def on_eval_end(self, trainer, metrics: dict) -> None:
         self.write(f"eval @ step {metrics['step']}: " + "  ".join(

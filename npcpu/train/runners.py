@@ -8,8 +8,9 @@ StepResult per step. Two runners exist:
                       micro-batches, then unscale, clip, freeze and the optimizer step.
     CompiledRunner    (npcpu.train.runner_compiled) many plain-SGD steps of a small classifier
                       in one Numba call.
+    LanguageModelRunner (npcpu.train.lm) the reference step with target tokens as its items.
 
-The contract, for the runners to come (a language-model runner, a data-parallel one):
+The contract, for the runners to come (a data-parallel one):
 
 - `note`: one line fit() logs after the header ("compiled step: off (...)").
 - `preferred_steps() -> int`: how many steps the runner wants from its next call (>= 1). The
@@ -31,8 +32,9 @@ The contract, for the runners to come (a language-model runner, a data-parallel 
 A runner reads the trainer's model, loss, optimizer and settings; it is built by
 `Trainer.make_runner(loader, log_every)`, which a subclass overrides to supply its own. A runner
 that changes only part of the reference step subclasses ReferenceRunner and overrides one of its
-two halves: `forward_backward(window)` (a data-parallel runner all-reduces the gradients, loss
-and samples after it) or `optimizer_step(loss, items, window)`.
+parts: `forward_backward(window)` (a data-parallel runner all-reduces the gradients, loss
+and samples after it), `optimizer_step(loss, items, window)`, or `window_items(window)`, what
+the window's loss is a mean over (LanguageModelRunner: its non-ignored target tokens).
 """
 
 from __future__ import annotations
@@ -159,20 +161,31 @@ class ReferenceRunner:
         The seam for a data-parallel runner: it calls this, then all-reduces the gradients, the
         loss and the samples across processes before optimizer_step.
         """
-        trainer = self.trainer
-        model, loss_fn, scaler = trainer.model, trainer.loss_fn, trainer.loss_scaler
-        items = sum(len(y) for _, y in window)
+        items = self.window_items(window)
         loss = 0.0
         for x, y in window:
-            logits = model.forward(x)
-            loss += loss_fn(logits, y, normalizer=items)
-            if trainer.update_in_backward and not math.isfinite(loss):  # backward would update
-                raise FloatingPointError(non_finite_message(trainer, loss, window))
-            dlogits = loss_fn.backward()
-            if scaler is not None:
-                dlogits = scaler.scale_loss_grad(dlogits)
-            model.backward(dlogits)
+            loss += self.micro_batch(x, y, items, window)
         return loss, items
+
+    def window_items(self, window: list) -> int:
+        """What the window's loss is the mean over: its samples (a language model's runner
+        counts target tokens)."""
+        return sum(len(y) for _, y in window)
+
+    def micro_batch(self, x, y, normalizer: int, window: list) -> float:
+        """Forward and backward of one micro-batch, its loss divided by `normalizer` (the items
+        of the whole window); the gradients add into the parameters. Returns that loss."""
+        trainer = self.trainer
+        model, loss_fn, scaler = trainer.model, trainer.loss_fn, trainer.loss_scaler
+        logits = model.forward(x)
+        loss = loss_fn(logits, y, normalizer=normalizer)
+        if trainer.update_in_backward and not math.isfinite(loss):  # backward would update
+            raise FloatingPointError(non_finite_message(trainer, loss, window))
+        dlogits = loss_fn.backward()
+        if scaler is not None:
+            dlogits = scaler.scale_loss_grad(dlogits)
+        model.backward(dlogits)
+        return loss
 
     def optimizer_step(self, loss: float, items: int, window: list) -> StepResult:
         """Unscale, check, clip, observe for freezing, step (or skip), zero the gradients."""

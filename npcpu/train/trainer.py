@@ -147,6 +147,9 @@ class Trainer:
         self.last_eval: dict | None = None
         self._progress: Progress | None = None
         self._saved_step = None  # the step of the last checkpoint this trainer wrote
+        # False in the data-parallel processes other than rank 0 (npcpu.dist): they write no
+        # metrics file and no checkpoint
+        self.writes_files = True
 
     def _fuse_optimizer_into_backward(self) -> None:
         for what in self.gradient_readers():
@@ -208,8 +211,7 @@ class Trainer:
                             ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
             if value is not None:
                 check_int("Trainer.fit", name, value, 1)
-        loader = train_data if isinstance(train_data, DataLoader) else \
-            DataLoader(train_data, batch_size, shuffle=True, seed=self.seed)
+        loader = self.make_loader(train_data, batch_size)
         windows_per_epoch = math.ceil(len(loader) / self.accumulation_steps)
         total = max_steps if max_steps is not None else None
         if epochs is not None:
@@ -223,11 +225,11 @@ class Trainer:
 
         runner = self.make_runner(loader, log_every)
         run_dir = Path(run_dir) if run_dir is not None else None
-        if run_dir is not None:
+        if run_dir is not None and self.writes_files:
             checkpoint.ensure_writable(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)  # the metrics file goes there from the start
         callbacks = list(self.callbacks)
-        if run_dir is not None:
+        if run_dir is not None and self.writes_files:
             callbacks.append(MetricsFile(run_dir, log_every))
         self._progress = Progress(total, log_every, self.log_stream, use_bar=progress)
         callbacks.append(self._progress)
@@ -267,6 +269,14 @@ class Trainer:
             self.log(f"stopped by {self.interrupted} at step {self.step}"
                      + (f"; checkpoint saved in {run_dir}" if run_dir is not None else ""))
         return {**metrics, **(self.last_eval or {})}
+
+    def make_loader(self, train_data, batch_size: int):
+        """fit()'s micro-batches: `train_data` itself when it is a DataLoader, else a DataLoader
+        over it shuffled by (seed, epoch). A trainer whose data is addressed otherwise (a
+        language model's, by (seed, step)) overrides this."""
+        if isinstance(train_data, DataLoader):
+            return train_data
+        return DataLoader(train_data, batch_size, shuffle=True, seed=self.seed)
 
     def make_runner(self, loader: DataLoader, log_every: int) -> StepRunner:
         """The step runner of one fit() (npcpu.train.runners): CompiledRunner where `compiled`
@@ -338,19 +348,40 @@ class Trainer:
         tokens there). On the weights the optimizer evaluates (`optimizer.evaluation_weights()`:
         Lookahead's slow weights)."""
         loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size, shuffle=False)
+        return self.evaluation_metrics(self.evaluate_batches(loader, 0, len(loader)),
+                                       len(loader.dataset))
+
+    def evaluate_batches(self, loader: DataLoader, first: int, stop: int) -> list:
+        """[(loss / samples of the data set, loss_fn.evaluation_sums)] of batches first..stop-1
+        of `loader`, on the weights the optimizer evaluates. A data-parallel trainer evaluates
+        its share of the batches here and gathers the rest."""
         items = len(loader.dataset)
+        results = []
         self.model.eval()
-        loss, sums = 0.0, {}
         try:
             with self.optimizer.evaluation_weights():
-                for x, y in loader:
-                    outputs = self.model.forward(x)
-                    # the sums first: a loss may write its gradient over the outputs (in_place)
-                    for name, value in self.loss_fn.evaluation_sums(outputs, y).items():
-                        sums[name] = sums.get(name, 0) + value
-                    loss += self.loss_fn(outputs, y, normalizer=items)
+                batches = loader.iter_from(loader.epoch, first)
+                try:
+                    for _ in range(first, stop):
+                        x, y = next(batches)
+                        outputs = self.model.forward(x)
+                        # the sums first: a loss may write its gradient over the outputs (in_place)
+                        sums = self.loss_fn.evaluation_sums(outputs, y)
+                        results.append((self.loss_fn(outputs, y, normalizer=items), sums))
+                finally:
+                    batches.close()
         finally:
             self.model.train()
+        return results
+
+    def evaluation_metrics(self, per_batch: list, items: int) -> dict:
+        """The "eval_<name>" metrics from `evaluate_batches`' results of every batch, added up in
+        batch order."""
+        loss, sums = 0.0, {}
+        for batch_loss, batch_sums in per_batch:
+            loss += batch_loss
+            for name, value in batch_sums.items():
+                sums[name] = sums.get(name, 0) + value
         metrics = self.loss_fn.evaluation_metrics(loss, sums, items)
         return {f"eval_{name}": value for name, value in metrics.items()}
 

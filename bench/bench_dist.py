@@ -1,0 +1,84 @@
+"""Data-parallel throughput on one machine: N ranks x T threads against 1 process x N*T threads.
+
+Runs `npcpu train --preset mlp52m` for a few steps in each setup, alternating the setups round
+after round, and reads each step's samples/s from the run's metrics file (the median over the
+steps after the first `--skip`). Setups: one process with every core; N ranks with the cores
+divided among them, the reduction overlapped with backward, after it, and in deterministic mode
+(fixed-order sum over pieces of the batch). Needs mpi4py and mpiexec (pip install 'npcpu[mpi]').
+
+    python bench/bench_dist.py --ranks 2 --steps 12 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import write_json
+
+
+def run_setup(ranks: int, threads: int, extra: list[str], steps: int, preset: str) -> list[float]:
+    """Samples/s of each step of one run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        program = [sys.executable, "-m", "npcpu", "train", "--preset", preset, "--run-dir",
+                   str(run_dir), "--train.max_steps", str(steps), "--train.threads", str(threads),
+                   "--train.eval_every", "none", "--train.checkpoint_every", "none",
+                   "--train.log_every", "1", "--progress", "lines", *extra]
+        command = program if ranks == 1 else [shutil.which("mpiexec"), "-n", str(ranks), *program]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [line["samples_per_s"] for line in lines if line["kind"] == "train"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="threads per rank")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--skip", type=int, default=3, help="first steps left out (warm-up)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--preset", default="mlp52m")
+    parser.add_argument("--parts", type=int, default=12, help="deterministic: dist.parts")
+    parser.add_argument("--setups", default="single,overlap,after,deterministic",
+                        help="comma-separated subset of the setups")
+    args = parser.parse_args()
+    if shutil.which("mpiexec") is None:
+        sys.exit("bench_dist: mpiexec not found (pip install 'npcpu[mpi]')")
+    n, t = args.ranks, args.threads
+    setups = {
+        "single": (1, n * t, []),
+        "overlap": (n, t, ["--dist.overlap", "true"]),
+        "after": (n, t, ["--dist.overlap", "false"]),
+        "deterministic": (n, t, ["--dist.deterministic", "true", "--dist.parts", str(args.parts)]),
+    }
+    chosen = {name: setups[name] for name in args.setups.split(",")}
+    medians = {name: [] for name in chosen}
+    for _ in range(args.rounds):
+        for name, (ranks, threads, extra) in chosen.items():
+            rates = run_setup(ranks, threads, extra, args.steps, args.preset)[args.skip:]
+            medians[name].append(statistics.median(rates))
+    base = statistics.median(medians["single"]) if "single" in medians else None
+    print(f"| setup ({args.preset}) | ranks x threads | samples/s median (min-max over rounds) "
+          f"| vs 1 process x {n * t} threads |")
+    print("|---|---|---|---|")
+    for name, values in medians.items():
+        ranks, threads, _ = chosen[name]
+        median = statistics.median(values)
+        ratio = f"{median / base:.2f}x" if base else "-"
+        print(f"| {name} | {ranks} x {threads} | {median:.0f} ({min(values):.0f}-{max(values):.0f}) "
+              f"| {ratio} |")
+    write_json("dist", {"args": vars(args),
+                        "samples_per_s": medians, "setups": {k: v[:2] for k, v in chosen.items()}})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Data-parallel training: one model trained by N processes, each on its share of every batch.
+
+The configuration means the same run whatever N is:
+
+- `batch_size` is the global micro-batch. The DataLoader draws the same global order as one
+  process (a pure function of (seed, epoch)); rank r serves rows [r n / N, (r+1) n / N) of each
+  global batch of n samples (an uneven split is fine; a batch with fewer samples than pieces is
+  refused by name).
+- Each rank divides its loss by the samples of the whole global window, so the sum of the ranks'
+  gradients is the gradient of the global mean loss (weighted by items, not an average of means).
+- Dropout masks are keyed by the global row (Dropout.row_offset); stochastic rounding of an update
+  is keyed by (seed, step, element), and every rank updates with the same summed gradient, so
+  every rank rounds alike. Parameters are broadcast from rank 0 at the start and their hashes
+  compared at each checkpoint.
+- `deterministic`: the sum of the gradients and losses is added in a fixed order that does not
+  depend on N (npcpu.dist.reduce.OrderedSum), giving bitwise the same run for every N that divides
+  `parts`; otherwise MPI's all-reduce adds them, equal to float32 rounding.
+
+Only rank 0 prints, writes the metrics file and checkpoints (after every rank checked the
+parameter hashes, so a checkpoint is whole or absent). A checkpoint holds nothing about N: a
+run resumes with any number of processes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from npcpu.data.loader import DataLoader
+from npcpu.dist.reduce import (BackwardReducer, GradientBuckets, OrderedSum,
+                               broadcast_parameters, check_parameters_equal, sum_in_order)
+from npcpu.dist.world import World, wait
+from npcpu.nn.dropout import Dropout
+from npcpu.train.runners import ReferenceRunner
+from npcpu.train.trainer import Trainer
+
+
+class DataParallelTrainer(Trainer):
+    """A Trainer whose steps run across the processes of `world` (module docstring).
+
+    Parameters (besides Trainer's)
+    ----------
+    world : npcpu.dist.World
+    deterministic : bool
+        Add the ranks' gradients in a fixed order (bitwise the same for every N dividing `parts`).
+    parts : int
+        With `deterministic`: the pieces every global micro-batch is cut into (each its own
+        forward and backward), a multiple of the world size.
+    timeout : float
+        Seconds a rank waits for the others in any collective before raising TimeoutError.
+    bucket_mb : float
+        Size of the gradient buckets reduced in one call, in MB.
+    overlap : bool
+        Start each bucket's reduction during backward, as soon as its gradients are finished
+        (npcpu.dist.reduce.BackwardReducer); else after backward. Not used in deterministic mode.
+    """
+
+    def __init__(self, model, loss_fn, optimizer, *, world: World, deterministic: bool = False,
+                 parts: int = 12, timeout: float = 60.0, bucket_mb: float = 25.0,
+                 overlap: bool = True, **kwargs):
+        if kwargs.get("update_in_backward") or getattr(optimizer, "fused_into_backward", False):
+            raise ValueError("DataParallelTrainer: update_in_backward cannot be used: the ranks' "
+                             "gradients must be summed before any update")
+        super().__init__(model, loss_fn, optimizer, **kwargs)
+        if self.compiled == "on":
+            raise ValueError("DataParallelTrainer: compiled='on' does not apply: the compiled "
+                             "step runs in one process")
+        if deterministic and parts % world.size:
+            raise ValueError(f"DataParallelTrainer: dist.parts ({parts}) must be a multiple of the "
+                             f"world size ({world.size}) in deterministic mode")
+        self.world = world
+        self.deterministic = bool(deterministic)
+        self.parts = parts if deterministic else world.size
+        self.timeout = float(timeout)
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.overlap = bool(overlap) and not self.deterministic and world.size > 1
+        self.writes_files = world.is_root
+        if not world.is_root:
+            self.log_stream = open(os.devnull, "w")  # noqa: SIM115  (lives as long as the trainer)
+        self._pending_interrupt = None
+
+    # Signals reach each rank at its own moment: the handler's value waits here until every rank
+    # has heard of it at the same step (DataParallelRunner.forward_backward), so all stop together.
+    @property
+    def interrupted(self):
+        return self._agreed_interrupt
+
+    @interrupted.setter
+    def interrupted(self, value):
+        if value is None:
+            self._agreed_interrupt = self._pending_interrupt = None
+        else:
+            self._pending_interrupt = value
+
+    def interrupt_pending(self) -> bool:
+        """A signal reached this rank and the ranks have not yet agreed to stop."""
+        return self._pending_interrupt is not None
+
+    def agree_to_stop(self) -> None:
+        """Some rank had a signal pending at this step: every rank stops after it."""
+        if self._agreed_interrupt is None:
+            self._agreed_interrupt = self._pending_interrupt or "a signal to another rank"
+
+    def header(self) -> str:
+        import numba
+        how = (f"deterministic: a fixed-order sum over {self.parts} pieces of each batch"
+               if self.deterministic else "all-reduce" + (" overlapped with backward"
+                                                          if self.overlap else " after backward"))
+        return (super().header() + f"\ndata parallel: world size {self.world.size} | threads per "
+                f"rank {numba.get_num_threads()} | gradients summed by {how}")
+
+    def make_runner(self, loader: DataLoader, log_every: int) -> DataParallelRunner:
+        return DataParallelRunner(self, loader)
+
+    # -- evaluation: each rank its share of the batches, gathered and added in batch order ----------
+    def evaluate(self, data, batch_size: int = 512) -> dict:
+        loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size, shuffle=False)
+        batches, size, rank = len(loader), self.world.size, self.world.rank
+        if batches < size:  # too few to share: every rank evaluates them all
+            return super().evaluate(loader)
+        first, stop = rank * batches // size, (rank + 1) * batches // size
+        mine = self.evaluate_batches(loader, first, stop)
+        names = sorted(mine[0][1])
+        slots = np.zeros((batches, 1 + len(names)))
+        for i, (loss, sums) in enumerate(mine):
+            slots[first + i] = [loss, *(sums[name] for name in names)]
+        sum_in_order(self.world, slots, self.timeout)
+        kinds = [type(mine[0][1][name]) for name in names]
+        per_batch = [(float(row[0]), {name: kind(value) for name, kind, value
+                                      in zip(names, kinds, row[1:])}) for row in slots]
+        return self.evaluation_metrics(per_batch, len(loader.dataset))
+
+    # -- checkpoints: hashes compared, then rank 0 writes while the others wait ---------------------
+    def _checkpoint(self, run_dir, keep_last: int, callbacks) -> None:
+        check_parameters_equal(self.world, self.model.parameters(), self.timeout,
+                               f"checkpoint at step {self.step}")
+        if self.world.is_root:
+            super()._checkpoint(run_dir, keep_last, callbacks)
+        self._saved_step = self.step
+        if self.world.size > 1:
+            wait(self.world, [self.world.comm.Ibarrier()], self.timeout,
+                 f"the barrier after rank 0 wrote the checkpoint of step {self.step}")
+
+
+class DataParallelRunner(ReferenceRunner):
+    """The reference step on this rank's rows of each global batch, the gradients, losses and
+    stop requests summed over the ranks before the optimizer step (the same on every rank)."""
+
+    def __init__(self, trainer: DataParallelTrainer, loader: DataLoader):
+        world, parts = trainer.world, trainer.parts
+        self.first_part = world.rank * parts // world.size
+        self.stop_part = (world.rank + 1) * parts // world.size
+        smallest = loader.batch_size if loader.drop_last else loader.batch_size_of(len(loader) - 1)
+        if smallest < parts:
+            what = "pieces (dist.parts)" if trainer.deterministic else "ranks"
+            raise ValueError(f"DataParallelTrainer: batch {len(loader) - 1} of an epoch has "
+                             f"{smallest} samples, fewer than the {parts} {what} it is split "
+                             f"into: choose a batch size and data size whose every batch has "
+                             f"at least {parts} samples")
+        sharded = DataLoader(loader.dataset, loader.batch_size, shuffle=loader.shuffle,
+                             seed=loader.seed, drop_last=loader.drop_last,
+                             prefetch=loader.prefetch, rows_of_batch=self.rows_of_batch)
+        super().__init__(trainer, sharded, note=f"data-parallel step: {world.describe()}")
+        params = trainer.model.parameters()
+        broadcast_parameters(world, params, trainer.timeout)
+        self.buckets = GradientBuckets(params, trainer.bucket_bytes)
+        self.ordered = OrderedSum(self.buckets, self.stop_part - self.first_part) \
+            if trainer.deterministic else None
+        self.reducer = BackwardReducer(self.buckets, world) if trainer.overlap else None
+        self.dropouts = [m for m in trainer.model.modules() if isinstance(m, Dropout)]
+        self._window_batches = range(0)
+
+    def rows_of_batch(self, n: int) -> tuple[int, int]:
+        """This rank's rows of a global batch of n samples: its pieces' rows."""
+        parts = self.trainer.parts
+        return self.first_part * n // parts, self.stop_part * n // parts
+
+    def _next_window(self) -> list:
+        window = super()._next_window()
+        stop = self.trainer.batch_index
+        self._window_batches = range(stop - len(window), stop)
+        return window
+
+    def forward_backward(self, window: list) -> tuple[float, int]:
+        """(the global window's mean loss, its samples), the summed gradients in the parameters."""
+        trainer, parts = self.trainer, self.trainer.parts
+        sizes = [self.loader.batch_size_of(b) for b in self._window_batches]
+        items = sum(sizes)
+        slots = np.zeros(len(window) * parts + 1)  # one loss per (micro-batch, piece), then stop
+        for m, ((x, y), n) in enumerate(zip(window, sizes)):
+            if self.ordered is None:  # the rank's rows in one pass, summed by the all-reduce
+                if self.reducer is not None and m == len(window) - 1:
+                    self.reducer.arm(first_of_window=m == 0)
+                self._set_row_offset(self.first_part * n // parts)
+                slots[m * parts + self.first_part] = self.micro_batch(x, y, items, window)
+                continue
+            base = self.first_part * n // parts
+            calls = [layer.calls for layer in self.dropouts]  # one mask stream per micro-batch
+            for j, part in enumerate(range(self.first_part, self.stop_part)):
+                start, stop = part * n // parts, (part + 1) * n // parts
+                for p in trainer.model.parameters():
+                    p.zero_grad()
+                for layer, stream in zip(self.dropouts, calls):
+                    layer.calls = stream
+                self._set_row_offset(start)
+                slots[m * parts + part] = self.micro_batch(x[start - base:stop - base],
+                                                           y[start - base:stop - base], items, window)
+                self.ordered.keep(j, first=m == 0)
+        slots[-1] = trainer.interrupt_pending()
+        sum_in_order(trainer.world, slots, trainer.timeout)
+        if slots[-1]:
+            trainer.agree_to_stop()
+        loss = 0.0
+        for value in slots[:-1]:
+            loss += float(value)
+        if self.ordered is not None:
+            self.ordered.reduce(trainer.world, trainer.timeout)
+        elif self.reducer is not None:
+            self.reducer.finish(trainer.timeout)
+        elif trainer.world.size > 1:
+            self.buckets.allreduce(trainer.world, trainer.timeout)
+        return loss, items
+
+    def _set_row_offset(self, rows: int) -> None:
+        for layer in self.dropouts:
+            layer.row_offset = rows

@@ -1,0 +1,124 @@
+"""The processes of a data-parallel run: rank, world size, ranks on this node, threads per rank.
+
+mpi4py is imported only when a run needs it: under a launcher (mpiexec, srun) that started more
+than one process, or when asked. A run under a launcher without mpi4py stops with the line that
+installs it. A process that raises takes the whole job down (MPI_Abort) after printing its error
+with its rank, so that no other rank waits forever for it; waits on other ranks have a timeout
+(`wait`), for a rank that dies without raising.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+INSTALL_HINT = "pip install 'npcpu[mpi]'"
+# (rank variable, world-size variable) of the launchers: MPICH/Intel MPI (PMI), Open MPI, PMIx, Slurm
+LAUNCHER_VARIABLES = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                      ("PMIX_RANK", None), ("SLURM_PROCID", "SLURM_NTASKS"))
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run. `comm` is mpi4py's COMM_WORLD, None in a single process."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    comm: object = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def threads_per_rank(self, override: int | None = None) -> int:
+        """`override`, else the cores this process may use divided among the ranks on its node
+        (at least 1). A launcher that binds each rank to one core (Open MPI by default) leaves
+        one core to each."""
+        if override is not None:
+            return override
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(usable, (os.cpu_count() or 1) // self.local_size))
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.size}"
+
+
+def launcher_world_size() -> tuple[str, int] | None:
+    """(the launcher's rank variable, the world size it gives, 0 when unknown) when this process
+    was started by a launcher, else None."""
+    for rank_var, size_var in LAUNCHER_VARIABLES:
+        if rank_var in os.environ:
+            size = os.environ.get(size_var or "", "")
+            return rank_var, int(size) if size.isdigit() else 0
+    return None
+
+
+def init_world(require_mpi: bool = False) -> World:
+    """The World of this process: from MPI when a launcher started several processes (or
+    `require_mpi`), else a single process without importing mpi4py."""
+    launched = launcher_world_size()
+    if not require_mpi and (launched is None or launched[1] == 1):
+        return World()
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        how = f"by a launcher ({launched[0]} is set)" if launched else "with MPI asked for"
+        raise ImportError(f"npcpu: this process was started {how} but mpi4py is not installed; "
+                          f"install the MPI extra: {INSTALL_HINT}") from None
+    comm = MPI.COMM_WORLD
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    world = World(comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size(), comm)
+    node.Free()
+    if world.size > 1:
+        _abort_on_uncaught(world)
+    return world
+
+
+def abort(world: World, message: str, code: int = 1) -> None:
+    """Print `message` with this rank and end every process of the job (MPI_Abort)."""
+    print(f"npcpu {world.describe()}: {message}; aborting all {world.size} ranks",
+          file=sys.stderr, flush=True)
+    world.comm.Abort(code)
+
+
+def _abort_on_uncaught(world: World) -> None:
+    """An exception nothing caught ends the job, not only this rank (the others would wait)."""
+    def hook(kind, error, tb):
+        traceback.print_exception(kind, error, tb)
+        abort(world, f"{kind.__name__}: {error}")
+
+    sys.excepthook = hook
+
+
+@contextlib.contextmanager
+def abort_on_error(world: World):
+    """Within it, an exception on one rank of several ends the job with an error naming the rank
+    (code that catches errors to print them, like the command line, would otherwise exit this
+    rank alone and leave the others waiting)."""
+    try:
+        yield
+    except BaseException as error:
+        if world.size > 1 and not isinstance(error, SystemExit):
+            if os.environ.get("NPCPU_DEBUG") == "1":
+                traceback.print_exc()
+            abort(world, f"{type(error).__name__}: {error}")
+        raise
+
+
+def wait(world: World, requests: list, timeout: float, what: str) -> None:
+    """Complete the non-blocking MPI `requests`, or raise TimeoutError after `timeout` seconds
+    naming `what` (another rank died, hangs or took another path)."""
+    from mpi4py import MPI
+    deadline = time.monotonic() + timeout
+    pause = 1e-5
+    while not MPI.Request.Testall(requests):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{world.describe()}: {what} did not complete within {timeout:g} s "
+                               "(another rank died, hangs, or is at another step)")
+        time.sleep(pause)
+        pause = min(2 * pause, 1e-3)
