@@ -64,3 +64,17 @@ def format_info(info: dict) -> str:
         f"bf16 GEMM    {info['bf16_gemm']}",
     ]
     return "\n".join(lines)
+
+
+def run_header(precision: str, parameters: int, accumulation: int, optimizer: str) -> str:
+    """The first lines of every training run: versions, BLAS and threading, precision (with the bf16
+    GEMM path), model size, accumulation and the optimizer's description."""
+    info = system_info()
+    blas, threads = info["blas"], info["numba_threading"]
+    return (f"npcpu {info['npcpu']} | numpy {info['numpy']} | numba {info['numba']} | "
+            f"python {info['python']}\n"
+            f"BLAS {blas['vendor']} {blas['version']} ({blas['threads']} threads) | "
+            f"Numba threading {threads['layer']} ({threads['threads']} threads)\n"
+            f"precision {precision}"
+            + (f" (bf16 GEMM: {info['bf16_gemm']})" if precision == "bf16" else "")
+            + f" | parameters {parameters:,} | accumulation {accumulation} | optimizer {optimizer}")

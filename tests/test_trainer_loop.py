@@ -13,7 +13,7 @@ from npcpu.nn.losses import CrossEntropyLoss, MSELoss
 from npcpu.nn.module import Sequential
 from npcpu.optim.adam import Adam
 from npcpu.optim.lookahead import Lookahead
-from npcpu.optim.optimizer import TrainerOptimizer
+from npcpu.optim.protocol import TrainerOptimizer
 from npcpu.optim.sgd import SGD
 from npcpu.train.runners import ReferenceRunner, StepResult
 from npcpu.train.trainer import Trainer

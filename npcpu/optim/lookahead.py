@@ -57,7 +57,7 @@ class Lookahead:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
 
-    # -- the rest of what the Trainer calls (npcpu.optim.optimizer.TrainerOptimizer) -------------
+    # -- the rest of what the Trainer calls (npcpu.optim.protocol.TrainerOptimizer) -------------
     fused_into_backward = False
 
     def fuse_into_backward(self) -> None:

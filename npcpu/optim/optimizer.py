@@ -42,50 +42,18 @@ LAMB cannot be fused.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Protocol, runtime_checkable
+from typing import ContextManager
 
 import numpy as np
 
 from npcpu.checks import check_flag, check_int, check_real
+from npcpu.kernels.grads import max_abs
 from npcpu.kernels.optim_io import ELEMENTS_PER_HASH, Rounding, random_scratch
 from npcpu.nn.parameter import Parameter
 from npcpu.optim.optimizer_state import checked_state
-from npcpu.kernels.grads import max_abs
 from npcpu.precision import bfloat16, overflow_threshold, to_storage
 
 STATE_DTYPES = ("fp32", "bf16")
-
-
-@runtime_checkable
-class TrainerOptimizer(Protocol):
-    """What npcpu.train.Trainer calls on an optimizer: Optimizer and Lookahead implement it.
-
-    param_groups         list of dicts with "params" and "lr" (schedulers write "lr")
-    fused_into_backward  True once the parameters are updated inside backward
-    step(), zero_grad(), state_dict(), load_state_dict(state)   as in torch
-    fuse_into_backward() update each parameter inside backward from now on (TypeError or
-                         ValueError, saying why, where this optimizer cannot)
-    evaluation_weights() a context manager within which the parameters hold the weights to
-                         evaluate (the parameters themselves, or Lookahead's slow weights)
-    describe()           a short name for logs: "AdamW", "Lookahead(LAMB)"
-    """
-
-    param_groups: list
-    fused_into_backward: bool
-
-    def step(self) -> None: ...
-
-    def zero_grad(self) -> None: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state_dict: dict) -> None: ...
-
-    def fuse_into_backward(self) -> None: ...
-
-    def evaluation_weights(self) -> ContextManager: ...
-
-    def describe(self) -> str: ...
 
 
 # ---------------------------------------------------------------------------------------------

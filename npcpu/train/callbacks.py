@@ -19,7 +19,9 @@ import csv
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -229,3 +231,24 @@ class Stopwatch:
         rate = self._samples / max(now - self._t0, 1e-9)
         self._t0, self._samples = now, 0
         return rate
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer):
+    """Within the block, SIGTERM and Ctrl-C set `trainer.interrupted` (the signal's name) instead of
+    stopping the process: the trainer finishes its current step, saves a checkpoint and returns.
+    Signal handlers can only be set from the main thread; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        trainer.interrupted = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    trainer.interrupted = None
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -27,21 +27,18 @@ clipping and freezing, which all read the finished gradients.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 
 from npcpu import checkpoint
 from npcpu.checks import check_int, check_real
 from npcpu.data.loader import DataLoader
-from npcpu.optim.optimizer import TrainerOptimizer
+from npcpu.optim.protocol import TrainerOptimizer
 from npcpu.optim.scaling import DynamicLossScaler
 from npcpu.precision import check_precision
-from npcpu.train.callbacks import Callback, MetricsFile, Progress, Stopwatch
+from npcpu.train.callbacks import Callback, MetricsFile, Progress, Stopwatch, stop_on_signals
 from npcpu.train.runner_compiled import CompiledRunner
 from npcpu.train.runners import ReferenceRunner, StepResult, StepRunner
 from npcpu.train.state import load_trainer_state, trainer_state
@@ -68,7 +65,7 @@ class Trainer:
         `loss_fn(logits, y, normalizer=N) -> float`, `loss_fn.backward() -> dL/dlogits`;
         `loss_fn.evaluation_sums(logits, y)` gives the metrics `evaluate` reports besides the loss.
     optimizer : Optimizer or Lookahead
-        Anything with the methods of npcpu.optim.optimizer.TrainerOptimizer.
+        Anything with the methods of npcpu.optim.protocol.TrainerOptimizer.
     scheduler : LR scheduler, optional
         Stepped once per optimizer step that was taken.
     accumulation_steps : int
@@ -176,18 +173,10 @@ class Trainer:
 
     def header(self) -> str:
         """Versions, BLAS and threading, precision and model size: the first lines of every run."""
-        from npcpu.info import system_info
-        info = system_info()
-        blas, threads = info["blas"], info["numba_threading"]
-        return (f"npcpu {info['npcpu']} | numpy {info['numpy']} | numba {info['numba']} | "
-                f"python {info['python']}\n"
-                f"BLAS {blas['vendor']} {blas['version']} ({blas['threads']} threads) | "
-                f"Numba threading {threads['layer']} ({threads['threads']} threads)\n"
-                f"precision {self.precision}"
-                + (f" (bf16 GEMM: {info['bf16_gemm']})" if self.precision == "bf16" else "")
-                + f" | parameters {self.model.num_parameters():,} | "
-                f"accumulation {self.accumulation_steps} | optimizer {self.optimizer.describe()}"
-                + (" (updates inside backward)" if self.update_in_backward else ""))
+        from npcpu.info import run_header
+        return run_header(self.precision, self.model.num_parameters(), self.accumulation_steps,
+                          self.optimizer.describe()
+                          + (" (updates inside backward)" if self.update_in_backward else ""))
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, train_data, *, epochs: int | None = None, max_steps: int | None = None,
@@ -242,7 +231,7 @@ class Trainer:
 
         metrics: dict = {}
         self.stop_training = False
-        with self._signals_save_and_stop():
+        with stop_on_signals(self):
             for cb in callbacks:
                 cb.on_fit_start(self)
             watch = Stopwatch()
@@ -421,22 +410,3 @@ class Trainer:
         self._saved_step = self.step
         for cb in callbacks:
             cb.on_checkpoint(self, path)
-
-    @contextlib.contextmanager
-    def _signals_save_and_stop(self):
-        """SIGTERM and Ctrl-C finish the current step, then fit() saves a checkpoint and returns."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            self.interrupted = signal.Signals(signum).name
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        self.interrupted = None
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
