@@ -29,11 +29,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-from common import markdown_table, write_json
+from common import call_seconds, markdown_table, write_json
 
 SHAPES = {
     "mlp52m": [(128, 784, 4096), (128, 4096, 4096), (128, 4096, 100)],
@@ -72,13 +71,7 @@ def _torch_gemms(torch, n, k, m, dtype):
 
 
 def _time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(call_seconds(fn, repeats))
 
 
 def _peak_gflops(repeats: int) -> float:

@@ -34,6 +34,12 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int =
     return times
 
 
+def call_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of each of `repeats` timed calls of fn, after one untimed warm-up call (compilation,
+    page faults, BLAS thread start)."""
+    return time_interleaved({"fn": fn}, repeats, warmup=1)["fn"]
+
+
 def summarize(seconds: list[float]) -> dict:
     """Median, min and max in milliseconds, and the number of repetitions."""
     ms = [1e3 * s for s in seconds]

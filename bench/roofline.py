@@ -32,6 +32,7 @@ from numba import njit, prange
 from npcpu import backend
 from npcpu.blas import accumulate_weight_grad, matmul_weight, matmul_weight_transposed
 
+from common import call_seconds
 from workloads import BATCH, mlp52m_gemm_shapes, mlp52m_parameter_count
 
 ADAM_BYTES_PER_PARAMETER = {"fp32": 28, "bf16": 16}
@@ -51,15 +52,9 @@ def _triad(a, b, c, scale):
 
 
 def _fastest_seconds(fn, repeats: int) -> float:
-    """The fastest of `repeats` timed calls after one warm-up call (compilation, page faults, BLAS
-    thread start): a roofline is a lower bound, and on a shared machine noise only adds time."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    """The fastest of `repeats` timed calls after a warm-up call: a roofline is a lower bound, and
+    on a shared machine noise only adds time."""
+    return min(call_seconds(fn, repeats))
 
 
 def memory_bandwidth(repeats: int = 5, elements: int = BANDWIDTH_ELEMENTS) -> dict:

@@ -5,6 +5,7 @@ from npcpu.kernels.layernorm import ROWS_PER_BLOCK, layernorm_backward, layernor
 from npcpu.nn.norm import LayerNorm
 from npcpu.precision import bfloat16
 from tests.gradcheck import check_layer_gradients
+from tests.torchcheck import assert_forward_backward_match_torch
 
 
 # -- the kernels against their plain-NumPy statement ---------------------------------------------
@@ -129,13 +130,7 @@ def test_matches_torch(torch, normalized_shape, shape):
     x = (rng.standard_normal(shape) * 2 + 0.5).astype(np.float32)
     upstream = rng.standard_normal(shape).astype(np.float32)
 
-    y = layer(x)
-    dx = layer.backward(upstream)
-    x_t = torch.from_numpy(x).requires_grad_()
-    y_t = reference(x_t)
-    y_t.backward(torch.from_numpy(upstream))
-    np.testing.assert_allclose(y, y_t.detach().numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dx, x_t.grad.numpy(), rtol=1e-5, atol=1e-5)
+    assert_forward_backward_match_torch(torch, layer, reference, x, upstream)
     np.testing.assert_allclose(layer.weight.grad, reference.weight.grad.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(layer.bias.grad, reference.bias.grad.numpy(), rtol=1e-5, atol=1e-5)
 
@@ -235,10 +230,5 @@ def test_without_bias_matches_torch(torch):
     assert list(layer.state_dict()) == ["weight"]
     x = rng.standard_normal((3, 5, 7)).astype(np.float32)
     upstream = rng.standard_normal((3, 5, 7)).astype(np.float32)
-    y, dx = layer(x), layer.backward(upstream)
-    x_t = torch.from_numpy(x).requires_grad_()
-    y_t = reference(x_t)
-    y_t.backward(torch.from_numpy(upstream))
-    np.testing.assert_allclose(y, y_t.detach().numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dx, x_t.grad.numpy(), rtol=1e-5, atol=1e-5)
+    assert_forward_backward_match_torch(torch, layer, reference, x, upstream)
     np.testing.assert_allclose(layer.weight.grad, reference.weight.grad.numpy(), rtol=1e-5, atol=1e-5)
