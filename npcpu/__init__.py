@@ -6,7 +6,11 @@ as attributes, the way torch users write them: `npcpu.nn.Linear(3, 2)`, `npcpu.o
 
 import importlib
 
-from npcpu import numba_cache
+from npcpu import blas_env
+
+blas_env.set_veclib_threads()  # before NumPy loads Accelerate (see npcpu/blas_env.py)
+
+from npcpu import numba_cache  # noqa: E402
 
 numba_cache.install()  # before any kernel is compiled or loaded (see npcpu/numba_cache.py)
 

@@ -29,6 +29,7 @@ import numba
 import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
+from npcpu import blas_env
 from npcpu.checks import check_int
 
 OPENBLAS_THREAD_TIMEOUT = "20"  # log2 of the cycles an idle OpenBLAS thread spins (module docstring)
@@ -44,6 +45,7 @@ def _load_scipy_blas() -> None:
     finally:
         if ours:
             del os.environ["OPENBLAS_THREAD_TIMEOUT"]
+        blas_env.unset_veclib_threads()  # read by now (npcpu/blas_env.py)
 
 
 _load_scipy_blas()
@@ -120,16 +122,37 @@ def single_blas_thread():
         blas.set_num_threads(threads)
 
 
+@functools.cache
+def build_blas() -> dict:
+    """The BLAS NumPy and SciPy were built against, by name ("accelerate", "scipy-openblas", "mkl",
+    ...), from their build configuration; None where a build does not say."""
+    import scipy
+
+    def name(package) -> str | None:
+        try:
+            return package.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+        except (TypeError, KeyError, AttributeError):  # builds older than the "dicts" mode
+            return None
+    return {"numpy": name(np), "scipy": name(scipy)}
+
+
 def blas_info() -> dict:
-    """The BLAS library the GEMMs run on (SciPy's; see npcpu.blas) and every other one loaded."""
+    """The BLAS library the GEMMs run on (SciPy's; see npcpu.blas), every other one threadpoolctl
+    found loaded, and the BLAS NumPy and SciPy were built against ("built_against"). threadpoolctl
+    has no controller for Apple Accelerate: there the vendor is SciPy's build BLAS and the threads
+    are the VECLIB_MAXIMUM_THREADS Accelerate read at load (npcpu/blas_env.py)."""
+    built_against = build_blas()
     described = [{"vendor": info.get("internal_api"), "version": info.get("version"),
                   "threads": info.get("num_threads"), "architecture": info.get("architecture"),
                   "filepath": info.get("filepath")}
                  for info in (lib.info() for lib in _blas_libraries())]
     if not described:
-        return {"vendor": "unknown", "version": None, "threads": None, "architecture": None,
-                "loaded": []}
-    return {**{k: v for k, v in described[0].items() if k != "filepath"}, "loaded": described}
+        vendor = built_against["scipy"] or built_against["numpy"] or "unknown"
+        threads = blas_env.veclib_threads() if vendor == "accelerate" else None
+        return {"vendor": vendor, "version": None, "threads": threads, "architecture": None,
+                "loaded": [], "built_against": built_against}
+    return {**{k: v for k, v in described[0].items() if k != "filepath"}, "loaded": described,
+            "built_against": built_against}
 
 
 @numba.njit(parallel=True, cache=True)

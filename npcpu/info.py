@@ -58,12 +58,18 @@ def format_info(info: dict) -> str:
         f"platform     {info['platform']}",
         f"cpu          {info['cpu']} ({info['cores']} cores)",
         f"BLAS         {blas['vendor']} {blas['version']} ({blas['threads']} threads, "
-        f"{blas['architecture']})",
+        f"{blas['architecture']}); built against: {_built_against(blas)}",
         f"Numba        threading layer {threading['layer']}, {threading['threads']} threads",
         f"bfloat16     {'native CPU support' if info['cpu_bf16'] else 'no native CPU support'}",
         f"bf16 GEMM    {info['bf16_gemm']}",
     ]
     return "\n".join(lines)
+
+
+def _built_against(blas: dict) -> str:
+    """NumPy's and SciPy's build BLAS, e.g. "numpy scipy-openblas, scipy accelerate"."""
+    return ", ".join(f"{package} {name or 'unknown'}"
+                     for package, name in blas["built_against"].items())
 
 
 def run_header(precision: str, parameters: int, accumulation: int, optimizer: str) -> str:
@@ -73,7 +79,8 @@ def run_header(precision: str, parameters: int, accumulation: int, optimizer: st
     blas, threads = info["blas"], info["numba_threading"]
     return (f"npcpu {info['npcpu']} | numpy {info['numpy']} | numba {info['numba']} | "
             f"python {info['python']}\n"
-            f"BLAS {blas['vendor']} {blas['version']} ({blas['threads']} threads) | "
+            f"BLAS {blas['vendor']} {blas['version']} ({blas['threads']} threads; built against "
+            f"{_built_against(blas)}) | "
             f"Numba threading {threads['layer']} ({threads['threads']} threads)\n"
             f"precision {precision}"
             + (f" (bf16 GEMM: {info['bf16_gemm']})" if precision == "bf16" else "")
