@@ -93,3 +93,39 @@ def test_veclib_threads_not_set_off_macos(monkeypatch, clean_veclib):
 def test_numba_thread_count_matches_numba(monkeypatch):
     monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
     assert blas_env.numba_thread_count() == numba.config.NUMBA_DEFAULT_NUM_THREADS
+
+
+def _spin_pause_ir(triple: str) -> str:
+    """The LLVM IR npcpu.kernels.intrinsics.spin_pause emits into a module for `triple`."""
+    from llvmlite import ir
+    from numba.core.registry import cpu_target
+
+    from npcpu.kernels.intrinsics import spin_pause
+    signature, codegen = spin_pause._defn(cpu_target.typing_context)
+    module = ir.Module(name="spin_pause_check")
+    module.triple = triple
+    function = ir.Function(module, ir.FunctionType(ir.VoidType(), []), "check")
+    builder = ir.IRBuilder(function.append_basic_block())
+    codegen(cpu_target.target_context, builder, signature, [])
+    builder.ret_void()
+    return str(module)
+
+
+@pytest.mark.parametrize("triple, pauses", [("x86_64-unknown-linux-gnu", True),
+                                            ("aarch64-unknown-linux-gnu", False),
+                                            ("arm64-apple-darwin23.0.0", False)])
+def test_spin_pause_emits_the_x86_pause_only_for_x86(triple, pauses):
+    assert ("llvm.x86.sse2.pause" in _spin_pause_ir(triple)) == pauses
+
+
+def test_native_bf16_gemm_is_off_on_arm(monkeypatch):
+    """An Arm CPU's bf16 flag (" bf16" in /proc/cpuinfo) counts as bfloat16 support, but the native
+    GEMM (x86 vdpbf16ps) stays off and bf16 layers take the widened path."""
+    monkeypatch.setattr(backend, "_cpu_flags", lambda: "Features\t: fp asimd sve bf16 i8mm")
+    backend.cpu_has_avx512_bf16.cache_clear()
+    try:
+        assert backend.cpu_supports_bf16()
+        assert "AVX512_BF16" in backend.native_bf16_gemm_unavailable()
+        assert not backend.use_native_bf16_gemm()
+    finally:
+        backend.cpu_has_avx512_bf16.cache_clear()
