@@ -227,9 +227,12 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
 @pytest.mark.parametrize("failure", ["raise", "hang"])
 def test_a_rank_that_raises_or_hangs_ends_every_rank_with_an_error(mpiexec, tmp_path, failure):
     """Raising: rank 1 names itself and aborts the job. Hanging: the others time out (after
-    dist.timeout, 3 s here) naming the reduction they waited for, and abort the job."""
+    dist.timeout, 3 s here) naming the reduction they waited for, and abort the job. The raising
+    case gets a long timeout: on a loaded machine the other ranks could otherwise time out waiting
+    for rank 1 before it reaches its planted failure, and the job would end with their message."""
     started = time.monotonic()
-    done = train(mpiexec, 3, tmp_path / "run", *TINY, *FP32, *LONG, "--dist.timeout", "3",
+    timeout = "3" if failure == "hang" else "30"
+    done = train(mpiexec, 3, tmp_path / "run", *TINY, *FP32, *LONG, "--dist.timeout", timeout,
                  wrapper=f"FAILURE = {failure!r}\n" + FAIL_ON_RANK_1, check=False)
     assert time.monotonic() - started < SECONDS
     assert done.returncode != 0
