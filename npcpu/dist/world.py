@@ -79,10 +79,17 @@ def init_world(require_mpi: bool = False) -> World:
     return world
 
 
+ABORT_GRACE_SECONDS = 1.0
+"""How long a failing rank waits between printing its error and MPI_Abort: the launcher forwards
+each rank's output asynchronously, and an abort can tear the job down before the failing rank's
+last lines have been forwarded (the user would then see the job end without being told why)."""
+
+
 def abort(world: World, message: str, code: int = 1) -> None:
     """Print `message` with this rank and end every process of the job (MPI_Abort)."""
     print(f"npcpu {world.describe()}: {message}; aborting all {world.size} ranks",
           file=sys.stderr, flush=True)
+    time.sleep(ABORT_GRACE_SECONDS)
     world.comm.Abort(code)
 
 
