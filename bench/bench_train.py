@@ -87,21 +87,26 @@ def _torch_mlp52m(adam_options: dict, compile_what: str | None = None, bf16: str
     return build
 
 
+def _shuffled_batches(x, y, rng):
+    """One epoch of (x, y) batches of wl.BATCH rows in a fresh random order (the last one short)."""
+    order = rng.permutation(len(x))
+    for start in range(0, len(x), wl.BATCH):
+        batch = order[start:start + wl.BATCH]
+        yield x[batch], y[batch]
+
+
 def _npcpu_logreg_loop(args):
     from npcpu.nn.losses import CrossEntropyLoss
     from npcpu.optim.sgd import SGD
-    model = wl.npcpu_logreg()
-    model.input_requires_grad = False
+    model = wl.npcpu_logreg()  # used directly, as a user writes it: no input gradient by default
     optimizer = SGD(model.parameters(), lr=wl.LOGREG_LR)
     loss_fn = CrossEntropyLoss()
     x, y = wl.logreg_data(args.samples)
     rng = np.random.default_rng(0)
 
     def epoch():
-        order = rng.permutation(len(x))
-        for start in range(0, len(x), wl.BATCH):
-            batch = order[start:start + wl.BATCH]
-            loss_fn(model.forward(x[batch]), y[batch])
+        for xb, yb in _shuffled_batches(x, y, rng):
+            loss_fn(model.forward(xb), yb)
             model.backward(loss_fn.backward())
             optimizer.step()
             optimizer.zero_grad()
@@ -117,10 +122,7 @@ def _numpy_logreg_loop(args):
     rng = np.random.default_rng(0)
 
     def epoch():
-        order = rng.permutation(len(x))
-        for start in range(0, len(x), wl.BATCH):
-            batch = order[start:start + wl.BATCH]
-            xb, yb = x[batch], y[batch]
+        for xb, yb in _shuffled_batches(x, y, rng):
             p = xb @ weight.T + bias
             p = np.exp(p - p.max(axis=1, keepdims=True))
             p /= p.sum(axis=1, keepdims=True)
