@@ -56,6 +56,21 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(weight_blocks, "BLOCK_ELEMENTS", 32)
 
 
+def _adam_step_in_bf16(layer, x, dy, in_backward, state_dtype):
+    """One forward, backward and Adam step of `layer` in bf16 (the update inside backward, or after
+    it); returns dL/dx."""
+    layer.set_precision("bf16")
+    layer.input_requires_grad = True
+    optimizer = Adam(layer.parameters(), lr=1e-2, state_dtype=state_dtype)
+    if in_backward:
+        optimizer.fuse_into_backward()
+    layer.forward(x)
+    dx = layer.backward(dy)
+    if not in_backward:
+        optimizer.step()
+    return dx
+
+
 @pytest.mark.parametrize("layer_class", [Linear, FusedLinearReLU])
 def test_update_inside_backward_matches_step_after_backward(native_bf16_gemm, small_blocks,
                                                             num_threads, layer_class):
@@ -68,15 +83,7 @@ def test_update_inside_backward_matches_step_after_backward(native_bf16_gemm, sm
     results = []
     for in_backward in (False, True):
         layer = layer_class(7, 10, seed=0)
-        layer.set_precision("bf16")
-        layer.input_requires_grad = True
-        optimizer = Adam(layer.parameters(), lr=1e-2, state_dtype="fp32")
-        if in_backward:
-            optimizer.fuse_into_backward()
-        layer.forward(x)
-        dx = layer.backward(dy)
-        if not in_backward:
-            optimizer.step()
+        dx = _adam_step_in_bf16(layer, x, dy, in_backward, state_dtype="fp32")
         results.append((dx, layer.weight.data.astype(np.float32)))
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(results[1][1], results[0][1])
@@ -92,16 +99,8 @@ def test_the_weight_is_never_widened(native_bf16_gemm, monkeypatch, in_backward)
         widened.append(x.shape)
         return original(x, *args, **kwargs)
     monkeypatch.setattr(convert, "bf16_to_f32", recording)
-    layer = FusedLinearReLU(40, 24, seed=0)
-    layer.set_precision("bf16")
-    layer.input_requires_grad = True
-    optimizer = Adam(layer.parameters(), lr=1e-2, state_dtype="bf16")
-    if in_backward:
-        optimizer.fuse_into_backward()
-    layer.forward(np.ones((6, 40), np.float32))
-    layer.backward(np.ones((6, 24), np.float32))
-    if not in_backward:
-        optimizer.step()
+    _adam_step_in_bf16(FusedLinearReLU(40, 24, seed=0), np.ones((6, 40), np.float32),
+                       np.ones((6, 24), np.float32), in_backward, state_dtype="bf16")
     assert not [shape for shape in widened if len(shape) == 2 and shape[1] == 40], widened
 
 
