@@ -177,10 +177,8 @@ from npcpu.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
-# Long enough to be stopped from outside: without a large epochs limit the run ends after the
-# default 4 epochs (24 steps), on a quiet machine before a test can see its step-4 checkpoint.
-LONG = ["--train.max_steps", "100000", "--train.epochs", "100000", "--train.checkpoint_every", "2",
-        "--train.eval_every", "none", "--dist.timeout", "20"]
+LONG = ["--train.max_steps", "100000", "--train.checkpoint_every", "2", "--train.eval_every",
+        "none", "--dist.timeout", "20"]
 
 
 def signal_rank_1(mpiexec, run_dir: Path, signum: int) -> subprocess.Popen:
