@@ -205,7 +205,7 @@ def main(argv=None) -> int:
                 "info": cmd_info, "bench": cmd_bench}
     try:
         return commands[args.command](args)
-    except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as e:
+    except (ValueError, TypeError, OSError, ImportError, FloatingPointError, MemoryError) as e:
         if os.environ.get("NPCPU_DEBUG") == "1":
             raise
         print(f"npcpu {args.command}: error: {e}", file=sys.stderr)

@@ -125,6 +125,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "update_in_backward": Field("bool", False, "update each parameter inside backward and never "
                                     "hold the whole gradients (less memory; no accumulation, "
                                     "clipping, loss scaling or freezing)"),
+        "memory_check": Field("bool", True, "refuse a run whose estimated peak memory exceeds "
+                              "the machine's available memory (the estimate is printed either way)"),
     },
     "dist": {
         "deterministic": Field("bool", False, "data parallel (mpiexec): add the ranks' gradients "

@@ -38,6 +38,7 @@ from npcpu.data.loader import DataLoader
 from npcpu.optim.protocol import TrainerOptimizer
 from npcpu.optim.scaling import DynamicLossScaler
 from npcpu.precision import check_precision
+from npcpu.train import memory
 from npcpu.train.callbacks import Callback, MetricsFile, Progress, Stopwatch, stop_on_signals
 from npcpu.train.runner_compiled import CompiledRunner
 from npcpu.train.runners import ReferenceRunner, StepResult, StepRunner
@@ -92,12 +93,15 @@ class Trainer:
         Update each parameter inside backward, as soon as its gradient is complete, and never hold
         the whole model's gradients (module docstring; the metrics' grad_norm is then None). Taken
         as True when the optimizer's fuse_into_backward() was already called.
+    memory_check : bool
+        fit() logs an estimate of the run's peak memory (npcpu.train.memory) and, with this,
+        raises InsufficientMemoryError, saying what would fit, when it exceeds the available memory.
     """
 
     def __init__(self, model, loss_fn, optimizer, *, scheduler=None, accumulation_steps: int = 1,
                  precision: str = "fp32", loss_scaler=None, clip_grad_norm: float | None = None,
                  freezer=None, callbacks=(), seed: int = 0, compiled: str = "auto",
-                 update_in_backward: bool = False, log_stream=None):
+                 update_in_backward: bool = False, memory_check: bool = True, log_stream=None):
         accumulation_steps = check_int("Trainer", "accumulation_steps", accumulation_steps, 1)
         if compiled not in COMPILED_MODES:
             raise ValueError(f"Trainer: compiled must be one of {COMPILED_MODES}, got {compiled!r}")
@@ -125,6 +129,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.seed = seed
         self.compiled = compiled
+        self.memory_check = bool(memory_check)
         self.log_stream = log_stream or sys.stderr
         self.update_in_backward = bool(update_in_backward) or optimizer.fused_into_backward
         if self.update_in_backward:
@@ -212,6 +217,9 @@ class Trainer:
                      "(raise epochs or max_steps to train further)")
             return dict(self.last_eval or {})
 
+        estimate = memory.estimate_memory(self, loader)
+        if self.memory_check:
+            memory.check_fits(estimate, memory.available_memory())
         runner = self.make_runner(loader, log_every)
         run_dir = Path(run_dir) if run_dir is not None else None
         if run_dir is not None and self.writes_files:
@@ -223,6 +231,7 @@ class Trainer:
         self._progress = Progress(total, log_every, self.log_stream, use_bar=progress)
         callbacks.append(self._progress)
         self.log(self.header())
+        self.log(estimate.describe())
         self.log(runner.note)
         # where the loop acts on the model between steps: a runner's call ends at each multiple
         # of these (logging only reads the metrics, so it waits for the call's end)
