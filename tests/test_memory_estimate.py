@@ -80,6 +80,10 @@ def test_estimate_scales_with_the_batch_and_counts_the_optimizer():
     assert a.optimizer >= 2 * a.parameters  # AdamW's two moments, plus Lookahead's slow weights
     assert b.activations == pytest.approx(4 * a.activations, rel=0.01)
     assert b.with_batch(64).activations == pytest.approx(a.activations, rel=0.01)
+    fused = tiny_run(update_in_backward=True)
+    c = memory.estimate_memory(fused.trainer, fused.trainer.make_loader(fused.train_data, 64))
+    assert c.gradients == max(p.data.nbytes for p in fused.trainer.model.parameters())
+    assert c.activations == a.activations
 
 
 def test_a_run_that_cannot_fit_is_refused_with_what_would_fit(tmp_path, monkeypatch):

@@ -159,8 +159,10 @@ def activation_bytes(model, x: np.ndarray) -> int:
     if rows == 0:
         return 0
     probe = np.array(x[:PROBE_ROWS] if x.ndim else x)  # its own buffer, which layers may save
+    # the copy shares the weights, their gradients and an optimizer fused into backward
     shared = {id(a): a for p in model.parameters() for a in (p.data, p._grad) if a is not None}
-    twin = copy.deepcopy(model, memo=dict(shared))
+    kept = {id(p.updater): p.updater for p in model.parameters() if p.updater is not None}
+    twin = copy.deepcopy(model, memo={**shared, **kept})
     twin.train()
     counts = Counter(work.counts)
     try:
