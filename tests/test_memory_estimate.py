@@ -80,7 +80,9 @@ def test_estimate_scales_with_the_batch_and_counts_the_optimizer():
     assert a.optimizer >= 2 * a.parameters  # AdamW's two moments, plus Lookahead's slow weights
     assert b.activations == pytest.approx(4 * a.activations, rel=0.01)
     assert b.with_batch(64).activations == pytest.approx(a.activations, rel=0.01)
-    fused = tiny_run(update_in_backward=True)
+    config = build_config(overrides={**TINY, "train": {**TINY["train"], "update_in_backward": True},
+                                     "optim": {"name": "adamw", "lookahead": False}})
+    fused = build_run(config, log_stream=io.StringIO())
     c = memory.estimate_memory(fused.trainer, fused.trainer.make_loader(fused.train_data, 64))
     assert c.gradients == max(p.data.nbytes for p in fused.trainer.model.parameters())
     assert c.activations == a.activations
