@@ -59,6 +59,18 @@ def _output(out: np.ndarray | None, shape: tuple, name: str) -> np.ndarray:
     return out
 
 
+def _empty_product(c: np.ndarray, beta: float, length: int) -> bool:
+    """For a product with no element or an empty contraction (an empty batch): set c = beta * c
+    (beta = 0: zeros) and return True; the kernels' blocking assumes at least one of each."""
+    if c.size and length:
+        return False
+    if beta == 0.0:
+        c[...] = 0.0
+    else:
+        c *= np.float32(beta)
+    return True
+
+
 def _b_operand(source: np.ndarray, pairs_down_columns: bool, rows_of_c: int):
     """gemm's (b_panels, b_source): B packed whole up front when C has several blocks of rows (each
     would otherwise pack all of B again), else packed a block at a time inside the tasks (no copy
@@ -80,6 +92,8 @@ def matmul_weight_transposed(x: np.ndarray, weight: np.ndarray,
     (rows, length), out_features = x_bits.shape, w_bits.shape[0]
     _check("W", w_bits.shape, (out_features, length))
     y = _output(out, (rows, out_features), "y")
+    if _empty_product(y, 0.0, length):
+        return y
     pairs = (length + 1) // 2
     if rows < length:
         kernels.gemm(y.T, 0.0, _row_words(w_bits), pairs, 1, pairs,
@@ -97,6 +111,8 @@ def matmul_weight(dz: np.ndarray, weight: np.ndarray, out: np.ndarray | None = N
     rows, out_features = dz_bits.shape
     _check("W", w_bits.shape[:1], (out_features,))
     dx = _output(out, (rows, w_bits.shape[1]), "dx")
+    if _empty_product(dx, beta, out_features):
+        return dx
     pairs = (out_features + 1) // 2
     kernels.gemm(dx, float(beta), _row_words(dz_bits), pairs, 1, pairs,
                  *_b_operand(w_bits, True, rows), True, numba.get_num_threads())
@@ -110,6 +126,8 @@ def accumulate_weight_grad(grad: np.ndarray, dz: np.ndarray, x: np.ndarray,
     rows = dz_bits.shape[0]
     _check("x", x_bits.shape[:1], (rows,))
     _output(grad, (dz_bits.shape[1], x_bits.shape[1]), "dW")
+    if _empty_product(grad, beta, rows):
+        return
     a_words = kernels.interleave_rows(dz_bits)
     kernels.gemm(grad, float(beta), a_words.reshape(-1), 1, a_words.shape[1], a_words.shape[0],
                  kernels.pack_panels(x_bits, True), _NO_SOURCE, True, numba.get_num_threads())

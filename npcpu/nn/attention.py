@@ -196,8 +196,9 @@ class CausalSelfAttention(Module):
         """out (B, T, C) for x (B, T, C). With a `cache` (eval mode only), the keys and values of
         x are appended to layer `layer`'s cache and the queries attend to every cached position."""
         x = self.check_input(x, features=self.n_embd)
-        if x.ndim != 3:
-            raise ValueError(f"{self!r}: expected input (B, T, {self.n_embd}), got {x.shape}")
+        if x.ndim != 3 or 0 in x.shape:
+            raise ValueError(f"{self!r}: expected input (B, T, {self.n_embd}) with B and T at least "
+                             f"1, got {x.shape}")
         if cache is not None and self.training:
             raise RuntimeError(f"{self!r}: a KVCache is for generation, in eval mode")
         self.c_attn.input_requires_grad = self.input_requires_grad

@@ -80,7 +80,7 @@ class Dropout(Module):
         stream = self.calls
         self.calls += 1
         self._stream, self._shape = stream, x.shape
-        self._first = self.row_offset * (x.size // x.shape[0]) if x.ndim else 0
+        self._first = self.row_offset * (x.size // x.shape[0]) if x.ndim and x.shape[0] else 0
         return self._apply(x, stream, self._first)
 
     def reapply(self, x: np.ndarray) -> np.ndarray:

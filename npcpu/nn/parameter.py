@@ -69,6 +69,8 @@ class Parameter:
         data = np.asarray(data)
         if data.dtype.kind != "f" and data.dtype not in HALF_DTYPES:
             raise TypeError(f"Parameter {name!r}: data must be floating point, got {data.dtype}")
+        if not data.dtype.isnative:  # big-endian data from a file: the kernels take native order
+            data = data.astype(data.dtype.newbyteorder("="))
         self.data = np.ascontiguousarray(data)
         self._grad: np.ndarray | None = None
         self._grad_is_zero = False  # zero_grad() was called and nothing has written _grad since
