@@ -388,6 +388,8 @@ def from_json(text: str, source: str) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{source}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: JSON nested too deeply to read") from None
     config = merge(defaults(), data, source)
     validate(config)
     return config

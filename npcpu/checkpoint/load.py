@@ -50,6 +50,8 @@ def load_checkpoint(path, *, check_finite: bool = True) -> tuple[dict, dict]:
         document = json.loads(state_path.read_bytes(), parse_constant=_reject_constant)
     except ValueError as err:
         raise CheckpointError(f"{state_path}: not valid JSON ({err})") from err
+    except RecursionError:
+        raise CheckpointError(f"{state_path}: JSON nested too deeply to read") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise CheckpointError(f"{state_path}: not an npcpu checkpoint (format "
                               f"{document.get('format') if isinstance(document, dict) else None!r})")
@@ -75,6 +77,8 @@ def load_checkpoint(path, *, check_finite: bool = True) -> tuple[dict, dict]:
         config = decode_plain(document.get("config"), "config")
     except CheckpointError as err:
         raise CheckpointError(f"{state_path}: {err}") from err
+    except RecursionError:
+        raise CheckpointError(f"{state_path}: state nested too deeply to read") from None
     if check_finite:
         for name in order:
             array = tensors[name]

@@ -232,7 +232,7 @@ def _recorded_metric(path: Path) -> tuple[float | None, str | None]:
         document = json.loads((path / STATE_FILE).read_bytes())
         metric = decode_plain(document["metric"], "metric")
         mode = document["mode"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None, None
     if isinstance(metric, bool) or not isinstance(metric, (int, float)):
         return None, mode

@@ -74,10 +74,12 @@ def parse_safetensors(buffer: bytearray, where: Path) -> dict[str, np.ndarray]:
         header = json.loads(bytes(buffer[8:data_start]))
     except ValueError as err:
         raise CheckpointError(f"{where}: unreadable safetensors header ({err})") from err
+    except RecursionError:
+        raise CheckpointError(f"{where}: safetensors header nested too deeply to read") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: safetensors header is not a JSON object")
     data_len = len(buffer) - data_start
-    arrays = {}
+    arrays, spans = {}, []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -85,7 +87,7 @@ def parse_safetensors(buffer: bytearray, where: Path) -> dict[str, np.ndarray]:
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
             shape = tuple(int(n) for n in entry["shape"])
             begin, end = (int(n) for n in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise CheckpointError(f"{where}: bad header entry for {name!r}: "
                                   f"{short(entry)}") from err
         count = math.prod(shape)
@@ -96,5 +98,13 @@ def parse_safetensors(buffer: bytearray, where: Path) -> dict[str, np.ndarray]:
                                   f"{data_len} data bytes")
         arrays[name] = (np.frombuffer(buffer, dtype, count, data_start + begin).reshape(shape)
                         if count else np.empty(shape, dtype))
+        if begin < end:
+            spans.append((begin, end, name))
+    # tensors sharing bytes would be one array under two names: a change to one changes both
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{where}: tensors {first!r} and {second!r} overlap in the "
+                                  "data (their data_offsets share bytes)")
     return arrays
 

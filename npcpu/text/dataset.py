@@ -90,11 +90,23 @@ def read_meta(data_dir) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise TextDataError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise TextDataError(f"{path}: JSON nested too deeply to read") from None
+    if not isinstance(meta, dict):
+        raise TextDataError(f"{path}: not a prepare-text meta.json (a JSON {type(meta).__name__}, "
+                            "not an object)")
     missing = [k for k in ("format", "tokenizer", "vocab_size", "dtype", "train_tokens",
                            "val_tokens") if k not in meta]
     if missing or meta["format"] != META_FORMAT:
         raise TextDataError(f"{path}: not a prepare-text meta.json (missing {missing} or format "
                             f"{meta.get('format')!r} != {META_FORMAT!r})")
+    for key, low in (("vocab_size", 1), ("train_tokens", 0), ("val_tokens", 0)):
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise TextDataError(f"{path}: {key} must be an integer >= {low}, got {value!r}")
+    for key in ("tokenizer", "dtype"):
+        if not isinstance(meta[key], str):
+            raise TextDataError(f"{path}: {key} must be a string, got {meta[key]!r}")
     return meta
 
 

@@ -132,7 +132,7 @@ def _check_out_dir(out_dir: Path, kind: str) -> None:
     if meta_path.exists():
         try:
             made_by = json.loads(meta_path.read_text(encoding="utf-8"))["tokenizer"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise TextDataError(f"{meta_path}: not a prepare-text meta.json; choose another "
                                 f"--out") from None
         if made_by != kind:

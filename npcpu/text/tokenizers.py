@@ -219,11 +219,19 @@ def tokenizer_from_json(text: str, source: str = "tokenizer JSON"):
         spec = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{source}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{source}: JSON nested too deeply to read") from None
     if not isinstance(spec, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(spec).__name__}")
     kind = spec.get("npcpu_tokenizer")
     if kind == "char":
-        return CharTokenizer(spec["chars"])
+        if not isinstance(spec.get("chars"), (list, str)):
+            raise ValueError(f"{source}: a char tokenizer needs 'chars', a list of characters, "
+                             f"got {spec.get('chars')!r}")
+        try:
+            return CharTokenizer(spec["chars"])
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
     if kind == "byte":
         return ByteTokenizer()
     if kind is not None:
@@ -232,14 +240,22 @@ def tokenizer_from_json(text: str, source: str = "tokenizer JSON"):
     if "model" not in spec:
         raise ValueError(f"{source}: neither an npcpu tokenizer nor a `tokenizers` "
                          f"tokenizer.json (no 'npcpu_tokenizer' or 'model' key)")
-    return BPETokenizer(_tokenizers_library().Tokenizer.from_str(text))
+    library = _tokenizers_library()
+    try:
+        return BPETokenizer(library.Tokenizer.from_str(text))
+    except Exception as e:  # the library raises its own exception type
+        raise ValueError(f"{source}: the tokenizers library cannot read it ({e})") from None
 
 
 def load_tokenizer(path):
     """Read a tokenizer saved by `save` (char, byte, bpe) or any `tokenizers` tokenizer.json."""
     path = os.fspath(path)
     with open(path, encoding="utf-8") as f:
-        return tokenizer_from_json(f.read(), source=path)
+        try:
+            text = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    return tokenizer_from_json(text, source=path)
 
 
 def same_tokenizer(a, b) -> bool:
