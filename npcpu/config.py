@@ -291,7 +291,11 @@ def merge(config: dict, overrides: dict, source: str) -> dict:
             if name not in SCHEMA[section]:
                 raise ConfigError(f"{source}: unknown key {section}.{name} "
                                   f"(keys of [{section}]: {', '.join(SCHEMA[section])})")
-            merged[section][name] = _check_value(f"{section}.{name}", SCHEMA[section][name], value)
+            try:
+                merged[section][name] = _check_value(f"{section}.{name}", SCHEMA[section][name],
+                                                     value)
+            except ConfigError as error:
+                raise ConfigError(f"{source}: {error}") from None
     return merged
 
 
@@ -325,8 +329,10 @@ def load_toml(path) -> dict:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
+    except ValueError as e:  # TOMLDecodeError, not UTF-8, an integer of over 4300 digits
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path}: TOML nested too deeply to read") from None
 
 
 def build_config(*, preset: str = "default", files=(), overrides: dict | None = None) -> dict:

@@ -120,8 +120,12 @@ def load_guide_yaml(path, notices: list) -> dict:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {e}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path}: YAML nested too deeply to read") from None
     return translate_guide(data, str(path), notices)
