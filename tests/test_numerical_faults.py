@@ -105,8 +105,8 @@ def test_overflow_thresholds_are_where_rounding_reaches_inf():
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_an_update_that_overflows_16_bit_storage_is_an_error_and_not_stored(make_optimizer, dtype):
     """Through the float32 master copy (always for float16; bfloat16 with master_weights): the
-    new value is finite in float32 but beyond what the 16-bit storage holds. A bfloat16 parameter
-    updated in place is rounded inside the kernel and is not checked."""
+    new value is finite in float32 but beyond what the 16-bit storage holds. (A bfloat16 parameter
+    updated in place is checked after the kernel: test_inplace_overflow.)"""
     dtype = np.dtype(np.float16) if dtype == "float16" else bfloat16
     # float16: 60000 + 15000; bfloat16: its largest finite + 1e36, below float32's largest
     top, size = (60000.0, 15000.0) if dtype == np.float16 else (3.3895e38, 1e36)

@@ -47,6 +47,7 @@ from typing import ContextManager
 import numpy as np
 
 from npcpu.checks import check_flag, check_int, check_real
+from npcpu.kernels.finite import EXPONENT_MASKS_16, count_nonfinite_bits
 from npcpu.kernels.grads import max_abs
 from npcpu.kernels.optim_io import ELEMENTS_PER_HASH, Rounding, random_scratch
 from npcpu.nn.parameter import Parameter
@@ -248,6 +249,24 @@ class Optimizer:
                 "stored into the parameter. Lower the learning rate or keep this parameter in "
                 "float32.")
 
+    def _check_updated_in_place(self, p: Parameter, first: int, stop: int) -> None:
+        """Raise FloatingPointError, naming `p`, when a 16-bit parameter updated in place (no
+        master copy) now holds Inf or NaN: an update that rounded to Inf, or a non-finite gradient
+        (updates inside backward check the loss, not the gradients). The value is already stored
+        and the optimizer state holds the update, so the run must stop here; its last checkpoint
+        is untouched."""
+        mask = EXPONENT_MASKS_16.get(p.data.dtype.name)
+        if mask is None:
+            return
+        bits = p.data.reshape(-1)[first:stop].view(np.uint16)
+        bad = count_nonfinite_bits(bits, mask) if bits.size else 0
+        if bad:
+            raise FloatingPointError(
+                f"{type(self).__name__}: the update of {p!r} in place left {bad} of its "
+                f"{bits.size} {p.data.dtype} values Inf or NaN (an update too large for "
+                f"{p.data.dtype}, or a non-finite gradient). Lower the learning rate, or keep a "
+                "float32 master copy (master_weights=True) or this parameter in float32.")
+
     def param_values(self, p: Parameter) -> np.ndarray:
         """The parameter's values in its compute dtype, from the master copy when there is one."""
         weights = self.weights_of(p)
@@ -309,7 +328,10 @@ class Optimizer:
             rounding = Rounding(stochastic=stochastic, seed=seed, stream=stream, first=np.uint64(first),
                                 random=random)
             self._update(flat(weights)[first:stop], grad, part, group, rounding)
-            self.publish_master(p, first, stop)
+            if weights is p.data:
+                self._check_updated_in_place(p, first, stop)
+            else:
+                self.publish_master(p, first, stop)
         return update
 
     # -- updates inside backward -----------------------------------------------------------------
