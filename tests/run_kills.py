@@ -111,14 +111,14 @@ def count_file_calls(run_dir: Path, kill_at: int | None) -> list:
     return calls
 
 
-def kill_after_call(owner, name: str, kill_at: int, when=lambda: True) -> None:
+def kill_after_call(owner, name: str, kill_at: int, when=lambda *args: True) -> None:
     """Replace owner.name by a wrapper that SIGKILLs after the `kill_at`-th call for which
-    `when()` holds."""
+    `when(*args)` holds."""
     original, calls = getattr(owner, name), [0]
 
     def wrapper(*args, **kwargs):
         result = original(*args, **kwargs)
-        if when():
+        if when(*args):
             calls[0] += 1
             if calls[0] == kill_at:
                 die()
@@ -141,8 +141,10 @@ def train(system: str, run_dir: Path, kill: dict | None, stats_path: Path | None
         threading.Timer(at, die).start()
     elif kind == "step":
         kill_after_call(trainer.optimizer, "step", at)
-    elif kind == "eval":
-        kill_after_call(trainer.model, "forward", at, when=lambda: not trainer.model.training)
+    elif kind == "eval":  # on the class: a wrapper on the instance would be copied with it
+        model = trainer.model
+        kill_after_call(type(model), "forward", at,
+                        when=lambda *args: args[0] is model and not model.training)
     elif kind == "resume-load":
         kill_after_call(trainer, "load_state_dict", 1)
     if list_checkpoints(run_dir):

@@ -71,6 +71,22 @@ def test_the_estimate_is_in_the_header_and_changes_nothing(monkeypatch):
     assert_same_state(run.trainer.state_dict(), reference.trainer.state_dict())
 
 
+def test_a_wrapped_forward_does_not_let_the_probe_move_the_model(monkeypatch):
+    """The probe's copy keeps a wrapper put on the model instance, which calls the original
+    model: the dropout streams it advances there are put back."""
+    def wrapped(run):
+        original = run.trainer.model.forward
+        run.trainer.model.forward = lambda x: original(x)
+        return run
+
+    run = wrapped(tiny_run())
+    run.fit(None, progress=False)
+    monkeypatch.setattr(memory, "activation_bytes", lambda model, x: 0)  # no probe forward
+    reference = wrapped(tiny_run())
+    reference.fit(None, progress=False)
+    assert_same_state(run.trainer.state_dict(), reference.trainer.state_dict())
+
+
 def test_estimate_scales_with_the_batch_and_counts_the_optimizer():
     small, large = tiny_run(), tiny_run(batch_size=256)
     a = memory.estimate_memory(small.trainer, small.trainer.make_loader(small.train_data, 64))

@@ -159,12 +159,16 @@ def activation_bytes(model, x: np.ndarray) -> int:
     if rows == 0:
         return 0
     probe = np.array(x[:PROBE_ROWS] if x.ndim else x)  # its own buffer, which layers may save
-    # the copy shares the weights, their gradients and an optimizer fused into backward
+    # the copy shares the weights, their gradients and an optimizer fused into backward (the
+    # accumulator itself: reading `grad` while it is marked zero would allocate zeros)
     shared = {id(a): a for p in model.parameters() for a in (p.data, p._grad) if a is not None}
     kept = {id(p.updater): p.updater for p in model.parameters() if p.updater is not None}
     twin = copy.deepcopy(model, memo={**shared, **kept})
     twin.train()
     counts = Counter(work.counts)
+    # a wrapper a caller put on one of the model's methods is copied as it is, still calling
+    # the original model: whatever the probe then advanced there (dropout streams) is put back
+    extra = [(module, module.extra_state()) for module in model.modules()]
     try:
         before = _held_buffers(twin.modules())
         out = twin.forward(probe)
@@ -172,6 +176,8 @@ def activation_bytes(model, x: np.ndarray) -> int:
     finally:
         work.reset()
         work.counts.update(counts)
+        for module, state in extra:
+            module.load_extra_state(state)
     new = [size for key, size in after.items() if key not in before and key not in shared]
     held = sum(new) + 2 * max(new, default=0) + 2 * np.asarray(out).nbytes
     return math.ceil(held * rows / probe.shape[0]) if x.ndim else held
