@@ -16,7 +16,9 @@ SciPy's BLAS was loaded before npcpu was imported.
 
 The Numba threading layer is chosen before the first parallel kernel runs: TBB where it is installed
 (fork-safe and thread-safe: the data loader's prefetch thread may launch kernels while the main
-thread does), otherwise OpenMP, otherwise Numba's own workqueue.
+thread does), otherwise OpenMP, otherwise Numba's own workqueue. tbb's wheels are x86-64 only: on
+Linux aarch64 the layer is GNU OpenMP, which terminates a forked child that runs a kernel after its
+parent ran one (child processes there need the "spawn" or "forkserver" start method).
 """
 
 from __future__ import annotations

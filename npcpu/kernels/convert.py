@@ -124,7 +124,8 @@ def bf16_bits_to_f32(bits):
 
 @njit(inline="always", cache=True)
 def round_f16_nearest_bits(value):
-    """The float16 bit pattern (uint16) nearest to `value`, ties to even, as NumPy's astype.
+    """The float16 bit pattern (uint16) nearest to `value`, ties to even, as NumPy's astype (a NaN
+    keeps its payload and stays signalling or quiet, as NumPy on x86; Arm's NumPy quiets it).
 
     `value` is taken as float32. On the magnitude bits ``a`` (sign handled apart):
 
