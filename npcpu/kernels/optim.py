@@ -50,6 +50,15 @@ LambHyper = namedtuple("LambHyper", ["one_minus_beta1", "beta2", "one_minus_beta
                                      "inverse_bias_correction2", "maximize"])
 """LAMB's settings for one step (see lamb_moments): floats in the compute dtype, then a bool."""
 
+PARALLEL_ELEMENTS = 1 << 15
+"""Tensors with fewer elements are updated by the `*_serial` kernels on the calling thread: a
+parallel launch (waking the other threads, joining them) then costs more than the threads save."""
+
+
+def for_size(parallel_kernel, serial_kernel, n: int):
+    """The kernel to update an n-element tensor with: `serial_kernel` under PARALLEL_ELEMENTS."""
+    return parallel_kernel if n >= PARALLEL_ELEMENTS else serial_kernel
+
 
 # ---------------------------------------------------------------------------------------------
 # SGD (torch.optim.SGD, single-tensor algorithm), its per-element rule shared with compiled_step
@@ -99,6 +108,14 @@ def _sgd_block(param, grad, momentum_buffer, hyper, rounding, random, start):
         store(param, j, sgd_apply(w, g, hyper), stochastic, param_random)
 
 
+@njit(cache=True, error_model="numpy")
+def _sgd_block_of(param, grad, momentum_buffer, hyper, rounding, block):
+    """_sgd_block on block number `block` of the whole arrays, with the calling thread's scratch."""
+    start, stop = block * BLOCK, min(param.size, (block + 1) * BLOCK)
+    _sgd_block(param[start:stop], grad[start:stop], block_of(momentum_buffer, start, stop), hyper,
+               rounding, rounding.random[numba.get_thread_id()], rounding.first + start)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def sgd_step(param, grad, momentum_buffer, hyper, rounding):
     """One SGD step in place on `param` (n,) and `momentum_buffer` ((n,), or None without momentum),
@@ -110,11 +127,16 @@ def sgd_step(param, grad, momentum_buffer, hyper, rounding):
     g = g + momentum * b if nesterov else b                   (with a momentum buffer)
     w = w - lr * g
     """
-    n = param.size
-    for block in prange(block_count(n)):
-        start, stop = block * BLOCK, min(n, (block + 1) * BLOCK)
-        _sgd_block(param[start:stop], grad[start:stop], block_of(momentum_buffer, start, stop), hyper,
-                   rounding, rounding.random[numba.get_thread_id()], rounding.first + start)
+    for block in prange(block_count(param.size)):
+        _sgd_block_of(param, grad, momentum_buffer, hyper, rounding, block)
+
+
+@njit(cache=True, error_model="numpy")
+def sgd_step_serial(param, grad, momentum_buffer, hyper, rounding):
+    """sgd_step on the calling thread alone (the same blocks, so the same bits): for tensors under
+    PARALLEL_ELEMENTS, where waking the other threads costs more than they save."""
+    for block in range(block_count(param.size)):
+        _sgd_block_of(param, grad, momentum_buffer, hyper, rounding, block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +181,15 @@ def _adam_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, roundin
         store(param, j, w + ((-hyper.step_size) * m) / denom, stochastic, param_random)  # addcdiv_
 
 
+@njit(cache=True, error_model="numpy")
+def _adam_block_of(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding, block):
+    """_adam_block on block number `block` of the whole arrays, with the calling thread's scratch."""
+    start, stop = block * BLOCK, min(param.size, (block + 1) * BLOCK)
+    _adam_block(param[start:stop], grad[start:stop], exp_avg[start:stop], exp_avg_sq[start:stop],
+                block_of(max_exp_avg_sq, start, stop), hyper, rounding,
+                rounding.random[numba.get_thread_id()], rounding.first + start)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding):
     """One Adam (AdamW when `decay_factor` != 1) step in place on param, exp_avg, exp_avg_sq (n,),
@@ -173,12 +204,15 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding)
     with step_size = lr / (1 - beta1^t) and bias_correction2_sqrt = sqrt(1 - beta2^t).
     `max_exp_avg_sq` is (n,) for AMSGrad, else None.
     """
-    n = param.size
-    for block in prange(block_count(n)):
-        start, stop = block * BLOCK, min(n, (block + 1) * BLOCK)
-        _adam_block(param[start:stop], grad[start:stop], exp_avg[start:stop], exp_avg_sq[start:stop],
-                    block_of(max_exp_avg_sq, start, stop), hyper, rounding,
-                    rounding.random[numba.get_thread_id()], rounding.first + start)
+    for block in prange(block_count(param.size)):
+        _adam_block_of(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding, block)
+
+
+@njit(cache=True, error_model="numpy")
+def adam_step_serial(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding):
+    """adam_step on the calling thread alone (see sgd_step_serial)."""
+    for block in range(block_count(param.size)):
+        _adam_block_of(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding, block)
 
 
 # ---------------------------------------------------------------------------------------------

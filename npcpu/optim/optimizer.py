@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 from typing import ContextManager
 
+import numba
 import numpy as np
 
 from npcpu.checks import check_flag, check_int, check_real
@@ -131,6 +132,7 @@ class Optimizer:
         self._index: dict[int, int] = {}  # id(Parameter) -> index
         self._group_index: dict[int, int] = {}  # id(Parameter) -> position of its group
         self.fused_into_backward = False
+        self._random = None  # the kernels' random scratch (random_scratch), made at the first step
 
         if isinstance(params, (Parameter, np.ndarray, dict)):
             raise TypeError(f"{owner}: params must be an iterable of Parameters or of dicts, got a "
@@ -273,30 +275,22 @@ class Optimizer:
                                "(fuse_into_backward was called); step() must not be called")
         for p in self._params:
             if not p.frozen and p.grad is not None:
-                self.begin_update(p)(flat(self._checked_grad(p)))
+                grad = flat(self._checked_grad(p))
+                index, group, state, weights = self._count_step(p)
+                self._update(flat(weights), grad, state, group, self._rounding(state, index, 0))
+                if weights is not p.data:
+                    self.publish_master(p)
 
     def begin_update(self, p: Parameter):
         """Count one step of `p` (creating its state at the first) and return `update(grad, first=0)`,
         which updates p's elements first .. first + grad.size - 1 (in C order) from `grad`, their
         gradient (flat, in p's compute dtype). `first` must be a multiple of `element_alignment`.
         Call it once with the whole gradient, or once per disjoint range until every element is
-        updated (elementwise optimizers only): both give the same result, bit for bit."""
+        updated (elementwise optimizers only): both give the same result, bit for bit; `step()`
+        is the first way."""
         owner = type(self).__name__
-        index = self._index[id(p)]
-        group = self.param_groups[self._group_index[id(p)]]
-        state = self.state.get(index)
-        if state is None:
-            state = self.state[index] = self._init_state(p, group)
-        for name, dtype in self._state_spec(p, group).items():
-            if name not in state:  # an option switched on mid-run (momentum, amsgrad)
-                state[name] = np.zeros(p.shape, dtype=dtype)
-        state["step"] += 1
-        weights = self.weights_of(p)
+        index, group, state, weights = self._count_step(p)
         arrays = {name: flat(a) for name, a in state.items() if isinstance(a, np.ndarray)}
-        stochastic = self.stochastic_rounding and any(
-            a.dtype == bfloat16 for a in (weights, *state.values()) if isinstance(a, np.ndarray))
-        seed, stream = np.uint64(self.seed), np.uint64((state["step"] << 32) | index)
-        random = random_scratch()  # the kernels' per-thread scratch for random bits
 
         def update(grad: np.ndarray, first: int = 0) -> None:
             stop, alignment = first + grad.size, self.element_alignment
@@ -306,11 +300,37 @@ class Optimizer:
                                  "parameter" + ("" if self.elementwise else
                                                 f", and {owner} updates whole tensors only"))
             part = {**state, **{name: a[first:stop] for name, a in arrays.items()}}
-            rounding = Rounding(stochastic=stochastic, seed=seed, stream=stream, first=np.uint64(first),
-                                random=random)
-            self._update(flat(weights)[first:stop], grad, part, group, rounding)
+            self._update(flat(weights)[first:stop], grad, part, group,
+                         self._rounding(state, index, first))
             self.publish_master(p, first, stop)
         return update
+
+    def _count_step(self, p: Parameter) -> tuple[int, dict, dict, np.ndarray]:
+        """Count one step of `p`, creating its state at the first (and any array an option switched
+        on mid-run needs: momentum, amsgrad); return (its index, its group, its state, the array
+        its updates go into)."""
+        index = self._index[id(p)]
+        group = self.param_groups[self._group_index[id(p)]]
+        state = self.state.get(index)
+        if state is None:
+            state = self.state[index] = self._init_state(p, group)
+        elif any(name not in state for name in self._moment_names(group)):
+            for name, dtype in self._state_spec(p, group).items():
+                if name not in state:
+                    state[name] = np.zeros(p.shape, dtype=dtype)
+        state["step"] += 1
+        return index, group, state, state.get("master_param", p.data)
+
+    def _rounding(self, state: dict, index: int, first: int) -> Rounding:
+        """The kernels' Rounding for elements first.. of parameter `index` at this step. Only the
+        bf16 arrays a kernel stores into are rounded, so `stochastic` is the optimizer's setting;
+        the random scratch is made once (again if the thread count grows)."""
+        threads = numba.get_num_threads()
+        if self._random is None or len(self._random) < threads:
+            self._random = random_scratch()
+        return Rounding(stochastic=self.stochastic_rounding, seed=np.uint64(self.seed),
+                        stream=np.uint64((state["step"] << 32) | index), first=np.uint64(first),
+                        random=self._random)
 
     # -- updates inside backward -----------------------------------------------------------------
     def fuse_into_backward(self) -> None:
