@@ -1,6 +1,9 @@
 """The serial optimizer kernels (small tensors) store exactly what the parallel ones store, and the
 optimizers pick them by size alone."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -79,3 +82,26 @@ def test_optimizers_choose_the_serial_kernel_by_size_alone(monkeypatch, num_thre
         results.append([p.data.view(np.uint16).copy() for p in params])
     for parallel, serial in zip(*results):
         np.testing.assert_array_equal(serial, parallel)
+
+
+FIRST_STEP_OF_A_PROCESS = """
+import numpy as np
+from npcpu.nn.parameter import Parameter
+from npcpu.optim.adam import Adam
+from npcpu.optim.sgd import SGD
+for make in (lambda ps: SGD(ps, lr=0.1), lambda ps: Adam(ps, lr=0.1)):
+    p = Parameter(np.ones(10, np.float32))
+    p.grad = np.ones(10, np.float32)
+    make([p]).step()
+    assert p.data[0] < 1, p.data
+print("stepped")
+"""
+
+
+def test_a_serial_kernel_may_be_the_first_kernel_of_a_process():
+    """Twice in fresh processes (the second loads the kernels from Numba's cache): a small step runs
+    before any parallel kernel has started Numba's threads."""
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", FIRST_STEP_OF_A_PROCESS], capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0 and "stepped" in result.stdout, result.stderr[-2000:]

@@ -109,11 +109,11 @@ def _sgd_block(param, grad, momentum_buffer, hyper, rounding, random, start):
 
 
 @njit(cache=True, error_model="numpy")
-def _sgd_block_of(param, grad, momentum_buffer, hyper, rounding, block):
-    """_sgd_block on block number `block` of the whole arrays, with the calling thread's scratch."""
+def _sgd_block_of(param, grad, momentum_buffer, hyper, rounding, block, thread):
+    """_sgd_block on block number `block` of the whole arrays, with thread `thread`'s scratch."""
     start, stop = block * BLOCK, min(param.size, (block + 1) * BLOCK)
     _sgd_block(param[start:stop], grad[start:stop], block_of(momentum_buffer, start, stop), hyper,
-               rounding, rounding.random[numba.get_thread_id()], rounding.first + start)
+               rounding, rounding.random[thread], rounding.first + start)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -128,15 +128,17 @@ def sgd_step(param, grad, momentum_buffer, hyper, rounding):
     w = w - lr * g
     """
     for block in prange(block_count(param.size)):
-        _sgd_block_of(param, grad, momentum_buffer, hyper, rounding, block)
+        _sgd_block_of(param, grad, momentum_buffer, hyper, rounding, block, numba.get_thread_id())
 
 
 @njit(cache=True, error_model="numpy")
 def sgd_step_serial(param, grad, momentum_buffer, hyper, rounding):
     """sgd_step on the calling thread alone (the same blocks, so the same bits): for tensors under
-    PARALLEL_ELEMENTS, where waking the other threads costs more than they save."""
+    PARALLEL_ELEMENTS, where waking the other threads costs more than they save. It takes the
+    scratch's row 0 (numba.get_thread_id outside a parallel kernel may run before Numba's threads
+    exist: a crash when this kernel is loaded from the cache)."""
     for block in range(block_count(param.size)):
-        _sgd_block_of(param, grad, momentum_buffer, hyper, rounding, block)
+        _sgd_block_of(param, grad, momentum_buffer, hyper, rounding, block, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,12 +184,13 @@ def _adam_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, roundin
 
 
 @njit(cache=True, error_model="numpy")
-def _adam_block_of(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding, block):
-    """_adam_block on block number `block` of the whole arrays, with the calling thread's scratch."""
+def _adam_block_of(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding, block,
+                   thread):
+    """_adam_block on block number `block` of the whole arrays, with thread `thread`'s scratch."""
     start, stop = block * BLOCK, min(param.size, (block + 1) * BLOCK)
     _adam_block(param[start:stop], grad[start:stop], exp_avg[start:stop], exp_avg_sq[start:stop],
-                block_of(max_exp_avg_sq, start, stop), hyper, rounding,
-                rounding.random[numba.get_thread_id()], rounding.first + start)
+                block_of(max_exp_avg_sq, start, stop), hyper, rounding, rounding.random[thread],
+                rounding.first + start)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -205,14 +208,15 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding)
     `max_exp_avg_sq` is (n,) for AMSGrad, else None.
     """
     for block in prange(block_count(param.size)):
-        _adam_block_of(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding, block)
+        _adam_block_of(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding, block,
+                       numba.get_thread_id())
 
 
 @njit(cache=True, error_model="numpy")
 def adam_step_serial(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding):
-    """adam_step on the calling thread alone (see sgd_step_serial)."""
+    """adam_step on the calling thread alone, with the scratch's row 0 (see sgd_step_serial)."""
     for block in range(block_count(param.size)):
-        _adam_block_of(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding, block)
+        _adam_block_of(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding, block, 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 from typing import ContextManager
 
-import numba
 import numpy as np
 
 from npcpu.checks import check_flag, check_int, check_real
@@ -324,9 +323,8 @@ class Optimizer:
     def _rounding(self, state: dict, index: int, first: int) -> Rounding:
         """The kernels' Rounding for elements first.. of parameter `index` at this step. Only the
         bf16 arrays a kernel stores into are rounded, so `stochastic` is the optimizer's setting;
-        the random scratch is made once (again if the thread count grows)."""
-        threads = numba.get_num_threads()
-        if self._random is None or len(self._random) < threads:
+        the random scratch (for any thread count) is made once."""
+        if self._random is None:
             self._random = random_scratch()
         return Rounding(stochastic=self.stochastic_rounding, seed=np.uint64(self.seed),
                         stream=np.uint64((state["step"] << 32) | index), first=np.uint64(first),
