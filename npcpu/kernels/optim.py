@@ -14,7 +14,8 @@ work per element) only if that loop is also short. What that takes in Numba:
   preceded by a zero check that raises, and that branch alone keeps LLVM from vectorizing.
   IEEE results are the same (the denominators here are never 0, and nothing else is checked).
 - prange over blocks; each block is a plain `for j in range(count)` over views sliced to the block,
-  so the indices are provably non-negative and consecutive.
+  so the indices are provably non-negative and consecutive. Tensors under PARALLEL_ELEMENTS go to
+  the `*_serial` twins, which run the same blocks in a plain loop on the calling thread.
 - no loads under a condition (the random bits are read, then selected), no calls that are not
   inlined; options that change the loop's structure (AMSGrad, SGD's momentum) are decided at
   compile time by passing None, flags such as `maximize` are loop invariant.

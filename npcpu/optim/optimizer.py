@@ -32,11 +32,12 @@ it is complete, during the backward pass (`Parameter.updater`: the optimizer imp
 npcpu.nn.parameter.InBackwardUpdater, all that nn/ knows of it); `step()` is then not called. A
 Linear layer does it a block of weight rows at a time (npcpu.nn.weight_blocks), so the model never
 holds its whole gradient: for mlp52m in bf16 that is 216 MB of float32 gradients not allocated.
-Both paths run the same code: `begin_update(p)` counts the step and returns a function that updates
-a contiguous range of p's elements; `step()` calls it once with the whole gradient. For the
-elementwise optimizers (SGD, Adam, AdamW) the result does not depend on how the elements are split
-(the stochastic-rounding bits included); LAMB's trust ratio needs the norm of the whole update, so
-LAMB cannot be fused.
+Both paths run the same code: `begin_update(p)` counts the step (`_count_step`) and returns a
+function that updates a contiguous range of p's elements (`_update`); `step()` counts and updates
+each whole tensor directly (no function made per parameter and step, which small models notice).
+For the elementwise optimizers (SGD, Adam, AdamW) the result does not depend on how the elements
+are split (the stochastic-rounding bits included); LAMB's trust ratio needs the norm of the whole
+update, so LAMB cannot be fused.
 """
 
 from __future__ import annotations
