@@ -51,7 +51,9 @@ def test_the_written_files_are_real_mnist_format(tmp_path):
     assert raw[:2] == b"\x1f\x8b"  # gzip
     train, test = load_mnist(tmp_path), load_mnist(tmp_path, train=False)
     assert train.x.shape == (50, 784) and test.x.shape == (20, 784)
-    assert 0.0 <= train.x.min() and train.x.max() <= 1.0
+    assert train.x.dtype == np.uint8 and train.scale == np.float32(1 / 255)  # kept as stored
+    x, _ = train.batch(np.arange(50))
+    assert x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0
 
 
 def test_npcpu_train_on_mnist_files_reaches_the_accuracy(tmp_path, capsys):
