@@ -133,23 +133,34 @@ def _numpy_logreg_loop(args):
     return epoch, len(x), {"loop": "plain NumPy: x W^T + b, softmax, dz^T x, in-place updates"}
 
 
-def _npcpu_logreg_trainer(args):
-    from npcpu.data.arrays import ArrayDataset
-    from npcpu.nn.losses import CrossEntropyLoss
-    from npcpu.optim.sgd import SGD
-    from npcpu.train.trainer import Trainer
-    model = wl.npcpu_logreg()
-    trainer = Trainer(model, CrossEntropyLoss(), SGD(model.parameters(), lr=wl.LOGREG_LR),
-                      log_stream=io.StringIO())
-    dataset = ArrayDataset(*wl.logreg_data(args.samples), num_classes=wl.LOGREG_CLASSES)
-    epochs_done = 0
+def _npcpu_logreg_trainer(pixels: bool):
+    """Trainer.fit on the float32 rows, or (`pixels`) on them as MNIST stores images: uint8
+    round(255 x) with the data set's scale 1 / 255, which the compiled step reads as they are."""
+    def build(args):
+        from npcpu.data.arrays import ArrayDataset
+        from npcpu.nn.losses import CrossEntropyLoss
+        from npcpu.optim.sgd import SGD
+        from npcpu.train.trainer import Trainer
+        model = wl.npcpu_logreg()
+        trainer = Trainer(model, CrossEntropyLoss(), SGD(model.parameters(), lr=wl.LOGREG_LR),
+                          log_stream=io.StringIO())
+        x, y = wl.logreg_data(args.samples)
+        if pixels:
+            dataset = ArrayDataset(np.rint(x * 255).astype(np.uint8), y,
+                                   num_classes=wl.LOGREG_CLASSES, scale=1 / 255)
+        else:
+            dataset = ArrayDataset(x, y, num_classes=wl.LOGREG_CLASSES)
+        epochs_done = 0
 
-    def epoch():  # fit() continues from the trainer's counters: each call trains one more epoch
-        nonlocal epochs_done
-        epochs_done += 1
-        trainer.fit(dataset, epochs=epochs_done, batch_size=wl.BATCH)
-    return epoch, len(dataset), {"loop": "Trainer.fit(ArrayDataset, epochs=1), default options "
-                                 "(its header, progress lines and prefetch thread included)"}
+        def epoch():  # fit() continues from the trainer's counters: each call trains one more epoch
+            nonlocal epochs_done
+            epochs_done += 1
+            trainer.fit(dataset, epochs=epochs_done, batch_size=wl.BATCH)
+        return epoch, len(dataset), {
+            "loop": "Trainer.fit(ArrayDataset, epochs=1), default options (its header, progress "
+                    "lines and prefetch thread included)",
+            "data": "uint8 pixels, scale 1/255" if pixels else "float32"}
+    return build
 
 
 def _npcpu_logreg_compiled(args):
@@ -257,7 +268,8 @@ CONFIGS = {
     ],
     "logreg-mnist": [
         Config("npcpu layer loop", "npcpu", _npcpu_logreg_loop),
-        Config("npcpu Trainer.fit", "npcpu", _npcpu_logreg_trainer),
+        Config("npcpu Trainer.fit", "npcpu", _npcpu_logreg_trainer(pixels=False)),
+        Config("npcpu uint8 pixels, Trainer.fit", "npcpu", _npcpu_logreg_trainer(pixels=True)),
         Config("npcpu CompiledClassifierStep", "npcpu", _npcpu_logreg_compiled),
         Config("naive NumPy", "numpy", _numpy_logreg_loop),
         Config("torch eager, default SGD", "torch", _torch_logreg({})),

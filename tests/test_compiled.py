@@ -162,6 +162,29 @@ def test_epochs_match_reference_loop(model_name, optimizer_name, drop_last, num_
                                        state["momentum_buffer"], rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("model_name", MODELS)
+def test_uint8_pixels_with_a_scale_match_the_reference_loop(model_name, num_threads):
+    """The compiled step reads the uint8 pixels and scales the GEMMs' sums; the reference loop
+    gets the data set's float32 batches (pixels times the scale)."""
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (203, 23), dtype=np.uint8)
+    dataset = ArrayDataset(pixels, rng.integers(0, 5, 203), scale=1 / 255)
+    loader = DataLoader(dataset, 16, seed=7, prefetch=0)
+    reference = _problem(MODELS[model_name](), OPTIMIZERS["momentum_decay"])
+    compiled = _problem(MODELS[model_name](), OPTIMIZERS["momentum_decay"])
+    step = CompiledClassifierStep(*compiled)
+    for epoch in (0, 1):
+        np.testing.assert_allclose(step.train_epoch(loader, epoch),
+                                   _reference_epoch(*reference, loader, epoch), rtol=RTOL, atol=ATOL)
+    for (name, want), (_, got) in zip(reference[0].state_dict().items(),
+                                      compiled[0].state_dict().items()):
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=name)
+    with pytest.raises(TypeError, match="x must be a float32 array, got uint8 .uint8 pixels need"):
+        step.train_steps(pixels, dataset.y, np.arange(203), 16)
+    with pytest.raises(TypeError, match="x must be a uint8 array, got float32"):
+        step.train_steps(pixels.astype(np.float32), dataset.y, np.arange(203), 16, x_scale=0.5)
+
+
 def test_reference_path_continues_a_compiled_run_in_float64():
     rng = np.random.default_rng(4)
     dataset = ArrayDataset(rng.standard_normal((60, 23)), rng.integers(0, 5, 60))

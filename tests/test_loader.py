@@ -55,6 +55,22 @@ def test_array_dataset_validation(x, y, error, message):
         ArrayDataset(x, y)
 
 
+def test_array_dataset_keeps_uint8_pixels_with_a_scale():
+    x = np.array([[0, 255, 7], [128, 1, 2]], dtype=np.uint8)
+    ds = ArrayDataset(x, np.array([1, 0]), scale=1 / 255)
+    assert ds.x is x and ds.scale == np.float32(1 / 255)  # no float32 copy of the data
+    xb, _ = ds.batch([1, 0])
+    assert xb.dtype == np.float32
+    np.testing.assert_array_equal(xb, x[[1, 0]].astype(np.float32) * np.float32(1 / 255))
+    assert xb[1, 1] == 1.0 and ds[0][0].dtype == np.float32
+    np.testing.assert_array_equal(ds[-1][0], xb[0])
+    with pytest.raises(TypeError, match="a scale is for uint8 x .pixels., got x of dtype float32"):
+        ArrayDataset(x.astype(np.float32), np.array([1, 0]), scale=0.5)
+    for bad in (0.0, -1.0, float("nan"), "1"):
+        with pytest.raises(ValueError, match="scale must be a positive finite number"):
+            ArrayDataset(x, np.array([1, 0]), scale=bad)
+
+
 def test_array_dataset_num_classes_bound():
     with pytest.raises(ValueError, match=r"num_classes=3, y\[2\] = 3"):
         ArrayDataset(np.zeros((3, 1)), np.array([0, 1, 3]), num_classes=3)

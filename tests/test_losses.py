@@ -106,6 +106,19 @@ def test_cross_entropy_all_ignored_is_nan_with_zero_gradient_like_torch(torch):
     np.testing.assert_array_equal(loss_fn.backward(), 0.0)
 
 
+@pytest.mark.parametrize("ignore_index, ignored_rows", [(-100, 0), (-100, 3), (4, 0), (4, 2)])
+def test_cross_entropy_mean_counts_exactly_the_rows_not_ignored(ignore_index, ignored_rows):
+    """Batches the target check takes its short way for (all in range) and the long way for."""
+    rng = np.random.default_rng(25)
+    logits = rng.standard_normal((9, 6)).astype(np.float64)
+    targets = rng.choice([c for c in range(6) if c != ignore_index], 9)
+    targets[:ignored_rows] = ignore_index
+    losses, _ = cross_entropy_numpy(logits, targets, ignore_index, 0.0, 1.0)
+    loss_fn = CrossEntropyLoss(ignore_index=ignore_index)
+    np.testing.assert_allclose(loss_fn(logits, targets), losses.sum() / (9 - ignored_rows),
+                               rtol=1e-12)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_mse_matches_torch(torch, reduction):
     rng = np.random.default_rng(24)

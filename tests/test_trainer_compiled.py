@@ -139,6 +139,17 @@ def test_compiled_fit_matches_the_reference_loop(model_name, setup):
     assert_same_training_state(compiled, reference)
 
 
+def test_uint8_pixels_take_the_compiled_path_and_train_as_the_reference():
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (203, 12), dtype=np.uint8)
+    data = ArrayDataset(pixels, rng.integers(0, 5, 203), scale=1 / 255)
+    compiled, compiled_calls = fit("auto", data=data, epochs=2)
+    reference, reference_calls = fit("off", data=data, epochs=2)
+    assert "compiled step: on" in log_of(compiled)
+    assert_same_metrics([m for _, m in compiled_calls.steps], [m for _, m in reference_calls.steps])
+    assert_same_training_state(compiled, reference)
+
+
 def test_a_drop_last_loader_is_followed_exactly():
     loaders = [DataLoader(make_data(), BATCH, seed=3, drop_last=True) for _ in range(2)]
     compiled, compiled_calls = fit("auto", data=loaders[0], epochs=2)

@@ -60,12 +60,15 @@ from npcpu.kernels.softmax import cross_entropy_row
 BATCH_TILE = 16  # rows per tile of layer 0's GEMMs; the next tile's rows are prefetched
 COLUMN_BLOCKS = 4  # layer 0's columns in blocks, summed in block order; threads divide it
 
-StepPlan = namedtuple("StepPlan", ["x", "y", "order", "batch_size", "first_batch", "steps", "lrs",
-                                   "first_step"])
+StepPlan = namedtuple("StepPlan", ["x", "x_scale", "y", "order", "batch_size", "first_batch",
+                                   "steps", "lrs", "first_step"])
 """What `train_worker` runs: `steps` steps from batch `first_batch` of `order` (S,) int64, batch b
-being order[b * batch_size : (b + 1) * batch_size] (the last one may be shorter), over x (S, D)
-and labels y (S,) int64; lrs (steps, P) float64 the learning rate of each step and parameter;
-`first_step`: SGD has taken no step yet."""
+being order[b * batch_size : (b + 1) * batch_size] (the last one may be shorter), over features
+x (S, D) * x_scale and labels y (S,) int64; lrs (steps, P) float64 the learning rate of each step
+and parameter; `first_step`: SGD has taken no step yet. x is in the parameters' dtype with
+x_scale 1 (multiplying by 1 is exact), or uint8 pixels with x_scale in that dtype (1 / 255 for
+MNIST): the GEMMs then read a quarter of the bytes, and the scale is applied to their sums
+(layer0_output, layer0_weight_update)."""
 ThreadModel = namedtuple("ThreadModel", ["weights", "biases", "relu", "momentum_buffers", "hyper",
                                          "flags", "grad_weights", "grad_biases"])
 """One thread's parameters and SGD settings: weights[l] (M, K), biases[l] (M,) or (0,), relu (L,)
@@ -156,16 +159,17 @@ def layer0_partial_sums(x, rows, weight, thread, threads, partials):
 
 
 @njit(cache=True)
-def layer0_output(partials, bias, relu, first, stop, out):
-    """out[i] = relu?(partials[0, i] + ... + partials[C - 1, i] + bias) for first <= i < stop: the
-    block sums added in block order, so the result does not depend on which thread summed which
-    block."""
+def layer0_output(partials, x_scale, bias, relu, first, stop, out):
+    """out[i] = relu?((partials[0, i] + ... + partials[C - 1, i]) * x_scale + bias) for
+    first <= i < stop: the block sums added in block order, so the result does not depend on which
+    thread summed which block."""
     zero = out.dtype.type(0)
     for i in range(first, stop):
         for m in range(out.shape[1]):
             v = partials[0, i, m]
             for block in range(1, COLUMN_BLOCKS):
                 v += partials[block, i, m]
+            v *= x_scale
             if bias.size:
                 v += bias[m]
             out[i, m] = zero if relu and v <= zero else v  # NaN stays NaN, as torch.relu
@@ -182,7 +186,7 @@ def sum_of_squares(a):
 
 
 @njit(cache=True)
-def head_rows(model, shared, partials, rows, y, first, stop, scale, base):
+def head_rows(model, shared, partials, x_scale, rows, y, first, stop, scale, base):
     """Everything of a step after layer 0's GEMM for the batch rows first .. stop - 1 (a row
     group; their samples are rows[first:stop]): layer 0's bias and ReLU, the layers above forward,
     the loss, their backward down to dz_0. The group's gradients of every parameter but W_0 go to
@@ -193,7 +197,7 @@ def head_rows(model, shared, partials, rows, y, first, stop, scale, base):
     n_layers = len(weights)
     count = stop - first
     local = np.arange(first, stop)
-    layer0_output(partials, biases[0], relu[0], first, stop, acts[0])
+    layer0_output(partials, x_scale, biases[0], relu[0], first, stop, acts[0])
     for l in range(1, n_layers):
         linear_forward(acts[l - 1], local, weights[l], biases[l], relu[l], acts[l][first:stop], 0,
                        weights[l].shape[1])
@@ -248,9 +252,10 @@ def head_update(model, shared, lrs, first_step):
 
 
 @njit(cache=True)
-def layer0_weight_update(model, x, rows, next_rows, dz, thread, threads, hyper, block_squares):
-    """g_W0 = dz_0^T x[rows] for the columns of this thread's blocks (tile by tile of rows, as in
-    layer0_partial_sums), then SGD (`hyper`, an SGDHyper) on those columns of W_0;
+def layer0_weight_update(model, x, x_scale, rows, next_rows, dz, thread, threads, hyper,
+                         block_squares):
+    """g_W0 = (dz_0^T x[rows]) * x_scale for the columns of this thread's blocks (tile by tile of
+    rows, as in layer0_partial_sums), then SGD (`hyper`, an SGDHyper) on those columns of W_0;
     block_squares[c] = the sum of squared gradients of block c.
 
     x[rows] is in this core's cache by now, so the memory bus would be idle: each tile prefetches
@@ -270,6 +275,7 @@ def layer0_weight_update(model, x, rows, next_rows, dz, thread, threads, hyper, 
                             stop)
     for block in range(thread, COLUMN_BLOCKS, threads):
         first, stop = column_block(n_in, block)
+        grad_weight[:, first:stop] *= x_scale
         block_squares[block] = 0.0
         for m in range(n_out):
             block_squares[block] += sum_of_squares(grad_weight[m, first:stop])
@@ -317,9 +323,9 @@ def train_worker(thread, threads, plan, model, shared):
         if thread == 0 and s > 0:
             shared.grad_norms[s - 1] = np.sqrt(head_squares + block_squares[(s - 1) % 2].sum())
         for g in range(thread, COLUMN_BLOCKS, threads):
-            shared.group_losses[g] = head_rows(model, shared, partials[s % 2], rows, plan.y,
-                                               n * g // COLUMN_BLOCKS, n * (g + 1) // COLUMN_BLOCKS,
-                                               1.0 / n, g * n_layers)
+            shared.group_losses[g] = head_rows(model, shared, partials[s % 2], plan.x_scale, rows,
+                                               plan.y, n * g // COLUMN_BLOCKS,
+                                               n * (g + 1) // COLUMN_BLOCKS, 1.0 / n, g * n_layers)
         barrier_wait(counter, threads, 2 * s + 1)  # dz_0 and the groups' gradients are complete
         loss = shared.group_losses.sum() / n
         if thread == 0:
@@ -327,8 +333,8 @@ def train_worker(thread, threads, plan, model, shared):
         if not np.isfinite(loss):
             return s
         head_squares = head_update(model, shared, plan.lrs[s], first_step)
-        layer0_weight_update(model, plan.x, rows, next_rows, shared.dzs[0], thread, threads,
-                             sgd_settings(model, 0, plan.lrs[s, 0], first_step, real),
+        layer0_weight_update(model, plan.x, plan.x_scale, rows, next_rows, shared.dzs[0], thread,
+                             threads, sgd_settings(model, 0, plan.lrs[s, 0], first_step, real),
                              block_squares[s % 2])
     barrier_wait(counter, threads, 2 * n_steps)
     if thread == 0:

@@ -14,7 +14,8 @@ work per element) only if that loop is also short. What that takes in Numba:
   preceded by a zero check that raises, and that branch alone keeps LLVM from vectorizing.
   IEEE results are the same (the denominators here are never 0, and nothing else is checked).
 - prange over blocks; each block is a plain `for j in range(count)` over views sliced to the block,
-  so the indices are provably non-negative and consecutive.
+  so the indices are provably non-negative and consecutive. Tensors under PARALLEL_ELEMENTS go to
+  the `*_serial` twins, which run the same blocks in a plain loop on the calling thread.
 - no loads under a condition (the random bits are read, then selected), no calls that are not
   inlined; options that change the loop's structure (AMSGrad, SGD's momentum) are decided at
   compile time by passing None, flags such as `maximize` are loop invariant.
@@ -49,6 +50,15 @@ LambHyper = namedtuple("LambHyper", ["one_minus_beta1", "beta2", "one_minus_beta
                                      "weight_decay", "inverse_bias_correction1",
                                      "inverse_bias_correction2", "maximize"])
 """LAMB's settings for one step (see lamb_moments): floats in the compute dtype, then a bool."""
+
+PARALLEL_ELEMENTS = 1 << 15
+"""Tensors with fewer elements are updated by the `*_serial` kernels on the calling thread: a
+parallel launch (waking the other threads, joining them) then costs more than the threads save."""
+
+
+def for_size(parallel_kernel, serial_kernel, n: int):
+    """The kernel to update an n-element tensor with: `serial_kernel` under PARALLEL_ELEMENTS."""
+    return parallel_kernel if n >= PARALLEL_ELEMENTS else serial_kernel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +109,14 @@ def _sgd_block(param, grad, momentum_buffer, hyper, rounding, random, start):
         store(param, j, sgd_apply(w, g, hyper), stochastic, param_random)
 
 
+@njit(cache=True, error_model="numpy")
+def _sgd_block_of(param, grad, momentum_buffer, hyper, rounding, block, thread):
+    """_sgd_block on block number `block` of the whole arrays, with thread `thread`'s scratch."""
+    start, stop = block * BLOCK, min(param.size, (block + 1) * BLOCK)
+    _sgd_block(param[start:stop], grad[start:stop], block_of(momentum_buffer, start, stop), hyper,
+               rounding, rounding.random[thread], rounding.first + start)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def sgd_step(param, grad, momentum_buffer, hyper, rounding):
     """One SGD step in place on `param` (n,) and `momentum_buffer` ((n,), or None without momentum),
@@ -110,11 +128,18 @@ def sgd_step(param, grad, momentum_buffer, hyper, rounding):
     g = g + momentum * b if nesterov else b                   (with a momentum buffer)
     w = w - lr * g
     """
-    n = param.size
-    for block in prange(block_count(n)):
-        start, stop = block * BLOCK, min(n, (block + 1) * BLOCK)
-        _sgd_block(param[start:stop], grad[start:stop], block_of(momentum_buffer, start, stop), hyper,
-                   rounding, rounding.random[numba.get_thread_id()], rounding.first + start)
+    for block in prange(block_count(param.size)):
+        _sgd_block_of(param, grad, momentum_buffer, hyper, rounding, block, numba.get_thread_id())
+
+
+@njit(cache=True, error_model="numpy")
+def sgd_step_serial(param, grad, momentum_buffer, hyper, rounding):
+    """sgd_step on the calling thread alone (the same blocks, so the same bits): for tensors under
+    PARALLEL_ELEMENTS, where waking the other threads costs more than they save. It takes the
+    scratch's row 0 (numba.get_thread_id outside a parallel kernel may run before Numba's threads
+    exist: a crash when this kernel is loaded from the cache)."""
+    for block in range(block_count(param.size)):
+        _sgd_block_of(param, grad, momentum_buffer, hyper, rounding, block, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +184,16 @@ def _adam_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, roundin
         store(param, j, w + ((-hyper.step_size) * m) / denom, stochastic, param_random)  # addcdiv_
 
 
+@njit(cache=True, error_model="numpy")
+def _adam_block_of(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding, block,
+                   thread):
+    """_adam_block on block number `block` of the whole arrays, with thread `thread`'s scratch."""
+    start, stop = block * BLOCK, min(param.size, (block + 1) * BLOCK)
+    _adam_block(param[start:stop], grad[start:stop], exp_avg[start:stop], exp_avg_sq[start:stop],
+                block_of(max_exp_avg_sq, start, stop), hyper, rounding, rounding.random[thread],
+                rounding.first + start)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding):
     """One Adam (AdamW when `decay_factor` != 1) step in place on param, exp_avg, exp_avg_sq (n,),
@@ -173,12 +208,16 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding)
     with step_size = lr / (1 - beta1^t) and bias_correction2_sqrt = sqrt(1 - beta2^t).
     `max_exp_avg_sq` is (n,) for AMSGrad, else None.
     """
-    n = param.size
-    for block in prange(block_count(n)):
-        start, stop = block * BLOCK, min(n, (block + 1) * BLOCK)
-        _adam_block(param[start:stop], grad[start:stop], exp_avg[start:stop], exp_avg_sq[start:stop],
-                    block_of(max_exp_avg_sq, start, stop), hyper, rounding,
-                    rounding.random[numba.get_thread_id()], rounding.first + start)
+    for block in prange(block_count(param.size)):
+        _adam_block_of(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding, block,
+                       numba.get_thread_id())
+
+
+@njit(cache=True, error_model="numpy")
+def adam_step_serial(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding):
+    """adam_step on the calling thread alone, with the scratch's row 0 (see sgd_step_serial)."""
+    for block in range(block_count(param.size)):
+        _adam_block_of(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding, block, 0)
 
 
 # ---------------------------------------------------------------------------------------------

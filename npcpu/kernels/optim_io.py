@@ -147,12 +147,12 @@ def _block_of_overload(array, start, stop):
 
 
 def random_scratch():
-    """A (T, SLOTS, BLOCK) uint16 scratch for the kernels' `random` argument: one row per thread
-    and slot for draw_random_fields. Made in Python (numba.get_num_threads in a kernel would keep
-    it from being cached); its contents never matter (rows are drawn before they are read, and
-    round-to-nearest ignores them), so one scratch may serve any number of calls."""
-    return np.empty((numba.get_num_threads(), SLOTS, BLOCK), dtype=np.uint16)
-
+    """A (T, SLOTS, BLOCK) uint16 scratch for the kernels' `random` argument: one row per slot and
+    per thread Numba may run (T = numba.config.NUMBA_NUM_THREADS, the most that set_num_threads
+    allows, so that one scratch serves any thread count). Made in Python (numba.get_num_threads in a
+    kernel would keep it from being cached); its contents never matter (rows are drawn before they
+    are read, and round-to-nearest ignores them), so one scratch may serve any number of calls."""
+    return np.empty((numba.config.NUMBA_NUM_THREADS, SLOTS, BLOCK), dtype=np.uint16)
 
 
 Rounding = namedtuple("Rounding", ["stochastic", "seed", "stream", "first", "random"])

@@ -156,9 +156,8 @@ class CrossEntropyLoss(Loss):
     def forward(self, logits: np.ndarray, targets: np.ndarray, normalizer: float | None = None
                 ) -> float:
         logits = self._outputs_in_compute_dtype(logits)
-        targets = self._check_targets(logits, targets)
+        targets, count = self._check_targets(logits, targets)
         columns = logits.shape[-1]
-        count = int(np.count_nonzero(targets != self.ignore_index))
         divisor = self._divisor(count, normalizer)
         losses = np.empty(targets.size, dtype=np.float64)
         if self.in_place:
@@ -198,8 +197,9 @@ class CrossEntropyLoss(Loss):
                              "columns")
         return self.classes
 
-    def _check_targets(self, logits: np.ndarray, targets) -> np.ndarray:
-        """Integer targets of shape logits.shape[:-1], each in [0, C) or equal to ignore_index."""
+    def _check_targets(self, logits: np.ndarray, targets) -> tuple[np.ndarray, int]:
+        """Integer targets of shape logits.shape[:-1], each in [0, C) or equal to ignore_index, as
+        contiguous int64; and how many of them are not ignore_index."""
         if not isinstance(targets, np.ndarray) or targets.dtype.kind not in "iu":
             got = targets.dtype if isinstance(targets, np.ndarray) else type(targets).__name__
             raise TypeError(f"{self!r}: targets must be an integer array of class indices, got {got}")
@@ -208,11 +208,16 @@ class CrossEntropyLoss(Loss):
                              f"got logits {logits.shape} and targets {targets.shape}")
         classes = self._classes(logits.shape[-1])
         targets = np.ascontiguousarray(targets, dtype=np.int64)
-        bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= classes))
-        if bad.any():
-            raise ValueError(f"{self!r}: target {targets[bad][0]} is out of range [0, {classes}) "
-                             f"(and is not ignore_index={self.ignore_index})")
-        return targets
+        # the usual batch is checked in two reductions; the mask below only when it fails
+        in_range = bool(targets.size) and 0 <= targets.min() and targets.max() < classes
+        if not in_range:
+            bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= classes))
+            if bad.any():
+                raise ValueError(f"{self!r}: target {targets[bad][0]} is out of range "
+                                 f"[0, {classes}) (and is not ignore_index={self.ignore_index})")
+        if in_range and not 0 <= self.ignore_index < classes:
+            return targets, targets.size  # no target can be ignore_index
+        return targets, int(np.count_nonzero(targets != self.ignore_index))
 
     def extra_repr(self) -> str:
         padding = "" if self.classes is None else f", classes={self.classes}"

@@ -62,7 +62,8 @@ class Adam(Optimizer):
             eps=real(group["eps"]), weight_decay=real(coupled_decay), decay_factor=real(decay_factor),
             step_size=real(lr / (1 - beta1 ** step)), bias_correction2_sqrt=real((1 - beta2 ** step) ** 0.5),
             maximize=group["maximize"])
-        kernels.adam_step(weights, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding)
+        step = kernels.for_size(kernels.adam_step, kernels.adam_step_serial, weights.size)
+        step(weights, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding)
 
 
 class AdamW(Adam):

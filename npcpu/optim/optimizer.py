@@ -32,11 +32,12 @@ it is complete, during the backward pass (`Parameter.updater`: the optimizer imp
 npcpu.nn.parameter.InBackwardUpdater, all that nn/ knows of it); `step()` is then not called. A
 Linear layer does it a block of weight rows at a time (npcpu.nn.weight_blocks), so the model never
 holds its whole gradient: for mlp52m in bf16 that is 216 MB of float32 gradients not allocated.
-Both paths run the same code: `begin_update(p)` counts the step and returns a function that updates
-a contiguous range of p's elements; `step()` calls it once with the whole gradient. For the
-elementwise optimizers (SGD, Adam, AdamW) the result does not depend on how the elements are split
-(the stochastic-rounding bits included); LAMB's trust ratio needs the norm of the whole update, so
-LAMB cannot be fused.
+Both paths run the same code: `begin_update(p)` counts the step (`_count_step`) and returns a
+function that updates a contiguous range of p's elements (`_update`); `step()` counts and updates
+each whole tensor directly (no function made per parameter and step, which small models notice).
+For the elementwise optimizers (SGD, Adam, AdamW) the result does not depend on how the elements
+are split (the stochastic-rounding bits included); LAMB's trust ratio needs the norm of the whole
+update, so LAMB cannot be fused.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class Optimizer:
         self._index: dict[int, int] = {}  # id(Parameter) -> index
         self._group_index: dict[int, int] = {}  # id(Parameter) -> position of its group
         self.fused_into_backward = False
+        self._random = None  # the kernels' random scratch (random_scratch), made at the first step
 
         if isinstance(params, (Parameter, np.ndarray, dict)):
             raise TypeError(f"{owner}: params must be an iterable of Parameters or of dicts, got a "
@@ -292,30 +294,24 @@ class Optimizer:
                                "(fuse_into_backward was called); step() must not be called")
         for p in self._params:
             if not p.frozen and p.grad is not None:
-                self.begin_update(p)(flat(self._checked_grad(p)))
+                grad = flat(self._checked_grad(p))
+                index, group, state, weights = self._count_step(p)
+                self._update(flat(weights), grad, state, group, self._rounding(state, index, 0))
+                if weights is p.data:
+                    self._check_updated_in_place(p, 0, p.size)
+                else:
+                    self.publish_master(p)
 
     def begin_update(self, p: Parameter):
         """Count one step of `p` (creating its state at the first) and return `update(grad, first=0)`,
         which updates p's elements first .. first + grad.size - 1 (in C order) from `grad`, their
         gradient (flat, in p's compute dtype). `first` must be a multiple of `element_alignment`.
         Call it once with the whole gradient, or once per disjoint range until every element is
-        updated (elementwise optimizers only): both give the same result, bit for bit."""
+        updated (elementwise optimizers only): both give the same result, bit for bit; `step()`
+        is the first way."""
         owner = type(self).__name__
-        index = self._index[id(p)]
-        group = self.param_groups[self._group_index[id(p)]]
-        state = self.state.get(index)
-        if state is None:
-            state = self.state[index] = self._init_state(p, group)
-        for name, dtype in self._state_spec(p, group).items():
-            if name not in state:  # an option switched on mid-run (momentum, amsgrad)
-                state[name] = np.zeros(p.shape, dtype=dtype)
-        state["step"] += 1
-        weights = self.weights_of(p)
+        index, group, state, weights = self._count_step(p)
         arrays = {name: flat(a) for name, a in state.items() if isinstance(a, np.ndarray)}
-        stochastic = self.stochastic_rounding and any(
-            a.dtype == bfloat16 for a in (weights, *state.values()) if isinstance(a, np.ndarray))
-        seed, stream = np.uint64(self.seed), np.uint64((state["step"] << 32) | index)
-        random = random_scratch()  # the kernels' per-thread scratch for random bits
 
         def update(grad: np.ndarray, first: int = 0) -> None:
             stop, alignment = first + grad.size, self.element_alignment
@@ -325,14 +321,39 @@ class Optimizer:
                                  "parameter" + ("" if self.elementwise else
                                                 f", and {owner} updates whole tensors only"))
             part = {**state, **{name: a[first:stop] for name, a in arrays.items()}}
-            rounding = Rounding(stochastic=stochastic, seed=seed, stream=stream, first=np.uint64(first),
-                                random=random)
-            self._update(flat(weights)[first:stop], grad, part, group, rounding)
+            self._update(flat(weights)[first:stop], grad, part, group,
+                         self._rounding(state, index, first))
             if weights is p.data:
                 self._check_updated_in_place(p, first, stop)
             else:
                 self.publish_master(p, first, stop)
         return update
+
+    def _count_step(self, p: Parameter) -> tuple[int, dict, dict, np.ndarray]:
+        """Count one step of `p`, creating its state at the first (and any array an option switched
+        on mid-run needs: momentum, amsgrad); return (its index, its group, its state, the array
+        its updates go into)."""
+        index = self._index[id(p)]
+        group = self.param_groups[self._group_index[id(p)]]
+        state = self.state.get(index)
+        if state is None:
+            state = self.state[index] = self._init_state(p, group)
+        elif any(name not in state for name in self._moment_names(group)):
+            for name, dtype in self._state_spec(p, group).items():
+                if name not in state:
+                    state[name] = np.zeros(p.shape, dtype=dtype)
+        state["step"] += 1
+        return index, group, state, state.get("master_param", p.data)
+
+    def _rounding(self, state: dict, index: int, first: int) -> Rounding:
+        """The kernels' Rounding for elements first.. of parameter `index` at this step. Only the
+        bf16 arrays a kernel stores into are rounded, so `stochastic` is the optimizer's setting;
+        the random scratch (for any thread count) is made once."""
+        if self._random is None:
+            self._random = random_scratch()
+        return Rounding(stochastic=self.stochastic_rounding, seed=np.uint64(self.seed),
+                        stream=np.uint64((state["step"] << 32) | index), first=np.uint64(first),
+                        random=self._random)
 
     # -- updates inside backward -----------------------------------------------------------------
     def fuse_into_backward(self) -> None:

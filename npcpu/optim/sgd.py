@@ -55,4 +55,5 @@ class SGD(Optimizer):
                                  one_minus_dampening=real(1 - group["dampening"]),
                                  weight_decay=real(group["weight_decay"]), nesterov=group["nesterov"],
                                  maximize=group["maximize"], first_step=state["step"] == 1)
-        kernels.sgd_step(weights, grad, buffer, hyper, rounding)
+        step = kernels.for_size(kernels.sgd_step, kernels.sgd_step_serial, weights.size)
+        step(weights, grad, buffer, hyper, rounding)

@@ -135,15 +135,18 @@ class CompiledClassifierStep:
             raise TypeError(f"CompiledClassifierStep.train_epoch: the loader's data set must hold "
                             f"arrays x and y (ArrayDataset), got {type(dataset).__name__}")
         return self.train_steps(dataset.x.reshape(len(dataset.x), -1), dataset.y,
-                                loader.order(epoch), loader.batch_size, steps=len(loader))
+                                loader.order(epoch), loader.batch_size, steps=len(loader),
+                                x_scale=getattr(dataset, "scale", None))
 
     def train_steps(self, x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: int, *,
                     first_batch: int = 0, steps: int | None = None, lrs=None, grad_norms=None,
-                    threads: int | None = None) -> np.ndarray:
+                    threads: int | None = None, x_scale: float | None = None) -> np.ndarray:
         """SGD steps on batches order[b * batch_size : (b + 1) * batch_size] for b = first_batch,
         first_batch + 1, ... (`steps` of them; default: to the end of `order`).
 
-        x (S, D) features in the parameters' dtype, y (S,) integer labels in [0, classes),
+        x (S, D) features in the parameters' dtype, or uint8 with `x_scale` (the features are
+        x * x_scale: MNIST's pixels with 1 / 255, as ArrayDataset keeps them), y (S,) integer
+        labels in [0, classes),
         order (n,) int64 sample indices. `lrs` (steps, groups): the learning rate of each
         parameter group at each step (default: the groups' "lr" throughout; the groups' "lr"
         is left as it was). `grad_norms` (steps,) float64, optional: receives each step's total
@@ -154,7 +157,7 @@ class CompiledClassifierStep:
         losses end with that loss (so fewer than `steps` steps were taken when the last one is
         not finite).
         """
-        x, y, order = self._check_data(x, y, order)
+        x, y, order = self._check_data(x, y, order, x_scale)
         batch_size = check_int(OWNER, "batch_size", batch_size, 1)
         first_batch = check_int(OWNER, "first_batch", first_batch, 0)
         available = -(-order.size // batch_size) - first_batch
@@ -174,8 +177,8 @@ class CompiledClassifierStep:
         losses = np.empty(steps, dtype=np.float64)
         if steps == 0:
             return losses
-        arguments = self._kernel_arguments(x, y, order, batch_size, first_batch, steps, lrs, threads,
-                                           losses, grad_norms)
+        arguments = self._kernel_arguments(x, x_scale, y, order, batch_size, first_batch, steps,
+                                           lrs, threads, losses, grad_norms)
         helpers = [threading.Thread(target=train_worker, args=arguments[t], daemon=True)
                    for t in range(1, threads)]
         for helper in helpers:
@@ -208,12 +211,16 @@ class CompiledClassifierStep:
                              f"finite learning rates >= 0, got shape {lrs.shape}")
         return lrs
 
-    def _check_data(self, x, y, order):
+    def _check_data(self, x, y, order, x_scale):
         dtype = self.layers[0].weight.data.dtype
         features, classes = self.layers[0].in_features, self.layers[-1].out_features
-        if not isinstance(x, np.ndarray) or x.dtype != dtype:
+        expected = np.uint8 if x_scale is not None else dtype
+        if not isinstance(x, np.ndarray) or x.dtype != expected:
             got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
-            raise TypeError(f"{OWNER}: x must be a {dtype} array, got {got}")
+            hint = "uint8 pixels need an x_scale" if x_scale is None else "x_scale is for uint8 x"
+            raise TypeError(f"{OWNER}: x must be a {np.dtype(expected)} array, got {got} ({hint})")
+        if x_scale is not None and not (np.isfinite(x_scale) and x_scale > 0):
+            raise ValueError(f"{OWNER}: x_scale must be a positive finite number, got {x_scale!r}")
         if x.ndim != 2 or x.shape[1] != features:
             raise ValueError(f"{OWNER}: x must be (samples, {features}), got {x.shape}")
         if not isinstance(y, np.ndarray) or y.dtype.kind not in "iu" or y.shape != x.shape[:1]:
@@ -228,7 +235,7 @@ class CompiledClassifierStep:
         return (np.ascontiguousarray(x), np.ascontiguousarray(y, dtype=np.int64),
                 np.ascontiguousarray(order, dtype=np.int64))
 
-    def _kernel_arguments(self, x, y, order, batch_size, first_batch, steps, lrs, threads,
+    def _kernel_arguments(self, x, x_scale, y, order, batch_size, first_batch, steps, lrs, threads,
                           losses, grad_norms) -> list:
         """train_worker's arguments for each thread (npcpu.kernels.compiled_step.train_worker):
         thread 0 works on the model's own arrays; every other thread on copies of all but W_0
@@ -246,8 +253,9 @@ class CompiledClassifierStep:
         group_weight_grads = tuple(np.empty_like(w) if l else no_grad
                                    for _ in range(COLUMN_BLOCKS) for l, w in enumerate(weights))
         group_bias_grads = tuple(np.empty_like(b) for _ in range(COLUMN_BLOCKS) for b in biases)
-        plan = StepPlan(x=x, y=y, order=order, batch_size=batch_size, first_batch=first_batch,
-                        steps=steps, lrs=lrs, first_step=first_step)
+        plan = StepPlan(x=x, x_scale=dtype.type(1 if x_scale is None else x_scale), y=y,
+                        order=order, batch_size=batch_size, first_batch=first_batch, steps=steps,
+                        lrs=lrs, first_step=first_step)
         shared = SharedBuffers(counter=counter, partials=partials, acts=acts, dzs=dzs,
                                group_weight_grads=group_weight_grads,
                                group_bias_grads=group_bias_grads,

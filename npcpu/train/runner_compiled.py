@@ -46,7 +46,8 @@ class CompiledRunner:
     def __init__(self, trainer, loader, log_every: int):
         step, x, y = _compiled_step(trainer, loader)
         self.trainer, self.loader = trainer, loader
-        self._train_steps = functools.partial(step.train_steps, x, y)
+        self._train_steps = functools.partial(step.train_steps, x, y,
+                                              x_scale=loader.dataset.scale)
         self._min_chunk = max(log_every, COMPILED_CHUNK_STEPS)
         self._chunk_steps = self._min_chunk
         self._order = None  # (epoch, loader.order(epoch)) of the current epoch
@@ -136,9 +137,10 @@ def _compiled_step(trainer, loader):
         raise TypeError(f"the training data is a {type(dataset).__name__} (the compiled step "
                         "reads the x and y arrays of an ArrayDataset directly)")
     dtype = step.layers[0].weight.data.dtype
-    if dataset.x.ndim != 2 or dataset.x.dtype != dtype:
+    if dataset.x.ndim != 2 or dataset.x.dtype != (dtype if dataset.scale is None else np.uint8):
         raise ValueError(f"the training data's x is {dataset.x.dtype} {dataset.x.shape}; the "
-                         f"compiled step takes {dtype} (samples, features) for this model")
+                         f"compiled step takes {dtype} (samples, features) for this model, or "
+                         "uint8 pixels with a scale")
     return step, dataset.x, dataset.y
 
 
