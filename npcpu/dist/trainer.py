@@ -6,8 +6,9 @@ The configuration means the same run whatever N is:
   process (a pure function of (seed, epoch)); rank r serves rows [r n / N, (r+1) n / N) of each
   global batch of n samples (an uneven split is fine; a batch with fewer samples than pieces is
   refused by name).
-- Each rank divides its loss by the samples of the whole global window, so the sum of the ranks'
-  gradients is the gradient of the global mean loss (weighted by items, not an average of means).
+- Each rank divides its loss by the items of the whole global window (samples; a language
+  model's target tokens, npcpu.dist.lm), so the sum of the ranks' gradients is the gradient of
+  the global mean loss (weighted by items, not an average of means).
 - Dropout masks are keyed by the global row (Dropout.row_offset); stochastic rounding of an update
   is keyed by (seed, step, element), and every rank updates with the same summed gradient, so
   every rank rounds alike. Parameters are broadcast from rank 0 at the start and their hashes
@@ -147,21 +148,18 @@ class DataParallelRunner(ReferenceRunner):
     """The reference step on this rank's rows of each global batch, the gradients, losses and
     stop requests summed over the ranks before the optimizer step (the same on every rank)."""
 
-    def __init__(self, trainer: DataParallelTrainer, loader: DataLoader):
+    def __init__(self, trainer: DataParallelTrainer, loader, note: str = "data-parallel step"):
         world, parts = trainer.world, trainer.parts
         self.first_part = world.rank * parts // world.size
         self.stop_part = (world.rank + 1) * parts // world.size
-        smallest = loader.batch_size if loader.drop_last else loader.batch_size_of(len(loader) - 1)
+        smallest = self.smallest_batch(loader)
         if smallest < parts:
             what = "pieces (dist.parts)" if trainer.deterministic else "ranks"
             raise ValueError(f"DataParallelTrainer: batch {len(loader) - 1} of an epoch has "
                              f"{smallest} samples, fewer than the {parts} {what} it is split "
                              f"into: choose a batch size and data size whose every batch has "
                              f"at least {parts} samples")
-        sharded = DataLoader(loader.dataset, loader.batch_size, shuffle=loader.shuffle,
-                             seed=loader.seed, drop_last=loader.drop_last,
-                             prefetch=loader.prefetch, rows_of_batch=self.rows_of_batch)
-        super().__init__(trainer, sharded, note=f"data-parallel step: {world.describe()}")
+        super().__init__(trainer, self.shard(loader), note=f"{note}: {world.describe()}")
         params = trainer.model.parameters()
         broadcast_parameters(world, params, trainer.timeout)
         self.buckets = GradientBuckets(params, trainer.bucket_bytes)
@@ -176,6 +174,24 @@ class DataParallelRunner(ReferenceRunner):
         parts = self.trainer.parts
         return self.first_part * n // parts, self.stop_part * n // parts
 
+    # -- what a runner for other data overrides (npcpu.dist.lm) -------------------------------------
+    def smallest_batch(self, loader: DataLoader) -> int:
+        """Samples of the smallest global micro-batch `loader` serves."""
+        return loader.batch_size if loader.drop_last else loader.batch_size_of(len(loader) - 1)
+
+    def shard(self, loader: DataLoader) -> DataLoader:
+        """The loader this rank draws from: the same global order, only this rank's rows."""
+        return DataLoader(loader.dataset, loader.batch_size, shuffle=loader.shuffle,
+                          seed=loader.seed, drop_last=loader.drop_last,
+                          prefetch=loader.prefetch, rows_of_batch=self.rows_of_batch)
+
+    def split_window(self, window: list) -> tuple[list, list[int], int]:
+        """(this rank's rows of each micro-batch of `window`, each micro-batch's global samples,
+        the items the global window's loss is the mean over). The sharded loader served this
+        rank's rows already; the global sizes are the loader's."""
+        sizes = [self.loader.batch_size_of(b) for b in self._window_batches]
+        return window, sizes, sum(sizes)
+
     def _next_window(self) -> list:
         window = super()._next_window()
         stop = self.trainer.batch_index
@@ -183,10 +199,9 @@ class DataParallelRunner(ReferenceRunner):
         return window
 
     def forward_backward(self, window: list) -> tuple[float, int]:
-        """(the global window's mean loss, its samples), the summed gradients in the parameters."""
+        """(the global window's mean loss, its items), the summed gradients in the parameters."""
         trainer, parts = self.trainer, self.trainer.parts
-        sizes = [self.loader.batch_size_of(b) for b in self._window_batches]
-        items = sum(sizes)
+        window, sizes, items = self.split_window(window)
         slots = np.zeros(len(window) * parts + 1)  # one loss per (micro-batch, piece), then stop
         for m, ((x, y), n) in enumerate(zip(window, sizes)):
             if self.ordered is None:  # the rank's rows in one pass, summed by the all-reduce
