@@ -31,6 +31,7 @@ import numpy as np
 from npcpu.data.loader import DataLoader
 from npcpu.dist.reduce import (BackwardReducer, GradientBuckets, OrderedSum,
                                broadcast_parameters, check_parameters_equal, sum_in_order)
+from npcpu.dist.shard import OptimizerShard
 from npcpu.dist.world import World, wait
 from npcpu.nn.dropout import Dropout
 from npcpu.train.runners import ReferenceRunner
@@ -55,11 +56,14 @@ class DataParallelTrainer(Trainer):
     overlap : bool
         Start each bucket's reduction during backward, as soon as its gradients are finished
         (npcpu.dist.reduce.BackwardReducer); else after backward. Not used in deterministic mode.
+    shard_optimizer : bool
+        Each parameter's optimizer step and state on one rank only, the updated parameters
+        broadcast (npcpu.dist.shard: ZeRO stage 1 by whole parameters); bitwise the same run.
     """
 
     def __init__(self, model, loss_fn, optimizer, *, world: World, deterministic: bool = False,
                  parts: int = 12, timeout: float = 60.0, bucket_mb: float = 25.0,
-                 overlap: bool = True, **kwargs):
+                 overlap: bool = True, shard_optimizer: bool = False, **kwargs):
         if kwargs.get("update_in_backward") or getattr(optimizer, "fused_into_backward", False):
             raise ValueError("DataParallelTrainer: update_in_backward cannot be used: the ranks' "
                              "gradients must be summed before any update")
@@ -76,6 +80,8 @@ class DataParallelTrainer(Trainer):
         self.timeout = float(timeout)
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.overlap = bool(overlap) and not self.deterministic and world.size > 1
+        self.shard_optimizer = bool(shard_optimizer) and world.size > 1
+        self.optimizer_shard = None  # the OptimizerShard of the running fit(), when sharded
         self.writes_files = world.is_root
         if not world.is_root:
             self.log_stream = open(os.devnull, "w")  # noqa: SIM115  (lives as long as the trainer)
@@ -132,12 +138,22 @@ class DataParallelTrainer(Trainer):
                                       in zip(names, kinds, row[1:])}) for row in slots]
         return self.evaluation_metrics(per_batch, len(loader.dataset))
 
+    def _evaluate_and_report(self, eval_data, batch_size, callbacks) -> None:
+        if self.optimizer_shard is not None:  # the slow weights evaluated on, synced by owners
+            self.optimizer_shard.publish_slow_weights()
+        super()._evaluate_and_report(eval_data, batch_size, callbacks)
+
     # -- checkpoints: hashes compared, then rank 0 writes while the others wait ---------------------
     def _checkpoint(self, run_dir, keep_last: int, callbacks) -> None:
         check_parameters_equal(self.world, self.model.parameters(), self.timeout,
                                f"checkpoint at step {self.step}")
+        shard = self.optimizer_shard
+        if shard is not None:
+            shard.gather_state()
         if self.world.is_root:
             super()._checkpoint(run_dir, keep_last, callbacks)
+        if shard is not None:
+            shard.drop_others_state()
         self._saved_step = self.step
         if self.world.size > 1:
             wait(self.world, [self.world.comm.Ibarrier()], self.timeout,
@@ -159,6 +175,10 @@ class DataParallelRunner(ReferenceRunner):
                              f"{smallest} samples, fewer than the {parts} {what} it is split "
                              f"into: choose a batch size and data size whose every batch has "
                              f"at least {parts} samples")
+        trainer.optimizer_shard = OptimizerShard(trainer.optimizer, world, trainer.timeout) \
+            if trainer.shard_optimizer else None
+        if trainer.optimizer_shard is not None:
+            note += f"; {trainer.optimizer_shard.describe()}"
         super().__init__(trainer, self.shard(loader), note=f"{note}: {world.describe()}")
         params = trainer.model.parameters()
         broadcast_parameters(world, params, trainer.timeout)
@@ -236,6 +256,17 @@ class DataParallelRunner(ReferenceRunner):
         elif trainer.world.size > 1:
             self.buckets.allreduce(trainer.world, trainer.timeout)
         return loss, items
+
+    def take_step(self) -> bool:
+        """The optimizer step; sharded, each rank's own parameters, then broadcast by their owners."""
+        shard = self.trainer.optimizer_shard
+        if shard is None:
+            return super().take_step()
+        with shard.own_parameters_only():
+            stepped = super().take_step()
+        if stepped:  # the same on every rank: the loss scaler saw the same summed gradients
+            shard.publish_parameters()
+        return stepped
 
     def _set_row_offset(self, rows: int) -> None:
         for layer in self.dropouts:

@@ -1,0 +1,113 @@
+"""The optimizer step shared among the ranks (ZeRO stage 1, by whole parameters):
+`dist.shard_optimizer`.
+
+Every rank still receives the whole summed gradient, so clipping, the loss scaler's check and
+freezing read the same finished gradients as in one process. But each parameter has one owner
+rank, which alone runs the optimizer on it and alone keeps its optimizer state (moments, master
+copy); after the step the owners broadcast the parameters they updated. An owner's update is the
+one every rank would have made (the same gradient, state and stochastic-rounding stream), so a
+sharded run is bitwise the run without sharding, for the optimizer work of 1/N of the model and
+the memory of 1/N of the optimizer state per rank (Lookahead's slow weights stay on every rank).
+
+Parameters are dealt whole, largest first, each to the rank owning the fewest elements so far:
+LAMB's trust ratio and Lookahead's sync then need nothing from another rank. Before a checkpoint
+the owners broadcast their parameters' optimizer state (rank 0 writes all of it; the others drop
+it again after), and before an evaluation Lookahead's slow weights (each owner synced its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from npcpu.dist.world import World, wait
+
+
+def deal(sizes: list[int], ranks: int) -> list[int]:
+    """The owner rank of each of the parameters of `sizes` elements: largest first, each to the
+    rank with the fewest elements so far (the lower rank on a tie)."""
+    owners, load = [0] * len(sizes), [0] * ranks
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        owners[i] = min(range(ranks), key=lambda r: (load[r], r))
+        load[owners[i]] += sizes[i]
+    return owners
+
+
+class OptimizerShard:
+    """This rank's share of the optimizer step of `optimizer` (an Optimizer, or a Lookahead around
+    one) in `world`: the module docstring."""
+
+    def __init__(self, optimizer, world: World, timeout: float):
+        self.lookahead = optimizer if hasattr(optimizer, "slow_weights") else None
+        self.inner = optimizer.optimizer if self.lookahead is not None else optimizer
+        self.world, self.timeout = world, timeout
+        self.params = [p for _, p in self.inner.indexed_params()]
+        self.owners = deal([p.size for p in self.params], world.size)
+        self.drop_others_state()
+
+    def describe(self) -> str:
+        mine = [p.size for p, owner in zip(self.params, self.owners) if owner == self.world.rank]
+        return (f"optimizer step sharded by parameter: rank {self.world.rank} owns {len(mine)} of "
+                f"{len(self.params)} ({sum(mine) / sum(p.size for p in self.params):.0%} of the "
+                "elements)")
+
+    @contextlib.contextmanager
+    def own_parameters_only(self):
+        """Within it, the parameters of the other ranks are frozen: an optimizer step (and
+        Lookahead's sync) leaves them and their state alone."""
+        others = [p for p, owner in zip(self.params, self.owners)
+                  if owner != self.world.rank and not p.frozen]
+        for p in others:
+            p.frozen = True
+        try:
+            yield
+        finally:
+            for p in others:
+                p.frozen = False
+
+    def publish_parameters(self) -> None:
+        """Every rank takes each parameter (as bytes) from its owner."""
+        self._wait([self.world.comm.Ibcast(p.data.reshape(-1).view(np.uint8), root=owner)
+                    for p, owner in zip(self.params, self.owners) if not p.frozen],
+                   "the broadcast of the updated parameters from their owners")
+
+    def publish_slow_weights(self) -> None:
+        """Every rank takes Lookahead's slow weights of each parameter from its owner."""
+        if self.lookahead is not None:
+            slow = self.lookahead.slow_weights
+            self._wait([self.world.comm.Ibcast(slow[i].reshape(-1).view(np.uint8), root=owner)
+                        for i, owner in enumerate(self.owners)],
+                       "the broadcast of the slow weights from their owners")
+
+    def gather_state(self) -> None:
+        """Every rank takes the optimizer state of each parameter from its owner (all of it:
+        the state a checkpoint holds)."""
+        state = self.inner.state
+        headers = np.zeros((len(self.params), 2), dtype=np.int64)  # (has state, step) per parameter
+        for i, owner in enumerate(self.owners):
+            if owner == self.world.rank and i in state:
+                headers[i] = 1, state[i]["step"]
+        self._wait([self.world.comm.Ibcast(headers[i], root=owner)
+                    for i, owner in enumerate(self.owners)], "the optimizer state headers")
+        requests = []
+        for i, (p, owner) in enumerate(zip(self.params, self.owners)):
+            if not headers[i, 0]:
+                continue
+            if i not in state:
+                state[i] = self.inner.initial_state(p)
+            state[i]["step"] = int(headers[i, 1])
+            requests += [self.world.comm.Ibcast(state[i][name].reshape(-1).view(np.uint8),
+                                                root=owner)
+                         for name in sorted(state[i]) if name != "step"]
+        self._wait(requests, "the broadcast of the optimizer state from its owners")
+        self.publish_slow_weights()
+
+    def drop_others_state(self) -> None:
+        """Forget the optimizer state of the parameters other ranks own."""
+        for i, owner in enumerate(self.owners):
+            if owner != self.world.rank:
+                self.inner.state.pop(i, None)
+
+    def _wait(self, requests: list, what: str) -> None:
+        wait(self.world, requests, self.timeout, what)
