@@ -2,9 +2,11 @@
 
 Runs `npcpu train --preset mlp52m` for a few steps in each setup, alternating the setups round
 after round, and reads each step's samples/s from the run's metrics file (the median over the
-steps after the first `--skip`). Setups: one process with every core; N ranks with the cores
-divided among them, the reduction overlapped with backward, after it, and in deterministic mode
-(fixed-order sum over pieces of the batch). Needs mpi4py and mpiexec (pip install 'npcpu[mpi]').
+steps after the first `--skip`), and the largest peak resident memory of its processes (GNU time,
+when /usr/bin/time exists). Setups: one process with every core; N ranks with the cores divided
+among them, the reduction overlapped with backward, after it, in deterministic mode (fixed-order
+sum over pieces of the batch), and the optimizer step sharded by parameter (ZeRO stage 1) with
+and without overlap. Needs mpi4py and mpiexec (pip install 'npcpu[mpi]').
 
     python bench/bench_dist.py --ranks 2 --steps 12 --rounds 3
 """
@@ -23,20 +25,30 @@ from pathlib import Path
 from common import write_json
 
 
-def run_setup(ranks: int, threads: int, extra: list[str], steps: int, preset: str) -> list[float]:
-    """Samples/s of each step of one run."""
+GNU_TIME = Path("/usr/bin/time")
+PEAK_TAG = "bench_dist peak rss kB"
+
+
+def run_setup(ranks: int, threads: int, extra: list[str], steps: int,
+              preset: str) -> tuple[list[float], float | None]:
+    """(samples/s of each step of one run, the largest peak RSS of its processes in MB)."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         program = [sys.executable, "-m", "npcpu", "train", "--preset", preset, "--run-dir",
                    str(run_dir), "--train.max_steps", str(steps), "--train.threads", str(threads),
                    "--train.eval_every", "none", "--train.checkpoint_every", "none",
                    "--train.log_every", "1", "--progress", "lines", *extra]
+        if GNU_TIME.exists():
+            program = [str(GNU_TIME), "-f", f"{PEAK_TAG} %M", *program]
         command = program if ranks == 1 else [shutil.which("mpiexec"), "-n", str(ranks), *program]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return [line["samples_per_s"] for line in lines if line["kind"] == "train"]
+        peaks = [int(line.split()[-1]) / 1024 for line in done.stderr.splitlines()
+                 if line.startswith(PEAK_TAG)]
+        return ([line["samples_per_s"] for line in lines if line["kind"] == "train"],
+                max(peaks) if peaks else None)
 
 
 def main() -> None:
@@ -48,7 +60,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--preset", default="mlp52m")
     parser.add_argument("--parts", type=int, default=12, help="deterministic: dist.parts")
-    parser.add_argument("--setups", default="single,overlap,after,deterministic",
+    parser.add_argument("--setups", default="single,overlap,after,deterministic,shard",
                         help="comma-separated subset of the setups")
     args = parser.parse_args()
     if shutil.which("mpiexec") is None:
@@ -59,25 +71,32 @@ def main() -> None:
         "overlap": (n, t, ["--dist.overlap", "true"]),
         "after": (n, t, ["--dist.overlap", "false"]),
         "deterministic": (n, t, ["--dist.deterministic", "true", "--dist.parts", str(args.parts)]),
+        "shard": (n, t, ["--dist.overlap", "true", "--dist.shard_optimizer", "true"]),
+        "shard-after": (n, t, ["--dist.overlap", "false", "--dist.shard_optimizer", "true"]),
     }
     chosen = {name: setups[name] for name in args.setups.split(",")}
     medians = {name: [] for name in chosen}
+    peaks = {name: [] for name in chosen}
     for _ in range(args.rounds):
         for name, (ranks, threads, extra) in chosen.items():
-            rates = run_setup(ranks, threads, extra, args.steps, args.preset)[args.skip:]
-            medians[name].append(statistics.median(rates))
+            rates, peak = run_setup(ranks, threads, extra, args.steps, args.preset)
+            medians[name].append(statistics.median(rates[args.skip:]))
+            if peak is not None:
+                peaks[name].append(peak)
     base = statistics.median(medians["single"]) if "single" in medians else None
     print(f"| setup ({args.preset}) | ranks x threads | samples/s median (min-max over rounds) "
-          f"| vs 1 process x {n * t} threads |")
-    print("|---|---|---|---|")
+          f"| vs 1 process x {n * t} threads | peak RSS per process, MB |")
+    print("|---|---|---|---|---|")
     for name, values in medians.items():
         ranks, threads, _ = chosen[name]
         median = statistics.median(values)
-        ratio = f"{median / base:.2f}x" if base else "-"
+        ratios = (f"{median / base:.2f}x ({min(values) / base:.2f}-{max(values) / base:.2f})"
+                  if base else "-")
+        peak = f"{statistics.median(peaks[name]):.0f}" if peaks[name] else "-"
         print(f"| {name} | {ranks} x {threads} | {median:.0f} ({min(values):.0f}-{max(values):.0f}) "
-              f"| {ratio} |")
-    write_json("dist", {"args": vars(args),
-                        "samples_per_s": medians, "setups": {k: v[:2] for k, v in chosen.items()}})
+              f"| {ratios} | {peak} |")
+    write_json("dist", {"args": vars(args), "samples_per_s": medians, "peak_rss_mb": peaks,
+                        "setups": {k: v[:2] for k, v in chosen.items()}})
 
 
 if __name__ == "__main__":

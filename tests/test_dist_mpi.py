@@ -274,7 +274,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
 @pytest.mark.parametrize("failure", ["raise", "hang"])
 def test_a_rank_that_raises_or_hangs_ends_every_rank_with_an_error(mpiexec, tmp_path, failure):
     """Raising: rank 1 names itself and aborts the job. Hanging: the others time out (after
-    dist.timeout, 3 s here) naming the reduction they waited for, and abort the job. The raising
+    dist.timeout, 3 s here) naming the reduction they waited for and rank 1, the one that did not
+    time out with them, and abort the job. The raising
     case gets a long timeout: on a loaded machine the other ranks could otherwise time out waiting
     for rank 1 before it reaches its planted failure, and the job would end with their message."""
     started = time.monotonic()
@@ -287,5 +288,6 @@ def test_a_rank_that_raises_or_hangs_ends_every_rank_with_an_error(mpiexec, tmp_
         assert "rank 1 of 3" in done.stderr and "a failure planted by the test" in done.stderr
     else:
         assert "did not complete within 3 s" in done.stderr
+        assert "rank(s) [1] did not time out too" in done.stderr  # named by ranks 0 and 2
     _, info = load_checkpoint(tmp_path / "run")
     assert info["step"] == 4  # rank 1 failed in step 5

@@ -11,8 +11,9 @@ the memory of 1/N of the optimizer state per rank (Lookahead's slow weights stay
 
 Parameters are dealt whole, largest first, each to the rank owning the fewest elements so far:
 LAMB's trust ratio and Lookahead's sync then need nothing from another rank. Before a checkpoint
-the owners broadcast their parameters' optimizer state (rank 0 writes all of it; the others drop
-it again after), and before an evaluation Lookahead's slow weights (each owner synced its own).
+the owners send their parameters' optimizer state and slow weights to rank 0 (which writes all of
+it, then drops the others' state again), and before an evaluation they broadcast Lookahead's slow
+weights (each owner synced its own).
 """
 
 from __future__ import annotations
@@ -81,30 +82,37 @@ class OptimizerShard:
                        "the broadcast of the slow weights from their owners")
 
     def gather_state(self) -> None:
-        """Every rank takes the optimizer state of each parameter from its owner (all of it:
-        the state a checkpoint holds)."""
-        state = self.inner.state
+        """Rank 0 takes the optimizer state and slow weights of each parameter from its owner
+        (all of it: what a checkpoint holds); the other ranks send theirs."""
+        from mpi4py import MPI
+        world, state = self.world, self.inner.state
         headers = np.zeros((len(self.params), 2), dtype=np.int64)  # (has state, step) per parameter
         for i, owner in enumerate(self.owners):
-            if owner == self.world.rank and i in state:
+            if owner == world.rank and i in state:
                 headers[i] = 1, state[i]["step"]
-        self._wait([self.world.comm.Ibcast(headers[i], root=owner)
-                    for i, owner in enumerate(self.owners)], "the optimizer state headers")
+        self._wait([world.comm.Iallreduce(MPI.IN_PLACE, headers, op=MPI.SUM)],
+                   "the exchange of the optimizer state headers")
         requests = []
         for i, (p, owner) in enumerate(zip(self.params, self.owners)):
-            if not headers[i, 0]:
+            if owner == 0 or world.rank not in (0, owner):
                 continue
-            if i not in state:
-                state[i] = self.inner.initial_state(p)
-            state[i]["step"] = int(headers[i, 1])
-            requests += [self.world.comm.Ibcast(state[i][name].reshape(-1).view(np.uint8),
-                                                root=owner)
-                         for name in sorted(state[i]) if name != "step"]
-        self._wait(requests, "the broadcast of the optimizer state from its owners")
-        self.publish_slow_weights()
+            arrays = []
+            if headers[i, 0]:
+                if world.rank == 0:
+                    state[i] = self.inner.initial_state(p)
+                    state[i]["step"] = int(headers[i, 1])
+                arrays = [state[i][name] for name in sorted(state[i]) if name != "step"]
+            if self.lookahead is not None:
+                arrays.append(self.lookahead.slow_weights[i])
+            for tag, array in enumerate(arrays):
+                buffer = array.reshape(-1).view(np.uint8)
+                requests.append(world.comm.Irecv(buffer, source=owner, tag=tag) if world.rank == 0
+                                else world.comm.Isend(buffer, dest=0, tag=tag))
+        self._wait(requests, "sending the optimizer state to rank 0")
 
     def drop_others_state(self) -> None:
-        """Forget the optimizer state of the parameters other ranks own."""
+        """Forget the optimizer state of the parameters other ranks own (rank 0 after writing a
+        checkpoint)."""
         for i, owner in enumerate(self.owners):
             if owner != self.world.rank:
                 self.inner.state.pop(i, None)

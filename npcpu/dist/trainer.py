@@ -25,6 +25,7 @@ run resumes with any number of processes.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +34,8 @@ from npcpu.dist.reduce import (BackwardReducer, GradientBuckets, OrderedSum,
                                broadcast_parameters, check_parameters_equal, sum_in_order)
 from npcpu.dist.shard import OptimizerShard
 from npcpu.dist.world import World, wait
+
+PATH_BYTES = 4096  # room for the checkpoint path rank 0 sends the others (PATH_MAX on Linux)
 from npcpu.nn.dropout import Dropout
 from npcpu.train.runners import ReferenceRunner
 from npcpu.train.trainer import Trainer
@@ -144,20 +147,31 @@ class DataParallelTrainer(Trainer):
         super()._evaluate_and_report(eval_data, batch_size, callbacks)
 
     # -- checkpoints: hashes compared, then rank 0 writes while the others wait ---------------------
-    def _checkpoint(self, run_dir, keep_last: int, callbacks) -> None:
+    def _checkpoint(self, run_dir, keep_last: int, callbacks) -> Path:
+        """Rank 0 writes; then every other rank calls the callbacks' on_checkpoint with the path
+        rank 0 wrote, so that a callback acting there (stopping the run, say) acts on every rank
+        alike."""
         check_parameters_equal(self.world, self.model.parameters(), self.timeout,
                                f"checkpoint at step {self.step}")
         shard = self.optimizer_shard
         if shard is not None:
             shard.gather_state()
-        if self.world.is_root:
-            super()._checkpoint(run_dir, keep_last, callbacks)
+        path = super()._checkpoint(run_dir, keep_last, callbacks) if self.world.is_root else None
         if shard is not None:
             shard.drop_others_state()
         self._saved_step = self.step
         if self.world.size > 1:
-            wait(self.world, [self.world.comm.Ibarrier()], self.timeout,
-                 f"the barrier after rank 0 wrote the checkpoint of step {self.step}")
+            written = np.zeros(PATH_BYTES, dtype=np.uint8)  # rank 0's path, UTF-8, zero-padded
+            if path is not None:
+                encoded = np.frombuffer(str(path).encode(), dtype=np.uint8)[:PATH_BYTES]
+                written[:encoded.size] = encoded
+            wait(self.world, [self.world.comm.Ibcast(written, root=0)], self.timeout,
+                 f"rank 0 writing the checkpoint of step {self.step}")
+            if path is None:
+                path = Path(written.tobytes().rstrip(b"\0").decode())
+                for cb in callbacks:
+                    cb.on_checkpoint(self, path)
+        return path
 
 
 class DataParallelRunner(ReferenceRunner):
