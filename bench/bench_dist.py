@@ -2,7 +2,7 @@
 
 Runs `npcpu train --preset mlp52m` for a few steps in each setup, alternating the setups round
 after round, and reads each step's samples/s from the run's metrics file (the median over the
-steps after the first `--skip`), and the largest peak resident memory of its processes (GNU time,
+steps after the first `--skip`), and the peak resident memory of each of its processes (GNU time,
 when /usr/bin/time exists). Setups: one process with every core; N ranks with the cores divided
 among them, the reduction overlapped with backward, after it, in deterministic mode (fixed-order
 sum over pieces of the batch), and the optimizer step sharded by parameter (ZeRO stage 1) with
@@ -30,8 +30,9 @@ PEAK_TAG = "bench_dist peak rss kB"
 
 
 def run_setup(ranks: int, threads: int, extra: list[str], steps: int,
-              preset: str) -> tuple[list[float], float | None]:
-    """(samples/s of each step of one run, the largest peak RSS of its processes in MB)."""
+              preset: str) -> tuple[list[float], list[float]]:
+    """(samples/s of each step of one run, the peak RSS of each of its processes in MB, largest
+    first)."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         program = [sys.executable, "-m", "npcpu", "train", "--preset", preset, "--run-dir",
@@ -48,7 +49,7 @@ def run_setup(ranks: int, threads: int, extra: list[str], steps: int,
         peaks = [int(line.split()[-1]) / 1024 for line in done.stderr.splitlines()
                  if line.startswith(PEAK_TAG)]
         return ([line["samples_per_s"] for line in lines if line["kind"] == "train"],
-                max(peaks) if peaks else None)
+                sorted(peaks, reverse=True))
 
 
 def main() -> None:
@@ -81,18 +82,19 @@ def main() -> None:
         for name, (ranks, threads, extra) in chosen.items():
             rates, peak = run_setup(ranks, threads, extra, args.steps, args.preset)
             medians[name].append(statistics.median(rates[args.skip:]))
-            if peak is not None:
+            if peak:
                 peaks[name].append(peak)
     base = statistics.median(medians["single"]) if "single" in medians else None
     print(f"| setup ({args.preset}) | ranks x threads | samples/s median (min-max over rounds) "
-          f"| vs 1 process x {n * t} threads | peak RSS per process, MB |")
+          f"| vs 1 process x {n * t} threads | peak RSS of each process, MB (median over rounds) |")
     print("|---|---|---|---|---|")
     for name, values in medians.items():
         ranks, threads, _ = chosen[name]
         median = statistics.median(values)
         ratios = (f"{median / base:.2f}x ({min(values) / base:.2f}-{max(values) / base:.2f})"
                   if base else "-")
-        peak = f"{statistics.median(peaks[name]):.0f}" if peaks[name] else "-"
+        peak = (", ".join(f"{statistics.median(column):.0f}" for column in zip(*peaks[name]))
+                if peaks[name] else "-")
         print(f"| {name} | {ranks} x {threads} | {median:.0f} ({min(values):.0f}-{max(values):.0f}) "
               f"| {ratios} | {peak} |")
     write_json("dist", {"args": vars(args), "samples_per_s": medians, "peak_rss_mb": peaks,

@@ -6,6 +6,7 @@ tests/test_dist_mpi.py without mpi4py or mpiexec (fails under NPCPU_REQUIRE_MPI=
 import shutil
 
 import numpy as np
+import pytest
 from test_dist_mpi import DETERMINISTIC, TINY, final_state, metrics, train
 
 from npcpu.dist.shard import deal
@@ -43,15 +44,18 @@ def assert_states_equal(got: dict, want: dict, what: str) -> None:
             assert got[key] == value, f"{what}: {key}"
 
 
+@pytest.mark.parametrize("freezer", ["true", "false"])
 def test_a_sharded_run_is_bitwise_the_unsharded_run_and_its_checkpoints_resume_anywhere(
-        mpiexec, tmp_path):
+        mpiexec, tmp_path, freezer):
     """bf16 with stochastic rounding, LAMB inside Lookahead, dropout, clipping, evaluation on the
-    slow weights every 3 steps, deterministic sums: 3 ranks sharded = 3 ranks not = 1 process,
+    slow weights every 3 steps, clipping at 0.2 (below the gradient norms), deterministic sums: 3 ranks sharded = 3 ranks not = 1 process,
     the whole checkpoint (optimizer state of every parameter, slow weights) bit for bit; the
-    sharded run's step-3 checkpoint resumed on 2 ranks, sharded, ends at the same step 6."""
-    train(mpiexec, 1, tmp_path / "one", *TINY, *DETERMINISTIC)
-    train(mpiexec, 3, tmp_path / "plain", *TINY, *DETERMINISTIC)
-    done = train(mpiexec, 3, tmp_path / "sharded", *TINY, *DETERMINISTIC, *SHARD)
+    sharded run's step-3 checkpoint resumed on 2 ranks, sharded, ends at the same step 6. Without
+    a freezer the sharded run sums the gradient norm from the owners and clips its own only."""
+    options = [*TINY, *DETERMINISTIC, "--freeze.enabled", freezer, "--train.clip_grad_norm", "0.2"]
+    train(mpiexec, 1, tmp_path / "one", *options)
+    train(mpiexec, 3, tmp_path / "plain", *options)
+    done = train(mpiexec, 3, tmp_path / "sharded", *options, *SHARD)
     assert "optimizer step sharded by parameter: rank 0 owns" in done.stderr
     want, want_metrics = final_state(tmp_path / "one"), metrics(tmp_path / "one")
     for run in ("plain", "sharded"):

@@ -1,8 +1,9 @@
 """The optimizer step shared among the ranks (ZeRO stage 1, by whole parameters):
 `dist.shard_optimizer`.
 
-Every rank still receives the whole summed gradient, so clipping, the loss scaler's check and
-freezing read the same finished gradients as in one process. But each parameter has one owner
+Every rank still receives the whole summed gradient, so the loss scaler's check and freezing read
+the same finished gradients as in one process; without a freezer, the gradient norm is summed by
+the owners and only a rank's own gradients are clipped (`gradient_norm`). But each parameter has one owner
 rank, which alone runs the optimizer on it and alone keeps its optimizer state (moments, master
 copy); after the step the owners broadcast the parameters they updated. An owner's update is the
 one every rank would have made (the same gradient, state and stochastic-rounding stream), so a
@@ -19,10 +20,13 @@ weights (each owner synced its own).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 
+from npcpu.dist.reduce import sum_in_order
 from npcpu.dist.world import World, wait
+from npcpu.kernels.grads import power_sum
 
 
 def deal(sizes: list[int], ranks: int) -> list[int]:
@@ -66,6 +70,29 @@ class OptimizerShard:
         finally:
             for p in others:
                 p.frozen = False
+
+    def gradient_norm(self, params: list, max_norm: float | None, check: bool) -> float:
+        """The total 2-norm of the gradients of `params` (the trainable ones), and with `max_norm`
+        this rank's own gradients clipped to it (the only ones its optimizer step reads). Each
+        owner sums the squares of its own gradients; the sums are gathered and added in
+        parameter order, the order npcpu.optim.clip adds them in: the same norm, bit for bit.
+        With `check`, a non-finite norm leaves every gradient as it is."""
+        mine = {id(p) for p, owner in zip(self.params, self.owners) if owner == self.world.rank}
+        squares = np.zeros(len(params))
+        for i, p in enumerate(params):
+            if id(p) in mine:
+                squares[i] = power_sum(p.grad.reshape(-1), 2.0)
+        sum_in_order(self.world, squares, self.timeout)
+        total = math.sqrt(sum(float(square) for square in squares))
+        if max_norm is None or (check and not math.isfinite(total)):
+            return total
+        coef = min(max_norm / (total + 1e-6), 1.0)  # as clip_grad_norm
+        if coef != 1.0:
+            with np.errstate(invalid="ignore"):
+                for p in params:
+                    if id(p) in mine:
+                        p.grad *= p.grad.dtype.type(coef)
+        return total
 
     def publish_parameters(self) -> None:
         """Every rank takes each parameter (as bytes) from its owner."""

@@ -18,8 +18,10 @@ The configuration means the same run whatever N is:
   `parts`; otherwise MPI's all-reduce adds them, equal to float32 rounding.
 
 Only rank 0 prints, writes the metrics file and checkpoints (after every rank checked the
-parameter hashes, so a checkpoint is whole or absent). A checkpoint holds nothing about N: a
-run resumes with any number of processes.
+parameter hashes, so a checkpoint is whole or absent); the other ranks then call on_checkpoint
+with the path it wrote. A checkpoint holds nothing about N: a run resumes with any number of
+processes. `shard_optimizer`: each parameter's optimizer step and state on one rank
+(npcpu.dist.shard).
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ from npcpu.dist.reduce import (BackwardReducer, GradientBuckets, OrderedSum,
                                broadcast_parameters, check_parameters_equal, sum_in_order)
 from npcpu.dist.shard import OptimizerShard
 from npcpu.dist.world import World, wait
-
-PATH_BYTES = 4096  # room for the checkpoint path rank 0 sends the others (PATH_MAX on Linux)
 from npcpu.nn.dropout import Dropout
 from npcpu.train.runners import ReferenceRunner
 from npcpu.train.trainer import Trainer
+
+PATH_BYTES = 4096  # room for the checkpoint path rank 0 sends the others (PATH_MAX on Linux)
 
 
 class DataParallelTrainer(Trainer):
@@ -270,6 +272,14 @@ class DataParallelRunner(ReferenceRunner):
         elif trainer.world.size > 1:
             self.buckets.allreduce(trainer.world, trainer.timeout)
         return loss, items
+
+    def _grad_norm(self, params: list, check: bool) -> float:
+        """Sharded and without a freezer (which reads every layer's clipped gradient): the norm
+        summed by the owners, only this rank's own gradients clipped (npcpu.dist.shard)."""
+        trainer = self.trainer
+        if trainer.optimizer_shard is None or trainer.freezer is not None:
+            return super()._grad_norm(params, check)
+        return trainer.optimizer_shard.gradient_norm(params, trainer.clip_grad_norm, check)
 
     def take_step(self) -> bool:
         """The optimizer step; sharded, each rank's own parameters, then broadcast by their owners."""
