@@ -168,18 +168,22 @@ def threading_info() -> dict:
 
 
 @functools.cache
-def _cpu_flags() -> str:
+def _cpu_features() -> frozenset:
+    """The host CPU's features as LLVM names them ("avx512bf16" on x86, "bf16" on Arm): one
+    source on Linux, macOS, x86 and Arm alike (/proc/cpuinfo is Linux-only, and under an emulator it
+    describes the host, not the CPU the code runs on). Empty when LLVM cannot tell."""
+    import llvmlite.binding as llvm
     try:
-        with open("/proc/cpuinfo") as f:
-            return f.read()
-    except OSError:
-        return ""
+        flattened = llvm.get_host_cpu_features().flatten()
+    except RuntimeError:
+        return frozenset()
+    return frozenset(f[1:] for f in flattened.split(",") if f.startswith("+"))
 
 
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bfloat16 instructions (x86 AVX512_BF16 or Arm BF16)."""
-    flags = _cpu_flags()
-    return "avx512_bf16" in flags or " bf16" in flags
+    features = _cpu_features()
+    return "avx512bf16" in features or "bf16" in features
 
 
 # -- the bf16 GEMM path ------------------------------------------------------------------------
@@ -191,19 +195,16 @@ _bf16_gemm_setting = None  # set_bf16_gemm's choice; None: the environment's, el
 @functools.cache
 def cpu_has_avx512_bf16() -> bool:
     """True when the CPU has x86 AVX512_BF16 (vdpbf16ps), which the native bf16 GEMM is written for."""
-    return "avx512_bf16" in _cpu_flags()
+    return "avx512bf16" in _cpu_features()
 
 
 @functools.cache
 def _numba_targets_avx512_bf16() -> bool:
-    """True when Numba compiles for a CPU with avx512bf16 (not, e.g., NUMBA_CPU_NAME=generic).
-    Found once per process: LLVM's host feature query takes about a millisecond."""
+    """True when Numba compiles for a CPU with avx512bf16: the host's features, unless
+    NUMBA_CPU_NAME (e.g. "generic") and NUMBA_CPU_FEATURES choose another target."""
     if numba.config.CPU_NAME is not None:
-        features = numba.config.CPU_FEATURES or ""
-    else:
-        import llvmlite.binding as llvm
-        features = llvm.get_host_cpu_features().flatten()
-    return "+avx512bf16" in features
+        return "+avx512bf16" in (numba.config.CPU_FEATURES or "")
+    return cpu_has_avx512_bf16()
 
 
 def native_bf16_gemm_unavailable() -> str | None:

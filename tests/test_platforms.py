@@ -119,9 +119,9 @@ def test_spin_pause_emits_the_x86_pause_only_for_x86(triple, pauses):
 
 
 def test_native_bf16_gemm_is_off_on_arm(monkeypatch):
-    """An Arm CPU's bf16 flag (" bf16" in /proc/cpuinfo) counts as bfloat16 support, but the native
-    GEMM (x86 vdpbf16ps) stays off and bf16 layers take the widened path."""
-    monkeypatch.setattr(backend, "_cpu_flags", lambda: "Features\t: fp asimd sve bf16 i8mm")
+    """An Arm CPU's bf16 feature counts as bfloat16 support, but the native GEMM (x86 vdpbf16ps)
+    stays off and bf16 layers take the widened path."""
+    monkeypatch.setattr(backend, "_cpu_features", lambda: frozenset({"neon", "sve", "bf16", "i8mm"}))
     backend.cpu_has_avx512_bf16.cache_clear()
     try:
         assert backend.cpu_supports_bf16()
