@@ -9,6 +9,7 @@ sum over pieces of the batch), and the optimizer step sharded by parameter (ZeRO
 and without overlap. Needs mpi4py and mpiexec (pip install 'npcpu[mpi]').
 
     python bench/bench_dist.py --ranks 2 --steps 12 --rounds 3
+    python bench/bench_dist.py --preset gpt-small --option=--data.path=DIR --setups single,shard
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ PEAK_TAG = "bench_dist peak rss kB"
 
 def run_setup(ranks: int, threads: int, extra: list[str], steps: int,
               preset: str) -> tuple[list[float], list[float]]:
-    """(samples/s of each step of one run, the peak RSS of each of its processes in MB, largest
-    first)."""
+    """(items/s of each step of one run: samples, or tokens for a language model; the peak RSS
+    of each of its processes in MB, largest first)."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         program = [sys.executable, "-m", "npcpu", "train", "--preset", preset, "--run-dir",
@@ -61,6 +62,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--preset", default="mlp52m")
     parser.add_argument("--parts", type=int, default=12, help="deterministic: dist.parts")
+    parser.add_argument("--option", action="append", default=[], metavar="--SECTION.FIELD=VALUE",
+                        help="a configuration option given to every run (repeatable), e.g. "
+                        "--option=--data.path=DIR for a text preset")
     parser.add_argument("--setups", default="single,overlap,after,deterministic,shard",
                         help="comma-separated subset of the setups")
     args = parser.parse_args()
@@ -80,12 +84,13 @@ def main() -> None:
     peaks = {name: [] for name in chosen}
     for _ in range(args.rounds):
         for name, (ranks, threads, extra) in chosen.items():
-            rates, peak = run_setup(ranks, threads, extra, args.steps, args.preset)
+            options = [word for option in args.option for word in option.split("=", 1)]
+            rates, peak = run_setup(ranks, threads, [*options, *extra], args.steps, args.preset)
             medians[name].append(statistics.median(rates[args.skip:]))
             if peak:
                 peaks[name].append(peak)
     base = statistics.median(medians["single"]) if "single" in medians else None
-    print(f"| setup ({args.preset}) | ranks x threads | samples/s median (min-max over rounds) "
+    print(f"| setup ({args.preset}) | ranks x threads | items/s median (min-max over rounds) "
           f"| vs 1 process x {n * t} threads | peak RSS of each process, MB (median over rounds) |")
     print("|---|---|---|---|---|")
     for name, values in medians.items():
