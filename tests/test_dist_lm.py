@@ -13,6 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 from test_dist_mpi import SECONDS, final_state, metrics, train
+from test_dist_shard import assert_states_equal
 
 from npcpu.cli import main
 
@@ -27,8 +28,13 @@ SYNTHETIC = ["--preset", "gpt-synthetic", "--data.eval_size", "150", *TINY_GPT]
 
 
 def test_gpt_on_synthetic_text_on_two_ranks_equals_one_process(mpiexec, tmp_path):
+    """And the same 2-rank run with the optimizer step sharded: bitwise the unsharded one (its
+    final checkpoint, AdamW's moments of every parameter included)."""
     train(mpiexec, 1, tmp_path / "one", *SYNTHETIC)
     done = train(mpiexec, 2, tmp_path / "two", *SYNTHETIC)
+    train(mpiexec, 2, tmp_path / "sharded", *SYNTHETIC, "--dist.shard_optimizer", "true")
+    assert_states_equal(final_state(tmp_path / "sharded"), final_state(tmp_path / "two"),
+                        "sharded")
     assert "data-parallel language-model step" in done.stderr and "tokens/s" in done.stderr
     one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
     assert one["trainer"]["samples_seen"] == 6 * 10 * 12  # tokens: steps x sequences x positions

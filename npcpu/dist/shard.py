@@ -1,14 +1,18 @@
 """The optimizer step shared among the ranks (ZeRO stage 1, by whole parameters):
 `dist.shard_optimizer`.
 
-Every rank still receives the whole summed gradient, so the loss scaler's check and freezing read
-the same finished gradients as in one process; without a freezer, the gradient norm is summed by
-the owners and only a rank's own gradients are clipped (`gradient_norm`). But each parameter has one owner
-rank, which alone runs the optimizer on it and alone keeps its optimizer state (moments, master
-copy); after the step the owners broadcast the parameters they updated. An owner's update is the
-one every rank would have made (the same gradient, state and stochastic-rounding stream), so a
-sharded run is bitwise the run without sharding, for the optimizer work of 1/N of the model and
-the memory of 1/N of the optimizer state per rank (Lookahead's slow weights stay on every rank).
+Each parameter has one owner rank, which alone runs the optimizer on it and alone keeps its
+optimizer state (moments, master copy); after the step the owners broadcast the parameters they
+updated. An owner's update is the one every rank would have made (the same gradient, state and
+stochastic-rounding stream), so a sharded run is bitwise the run without sharding, for the
+optimizer work of about 1/N of the model and the memory of about 1/N of the optimizer state per
+rank (Lookahead's slow weights stay on every rank).
+
+The gradients are still all-reduced whole, so the loss scaler's check and freezing read the same
+finished gradients as in one process; without a freezer, the gradient norm is summed from the
+owners and only a rank's own gradients are clipped (`gradient_norm`). (Reducing each gradient to
+its owner alone, a reduce-scatter, would send about half the bytes of the all-reduce, but the
+freezer and the checks read every layer's gradient.)
 
 Parameters are dealt whole, largest first, each to the rank owning the fewest elements so far:
 LAMB's trust ratio and Lookahead's sync then need nothing from another rank. Before a checkpoint
