@@ -132,18 +132,27 @@ def _train(args, world) -> int:
 
 
 def cmd_eval(args) -> int:
+    from npcpu.dist import abort_on_error, init_world
+
+    world = init_world()  # under mpiexec the ranks share the evaluation batches
+    with abort_on_error(world):
+        return _eval(args, world)
+
+
+def _eval(args, world) -> int:
     from npcpu import backend
     from npcpu.checkpoint import best_checkpoint
     from npcpu.train.build import bind_tokenizer, build_run, load_run_config
 
-    backend.set_threads(args.threads)
+    backend.set_threads(world.threads_per_rank(args.threads) if world.size > 1 else args.threads)
     config = load_run_config(args.run_dir)
-    run = build_run(config)
+    run = build_run(config, world=world)
     bind_tokenizer(run, args.run_dir, new_run=False)
     path = best_checkpoint(args.run_dir) if args.best else args.run_dir
     info = run.trainer.resume(path)
     result = run.trainer.evaluate(run.eval_data)
-    print(f"{info['path']} (step {run.trainer.step}): eval {_eval_summary(result)}")
+    if world.is_root:
+        print(f"{info['path']} (step {run.trainer.step}): eval {_eval_summary(result)}")
     return 0
 
 

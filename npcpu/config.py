@@ -140,6 +140,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
                            min=0.001),
         "overlap": Field("bool", True, "start each bucket's all-reduce during backward, as soon "
                          "as its gradients are finished"),
+        "shard_optimizer": Field("bool", False, "each parameter's optimizer step and state on one "
+                                 "rank, the updated parameters broadcast (ZeRO stage 1)"),
     },
     "freeze": {
         "enabled": Field("bool", True, "dynamic layer freezing"),

@@ -177,13 +177,60 @@ from npcpu.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
-LONG = ["--train.max_steps", "100000", "--train.checkpoint_every", "2", "--train.eval_every",
-        "none", "--dist.timeout", "20"]
+# A run that cannot end before a test stops it: its steps take milliseconds, so it must not end
+# at the default 4 epochs either (test_limits_of_a_long_run_cost_nothing_when_it_starts checks
+# that such limits cost nothing).
+LONG = ["--train.max_steps", "100000000", "--train.epochs", "100000000",
+        "--train.checkpoint_every", "2", "--train.eval_every", "none", "--dist.timeout", "20"]
+
+
+def test_limits_of_a_long_run_cost_nothing_when_it_starts(tmp_path):
+    """The run the signal tests start, in this process, stopped after 3 steps: the learning-rate
+    schedule is evaluated once per step taken (not tabulated over the planned steps), and no
+    allocation is as large as one byte per planned step."""
+    import tracemalloc
+
+    from npcpu.cli import _overrides, make_parser
+    from npcpu.config import build_config
+    from npcpu.train.build import build_run
+    from npcpu.train.callbacks import Callback
+
+    class StopAfter3(Callback):
+        def on_step_end(self, trainer, metrics):
+            trainer.stop_training = trainer.step >= 3
+
+    args = make_parser().parse_args(["train", *TINY, *FP32, *LONG])
+    run = build_run(build_config(overrides=_overrides(args)), callbacks=[StopAfter3()])
+    assert run.total_steps == 100000000
+    scheduler, calls = run.trainer.scheduler, []
+
+    def counted(schedule):
+        return lambda step: calls.append(step) or schedule(step)
+
+    scheduler.lr_lambdas = [counted(schedule) for schedule in scheduler.lr_lambdas]
+    tracemalloc.start()
+    try:
+        run.fit(tmp_path / "run", progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert run.trainer.step == 3
+    assert sorted(set(calls)) == [1, 2, 3]
+    assert len(calls) == 3 * len(scheduler.lr_lambdas)
+    assert peak < run.total_steps
+
+
+def checkpointed_steps(run_dir: Path) -> list[int]:
+    """The steps of the checkpoints in `run_dir` now (older ones are pruned as the run goes on)."""
+    names = [p.name for p in (run_dir / "checkpoints").glob("step-*")]
+    return [int(name[len("step-"):]) for name in names if name[len("step-"):].isdigit()]
 
 
 def signal_rank_1(mpiexec, run_dir: Path, signum: int) -> subprocess.Popen:
-    """A long 3-rank run, whose rank 1 gets `signum` once the step-4 checkpoint exists; returns
-    the finished job (stderr read) after checking it ended within 60 s of the signal."""
+    """A long 3-rank run, whose rank 1 gets `signum` once a checkpoint of step 4 or later exists
+    (each is pruned a few steps after it is written, so the test cannot wait for one in
+    particular); returns the finished job (stderr read) after checking it ended within 60 s of the
+    signal."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     command = [mpiexec, "-n", "3", sys.executable, "-c", RECORD_PID, "train", "--run-dir",
                str(run_dir), *TINY, *FP32, *LONG]
@@ -191,7 +238,7 @@ def signal_rank_1(mpiexec, run_dir: Path, signum: int) -> subprocess.Popen:
                            env=env)
     try:
         deadline = time.monotonic() + SECONDS
-        while not (run_dir / "checkpoints" / "step-000004").exists():
+        while max(checkpointed_steps(run_dir), default=0) < 4:
             assert job.poll() is None, job.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.1)
@@ -227,7 +274,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
 @pytest.mark.parametrize("failure", ["raise", "hang"])
 def test_a_rank_that_raises_or_hangs_ends_every_rank_with_an_error(mpiexec, tmp_path, failure):
     """Raising: rank 1 names itself and aborts the job. Hanging: the others time out (after
-    dist.timeout, 3 s here) naming the reduction they waited for, and abort the job. The raising
+    dist.timeout, 3 s here) naming the reduction they waited for and rank 1, the one that did not
+    time out with them, and abort the job. The raising
     case gets a long timeout: on a loaded machine the other ranks could otherwise time out waiting
     for rank 1 before it reaches its planted failure, and the job would end with their message."""
     started = time.monotonic()
@@ -240,5 +288,6 @@ def test_a_rank_that_raises_or_hangs_ends_every_rank_with_an_error(mpiexec, tmp_
         assert "rank 1 of 3" in done.stderr and "a failure planted by the test" in done.stderr
     else:
         assert "did not complete within 3 s" in done.stderr
+        assert "rank(s) [1] did not time out too" in done.stderr  # named by ranks 0 and 2
     _, info = load_checkpoint(tmp_path / "run")
     assert info["step"] == 4  # rank 1 failed in step 5

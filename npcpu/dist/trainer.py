@@ -6,8 +6,9 @@ The configuration means the same run whatever N is:
   process (a pure function of (seed, epoch)); rank r serves rows [r n / N, (r+1) n / N) of each
   global batch of n samples (an uneven split is fine; a batch with fewer samples than pieces is
   refused by name).
-- Each rank divides its loss by the samples of the whole global window, so the sum of the ranks'
-  gradients is the gradient of the global mean loss (weighted by items, not an average of means).
+- Each rank divides its loss by the items of the whole global window (samples; a language
+  model's target tokens, npcpu.dist.lm), so the sum of the ranks' gradients is the gradient of
+  the global mean loss (weighted by items, not an average of means).
 - Dropout masks are keyed by the global row (Dropout.row_offset); stochastic rounding of an update
   is keyed by (seed, step, element), and every rank updates with the same summed gradient, so
   every rank rounds alike. Parameters are broadcast from rank 0 at the start and their hashes
@@ -17,23 +18,29 @@ The configuration means the same run whatever N is:
   `parts`; otherwise MPI's all-reduce adds them, equal to float32 rounding.
 
 Only rank 0 prints, writes the metrics file and checkpoints (after every rank checked the
-parameter hashes, so a checkpoint is whole or absent). A checkpoint holds nothing about N: a
-run resumes with any number of processes.
+parameter hashes, so a checkpoint is whole or absent); the other ranks then call on_checkpoint
+with the path it wrote. A checkpoint holds nothing about N: a run resumes with any number of
+processes. `shard_optimizer`: each parameter's optimizer step and state on one rank
+(npcpu.dist.shard).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
 from npcpu.data.loader import DataLoader
 from npcpu.dist.reduce import (BackwardReducer, GradientBuckets, OrderedSum,
                                broadcast_parameters, check_parameters_equal, sum_in_order)
+from npcpu.dist.shard import OptimizerShard
 from npcpu.dist.world import World, wait
 from npcpu.nn.dropout import Dropout
 from npcpu.train.runners import ReferenceRunner
 from npcpu.train.trainer import Trainer
+
+PATH_BYTES = 4096  # room for the checkpoint path rank 0 sends the others (PATH_MAX on Linux)
 
 
 class DataParallelTrainer(Trainer):
@@ -54,11 +61,14 @@ class DataParallelTrainer(Trainer):
     overlap : bool
         Start each bucket's reduction during backward, as soon as its gradients are finished
         (npcpu.dist.reduce.BackwardReducer); else after backward. Not used in deterministic mode.
+    shard_optimizer : bool
+        Each parameter's optimizer step and state on one rank only, the updated parameters
+        broadcast (npcpu.dist.shard: ZeRO stage 1 by whole parameters); bitwise the same run.
     """
 
     def __init__(self, model, loss_fn, optimizer, *, world: World, deterministic: bool = False,
                  parts: int = 12, timeout: float = 60.0, bucket_mb: float = 25.0,
-                 overlap: bool = True, **kwargs):
+                 overlap: bool = True, shard_optimizer: bool = False, **kwargs):
         if kwargs.get("update_in_backward") or getattr(optimizer, "fused_into_backward", False):
             raise ValueError("DataParallelTrainer: update_in_backward cannot be used: the ranks' "
                              "gradients must be summed before any update")
@@ -75,6 +85,8 @@ class DataParallelTrainer(Trainer):
         self.timeout = float(timeout)
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.overlap = bool(overlap) and not self.deterministic and world.size > 1
+        self.shard_optimizer = bool(shard_optimizer) and world.size > 1
+        self.optimizer_shard = None  # the OptimizerShard of the running fit(), when sharded
         self.writes_files = world.is_root
         if not world.is_root:
             self.log_stream = open(os.devnull, "w")  # noqa: SIM115  (lives as long as the trainer)
@@ -131,37 +143,59 @@ class DataParallelTrainer(Trainer):
                                       in zip(names, kinds, row[1:])}) for row in slots]
         return self.evaluation_metrics(per_batch, len(loader.dataset))
 
+    def _evaluate_and_report(self, eval_data, batch_size, callbacks) -> None:
+        if self.optimizer_shard is not None:  # the slow weights evaluated on, synced by owners
+            self.optimizer_shard.publish_slow_weights()
+        super()._evaluate_and_report(eval_data, batch_size, callbacks)
+
     # -- checkpoints: hashes compared, then rank 0 writes while the others wait ---------------------
-    def _checkpoint(self, run_dir, keep_last: int, callbacks) -> None:
+    def _checkpoint(self, run_dir, keep_last: int, callbacks) -> Path:
+        """Rank 0 writes; then every other rank calls the callbacks' on_checkpoint with the path
+        rank 0 wrote, so that a callback acting there (stopping the run, say) acts on every rank
+        alike."""
         check_parameters_equal(self.world, self.model.parameters(), self.timeout,
                                f"checkpoint at step {self.step}")
-        if self.world.is_root:
-            super()._checkpoint(run_dir, keep_last, callbacks)
+        shard = self.optimizer_shard
+        if shard is not None:
+            shard.gather_state()
+        path = super()._checkpoint(run_dir, keep_last, callbacks) if self.world.is_root else None
+        if shard is not None:
+            shard.drop_others_state()
         self._saved_step = self.step
         if self.world.size > 1:
-            wait(self.world, [self.world.comm.Ibarrier()], self.timeout,
-                 f"the barrier after rank 0 wrote the checkpoint of step {self.step}")
+            written = np.zeros(PATH_BYTES, dtype=np.uint8)  # rank 0's path, UTF-8, zero-padded
+            if path is not None:
+                encoded = np.frombuffer(str(path).encode(), dtype=np.uint8)[:PATH_BYTES]
+                written[:encoded.size] = encoded
+            wait(self.world, [self.world.comm.Ibcast(written, root=0)], self.timeout,
+                 f"rank 0 writing the checkpoint of step {self.step}")
+            if path is None:
+                path = Path(written.tobytes().rstrip(b"\0").decode())
+                for cb in callbacks:
+                    cb.on_checkpoint(self, path)
+        return path
 
 
 class DataParallelRunner(ReferenceRunner):
     """The reference step on this rank's rows of each global batch, the gradients, losses and
     stop requests summed over the ranks before the optimizer step (the same on every rank)."""
 
-    def __init__(self, trainer: DataParallelTrainer, loader: DataLoader):
+    def __init__(self, trainer: DataParallelTrainer, loader, note: str = "data-parallel step"):
         world, parts = trainer.world, trainer.parts
         self.first_part = world.rank * parts // world.size
         self.stop_part = (world.rank + 1) * parts // world.size
-        smallest = loader.batch_size if loader.drop_last else loader.batch_size_of(len(loader) - 1)
+        smallest = self.smallest_batch(loader)
         if smallest < parts:
             what = "pieces (dist.parts)" if trainer.deterministic else "ranks"
             raise ValueError(f"DataParallelTrainer: batch {len(loader) - 1} of an epoch has "
                              f"{smallest} samples, fewer than the {parts} {what} it is split "
                              f"into: choose a batch size and data size whose every batch has "
                              f"at least {parts} samples")
-        sharded = DataLoader(loader.dataset, loader.batch_size, shuffle=loader.shuffle,
-                             seed=loader.seed, drop_last=loader.drop_last,
-                             prefetch=loader.prefetch, rows_of_batch=self.rows_of_batch)
-        super().__init__(trainer, sharded, note=f"data-parallel step: {world.describe()}")
+        trainer.optimizer_shard = OptimizerShard(trainer.optimizer, world, trainer.timeout) \
+            if trainer.shard_optimizer else None
+        if trainer.optimizer_shard is not None:
+            note += f"; {trainer.optimizer_shard.describe()}"
+        super().__init__(trainer, self.shard(loader), note=f"{note}: {world.describe()}")
         params = trainer.model.parameters()
         broadcast_parameters(world, params, trainer.timeout)
         self.buckets = GradientBuckets(params, trainer.bucket_bytes)
@@ -176,6 +210,24 @@ class DataParallelRunner(ReferenceRunner):
         parts = self.trainer.parts
         return self.first_part * n // parts, self.stop_part * n // parts
 
+    # -- what a runner for other data overrides (npcpu.dist.lm) -------------------------------------
+    def smallest_batch(self, loader: DataLoader) -> int:
+        """Samples of the smallest global micro-batch `loader` serves."""
+        return loader.batch_size if loader.drop_last else loader.batch_size_of(len(loader) - 1)
+
+    def shard(self, loader: DataLoader) -> DataLoader:
+        """The loader this rank draws from: the same global order, only this rank's rows."""
+        return DataLoader(loader.dataset, loader.batch_size, shuffle=loader.shuffle,
+                          seed=loader.seed, drop_last=loader.drop_last,
+                          prefetch=loader.prefetch, rows_of_batch=self.rows_of_batch)
+
+    def split_window(self, window: list) -> tuple[list, list[int], int]:
+        """(this rank's rows of each micro-batch of `window`, each micro-batch's global samples,
+        the items the global window's loss is the mean over). The sharded loader served this
+        rank's rows already; the global sizes are the loader's."""
+        sizes = [self.loader.batch_size_of(b) for b in self._window_batches]
+        return window, sizes, sum(sizes)
+
     def _next_window(self) -> list:
         window = super()._next_window()
         stop = self.trainer.batch_index
@@ -183,10 +235,9 @@ class DataParallelRunner(ReferenceRunner):
         return window
 
     def forward_backward(self, window: list) -> tuple[float, int]:
-        """(the global window's mean loss, its samples), the summed gradients in the parameters."""
+        """(the global window's mean loss, its items), the summed gradients in the parameters."""
         trainer, parts = self.trainer, self.trainer.parts
-        sizes = [self.loader.batch_size_of(b) for b in self._window_batches]
-        items = sum(sizes)
+        window, sizes, items = self.split_window(window)
         slots = np.zeros(len(window) * parts + 1)  # one loss per (micro-batch, piece), then stop
         for m, ((x, y), n) in enumerate(zip(window, sizes)):
             if self.ordered is None:  # the rank's rows in one pass, summed by the all-reduce
@@ -221,6 +272,25 @@ class DataParallelRunner(ReferenceRunner):
         elif trainer.world.size > 1:
             self.buckets.allreduce(trainer.world, trainer.timeout)
         return loss, items
+
+    def _grad_norm(self, params: list, check: bool) -> float:
+        """Sharded and without a freezer (which reads every layer's clipped gradient): the norm
+        summed by the owners, only this rank's own gradients clipped (npcpu.dist.shard)."""
+        trainer = self.trainer
+        if trainer.optimizer_shard is None or trainer.freezer is not None:
+            return super()._grad_norm(params, check)
+        return trainer.optimizer_shard.gradient_norm(params, trainer.clip_grad_norm, check)
+
+    def take_step(self) -> bool:
+        """The optimizer step; sharded, each rank's own parameters, then broadcast by their owners."""
+        shard = self.trainer.optimizer_shard
+        if shard is None:
+            return super().take_step()
+        with shard.own_parameters_only():
+            stepped = super().take_step()
+        if stepped:  # the same on every rank: the loss scaler saw the same summed gradients
+            shard.publish_parameters()
+        return stepped
 
     def _set_row_offset(self, rows: int) -> None:
         for layer in self.dropouts:

@@ -16,6 +16,8 @@ import time
 import traceback
 from dataclasses import dataclass
 
+import numpy as np
+
 INSTALL_HINT = "pip install 'npcpu[mpi]'"
 # (rank variable, world-size variable) of the launchers: MPICH/Intel MPI (PMI), Open MPI, PMIx, Slurm
 LAUNCHER_VARIABLES = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
@@ -117,15 +119,49 @@ def abort_on_error(world: World):
         raise
 
 
+TIMEOUT_TAG = 31_415
+"""The tag of the notices a rank sends to the others when one of its waits times out."""
+NOTICE_SECONDS = 5.0
+"""How long a rank that timed out waits for the others' notices before naming the silent ones."""
+
+
 def wait(world: World, requests: list, timeout: float, what: str) -> None:
     """Complete the non-blocking MPI `requests`, or raise TimeoutError after `timeout` seconds
-    naming `what` (another rank died, hangs or took another path)."""
+    naming `what` and the ranks that did not time out too (`silent_ranks`: they hang, died, or
+    took another path)."""
     from mpi4py import MPI
     deadline = time.monotonic() + timeout
     pause = 1e-5
     while not MPI.Request.Testall(requests):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{world.describe()}: {what} did not complete within {timeout:g} s "
-                               "(another rank died, hangs, or is at another step)")
+            silent = silent_ranks(world, min(timeout, NOTICE_SECONDS))
+            raise TimeoutError(f"{world.describe()}: {what} did not complete within {timeout:g} s; "
+                               f"rank(s) {silent} did not time out too within "
+                               f"{min(timeout, NOTICE_SECONDS):g} s more: they hang, died, or "
+                               "are at another step")
         time.sleep(pause)
         pause = min(2 * pause, 1e-3)
+
+
+def silent_ranks(world: World, seconds: float) -> list[int]:
+    """After a timed-out wait: tell every other rank so (a notice on TIMEOUT_TAG), and return the
+    ranks whose own notice did not arrive within `seconds`. Ranks blocked in the same collective
+    time out about together and answer; a hung or dead rank cannot."""
+    from mpi4py import MPI
+    mine = np.array([world.rank], dtype=np.int64)
+    others = [r for r in range(world.size) if r != world.rank]
+    sends = [world.comm.Isend(mine, dest=r, tag=TIMEOUT_TAG) for r in others]
+    heard, notice = set(), np.empty(1, dtype=np.int64)
+    deadline = time.monotonic() + seconds
+    status = MPI.Status()
+    while time.monotonic() < deadline and len(heard) < len(others):
+        if world.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TIMEOUT_TAG, status=status):
+            world.comm.Recv(notice, source=status.Get_source(), tag=TIMEOUT_TAG)
+            heard.add(int(notice[0]))
+        else:
+            time.sleep(1e-3)
+    _UNFINISHED_NOTICES.append((mine, sends))  # the send to a hung rank never completes
+    return [r for r in others if r not in heard]
+
+
+_UNFINISHED_NOTICES: list = []  # kept alive (buffers MPI may still read) until the job ends

@@ -215,6 +215,11 @@ class Optimizer:
             spec["master_param"] = np.dtype(np.float32)
         return spec
 
+    def initial_state(self, p: Parameter) -> dict:
+        """The state `p` gets at its first step (step 0, zero moments, its master copy): for a
+        process that holds another's state (npcpu.dist.shard)."""
+        return self._init_state(p, self.param_groups[self._group_index[id(p)]])
+
     def _init_state(self, p: Parameter, group: dict) -> dict:
         state = {"step": 0}
         for name, dtype in self._state_spec(p, group).items():

@@ -185,11 +185,10 @@ def build_run(config: dict, *, callbacks=(), log_stream=None, world=None) -> Run
     dist = config["dist"]
     trainer_class, options = Trainer, {"compiled": train_cfg["compiled"]}
     if world is not None and (world.size > 1 or dist["deterministic"]):
-        if language_model:
-            raise ConfigError("config: data-parallel training of a gpt (model.kind 'gpt') is not "
-                              "supported yet; run it in one process")
-        from npcpu.dist import DataParallelTrainer
-        trainer_class, options = DataParallelTrainer, dict(world=world, **dist, **options)
+        from npcpu.dist import DataParallelLanguageModelTrainer, DataParallelTrainer
+        trainer_class, options = ((DataParallelLanguageModelTrainer, dict(world=world, **dist))
+                                  if language_model else
+                                  (DataParallelTrainer, dict(world=world, **dist, **options)))
     elif language_model:
         trainer_class, options = LanguageModelTrainer, {}
     loss_fn = CrossEntropyLoss(in_place=True) if language_model else CrossEntropyLoss()

@@ -108,14 +108,32 @@ class LanguageModelTrainer(Trainer):
         """Every evaluation window of `data` once: "eval_loss" (mean over the target tokens),
         "eval_perplexity", and what data.metrics adds ("eval_bits_per_byte", ...), on the weights
         the optimizer evaluates. `batch_size` is ignored: eval_batch_size bounds the memory."""
+        return self.language_model_metrics(data, self.evaluation_losses(data))
+
+    def evaluation_losses(self, data, keep=None) -> list:
+        """[(summed token loss, target tokens)] of each evaluation batch of `data` in order, on the
+        weights the optimizer evaluates; None for a batch whose index `keep(index)` rejects (a
+        data-parallel trainer evaluates its share and gathers the others' results)."""
         ignore = self.loss_fn.ignore_index
-        summed, tokens = 0.0, 0
+        results = []
         self.model.eval()
         try:
             with self.optimizer.evaluation_weights():
-                for x, y in data.eval_batches(self.eval_batch_size(data)):
-                    summed += self.loss_fn(self.model.forward(x), y, normalizer=1.0)  # the sum
-                    tokens += int(np.count_nonzero(y != ignore))
+                for index, (x, y) in enumerate(data.eval_batches(self.eval_batch_size(data))):
+                    if keep is not None and not keep(index):
+                        results.append(None)
+                        continue
+                    results.append((self.loss_fn(self.model.forward(x), y, normalizer=1.0),
+                                    int(np.count_nonzero(y != ignore))))
         finally:
             self.model.train()
+        return results
+
+    @staticmethod
+    def language_model_metrics(data, per_batch: list) -> dict:
+        """The "eval_<name>" metrics of `evaluation_losses`' results, added up in batch order."""
+        summed, tokens = 0.0, 0
+        for loss, count in per_batch:
+            summed += loss
+            tokens += count
         return {f"eval_{name}": value for name, value in data.metrics(summed, tokens).items()}

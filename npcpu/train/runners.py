@@ -212,14 +212,21 @@ class ReferenceRunner:
                     "such steps).")
             if trainer.freezer is not None:
                 frozen_now = trainer.freezer.observe(model, trainer.step + 1)
-        if scaler is not None:
-            stepped = scaler.step(optimizer)  # skips the step when a gradient is Inf/NaN
-            scaler.update()
-        else:
-            optimizer.step()
-            stepped = True
+        stepped = self.take_step()
         optimizer.zero_grad()
         return StepResult(loss, items, grad_norm, skipped=not stepped, frozen_now=frozen_now)
+
+    def take_step(self) -> bool:
+        """The optimizer step on the finished gradients, through the loss scaler when there is
+        one; False when the scaler skipped it. (A data-parallel runner that shards the optimizer
+        step across processes overrides this.)"""
+        optimizer, scaler = self.trainer.optimizer, self.trainer.loss_scaler
+        if scaler is None:
+            optimizer.step()
+            return True
+        stepped = scaler.step(optimizer)  # skips the step when a gradient is Inf/NaN
+        scaler.update()
+        return stepped
 
     def _grad_norm(self, params: list, check: bool) -> float:
         """The total gradient norm, clipping when the trainer clips. With `check`, a non-finite

@@ -414,8 +414,9 @@ class Trainer:
         self.load_state_dict(state)
         return info
 
-    def _checkpoint(self, run_dir: Path, keep_last: int, callbacks) -> None:
+    def _checkpoint(self, run_dir: Path, keep_last: int, callbacks) -> Path:
         path = self.save(run_dir, keep_last=keep_last)
         self._saved_step = self.step
         for cb in callbacks:
             cb.on_checkpoint(self, path)
+        return path

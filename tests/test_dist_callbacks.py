@@ -1,0 +1,46 @@
+"""Callbacks in a data-parallel run: on_checkpoint is called on every rank with the path rank 0
+wrote, so a callback that stops the run there stops every rank (were it called on rank 0 only,
+the others would train on and time out waiting for it). Skips like tests/test_dist_mpi.py without
+mpi4py or mpiexec (fails under NPCPU_REQUIRE_MPI=1)."""
+
+import subprocess
+import sys
+
+from test_dist_mpi import SECONDS
+
+# Each rank trains the tiny MLP with a callback that stops training at its first checkpoint
+# (step 3 of 6) and prints what it saw.
+STOP_AT_CHECKPOINT = """
+import sys
+from npcpu import backend
+from npcpu.config import build_config
+from npcpu.dist import init_world
+from npcpu.train.build import build_run
+from npcpu.train.callbacks import Callback
+
+class StopAtCheckpoint(Callback):
+    def on_checkpoint(self, trainer, path):
+        self.seen = path
+        trainer.stop_training = True
+
+backend.set_threads(1)
+world = init_world()
+stop = StopAtCheckpoint()
+config = build_config(overrides={
+    "model": {"hidden": [16, 9]}, "data": {"train_size": 300, "eval_size": 100, "input_dim": 12},
+    "train": {"batch_size": 30, "max_steps": 6, "checkpoint_every": 3, "eval_every": None},
+    "dist": {"timeout": 10.0}})
+run = build_run(config, callbacks=[stop], world=world)
+run.fit(sys.argv[1], progress=False)
+print(f"rank {world.rank}: step {run.trainer.step}, checkpoint {stop.seen}", flush=True)
+"""
+
+
+def test_a_callback_that_stops_at_a_checkpoint_stops_every_rank(mpiexec, tmp_path):
+    run_dir = tmp_path / "run"
+    done = subprocess.run([mpiexec, "-n", "3", sys.executable, "-c", STOP_AT_CHECKPOINT,
+                           str(run_dir)], capture_output=True, text=True, timeout=SECONDS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = run_dir / "checkpoints" / "step-000003"
+    assert sorted(done.stdout.splitlines()) == [f"rank {r}: step 3, checkpoint {written}"
+                                                for r in range(3)]
