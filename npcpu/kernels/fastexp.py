@@ -29,8 +29,7 @@ INV_FACTORIALS = tuple(np.float32(1.0 / f) for f in (2, 6, 24, 120, 720, 5040))
 
 @njit(inline="always", cache=True)
 def _clamp(x):
-    """x as float32 clamped to [-88, 88.5] (NaN becomes -88: callers' NaN reaches their result
-    through another operand or is documented)."""
+    """x as float32 clamped to [-88, 88.5]; NaN stays NaN."""
     return min(max(np.float32(x), np.float32(-88.0)), np.float32(88.5))
 
 
