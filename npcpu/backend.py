@@ -110,18 +110,20 @@ def _gemm_blas_controller():
 
 @contextmanager
 def single_blas_thread():
-    """Run the enclosed GEMMs (npcpu.blas) on one BLAS thread (two threadpoolctl calls when the count
-    has to change, none when it is already one)."""
-    blas = _gemm_blas_controller()
-    threads = blas.get_num_threads() if blas is not None else 1
-    if threads == 1:
-        yield
-        return
-    blas.set_num_threads(1)
+    """Run the enclosed GEMMs on one BLAS thread: npcpu.blas's (SciPy's BLAS) and NumPy's matmul
+    (its own BLAS, which attention's batched products use). Two calls per library whose count
+    has to change, none when it is already one."""
+    changed = []
+    for library in _blas_libraries():
+        threads = library.get_num_threads()
+        if threads != 1:
+            library.set_num_threads(1)
+            changed.append((library, threads))
     try:
         yield
     finally:
-        blas.set_num_threads(threads)
+        for library, threads in changed:
+            library.set_num_threads(threads)
 
 
 @functools.cache

@@ -1,8 +1,11 @@
 """ReLU, GELU (both forms) and Tanh: kernels vs NumPy twins, gradient checks, torch parity, precision."""
 
+import math
+
 import numpy as np
 import pytest
-from scipy.special import erf
+from numba import njit
+from scipy.special import erf, ndtr
 
 from gradcheck import check_layer_gradients
 from torchcheck import assert_forward_backward_match_torch
@@ -66,6 +69,43 @@ def test_smooth_kernels_match_numpy(forward, backward, value_twin, grad_twin, n,
         backward(x, dy, dx)
         expected = dy * grad_twin(x.astype(np.float64))
     np.testing.assert_allclose(dx, expected, rtol=rtol, atol=rtol)
+
+
+@njit(cache=False)
+def _erf32_cdf_pdf32(x, erf_out, cdf_out, pdf_out):
+    for i in range(x.size):
+        erf_out[i] = kernels.erf32(x[i])
+        cdf_out[i], pdf_out[i] = kernels.normal_cdf_pdf32(x[i])
+
+
+def test_float32_erf_and_normal_cdf_are_float32_accurate():
+    """The float32 GELU's erf (A&S 7.1.26 above 1, the Maclaurin series below) against math.erf on
+    a dense grid: within 2e-7 absolute (the formula's own bound is 1.5e-7; float32 rounding adds
+    the rest), and Phi, phi within that too."""
+    x = np.linspace(-12.0, 12.0, 1_200_001).astype(np.float32)
+    erf_out, cdf_out, pdf_out = (np.empty_like(x) for _ in range(3))
+    _erf32_cdf_pdf32(x, erf_out, cdf_out, pdf_out)
+    exact = np.array([math.erf(v) for v in x.astype(np.float64)])
+    assert np.abs(erf_out - exact).max() <= 2e-7
+    assert np.abs(cdf_out - ndtr(x.astype(np.float64))).max() <= 2e-7
+    x64 = x.astype(np.float64)
+    assert np.abs(pdf_out - np.exp(-x64 * x64 / 2) / np.sqrt(2 * np.pi)).max() <= 1e-7
+
+
+def test_float32_gelu_treats_nan_infinity_and_zero_as_the_math_erf_path():
+    """The float32 kernels (A&S erf) and the float64 ones (math.erf) agree on special values: NaN
+    stays NaN, +-0 and +-1e30 and +-inf give the same outputs and gradients (NaN included)."""
+    special = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30, 12.0, -12.0]
+    results = []
+    for dtype in (np.float32, np.float64):
+        x = np.array(special, dtype=dtype)
+        y, dx = np.empty_like(x), np.empty_like(x)
+        kernels.gelu_forward(x, y)
+        kernels.gelu_backward(x, np.ones_like(x), dx)
+        results.append((y.astype(np.float64), dx.astype(np.float64)))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6, atol=1e-30)
+    assert np.isnan(results[0][0][0]) and results[0][0][1] == np.inf
 
 
 # -- layers ----------------------------------------------------------------------------------------

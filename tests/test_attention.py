@@ -30,24 +30,25 @@ def causal_softmax_numpy(scores, offset):
 def test_causal_softmax_kernels_match_numpy(num_threads, groups, queries, keys, offset, dtype, rtol):
     rng = np.random.default_rng(queries * keys + offset)
     scores = (rng.standard_normal((groups, queries, keys)) * 4).astype(dtype)
-    probs = scores.copy()
-    causal_softmax_forward(probs, offset)
-    expected = causal_softmax_numpy(scores, offset)
+    probs, scale = scores.copy(), 0.7
+    causal_softmax_forward(probs, offset, scale)
+    expected = causal_softmax_numpy(scale * scores, offset)
     np.testing.assert_allclose(probs, expected, rtol=rtol, atol=rtol * 1e-2)
     assert np.all(probs[expected == 0] == 0)  # masked keys are exact zeros
 
     dprobs = rng.standard_normal(probs.shape).astype(dtype)
     dscores = dprobs.copy()
-    causal_softmax_backward(dscores, probs, offset)
+    causal_softmax_backward(dscores, probs, offset, scale)
     dot = (dprobs * expected).sum(axis=-1, keepdims=True)
-    np.testing.assert_allclose(dscores, expected * (dprobs - dot), rtol=rtol * 10, atol=rtol)
+    np.testing.assert_allclose(dscores, scale * expected * (dprobs - dot), rtol=rtol * 10,
+                               atol=rtol)
 
 
 def test_masked_keys_do_not_leak_inf_into_the_gradient():
     probs = np.zeros((1, 2, 2))
-    causal_softmax_forward(probs, 0)
+    causal_softmax_forward(probs, 0, 1.0)
     dprobs = np.array([[[1.0, np.inf], [2.0, 3.0]]])
-    causal_softmax_backward(dprobs, probs, 0)
+    causal_softmax_backward(dprobs, probs, 0, 1.0)
     assert np.isfinite(dprobs).all()
 
 
@@ -167,12 +168,13 @@ def test_cached_attention_equals_full_attention():
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-5, atol=1e-6)
 
 
-def test_attention_does_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("batch", [3, 1])  # pairs split by batch rows, or by heads
+def test_attention_does_not_depend_on_the_thread_count(batch):
     import numba
 
     rng = np.random.default_rng(41)
-    x = rng.standard_normal((3, 6, 8)).astype(np.float32)
-    dy = rng.standard_normal((3, 6, 8)).astype(np.float32)
+    x = rng.standard_normal((batch, 6, 8)).astype(np.float32)
+    dy = rng.standard_normal((batch, 6, 8)).astype(np.float32)
     results = []
     previous = numba.get_num_threads()
     try:

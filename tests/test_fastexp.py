@@ -2,7 +2,15 @@
 
 import numpy as np
 
-from npcpu.kernels.fastexp import exp_shifted, row_sum
+from numba import njit
+
+from npcpu.kernels.fastexp import exp32, exp_shifted, row_sum
+
+
+@njit(cache=False)
+def _exp32_each(x, out):
+    for i in range(x.size):
+        out[i] = exp32(x[i])
 
 
 def test_float32_exp_is_within_two_ulp_of_numpy():
@@ -32,3 +40,15 @@ def test_float64_takes_numpy_exp_and_row_sum_sums():
     np.testing.assert_allclose(out, np.exp(x - 0.5), rtol=1e-15)
     assert row_sum(x.astype(np.float32), 9) == np.sum(x[:9].astype(np.float32), dtype=np.float64)
     assert np.isnan(row_sum(np.array([1.0, np.nan, np.inf]), 3))
+
+
+def test_scalar_exp32_equals_exp_shifted_bit_for_bit():
+    """exp32 (2^k built in a register) and exp_shifted (2^k through an int32 array) are one
+    computation: the same bits everywhere, special values included."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.uniform(-100, 100, 50_001),
+                        [np.nan, np.inf, -np.inf, 0.0, -0.0, 88.5, -88.0]]).astype(np.float32)
+    scalar, rows = np.empty_like(x), np.empty_like(x)
+    _exp32_each(x, scalar)
+    exp_shifted(rows, x, x.size, np.float32(0.0), np.empty(x.size, np.int32))
+    np.testing.assert_array_equal(scalar.view(np.int32), rows.view(np.int32))

@@ -12,6 +12,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from npcpu.kernels.fastexp import exp32
 from npcpu.kernels.rng import uniform
 
 SQRT_HALF = 1.0 / math.sqrt(2.0)
@@ -51,20 +52,94 @@ def relu_backward(dy, mask, dx):
 
 
 # -- GELU, exact: y = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2 -----------------------------------
+# Numba calls the C library's scalar erf once per element; in float32 the kernels use instead the
+# classical rational approximation of Abramowitz and Stegun, Handbook of Mathematical Functions,
+# formula 7.1.26 (after Hastings): for z >= 0,
+#     erfc(z) = 1 - erf(z) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-z^2) + e(z),
+#     t = 1 / (1 + p z),   |e(z)| <= 1.5e-7,
+# which is plain arithmetic and npcpu.kernels.fastexp's exp32, so the loops vectorize. It gives
+# Phi for both signs (Phi(x) = erfc(|x| / sqrt 2) / 2 for x < 0, 1 - that for x >= 0; the error
+# is absolute, so far in the left tail Phi is small but not accurate relative to itself, as
+# x Phi(x) there is below anything a float32 GELU output resolves next to 0), and exp(-z^2) with z = |x| / sqrt 2 is also the normal density's
+# exp(-x^2 / 2), which backward needs: one exponential per element for both. Below z = 1, where
+# erfc is close to 1 and float32 rounding of its terms would cost several ulp of erf, erf comes
+# from its Maclaurin series instead, 2/sqrt(pi) sum_n (-1)^n z^(2n+1) / (n! (2n+1)), through
+# n = 10 (the first term left out is below 2e-9 at z = 1). Both are computed and one selected:
+# a select, not a branch, keeps the loop vectorized.
+# float64 arrays (gradient checks, "fp64" precision) keep math.erf: this is a float32 accuracy.
+ERFC_P = np.float32(0.3275911)
+ERFC_A = tuple(np.float32(a) for a in (0.254829592, -0.284496736, 1.421413741, -1.453152027,
+                                       1.061405429))
+ERF_SERIES = tuple(np.float32((-1) ** n * 2 / math.sqrt(math.pi) / (math.factorial(n) * (2 * n + 1)))
+                   for n in reversed(range(11)))
+"""Coefficients of z^(2n+1) in erf's Maclaurin series, n = 10 down to 0 (Horner's order)."""
+
+
+@njit(inline="always", cache=True)
+def erfc_nonnegative32(z, gaussian):
+    """erfc(z) for float32 z >= 0 by A&S 7.1.26, given gaussian = exp(-z^2)."""
+    a1, a2, a3, a4, a5 = ERFC_A
+    t = np.float32(1.0) / (np.float32(1.0) + ERFC_P * z)
+    return t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5)))) * gaussian
+
+
+@njit(inline="always", cache=True)
+def erf_series32(z):
+    """erf(z) for float32 |z| <= 1 by its Maclaurin series (the coefficients in Horner's order)."""
+    z_sq = z * z
+    total = np.float32(0.0)
+    for coefficient in ERF_SERIES:
+        total = total * z_sq + coefficient
+    return z * total
+
+
+@njit(inline="always", cache=True)
+def erf32(x):
+    """erf(x) for a float32 x: the series below |x| = 1, else 1 - erfc(|x|) with the sign of x."""
+    z = abs(np.float32(x))
+    tail = np.float32(1.0) - erfc_nonnegative32(z, exp32(-z * z))
+    magnitude = erf_series32(z) if z < np.float32(1.0) else tail
+    return magnitude if x >= 0 else -magnitude
+
+
+@njit(inline="always", cache=True)
+def normal_cdf_pdf32(x):
+    """(Phi(x), phi(x)) for a float32 x, with z = |x| / sqrt 2: Phi(-|x|) = (1 - erf(z)) / 2
+    (the series) below z = 1, erfc(z) / 2 above; Phi(|x|) = 1 - Phi(-|x|); phi(x) =
+    exp(-x^2 / 2) / sqrt(2 pi) = exp(-z^2) / sqrt(2 pi) from the exponential erfc(z) uses."""
+    half, one = np.float32(0.5), np.float32(1.0)
+    z = abs(np.float32(x)) * np.float32(SQRT_HALF)
+    gaussian = exp32(-z * z)
+    erfc_z = erfc_nonnegative32(z, gaussian)
+    left_tail = half * (one - erf_series32(z)) if z < one else half * erfc_z
+    cdf = one - left_tail if x >= 0 else left_tail
+    return cdf, gaussian * np.float32(INV_SQRT_2PI)
+
+
 @njit(parallel=True, cache=True)
 def gelu_forward(x, y):
-    """y = 0.5 x (1 + erf(x / sqrt(2)))."""
-    for i in prange(x.size):
-        y[i] = 0.5 * x[i] * (1.0 + math.erf(x[i] * SQRT_HALF))
+    """y = 0.5 x (1 + erf(x / sqrt(2))) = x Phi(x)."""
+    if x.itemsize == 4:
+        for i in prange(x.size):
+            cdf, _ = normal_cdf_pdf32(x[i])
+            y[i] = x[i] * cdf
+    else:
+        for i in prange(x.size):
+            y[i] = 0.5 * x[i] * (1.0 + math.erf(x[i] * SQRT_HALF))
 
 
 @njit(parallel=True, cache=True)
 def gelu_backward(x, dy, dx):
     """dx = dy (Phi(x) + x phi(x)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi): the derivative of x Phi(x)."""
-    for i in prange(x.size):
-        cdf = 0.5 * (1.0 + math.erf(x[i] * SQRT_HALF))
-        pdf = math.exp(-0.5 * x[i] * x[i]) * INV_SQRT_2PI
-        dx[i] = dy[i] * (cdf + x[i] * pdf)
+    if x.itemsize == 4:
+        for i in prange(x.size):
+            cdf, pdf = normal_cdf_pdf32(x[i])
+            dx[i] = dy[i] * (cdf + x[i] * pdf)
+    else:
+        for i in prange(x.size):
+            cdf = 0.5 * (1.0 + math.erf(x[i] * SQRT_HALF))
+            pdf = math.exp(-0.5 * x[i] * x[i]) * INV_SQRT_2PI
+            dx[i] = dy[i] * (cdf + x[i] * pdf)
 
 
 # -- GELU, tanh form: y = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3) ----------------------

@@ -5,9 +5,11 @@ S keys (S = T in training; S = offset + T with a key/value cache, the first `off
 earlier positions). Query t sits at absolute position offset + t and may attend to keys
 0 .. offset + t: the causal mask. Arrays are float32 or float64 (Numba specializes per dtype).
 
-    scores (G, T, S)   q k^T / sqrt(head_size), from the GEMM; turned in place into probs
+    scores (G, T, S)   q k^T from the GEMMs, turned in place into probs = softmax(scale * scores)
     probs  (G, T, S)   softmax over the allowed keys of each row, exactly 0 at masked keys
-    dprobs (G, T, S)   dL/dprobs from the GEMMs; turned in place into dL/dscores
+    dprobs (G, T, S)   dL/dprobs from the GEMMs; turned in place into dL/dscores (times scale)
+    scale              1 / sqrt(head_size): applied here, not in the GEMMs, whose batched form has
+                       no alpha
 
 Rows are independent, so both kernels run one row per iteration of a parallel loop; each row is
 read once for its maximum, once for exp and sum, once to normalize, and never past its last
@@ -21,13 +23,14 @@ from npcpu.kernels.fastexp import exp_shifted, row_sum
 
 
 @njit(parallel=True, cache=True)
-def causal_softmax_forward(scores, offset):
-    """probs = softmax over keys 0 .. offset + t of each row t, in place; 0 at masked keys.
+def causal_softmax_forward(scores, offset, scale):
+    """probs = softmax of scale * scores over keys 0 .. offset + t of each row t, in place; 0 at
+    masked keys.
 
-    For row (g, t) with n = min(S, offset + t + 1) allowed keys:
+    For row (g, t) with n = min(S, offset + t + 1) allowed keys, x = scale * scores[g, t]:
 
-        m          = max_{s < n} scores[g, t, s]                  (stable: exp(. - m) <= 1)
-        probs[s]   = exp(scores[s] - m) / sum_{s' < n} exp(scores[s'] - m)     for s < n
+        m          = max_{s < n} x[s]                                   (stable: exp(. - m) <= 1)
+        probs[s]   = exp(x[s] - m) / sum_{s' < n} exp(x[s'] - m)                for s < n
         probs[s]   = 0                                                         for s >= n
 
     The sum accumulates in float64; exp is npcpu.kernels.fastexp's (within 2 ulp in float32). No
@@ -38,6 +41,8 @@ def causal_softmax_forward(scores, offset):
         g, t = row // queries, row % queries
         x = scores[g, t]
         allowed = min(keys, offset + t + 1)
+        for s in range(allowed):
+            x[s] *= scale
         row_max = x[0]
         for s in range(1, allowed):
             if x[s] > row_max:
@@ -51,13 +56,14 @@ def causal_softmax_forward(scores, offset):
 
 
 @njit(parallel=True, cache=True)
-def causal_softmax_backward(dprobs, probs, offset):
-    """dscores = probs * (dprobs - sum_s dprobs * probs) for each row, in place over dprobs.
+def causal_softmax_backward(dprobs, probs, offset, scale):
+    """dscores = scale * probs * (dprobs - sum_s dprobs * probs) for each row, in place over dprobs.
 
-    In the forward pass this was `probs[s] = exp(scores[s] - m) / sum exp(...)`, whose Jacobian is
-    dprobs[s] / dscores[s'] = probs[s] (delta(s, s') - probs[s']); its product with the upstream
-    row is the line above (the max m cancels). Masked keys had no influence on the output, so their
-    dscores is 0 (written, not computed: an Inf in dprobs there does not leak through 0 * Inf).
+    In the forward pass this was `probs[s] = exp(x[s] - m) / sum exp(...)`, x = scale * scores,
+    whose Jacobian is dprobs[s] / dx[s'] = probs[s] (delta(s, s') - probs[s']); its product with
+    the upstream row, times dx/dscores = scale, is the line above (the max m cancels). Masked keys
+    had no influence on the output, so their dscores is 0 (written, not computed: an Inf in dprobs
+    there does not leak through 0 * Inf).
     """
     groups, queries, keys = dprobs.shape
     for row in prange(groups * queries):
@@ -68,6 +74,6 @@ def causal_softmax_backward(dprobs, probs, offset):
         for s in range(allowed):
             dot += dp[s] * p[s]
         for s in range(allowed):
-            dp[s] = p[s] * (dp[s] - dot)
+            dp[s] = scale * p[s] * (dp[s] - dot)
         for s in range(allowed, keys):
             dp[s] = 0.0

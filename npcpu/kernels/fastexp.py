@@ -19,10 +19,37 @@ float64 arrays (gradient checks) take np.exp itself: this polynomial is a float3
 import numpy as np
 from numba import njit
 
+from npcpu.kernels.intrinsics import float32_from_bits
+
 LOG2E = np.float32(1.4426950408889634)
 LN2_HI = np.float32(0.693145751953125)  # the leading bits of ln 2: k * LN2_HI is exact
 LN2_LO = np.float32(1.428606765330187e-06)  # ln 2 - LN2_HI
 INV_FACTORIALS = tuple(np.float32(1.0 / f) for f in (2, 6, 24, 120, 720, 5040))
+
+
+@njit(inline="always", cache=True)
+def _clamp(x):
+    """x as float32 clamped to [-88, 88.5]; NaN stays NaN."""
+    return min(max(np.float32(x), np.float32(-88.0)), np.float32(88.5))
+
+
+@njit(inline="always", cache=True)
+def _reduced_exp(v):
+    """(exp(r), k) with exp(v) = exp(r) 2^k, for float32 v in [-88, 88.5]: the range reduction and
+    Taylor sum of the module docstring; k is returned as an integral float32."""
+    c2, c3, c4, c5, c6, c7 = INV_FACTORIALS
+    one = np.float32(1.0)
+    k = np.floor(v * LOG2E + np.float32(0.5))
+    r = (v - k * LN2_HI) - k * LN2_LO
+    return one + r * (one + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7)))))), k
+
+
+@njit(inline="always", cache=True)
+def exp32(x):
+    """exp(x) in float32 for a scalar x, the same values as exp_shifted (x clamped to [-88, 88.5]);
+    2^k is built in a register, so a loop that calls it vectorizes without a scratch array."""
+    value, k = _reduced_exp(_clamp(x))
+    return value * float32_from_bits(np.int32((np.int32(k) + np.int32(127)) << 23))
 
 
 @njit(inline="always", cache=True)
@@ -35,13 +62,8 @@ def exp_shifted(out, x, n, shift, bits):
         for i in range(n):
             out[i] = np.exp(x[i] - shift)
         return
-    c2, c3, c4, c5, c6, c7 = INV_FACTORIALS
-    one = np.float32(1.0)
     for i in range(n):
-        v = min(max(np.float32(x[i] - shift), np.float32(-88.0)), np.float32(88.5))
-        k = np.floor(v * LOG2E + np.float32(0.5))
-        r = (v - k * LN2_HI) - k * LN2_LO
-        out[i] = one + r * (one + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))
+        out[i], k = _reduced_exp(_clamp(x[i] - shift))
         bits[i] = (np.int32(k) + np.int32(127)) << 23
     scale = bits[:n].view(np.float32)
     for i in range(n):

@@ -1,9 +1,11 @@
-"""Four CPU operations Numba does not expose, written as LLVM intrinsics, and a spin barrier.
+"""Five CPU operations Numba does not expose, written as LLVM intrinsics, and a spin barrier.
 
     prefetch(a, i)        start loading the cache line of a[i] (a hint; never faults)
     atomic_add(a, i, v)   a[i] += v as one indivisible, sequentially consistent step; returns old a[i]
     atomic_load(a, i)     read a[i] with acquire ordering (never hoisted out of a loop, never torn)
     spin_pause()          x86 `pause` in a spin loop (kinder to the other hyper-thread); elsewhere a no-op
+    float32_from_bits(i)  the float32 whose bits are the int32 i (a register reinterpretation, so a
+                          loop using it still vectorizes; NumPy's .view needs an array)
     barrier_wait(counter, threads, generation)
                           the spin barrier of npcpu.kernels.compiled_step's worker threads
 
@@ -83,6 +85,17 @@ def spin_pause(typingctx):
             builder.call(function, [])
         return context.get_dummy_value()
     return types.void(), codegen
+
+
+@intrinsic
+def float32_from_bits(typingctx, bits):
+    """The float32 with the same 32 bits as the int32 `bits` (LLVM bitcast)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(bits), codegen
 
 
 if _sched_yield is None:

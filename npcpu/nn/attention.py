@@ -3,30 +3,40 @@
 Legend: B batch, T positions, C = n_embd channels, H heads, D = C / H the head size, G = B * H.
     x (B, T, C) input and output; q, k, v (B, H, T, D) per head; scores, probs (B, H, T, T).
 
-forward (one (b, h) pair shown; the GEMMs run per pair through BLAS):
+forward (one (b, h) pair shown):
 
     qkv = x W_attn^T + b_attn                     c_attn, W_attn (3C, C): q, k, v side by side
-    q, k, v = split(qkv) into H heads             (B, H, T, D) each
+    q, k, v = split(qkv) into H heads             (B, H, T, D) each, strided views of qkv
     scores = q k^T / sqrt(D)                      (T, T)
     probs = causal_softmax(scores)                row t over keys 0..t, zero above the diagonal
     dropped = attn_dropout(probs)
     y = dropped v                                 (T, D)
-    out = resid_dropout(merge_heads(y) W_proj^T + b_proj)     c_proj
+    out = resid_dropout(merge_heads(y) W_proj^T + b_proj)     c_proj; y is written in place
+                                                  into the (B, T, C) merged array
 
 backward, each line quoting the forward line it differentiates:
 
     `out = resid_dropout(...)`, `... W_proj^T + b_proj`: through the Dropout and c_proj layers
     `y = dropped v`:            ddropped = dy v^T,   dv = dropped^T dy
     `dropped = attn_dropout(probs)`:  dprobs = attn_dropout.backward(ddropped)
-    `probs = causal_softmax(scores)`: dscores = probs * (dprobs - rowsum(dprobs * probs))
-    `scores = q k^T / sqrt(D)`: dq = dscores k / sqrt(D),   dk = dscores^T q / sqrt(D)
+    `probs = causal_softmax(scores)`: dscores = probs * (dprobs - rowsum(dprobs * probs)) / sqrt(D)
+                                      (the scale folded in: dscores is dL/d(q k^T))
+    `scores = q k^T / sqrt(D)`: dq = dscores k,   dk = dscores^T q
     `qkv = x W_attn^T + b_attn`: through c_attn, with dqkv = concat(dq, dk, dv)
 
 Kernel choice: the (T, T) scores are materialized and every product is a BLAS GEMM per (b, h),
-with one fused Numba pass (npcpu.kernels.attention) for the masked softmax in each direction. The
-(b, h) pairs are independent: each runs its GEMMs on one BLAS thread, and the pairs are spread
-over the cores (npcpu.blas.run_independent), since a (T, T) x (T, D) product is too small to be
-split well between BLAS threads.
+with one fused Numba pass (npcpu.kernels.attention) for the scaled, masked softmax in each
+direction. The products of many (b, h) pairs are one NumPy batched matmul (`np.matmul` on
+(pairs, T, D) stacks), which loops over the pairs in C: a Python call per pair and product cost
+more than the product itself at nanoGPT's sizes (T = 64, D = 32). q, k, v, dq, dk, dv and y are
+strided views of c_attn's and c_proj's (B, T, .) arrays, whose rows BLAS reads and writes with a
+leading dimension (no head split or merge copies). The pairs are split in one block per core
+(npcpu.blas.run_independent), each block's GEMMs on one BLAS thread, since a (T, T) x (T, D)
+product is too small to be split well between BLAS threads.
+The alternative of Numba loops for the products (skipping the masked half, no calls at all) was
+measured slower than the batched GEMMs at T = 64: the loops over D = 32 or the t + 1 keys of a
+causal row are too short for LLVM's vectorized loops, which spend their time in loop overhead
+and scalar remainders.
 The alternative, a tiled Numba kernel with an online softmax that recomputes the scores in
 backward (flash attention), keeps O(T) memory per head but does its multiply-adds in Numba loops,
 which reach a fraction of BLAS's speed, and recomputes the QK^T product in backward: measured at
@@ -36,7 +46,7 @@ path's. The price is memory: the kept probs are B * H * T * T values per layer. 
 layers of 12 heads at T = 1024 the probs of all layers outweigh the logits several times (bf16
 storage halves them), and there a flash kernel's O(T) memory would be the better trade.
 
-Kept for backward: q, k, v (one (3, B, H, T, D) array) and probs, in the storage dtype, and the
+Kept for backward: c_attn's output qkv (B, T, 3C) and probs, in the storage dtype, and the
 two Dropout layers' streams (their masks are regenerated, never stored).
 """
 
@@ -44,6 +54,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 
 from npcpu import blas
@@ -52,6 +63,7 @@ from npcpu.nn.dropout import Dropout
 from npcpu.nn.linear import Linear
 from npcpu.nn.module import Module
 from npcpu.precision import to_compute, to_storage
+
 
 
 class KVCache:
@@ -84,63 +96,79 @@ class KVCache:
         return self.keys[layer][:, :, :stop], self.values[layer][:, :, :stop]
 
 
+def _by_thread(batch: int, heads: int) -> list[tuple[slice, slice]]:
+    """(batch rows, heads) blocks, one per thread: the batch split when it has a row per
+    thread, else the heads (generation's single sequence)."""
+    threads = numba.get_num_threads()
+    if batch >= threads:
+        return [(part, slice(None)) for part in _parts(batch, threads)]
+    return [(slice(None), part) for part in _parts(heads, min(threads, heads))]
+
+
+def _parts(n: int, count: int) -> list[slice]:
+    edges = [n * i // count for i in range(count + 1)]
+    return [slice(edges[i], edges[i + 1]) for i in range(count)]
+
+
+def _batched(products) -> None:
+    """Run products(rows, heads) for each thread's block at once (npcpu.blas.run_independent:
+    NumPy's batched matmul loops over the block's (b, h) pairs in C, one BLAS thread each)."""
+    blocks = _by_thread(*products.shape)
+    blas.run_independent(lambda i: products(*blocks[i]), len(blocks))
+
+
 def attention_scores(q: np.ndarray, k: np.ndarray, offset: int) -> np.ndarray:
     """probs (B, H, T, S) = causal_softmax(q k^T / sqrt(D)) for q (B, H, T, D), k (B, H, S, D),
-    query t at absolute position offset + t."""
+    query t at absolute position offset + t (q, k may be strided views)."""
     batch, heads, queries, head_size = q.shape
     probs = np.empty((batch, heads, queries, k.shape[2]), dtype=q.dtype)
-    scale = 1.0 / math.sqrt(head_size)
 
-    def scores(g):
-        b, h = divmod(g, heads)
-        blas.matmul(q[b, h], np.ascontiguousarray(k[b, h]), transpose_b=True, alpha=scale,
-                    out=probs[b, h])
-    blas.run_independent(scores, batch * heads)
-    causal_softmax_forward(probs.reshape(batch * heads, queries, -1), offset)
+    def scores(rows, hs):
+        np.matmul(q[rows, hs], k[rows, hs].swapaxes(-1, -2), out=probs[rows, hs])
+    scores.shape = (batch, heads)
+    _batched(scores)
+    causal_softmax_forward(probs.reshape(batch * heads, queries, -1), offset,
+                           1.0 / math.sqrt(head_size))
     return probs
 
 
-def weighted_values(probs: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """y (B, H, T, D) = probs v per (b, h), probs (B, H, T, S), v (B, H, S, D)."""
-    batch, heads, queries, _ = probs.shape
-    y = np.empty((batch, heads, queries, v.shape[3]), dtype=probs.dtype)
-
-    def product(g):
-        b, h = divmod(g, heads)
-        blas.matmul(probs[b, h], np.ascontiguousarray(v[b, h]), out=y[b, h])
-    blas.run_independent(product, batch * heads)
-    return y
-
+def weighted_values(probs: np.ndarray, v: np.ndarray, y: np.ndarray) -> None:
+    """y (B, H, T, D) = probs v per (b, h), probs (B, H, T, S), v (B, H, S, D); y may be a
+    strided view (the heads' block of a (B, T, C) array)."""
+    def product(rows, hs):
+        np.matmul(probs[rows, hs], v[rows, hs], out=y[rows, hs])
+    product.shape = probs.shape[:2]
+    _batched(product)
 
 
 def attention_gradients(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                        probs: np.ndarray, attn_dropout: Dropout) -> np.ndarray:
-    """dL/dqkv (B, T, 3, H, D), the layout of c_attn's output, from dy = dL/dy (B, H, T, D), the
-    kept q, k, v (B, H, T, D) and probs (B, H, T, T), and the Dropout that dropped the probs."""
+                        probs: np.ndarray, attn_dropout: Dropout, dq: np.ndarray, dk: np.ndarray,
+                        dv: np.ndarray) -> None:
+    """dq, dk, dv (B, H, T, D), written, from dy = dL/dy (B, H, T, D), the kept q, k, v and probs
+    (B, H, T, T), and the Dropout that dropped the probs. Any of the (B, H, T, D) arrays may be
+    strided views (heads of c_attn's output and input gradient)."""
     batch, heads, steps, head_size = q.shape
-    dqkv = np.empty((batch, steps, 3, heads, head_size), dtype=dy.dtype)
-    dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
     dropped = attn_dropout.reapply(probs)
     dprobs = np.empty_like(probs)
 
-    def through_values(g):  # forward: y = dropped v
-        b, h = divmod(g, heads)
-        blas.matmul(dy[b, h], v[b, h], transpose_b=True, out=dprobs[b, h])
-        dv[b, h] = blas.matmul(dropped[b, h], dy[b, h], transpose_a=True)
-    blas.run_independent(through_values, batch * heads)
+    def through_values(rows, hs):  # forward: y = dropped v
+        np.matmul(dy[rows, hs], v[rows, hs].swapaxes(-1, -2), out=dprobs[rows, hs])
+        np.matmul(dropped[rows, hs].swapaxes(-1, -2), dy[rows, hs], out=dv[rows, hs])
+    through_values.shape = (batch, heads)
+    _batched(through_values)
     del dropped
-    # forward: dropped = attn_dropout(probs); probs = causal_softmax(scores)
+    # forward: dropped = attn_dropout(probs); probs = causal_softmax(q k^T / sqrt(D))
     dscores = np.ascontiguousarray(attn_dropout.backward(dprobs))
     causal_softmax_backward(dscores.reshape(batch * heads, steps, steps),
-                            probs.reshape(batch * heads, steps, steps), 0)
-    scale = 1.0 / math.sqrt(head_size)
+                            probs.reshape(batch * heads, steps, steps), 0,
+                            1.0 / math.sqrt(head_size))
 
-    def through_scores(g):  # forward: scores = q k^T / sqrt(D)
-        b, h = divmod(g, heads)
-        dq[b, h] = blas.matmul(dscores[b, h], k[b, h], alpha=scale)
-        dk[b, h] = blas.matmul(dscores[b, h], q[b, h], transpose_a=True, alpha=scale)
-    blas.run_independent(through_scores, batch * heads)
-    return dqkv
+    def through_scores(rows, hs):  # dscores is dL/d(q k^T) here: the scale is applied
+        np.matmul(dscores[rows, hs], k[rows, hs], out=dq[rows, hs])
+        np.matmul(dscores[rows, hs].swapaxes(-1, -2), q[rows, hs], out=dk[rows, hs])
+    through_scores.shape = (batch, heads)
+    _batched(through_scores)
+
 
 class CausalSelfAttention(Module):
     """Multi-head causal self-attention with a fused q/k/v projection (GPT-2, nanoGPT).
@@ -180,17 +208,18 @@ class CausalSelfAttention(Module):
         self.resid_dropout = Dropout(dropout, seed=seed + 1)
         for inner in (self.c_proj, self.attn_dropout, self.resid_dropout):
             inner.input_requires_grad = True  # inside the layer; c_attn follows the layer's own
-        self._qkv = None  # (3, B, H, T, D), storage dtype
+        self._qkv = None  # (B, T, 3C), storage dtype
         self._probs = None  # (B, H, T, T), storage dtype
 
     def extra_repr(self) -> str:
         return f"n_embd={self.n_embd}, n_head={self.n_head}"
 
-    def _split_heads(self, qkv: np.ndarray) -> np.ndarray:
-        """(B, T, 3C) -> (3, B, H, T, D): q, k, v, each with its heads as a leading dimension."""
-        batch, steps, _ = qkv.shape
-        heads = qkv.reshape(batch, steps, 3, self.n_head, self.head_size)
-        return np.ascontiguousarray(heads.transpose(2, 0, 3, 1, 4))
+    def _heads(self, rows: np.ndarray, parts: int) -> tuple[np.ndarray, ...]:
+        """(B, T, parts C) -> `parts` strided (B, H, T, D) views: c_attn's q, k, v (parts = 3) or
+        the merged heads (parts = 1), without copies."""
+        batch, steps, _ = rows.shape
+        heads = rows.reshape(batch, steps, parts, self.n_head, self.head_size)
+        return tuple(heads[:, :, i].transpose(0, 2, 1, 3) for i in range(parts))
 
     def forward(self, x: np.ndarray, cache: KVCache | None = None, layer: int = 0) -> np.ndarray:
         """out (B, T, C) for x (B, T, C). With a `cache` (eval mode only), the keys and values of
@@ -202,18 +231,18 @@ class CausalSelfAttention(Module):
         if cache is not None and self.training:
             raise RuntimeError(f"{self!r}: a KVCache is for generation, in eval mode")
         self.c_attn.input_requires_grad = self.input_requires_grad
-        q, k, v = self._split_heads(self.c_attn.forward(x))
+        qkv = np.ascontiguousarray(self.c_attn.forward(x))
+        q, k, v = self._heads(qkv, 3)
         offset = 0
         if cache is not None:
             offset = cache.length
             k, v = cache.extend(layer, k, v)
         probs = attention_scores(q, k, offset)
-        y = weighted_values(self.attn_dropout.forward(probs), v)
-        batch, steps = x.shape[:2]
-        merged = np.ascontiguousarray(y.transpose(0, 2, 1, 3)).reshape(batch, steps, self.n_embd)
+        merged = np.empty_like(x, dtype=qkv.dtype)
+        weighted_values(self.attn_dropout.forward(probs), v, self._heads(merged, 1)[0])
         out = self.resid_dropout.forward(self.c_proj.forward(merged))
         if self.training:
-            self._qkv = to_storage(np.stack((q, k, v)), self.storage_dtype)
+            self._qkv = to_storage(qkv, self.storage_dtype)
             self._probs = to_storage(probs, self.storage_dtype)
         else:
             self._qkv = self._probs = None
@@ -223,12 +252,11 @@ class CausalSelfAttention(Module):
         if self._qkv is None:
             raise self.missing_forward()
         dtype = self.compute_dtype
-        q, k, v = to_compute(self._qkv, dtype)
+        qkv = to_compute(self._qkv, dtype)
         probs = to_compute(self._probs, dtype)
         self._qkv = self._probs = None
-        batch, heads, steps, head_size = q.shape
-        dmerged = self.c_proj.backward(self.resid_dropout.backward(dout))
-        dy = np.ascontiguousarray(
-            dmerged.reshape(batch, steps, heads, head_size).transpose(0, 2, 1, 3))
-        dqkv = attention_gradients(dy, q, k, v, probs, self.attn_dropout)
-        return self.c_attn.backward(dqkv.reshape(batch, steps, 3 * self.n_embd))
+        dmerged = np.ascontiguousarray(self.c_proj.backward(self.resid_dropout.backward(dout)))
+        dqkv = np.empty_like(qkv)
+        attention_gradients(self._heads(dmerged, 1)[0], *self._heads(qkv, 3), probs,
+                            self.attn_dropout, *self._heads(dqkv, 3))
+        return self.c_attn.backward(dqkv)
