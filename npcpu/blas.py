@@ -8,7 +8,9 @@ Every operand is passed as a Fortran-order view of a C-order array (A (r, c) C-o
 Fortran-order), so BLAS reads and writes NumPy's memory directly. All three go through SciPy's
 BLAS: its `?gemm` accumulates into an existing array (beta = 1), and keeping all GEMMs in one BLAS
 library keeps one thread pool busy instead of two (NumPy and SciPy each load their own OpenBLAS,
-whose idle threads spin for a while after each call and would compete with the other's).
+whose idle threads spin for a while after each call and would compete with the other's). The one
+exception is attention's many tiny per-head products (`run_independent`): NumPy's batched matmul
+loops over them in C, and there every BLAS call is on one thread, so no pool spins.
 
 Small GEMMs run on one BLAS thread: below SMALL_GEMM multiply-adds, the cost of waking and joining
 a second thread is larger than the work it takes over, and when the other core is busy the second
