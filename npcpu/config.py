@@ -127,6 +127,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                     "clipping, loss scaling or freezing)"),
         "memory_check": Field("bool", True, "refuse a run whose estimated peak memory exceeds "
                               "the machine's available memory (the estimate is printed either way)"),
+        "on_nonfinite": Field("str", "stop", "a non-finite loss or gradient without a loss "
+                              "scaler: stop the run naming the layer, or skip the step (counted)",
+                              choices=("stop", "skip")),
     },
     "dist": {
         "deterministic": Field("bool", False, "data parallel (mpiexec): add the ranks' gradients "

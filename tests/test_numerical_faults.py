@@ -16,6 +16,7 @@ from npcpu.optim.adam import Adam
 from npcpu.optim.scaling import DynamicLossScaler
 from npcpu.optim.sgd import SGD
 from npcpu.precision import bfloat16, overflow_threshold
+from npcpu.train.callbacks import Callback
 from npcpu.train.trainer import Trainer
 
 
@@ -85,6 +86,42 @@ def test_under_a_loss_scaler_a_non_finite_gradient_is_skipped_and_counted():
                       log_stream=io.StringIO())
     trainer.fit(make_data(), max_steps=3, batch_size=16, progress=False)
     assert trainer.step == 3 and trainer.skipped_steps == 1
+
+
+class StateAfterEachStep(Callback):
+    def __init__(self):
+        self.states = []
+
+    def on_step_end(self, trainer, metrics):
+        self.states.append({k: v.copy() for k, v in trainer.model.state_dict().items()})
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+def test_on_nonfinite_skip_logs_the_layer_skips_the_step_and_counts_it(value):
+    model = make_model()
+    poison_gradient_at_call(model[1], "bias", call=3, value=value)
+    log, states = io.StringIO(), StateAfterEachStep()
+    trainer = Trainer(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1),
+                      on_nonfinite="skip", callbacks=[states], log_stream=log)
+    trainer.fit(make_data(), max_steps=4, batch_size=16, progress=False)
+    text = log.getvalue()
+    assert "compiled step: off (non-finite steps are skipped" in text
+    assert ("skipped the optimizer step: gradient norm is" in text and "at step 3 (epoch 0)" in text
+            and "first in layer '1' (FusedLinearReLU), parameter 1.bias" in text)
+    assert trainer.step == 4 and trainer.skipped_steps == 1
+    for key in states.states[1]:
+        np.testing.assert_array_equal(states.states[2][key], states.states[1][key], err_msg=key)
+        assert np.all(np.isfinite(states.states[3][key])), key
+    assert any(not np.array_equal(states.states[3][k], states.states[2][k]) for k in states.states[2])
+
+
+def test_on_nonfinite_is_checked_and_excludes_updates_inside_backward():
+    model = make_model()
+    with pytest.raises(ValueError, match="on_nonfinite must be 'stop' or 'skip', got 'ignore'"):
+        Trainer(model, CrossEntropyLoss(), SGD(model.parameters()), on_nonfinite="ignore")
+    with pytest.raises(ValueError, match="non-finite steps are skipped"):
+        Trainer(model, CrossEntropyLoss(), SGD(model.parameters()), on_nonfinite="skip",
+                update_in_backward=True)
 
 
 # -- 16-bit parameter storage --------------------------------------------------------------------

@@ -199,6 +199,7 @@ def build_run(config: dict, *, callbacks=(), log_stream=None, world=None) -> Run
                             callbacks=callbacks, seed=train_cfg["seed"],
                             update_in_backward=train_cfg["update_in_backward"],
                             memory_check=train_cfg["memory_check"],
+                            on_nonfinite=train_cfg["on_nonfinite"],
                             log_stream=log_stream, **options)
     return Run(config, trainer, train_data, eval_data, num_classes, total_steps)
 

@@ -198,23 +198,32 @@ class ReferenceRunner:
         if scaler is None and not math.isfinite(loss):
             gradients = non_finite_gradients(model)
             optimizer.zero_grad()
-            raise FloatingPointError(non_finite_message(trainer, loss, window, gradients))
+            return self._non_finite(non_finite_message(trainer, loss, window, gradients), loss, items)
         grad_norm, frozen_now = None, []
         if not found_inf:
             grad_norm = self._grad_norm(params, check=scaler is None)
             if not math.isfinite(grad_norm):  # only without a scaler (it found none above)
                 gradients = non_finite_gradients(model)
                 optimizer.zero_grad()
-                raise FloatingPointError(
+                return self._non_finite(
                     f"gradient norm is {grad_norm} at step {trainer.step + 1} (epoch "
                     f"{trainer.epoch}) with a finite loss {loss}: {gradients}. The optimizer "
-                    "step was not taken; parameters are unchanged (use a loss scaler to skip "
-                    "such steps).")
+                    "step was not taken; parameters are unchanged (a loss scaler, or "
+                    "on_nonfinite='skip', skips such steps).", loss, items)
             if trainer.freezer is not None:
                 frozen_now = trainer.freezer.observe(model, trainer.step + 1)
         stepped = self.take_step()
         optimizer.zero_grad()
         return StepResult(loss, items, grad_norm, skipped=not stepped, frozen_now=frozen_now)
+
+    def _non_finite(self, message: str, loss: float, items: int) -> StepResult:
+        """A non-finite loss or gradient without a loss scaler (the gradients already zeroed):
+        FloatingPointError(message), or with on_nonfinite='skip' the message logged and the step
+        counted as skipped."""
+        if self.trainer.on_nonfinite == "stop":
+            raise FloatingPointError(message)
+        self.trainer.log(f"skipped the optimizer step: {message}")
+        return StepResult(loss, items, None, skipped=True)
 
     def take_step(self) -> bool:
         """The optimizer step on the finished gradients, through the loss scaler when there is

@@ -96,15 +96,22 @@ class Trainer:
     memory_check : bool
         fit() logs an estimate of the run's peak memory (npcpu.train.memory) and, with this,
         raises InsufficientMemoryError, saying what would fit, when it exceeds the available memory.
+    on_nonfinite : {"stop", "skip"}
+        Without a loss scaler, a non-finite loss or gradient raises FloatingPointError naming the
+        step and the first layer whose gradient is non-finite ("stop"), or is logged with the same
+        words and its optimizer step skipped, counted in the metrics' skipped_steps ("skip").
     """
 
     def __init__(self, model, loss_fn, optimizer, *, scheduler=None, accumulation_steps: int = 1,
                  precision: str = "fp32", loss_scaler=None, clip_grad_norm: float | None = None,
                  freezer=None, callbacks=(), seed: int = 0, compiled: str = "auto",
-                 update_in_backward: bool = False, memory_check: bool = True, log_stream=None):
+                 update_in_backward: bool = False, memory_check: bool = True,
+                 on_nonfinite: str = "stop", log_stream=None):
         accumulation_steps = check_int("Trainer", "accumulation_steps", accumulation_steps, 1)
         if compiled not in COMPILED_MODES:
             raise ValueError(f"Trainer: compiled must be one of {COMPILED_MODES}, got {compiled!r}")
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"Trainer: on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         check_precision(precision)
         if clip_grad_norm is not None:
             clip_grad_norm = check_real("Trainer", "clip_grad_norm", clip_grad_norm, low=0.0,
@@ -130,6 +137,7 @@ class Trainer:
         self.seed = seed
         self.compiled = compiled
         self.memory_check = bool(memory_check)
+        self.on_nonfinite = on_nonfinite
         self.log_stream = log_stream or sys.stderr
         self.update_in_backward = bool(update_in_backward) or optimizer.fused_into_backward
         if self.update_in_backward:
@@ -167,7 +175,9 @@ class Trainer:
             (self.accumulation_steps != 1, f"accumulation_steps is {self.accumulation_steps}, not 1"),
             (self.loss_scaler is not None, "a loss scaler is set (precision 'fp16' sets one)"),
             (self.clip_grad_norm is not None, f"clip_grad_norm is {self.clip_grad_norm}"),
-            (self.freezer is not None, "a freezer is set")) if active]
+            (self.freezer is not None, "a freezer is set"),
+            (self.on_nonfinite == "skip", "non-finite steps are skipped (on_nonfinite='skip')"))
+            if active]
 
     # -- logging --------------------------------------------------------------------------------
     def log(self, message: str) -> None:
