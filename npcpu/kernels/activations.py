@@ -60,8 +60,9 @@ def relu_backward(dy, mask, dx):
 # which is plain arithmetic and npcpu.kernels.fastexp's exp32, so the loops vectorize. It gives
 # Phi for both signs (Phi(x) = erfc(|x| / sqrt 2) / 2 for x < 0, 1 - that for x >= 0; the error
 # is absolute, so far in the left tail Phi is small but not accurate relative to itself, as
-# x Phi(x) there is below anything a float32 GELU output resolves next to 0), and exp(-z^2) with z = |x| / sqrt 2 is also the normal density's
-# exp(-x^2 / 2), which backward needs: one exponential per element for both. Below z = 1, where
+# x Phi(x) there is below anything a float32 GELU output resolves next to 0), and exp(-z^2) with
+# z = |x| / sqrt 2 is also the normal density's exp(-x^2 / 2), which backward needs: one
+# exponential per element for both. Below z = 1, where
 # erfc is close to 1 and float32 rounding of its terms would cost several ulp of erf, erf comes
 # from its Maclaurin series instead, 2/sqrt(pi) sum_n (-1)^n z^(2n+1) / (n! (2n+1)), through
 # n = 10 (the first term left out is below 2e-9 at z = 1). Both are computed and one selected:
