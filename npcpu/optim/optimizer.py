@@ -48,12 +48,11 @@ from typing import ContextManager
 import numpy as np
 
 from npcpu.checks import check_flag, check_int, check_real
-from npcpu.kernels.finite import EXPONENT_MASKS_16, count_nonfinite_bits
-from npcpu.kernels.grads import max_abs
 from npcpu.kernels.optim_io import ELEMENTS_PER_HASH, Rounding, random_scratch
 from npcpu.nn.parameter import Parameter
 from npcpu.optim.optimizer_state import checked_state
-from npcpu.precision import bfloat16, overflow_threshold, to_storage
+from npcpu.optim.storage_checks import check_storable, check_updated_in_place
+from npcpu.precision import bfloat16, to_storage
 
 STATE_DTYPES = ("fp32", "bf16")
 
@@ -239,40 +238,9 @@ class Optimizer:
         weights = self.weights_of(p)
         if weights is not p.data:
             source = weights.reshape(-1)[first:stop]
-            self._check_storable(p, source)
+            check_storable(type(self).__name__, p, source)
             target = p.data.reshape(-1)[first:stop]
             target[...] = to_storage(source, p.data.dtype)
-
-    def _check_storable(self, p: Parameter, values: np.ndarray) -> None:
-        """Raise FloatingPointError, naming `p`, when a master-copy value would round to Inf in
-        p's 16-bit storage (float16 overflows at 65520): the overflow is not stored. The master
-        copy and the optimizer state keep the update, so the run must stop here."""
-        threshold = overflow_threshold(p.data.dtype)
-        peak = max_abs(values) if values.size else 0.0
-        if peak >= threshold:
-            raise FloatingPointError(
-                f"{type(self).__name__}: the update of {p!r} overflows {p.data.dtype}: a value "
-                f"of magnitude {peak:.6g} would round to Inf (from {threshold:.6g} on); not "
-                "stored into the parameter. Lower the learning rate or keep this parameter in "
-                "float32.")
-
-    def _check_updated_in_place(self, p: Parameter, first: int, stop: int) -> None:
-        """Raise FloatingPointError, naming `p`, when a 16-bit parameter updated in place (no
-        master copy) now holds Inf or NaN: an update that rounded to Inf, or a non-finite gradient
-        (updates inside backward check the loss, not the gradients). The value is already stored
-        and the optimizer state holds the update, so the run must stop here; its last checkpoint
-        is untouched."""
-        mask = EXPONENT_MASKS_16.get(p.data.dtype.name)
-        if mask is None:
-            return
-        bits = p.data.reshape(-1)[first:stop].view(np.uint16)
-        bad = count_nonfinite_bits(bits, mask) if bits.size else 0
-        if bad:
-            raise FloatingPointError(
-                f"{type(self).__name__}: the update of {p!r} in place left {bad} of its "
-                f"{bits.size} {p.data.dtype} values Inf or NaN (an update too large for "
-                f"{p.data.dtype}, or a non-finite gradient). Lower the learning rate, or keep a "
-                "float32 master copy (master_weights=True) or this parameter in float32.")
 
     def param_values(self, p: Parameter) -> np.ndarray:
         """The parameter's values in its compute dtype, from the master copy when there is one."""
@@ -303,7 +271,7 @@ class Optimizer:
                 index, group, state, weights = self._count_step(p)
                 self._update(flat(weights), grad, state, group, self._rounding(state, index, 0))
                 if weights is p.data:
-                    self._check_updated_in_place(p, 0, p.size)
+                    check_updated_in_place(type(self).__name__, p, 0, p.size)
                 else:
                     self.publish_master(p)
 
@@ -329,7 +297,7 @@ class Optimizer:
             self._update(flat(weights)[first:stop], grad, part, group,
                          self._rounding(state, index, first))
             if weights is p.data:
-                self._check_updated_in_place(p, first, stop)
+                check_updated_in_place(type(self).__name__, p, first, stop)
             else:
                 self.publish_master(p, first, stop)
         return update
