@@ -9,15 +9,35 @@ numpy's AxisError does the same (ValueError and IndexError), and callers written
 earlier checks of some arguments (Lookahead's k, seeds, scheduler step counts), which raised
 ValueError for a value such as 2.5, keep working. A value of the right type outside its bounds
 raises ValueError.
+
+`parse_json` is the one reading of JSON a user can hand npcpu (checkpoint state, safetensors
+headers, meta.json, tokenizer files, a run's config), with one wording for its failures.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import operator
 
 import numpy as np
+
+
+def parse_json(text: str | bytes, source: str, error: type[Exception] = ValueError, **options):
+    """json.loads(text, **options), bytes read as UTF-8, raising `error` named after `source` when
+    the text is not JSON ("<source>: not valid JSON (<why>)") or nests deeper than Python's
+    recursion limit allows ("<source>: JSON nested too deeply to read": json.loads raises
+    RecursionError for that, which is not a ValueError, so a hostile file would otherwise escape
+    every reader's error handling)."""
+    try:
+        if isinstance(text, (bytes, bytearray)):
+            text = text.decode("utf-8")
+        return json.loads(text, **options)
+    except ValueError as e:  # JSONDecodeError, bytes that are not UTF-8, a rejected constant
+        raise error(f"{source}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise error(f"{source}: JSON nested too deeply to read") from None
 
 
 class ArgumentTypeError(TypeError, ValueError):

@@ -22,6 +22,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from npcpu.checks import parse_json
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be run: unknown key, wrong type, value out of range."""
@@ -395,12 +397,7 @@ def to_json(config: dict) -> str:
 
 def from_json(text: str, source: str) -> dict:
     """A configuration saved by a run, checked again (a hand-edited file gets the same checks)."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{source}: not valid JSON: {e}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: JSON nested too deeply to read") from None
+    data = parse_json(text, source, ConfigError)
     config = merge(defaults(), data, source)
     validate(config)
     return config

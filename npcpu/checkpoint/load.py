@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from npcpu.checks import parse_json
 from npcpu.checkpoint.codec import (FORMAT_VERSION, CheckpointError, decode_plain,
                                     unflatten_with_order)
 from npcpu.checkpoint.store import FORMAT, STATE_FILE, TENSORS_FILE, candidates, resolve
@@ -46,12 +46,8 @@ def load_checkpoint(path, *, check_finite: bool = True) -> tuple[dict, dict]:
     for file in (state_path, tensors_path):
         if not file.is_file():
             raise CheckpointError(f"{file}: missing")
-    try:
-        document = json.loads(state_path.read_bytes(), parse_constant=_reject_constant)
-    except ValueError as err:
-        raise CheckpointError(f"{state_path}: not valid JSON ({err})") from err
-    except RecursionError:
-        raise CheckpointError(f"{state_path}: JSON nested too deeply to read") from None
+    document = parse_json(state_path.read_bytes(), str(state_path), CheckpointError,
+                          parse_constant=_reject_constant)
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise CheckpointError(f"{state_path}: not an npcpu checkpoint (format "
                               f"{document.get('format') if isinstance(document, dict) else None!r})")

@@ -15,12 +15,12 @@ every dtype. Why npcpu parses the file itself instead of calling the safetensors
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from npcpu.checks import parse_json
 from npcpu.checkpoint.codec import CheckpointError, short
 from npcpu.precision import bfloat16
 
@@ -70,12 +70,7 @@ def parse_safetensors(buffer: bytearray, where: Path) -> dict[str, np.ndarray]:
     if data_start > len(buffer):
         raise CheckpointError(f"{where}: header claims {header_len} bytes but the file has "
                               f"{len(buffer)} (truncated?)")
-    try:
-        header = json.loads(bytes(buffer[8:data_start]))
-    except ValueError as err:
-        raise CheckpointError(f"{where}: unreadable safetensors header ({err})") from err
-    except RecursionError:
-        raise CheckpointError(f"{where}: safetensors header nested too deeply to read") from None
+    header = parse_json(bytes(buffer[8:data_start]), f"{where}: safetensors header", CheckpointError)
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: safetensors header is not a JSON object")
     data_len = len(buffer) - data_start

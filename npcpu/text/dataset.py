@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from npcpu.checks import check_int
+from npcpu.checks import check_int, parse_json
 from npcpu.text.prepare import META_FORMAT, TextDataError, bin_dtype
 from npcpu.text.sampling import TRAIN_WINDOWS, window_starts
 from npcpu.text.tokenizers import load_tokenizer, same_tokenizer
@@ -86,12 +86,7 @@ def read_meta(data_dir) -> dict:
         raise TextDataError(f"{data_dir}: no meta.json; make the directory with npcpu "
                             f"prepare-text, or describe bins made elsewhere (nanoGPT's) with "
                             f"npcpu.text.adopt_bins")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise TextDataError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise TextDataError(f"{path}: JSON nested too deeply to read") from None
+    meta = parse_json(path.read_bytes(), str(path), TextDataError)
     if not isinstance(meta, dict):
         raise TextDataError(f"{path}: not a prepare-text meta.json (a JSON {type(meta).__name__}, "
                             "not an object)")

@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-from npcpu.checks import check_int
+from npcpu.checks import check_int, parse_json
 
 TOKENIZER_KINDS = ("char", "byte", "bpe")
 _CODE_POINTS = 0x110000
@@ -215,12 +215,7 @@ def _write_text(path, text: str) -> None:
 
 def tokenizer_from_json(text: str, source: str = "tokenizer JSON"):
     """A tokenizer from the JSON `to_json` wrote, or from a `tokenizers` library tokenizer.json."""
-    try:
-        spec = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{source}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ValueError(f"{source}: JSON nested too deeply to read") from None
+    spec = parse_json(text, source)
     if not isinstance(spec, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(spec).__name__}")
     kind = spec.get("npcpu_tokenizer")
