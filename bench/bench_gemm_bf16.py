@@ -10,7 +10,7 @@ Shapes (N rows, K inputs, M outputs of a linear layer; each as its three GEMMs):
 
 Configurations, each in a process of its own per round, rounds interleaving them (so drift on a
 shared machine lands on all alike):
-    npcpu native bf16     npcpu.blas_bf16 on bfloat16 x, W, dz (float32 results)
+    npcpu native bf16     npcpu.blas_native.bf16 on bfloat16 x, W, dz (float32 results)
     npcpu sgemm           npcpu.blas (SciPy's OpenBLAS) on float32, in the environment as given
     npcpu sgemm, OpenBLAS own kernels   the same with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE
                           removed from the environment (OpenBLAS then picks its kernels for the CPU)
@@ -52,10 +52,10 @@ def _operands(n, k, m, seed=0):
 
 
 def _npcpu_gemms(n, k, m, native: bool):
-    from npcpu import blas, blas_bf16
+    from npcpu import blas, blas_native
     from npcpu.precision import bfloat16
     x, w, dz = _operands(n, k, m)
-    lib = blas_bf16 if native else blas
+    lib = blas_native.bf16 if native else blas
     if native:
         x, w, dz = (a.astype(bfloat16) for a in (x, w, dz))
     grad, dx = np.zeros((m, k), np.float32), np.empty((n, k), np.float32)

@@ -5,7 +5,7 @@
 
 The step is bench_train's (workloads.npcpu_mlp52m_step: "npcpu fp32", "npcpu bf16", "npcpu bf16,
 Adam in backward"): forward, cross-entropy, backward, Adam step, zero_grad. The GEMM calls of
-npcpu.nn.weight_blocks (npcpu.blas, or npcpu.blas_bf16 on the native bf16 path), the bf16 widening
+npcpu.nn.weight_blocks (npcpu.blas, or npcpu.blas_native.bf16 on the native bf16 path), the bf16 widening
 (widened path) or rounding of x and dz to bf16 (native path) and each optimizer update are wrapped
 with timers for the profiled steps; "other" is the rest of the step (bias/ReLU/mask passes, the
 loss, Python). The same run also times the step's GEMMs alone as the roofline does
@@ -37,7 +37,7 @@ def _timed(totals: collections.Counter, name: str, fn):
 def profile_steps(precision: str, update_in_backward: bool, steps: int,
                   bf16_gemm: str = "auto") -> dict[str, list[float]]:
     """Milliseconds per phase of each of `steps` profiled steps (after 2 warm-up steps)."""
-    from npcpu import backend, blas, blas_bf16
+    from npcpu import backend, blas, blas_native
     from npcpu.kernels import convert
     from npcpu.optim.adam import Adam
 
@@ -46,9 +46,9 @@ def profile_steps(precision: str, update_in_backward: bool, steps: int,
 
     totals: collections.Counter = collections.Counter()
     wrapped = {  # (module, attribute) -> phase
-        **{(gemms, "matmul_weight_transposed"): "forward GEMMs" for gemms in (blas, blas_bf16)},
-        **{(gemms, "matmul_weight"): "dx GEMMs" for gemms in (blas, blas_bf16)},
-        **{(gemms, "accumulate_weight_grad"): "dW GEMMs" for gemms in (blas, blas_bf16)},
+        **{(gemms, "matmul_weight_transposed"): "forward GEMMs" for gemms in (blas, blas_native.bf16)},
+        **{(gemms, "matmul_weight"): "dx GEMMs" for gemms in (blas, blas_native.bf16)},
+        **{(gemms, "accumulate_weight_grad"): "dW GEMMs" for gemms in (blas, blas_native.bf16)},
         (convert, "bf16_to_f32"): "bf16 widening",
         (convert, "f32_to_bf16"): "bf16 rounding",
     }

@@ -190,10 +190,54 @@ def cpu_supports_bf16() -> bool:
     return "avx512bf16" in features or "bf16" in features
 
 
-# -- the bf16 GEMM path ------------------------------------------------------------------------
-BF16_GEMM_SETTINGS = ("auto", "native", "widened")
-BF16_GEMM_ENV = "NPCPU_BF16_GEMM"
-_bf16_gemm_setting = None  # set_bf16_gemm's choice; None: the environment's, else "auto"
+# -- the GEMM paths: npcpu's native kernels or the fallback -------------------------------------
+class _GemmPath:
+    """One choice between npcpu's native GEMM kernels and a fallback: "auto", "native" (an error
+    where the kernels cannot run) or the fallback's name. The setting is `set`'s, else the
+    environment variable `env`'s, else "auto"; "auto" takes the native kernels where they can run
+    and `auto_prefers_native()` says they pay."""
+
+    def __init__(self, name: str, env: str, fallback: str, unavailable, auto_prefers_native):
+        self.name, self.env, self.fallback = name, env, fallback
+        self.settings = ("auto", "native", fallback)
+        self._unavailable, self._auto_prefers_native = unavailable, auto_prefers_native
+        self._setting = None  # set()'s choice; None: the environment's, else "auto"
+
+    def check(self, setting, source: str) -> None:
+        if setting not in self.settings:
+            raise ValueError(f"{source} must be one of {self.settings}, got {setting!r}")
+
+    def overridden(self) -> bool:
+        """Whether set() chose the setting (else it is the environment's, or "auto")."""
+        return self._setting is not None
+
+    def setting(self) -> str:
+        if self._setting is not None:
+            return self._setting
+        setting = os.environ.get(self.env, "auto")
+        self.check(setting, self.env)
+        return setting
+
+    def set(self, setting: str | None) -> None:
+        """Choose the setting (None: back to the environment); raises now, not at the first GEMM,
+        when "native" cannot run here, and then keeps the previous setting."""
+        if setting is not None:
+            self.check(setting, self.name)
+        previous, self._setting = self._setting, setting
+        try:
+            self.use_native()
+        except RuntimeError:
+            self._setting = previous
+            raise
+
+    def use_native(self) -> bool:
+        setting = self.setting()
+        if setting == self.fallback:
+            return False
+        reason = self._unavailable()
+        if setting == "native" and reason is not None:
+            raise RuntimeError(f"{self.name} = 'native' cannot run here: {reason}")
+        return reason is None and (setting == "native" or self._auto_prefers_native())
 
 
 @functools.cache
@@ -203,58 +247,109 @@ def cpu_has_avx512_bf16() -> bool:
 
 
 @functools.cache
-def _numba_targets_avx512_bf16() -> bool:
-    """True when Numba compiles for a CPU with avx512bf16: the host's features, unless
+def cpu_has_avx512f() -> bool:
+    """True when the CPU has x86 AVX-512F (vfmadd231ps on zmm), which the native float32 GEMM is
+    written for."""
+    return "avx512f" in _cpu_features()
+
+
+def _numba_targets(feature: str, host_has_it: bool) -> bool:
+    """True when Numba compiles for a CPU with the LLVM `feature`: the host's features, unless
     NUMBA_CPU_NAME (e.g. "generic") and NUMBA_CPU_FEATURES choose another target."""
     if numba.config.CPU_NAME is not None:
-        return "+avx512bf16" in (numba.config.CPU_FEATURES or "")
-    return cpu_has_avx512_bf16()
+        return f"+{feature}" in (numba.config.CPU_FEATURES or "").split(",")
+    return host_has_it
 
 
 def native_bf16_gemm_unavailable() -> str | None:
-    """Why the native bf16 GEMM (npcpu.blas_bf16) cannot run here, or None when it can: it needs
-    the CPU's AVX512_BF16 and Numba compiling for a target that has it."""
+    """Why the native bf16 GEMM (npcpu.blas_native.bf16) cannot run here, or None when it can: it
+    needs the CPU's AVX512_BF16 and Numba compiling for a target that has it."""
     if not cpu_has_avx512_bf16():
         return "the CPU has no AVX512_BF16 (the native bf16 GEMM is written for x86 vdpbf16ps)"
-    if not _numba_targets_avx512_bf16():
+    if not _numba_targets("avx512bf16", True):
         return "Numba's target CPU has no avx512bf16 (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES)"
     return None
+
+
+def native_f32_gemm_unavailable() -> str | None:
+    """Why the native float32 GEMM (npcpu.blas_native.float32) cannot run here, or None when it
+    can: it needs the CPU's AVX-512F and Numba compiling for a target that has it."""
+    if not cpu_has_avx512f():
+        return "the CPU has no AVX-512F (the native float32 GEMM is written for x86 zmm FMAs)"
+    if not _numba_targets("avx512f", True):
+        return "Numba's target CPU has no avx512f (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES)"
+    return None
+
+
+OPENBLAS_AVX512_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
+"""OpenBLAS core types (threadpoolctl's "architecture") whose sgemm kernels use AVX-512."""
+
+
+@functools.cache
+def f32_gemm_reason() -> str:
+    """Why "auto" takes the float32 path it takes (for `npcpu info`): the native kernels where they
+    can run and SciPy's BLAS is an OpenBLAS without AVX-512 kernels (pinned to another core type by
+    OPENBLAS_CORETYPE, or built without them), the BLAS otherwise (an OpenBLAS with its own
+    AVX-512 kernels, or another vendor's, tuned for the CPU)."""
+    unavailable = native_f32_gemm_unavailable()
+    if unavailable is not None:
+        return unavailable
+    blas = blas_info()
+    vendor, core = blas["vendor"], blas["architecture"]
+    if vendor != "openblas":
+        return f"SciPy's BLAS is {vendor}, not OpenBLAS"
+    if core in OPENBLAS_AVX512_CORES:
+        return f"OpenBLAS runs its {core} (AVX-512) kernels"
+    return f"OpenBLAS runs its {core} kernels, without AVX-512"
+
+
+@functools.cache
+def _auto_prefers_native_f32() -> bool:
+    blas = blas_info()
+    return blas["vendor"] == "openblas" and blas["architecture"] not in OPENBLAS_AVX512_CORES
+
+
+# (lambdas: the functions are looked up at each call, so that tests can replace them)
+BF16_GEMM = _GemmPath("bf16_gemm", "NPCPU_BF16_GEMM", "widened",
+                      lambda: native_bf16_gemm_unavailable(), lambda: True)
+F32_GEMM = _GemmPath("f32_gemm", "NPCPU_F32_GEMM", "blas", lambda: native_f32_gemm_unavailable(),
+                     lambda: _auto_prefers_native_f32())
+BF16_GEMM_SETTINGS, BF16_GEMM_ENV = BF16_GEMM.settings, BF16_GEMM.env
+F32_GEMM_SETTINGS, F32_GEMM_ENV = F32_GEMM.settings, F32_GEMM.env
 
 
 def set_bf16_gemm(setting: str | None) -> str:
     """Choose the GEMM path of bf16 layers: "auto" (native where the CPU has it), "native" (an
     error where it cannot run), "widened" (bf16 widened to float32 for BLAS sgemm). None goes back
     to the NPCPU_BF16_GEMM environment variable, else "auto". Returns the path in force."""
-    global _bf16_gemm_setting
-    if setting is not None:
-        _check_bf16_gemm_setting(setting, "bf16_gemm")
-    previous, _bf16_gemm_setting = _bf16_gemm_setting, setting
-    try:
-        return bf16_gemm_path()  # raises now, not at the first GEMM, when "native" cannot run
-    except RuntimeError:
-        _bf16_gemm_setting = previous
-        raise
-
-
-def _check_bf16_gemm_setting(setting, source: str) -> None:
-    if setting not in BF16_GEMM_SETTINGS:
-        raise ValueError(f"{source} must be one of {BF16_GEMM_SETTINGS}, got {setting!r}")
+    BF16_GEMM.set(setting)
+    return bf16_gemm_path()
 
 
 def use_native_bf16_gemm() -> bool:
     """Whether bf16 layers run their GEMMs on the native bf16 kernels (see set_bf16_gemm)."""
-    setting = _bf16_gemm_setting
-    if setting is None:
-        setting = os.environ.get(BF16_GEMM_ENV, "auto")
-        _check_bf16_gemm_setting(setting, BF16_GEMM_ENV)
-    if setting == "widened":
-        return False
-    reason = native_bf16_gemm_unavailable()
-    if setting == "native" and reason is not None:
-        raise RuntimeError(f"bf16_gemm = 'native' cannot run here: {reason}")
-    return reason is None
+    return BF16_GEMM.use_native()
 
 
 def bf16_gemm_path() -> str:
     """ "native avx512_bf16" or "widened to fp32": the path bf16 layers' GEMMs take."""
     return "native avx512_bf16" if use_native_bf16_gemm() else "widened to fp32"
+
+
+def set_f32_gemm(setting: str | None) -> str:
+    """Choose the path of float32 linear-layer GEMMs (npcpu.blas): "auto" (native where it runs
+    and the BLAS has no AVX-512 kernels, f32_gemm_reason), "native" (an error where it cannot
+    run), "blas" (SciPy's BLAS sgemm). None goes back to the NPCPU_F32_GEMM environment variable,
+    else "auto". Returns the path in force."""
+    F32_GEMM.set(setting)
+    return f32_gemm_path()
+
+
+def use_native_f32_gemm() -> bool:
+    """Whether float32 linear layers run their GEMMs on the native kernels (see set_f32_gemm)."""
+    return F32_GEMM.use_native()
+
+
+def f32_gemm_path() -> str:
+    """ "native avx512f" or "blas sgemm": the path float32 linear layers' GEMMs take."""
+    return "native avx512f" if use_native_f32_gemm() else "blas sgemm"

@@ -23,6 +23,12 @@ loops of the compiled training step (npcpu.kernels.compiled_gemm), one thread, n
 switch. With M that small, BLAS's packing and blocking (made for large squarish products) cost more
 than the arithmetic, and the loops, whose inner loop runs over the long K dimension, beat it.
 dx = dz W (a sum over only M terms per element) stays with BLAS, which is as fast there.
+
+float32 GEMMs of the three linear-layer names go to npcpu's own AVX-512 kernels
+(npcpu.blas_native.float32) where npcpu.backend.use_native_f32_gemm() says so: on an AVX-512 CPU
+whose OpenBLAS runs kernels without AVX-512 (a core type pinned by OPENBLAS_CORETYPE, say), they
+are faster than its sgemm; npcpu.backend.f32_gemm_reason() says why the path is what it is. A small
+one runs on one thread there too (`_native`).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import numba
 import numpy as np
 from scipy.linalg.blas import dgemm, sgemm
 
-from npcpu import backend
+from npcpu import backend, blas_native
 from npcpu.kernels import compiled_gemm
 
 SMALL_GEMM = 1 << 23  # multiply-adds: well under a millisecond on one core
@@ -63,6 +69,25 @@ def _skinny(weight: np.ndarray, other: np.ndarray) -> bool:
             and weight.flags.c_contiguous and other.flags.c_contiguous)
 
 
+def _native_f32(*operands: np.ndarray) -> bool:
+    """Whether a GEMM on these operands runs on the native float32 kernels: all float32 and the
+    path chosen (npcpu.backend.set_f32_gemm)."""
+    return all(a.dtype == np.float32 for a in operands) and backend.use_native_f32_gemm()
+
+
+def _native(macs: int, gemm, *args, **kwargs):
+    """gemm(*args, **kwargs), one of npcpu.blas_native.float32's, on one Numba thread when small
+    (as _call does for BLAS)."""
+    if macs >= SMALL_GEMM:
+        return gemm(*args, **kwargs)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return gemm(*args, **kwargs)
+    finally:
+        numba.set_num_threads(threads)
+
+
 @functools.cache
 def _all_rows(n: int) -> np.ndarray:
     """0, 1, ..., n - 1: the row indices the compiled-step loops take, here every row in order."""
@@ -84,6 +109,9 @@ def matmul_weight_transposed(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         compiled_gemm.linear_forward(x, _all_rows(x.shape[0]), weight, _no_bias(x.dtype), False, y,
                                      0, x.shape[1])
         return y
+    if _native_f32(x, weight):
+        return _native(x.shape[0] * weight.size, blas_native.float32.matmul_weight_transposed, x,
+                       weight)
     return _call(x.shape[0] * weight.size, _gemm(x.dtype), 1.0, weight.T, x.T, trans_a=1).T
 
 
@@ -95,6 +123,8 @@ def matmul_weight(dz: np.ndarray, weight: np.ndarray, out: np.ndarray | None = N
     (beta = 0 does not read out)."""
     gemm = _gemm(dz.dtype)
     macs = dz.shape[0] * weight.size
+    if _native_f32(dz, weight, dz if out is None else out):
+        return _native(macs, blas_native.float32.matmul_weight, dz, weight, out, beta)
     if out is None:
         return _call(macs, gemm, 1.0, weight.T, dz.T).T
     result = _call(macs, gemm, 1.0, weight.T, dz.T, beta=beta, c=out.T, overwrite_c=1)
@@ -124,6 +154,9 @@ def accumulate_weight_grad(grad: np.ndarray, dy: np.ndarray, x: np.ndarray,
                 grad *= beta
             grad += product
         return
+    if _native_f32(grad, dy, x):
+        return _native(x.shape[0] * grad.size, blas_native.float32.accumulate_weight_grad, grad, dy,
+                       x, beta)
     result = _call(x.shape[0] * grad.size, _gemm(grad.dtype), 1.0, x.T, dy.T, beta=beta, c=grad.T,
                    trans_b=1, overwrite_c=1)
     if not np.shares_memory(result, grad):  # the wrapper worked on a copy of grad: copy it back

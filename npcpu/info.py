@@ -1,5 +1,5 @@
-"""What this installation runs on: versions, BLAS, Numba threading, CPU bfloat16 support and the
-bf16 GEMM path."""
+"""What this installation runs on: versions, BLAS, Numba threading, CPU bfloat16 support, the
+bf16 GEMM path and the float32 GEMM path (with the reason it was chosen)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def system_info() -> dict:
         "numba_threading": backend.threading_info(),
         "cpu_bf16": backend.cpu_supports_bf16(),
         "bf16_gemm": backend.bf16_gemm_path(),
+        "f32_gemm": backend.f32_gemm_path(),
+        "f32_gemm_reason": backend.f32_gemm_reason(),
     }
 
 
@@ -62,8 +64,19 @@ def format_info(info: dict) -> str:
         f"Numba        threading layer {threading['layer']}, {threading['threads']} threads",
         f"bfloat16     {'native CPU support' if info['cpu_bf16'] else 'no native CPU support'}",
         f"bf16 GEMM    {info['bf16_gemm']}",
+        f"fp32 GEMM    {info['f32_gemm']} ({_f32_gemm_why(info)})",
     ]
     return "\n".join(lines)
+
+
+def _f32_gemm_why(info: dict) -> str:
+    """Why the float32 GEMMs take their path: auto's reason, or the setting that overrode it."""
+    from npcpu.backend import F32_GEMM
+    setting = F32_GEMM.setting()
+    if setting == "auto":
+        return f"auto: {info['f32_gemm_reason']}"
+    source = "set_f32_gemm" if F32_GEMM.overridden() else F32_GEMM.env
+    return f"{setting} by {source}; auto's reason: {info['f32_gemm_reason']}"
 
 
 def _built_against(blas: dict) -> str:
@@ -74,7 +87,7 @@ def _built_against(blas: dict) -> str:
 
 def run_header(precision: str, parameters: int, accumulation: int, optimizer: str) -> str:
     """The first lines of every training run: versions, BLAS and threading, precision (with the bf16
-    GEMM path), model size, accumulation and the optimizer's description."""
+    or fp32 GEMM path), model size, accumulation and the optimizer's description."""
     info = system_info()
     blas, threads = info["blas"], info["numba_threading"]
     return (f"npcpu {info['npcpu']} | numpy {info['numpy']} | numba {info['numba']} | "
@@ -83,5 +96,6 @@ def run_header(precision: str, parameters: int, accumulation: int, optimizer: st
             f"{_built_against(blas)}) | "
             f"Numba threading {threads['layer']} ({threads['threads']} threads)\n"
             f"precision {precision}"
-            + (f" (bf16 GEMM: {info['bf16_gemm']})" if precision == "bf16" else "")
+            + (f" (bf16 GEMM: {info['bf16_gemm']})" if precision == "bf16" else
+               f" (fp32 GEMM: {info['f32_gemm']})" if precision == "fp32" else "")
             + f" | parameters {parameters:,} | accumulation {accumulation} | optimizer {optimizer}")

@@ -68,6 +68,28 @@ def native_bf16_gemm():
     backend.set_bf16_gemm(None)
 
 
+@pytest.fixture
+def blas_f32_gemm():
+    """float32 linear-layer GEMMs through SciPy's BLAS sgemm, whatever this CPU and BLAS are."""
+    from npcpu import backend
+    backend.set_f32_gemm("blas")
+    yield
+    backend.set_f32_gemm(None)
+
+
+@pytest.fixture
+def native_f32_gemm():
+    """float32 linear-layer GEMMs on the native AVX-512 kernels; the test skips, saying why, where
+    they cannot run."""
+    from npcpu import backend
+    reason = backend.native_f32_gemm_unavailable()
+    if reason is not None:
+        pytest.skip(f"native float32 GEMM unavailable: {reason}")
+    backend.set_f32_gemm("native")
+    yield
+    backend.set_f32_gemm(None)
+
+
 @pytest.fixture(scope="session")
 def mpiexec():
     """The mpiexec command, or a skip (a failure under NPCPU_REQUIRE_MPI=1) saying what is missing."""

@@ -53,7 +53,7 @@ def test_skinny_weight_grad_matches_numpy(threads, no_blas, rows, inner, outputs
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-5 * np.sqrt(rows))
 
 
-def test_wide_weights_and_strided_operands_still_go_to_blas(monkeypatch):
+def test_wide_weights_and_strided_operands_still_go_to_blas(monkeypatch, blas_f32_gemm):
     calls = []
     real_call = blas._call
     monkeypatch.setattr(blas, "_call", lambda *a, **k: calls.append(1) or real_call(*a, **k))

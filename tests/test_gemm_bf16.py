@@ -1,4 +1,4 @@
-"""The native bf16 GEMMs (npcpu.blas_bf16, npcpu.kernels.gemm_bf16 / dpbf16) against the widened
+"""The native bf16 GEMMs (npcpu.blas_native.bf16, npcpu.kernels.gemm_bf16 / dpbf16) against the widened
 float32 GEMMs on the same bfloat16 inputs and against plain NumPy twins; the path dispatch.
 
 Tolerance: the native GEMM sums the same float32 products in another order (pairs, then blocks of
@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from npcpu import backend, blas, blas_bf16, info
+from npcpu import backend, blas, blas_native, info
 from npcpu.kernels import gemm_bf16
 from npcpu.kernels.dpbf16 import COLUMNS, ROWS
 from npcpu.precision import bfloat16
@@ -65,19 +65,19 @@ def test_three_gemms_match_the_widened_gemms(native_bf16_gemm, num_threads, n, k
     rng = np.random.default_rng(n * k * m)
     x, w, dz = bf16(rng, n, k), bf16(rng, m, k), bf16(rng, n, m)
     xw, ww, dzw = wide(x), wide(w), wide(dz)
-    assert_order_close(blas_bf16.matmul_weight_transposed(x, w), blas.matmul_weight_transposed(xw, ww),
+    assert_order_close(blas_native.bf16.matmul_weight_transposed(x, w), blas.matmul_weight_transposed(xw, ww),
                        np.abs(xw) @ np.abs(ww).T)
-    assert_order_close(blas_bf16.matmul_weight(dz, w), blas.matmul_weight(dzw, ww),
+    assert_order_close(blas_native.bf16.matmul_weight(dz, w), blas.matmul_weight(dzw, ww),
                        np.abs(dzw) @ np.abs(ww))
     start = rng.standard_normal((m, k)).astype(np.float32)
     for beta in (0.0, 1.0):
         native, widened = start.copy(), start.copy()
-        blas_bf16.accumulate_weight_grad(native, dz, x, beta)
+        blas_native.bf16.accumulate_weight_grad(native, dz, x, beta)
         blas.accumulate_weight_grad(widened, dzw, xw, beta)
         assert_order_close(native, widened, np.abs(dzw).T @ np.abs(xw) + beta * np.abs(start))
         out = rng.standard_normal((n, k)).astype(np.float32)
         expected = beta * out + dzw @ ww
-        result = blas_bf16.matmul_weight(dz, w, out=out, beta=beta)
+        result = blas_native.bf16.matmul_weight(dz, w, out=out, beta=beta)
         assert result is out
         assert_order_close(out, expected, np.abs(dzw) @ np.abs(ww) + beta * np.abs(expected))
 
@@ -88,13 +88,13 @@ def test_long_sums_span_several_blocks(native_bf16_gemm, num_threads):
     n, k = 2 * gemm_bf16.BLOCK_ROWS + 5, 2 * 2 * gemm_bf16.BLOCK_PAIRS + 3
     m = gemm_bf16.BLOCK_COLUMNS + 9
     x, w, dz = bf16(rng, n, k), bf16(rng, m, k), bf16(rng, n, m)
-    assert_order_close(blas_bf16.matmul_weight_transposed(x, w), wide(x) @ wide(w).T,
+    assert_order_close(blas_native.bf16.matmul_weight_transposed(x, w), wide(x) @ wide(w).T,
                        np.abs(wide(x)) @ np.abs(wide(w)).T)
-    assert_order_close(blas_bf16.matmul_weight(dz, w), wide(dz) @ wide(w),
+    assert_order_close(blas_native.bf16.matmul_weight(dz, w), wide(dz) @ wide(w),
                        np.abs(wide(dz)) @ np.abs(wide(w)))
     # N >= K: forward as y = x W^T with W packed whole up front (several blocks of rows)
     x, w = bf16(rng, gemm_bf16.BLOCK_ROWS + 17, 75), bf16(rng, 301, 75)
-    assert_order_close(blas_bf16.matmul_weight_transposed(x, w), wide(x) @ wide(w).T,
+    assert_order_close(blas_native.bf16.matmul_weight_transposed(x, w), wide(x) @ wide(w).T,
                        np.abs(wide(x)) @ np.abs(wide(w)).T)
 
 
@@ -103,10 +103,10 @@ def test_float32_dz_is_rounded_to_nearest_bfloat16(native_bf16_gemm):
     x, w = bf16(rng, 9, 11), bf16(rng, 6, 11)
     dz = rng.standard_normal((9, 6)).astype(np.float32)
     rounded = dz.astype(bfloat16)
-    np.testing.assert_array_equal(blas_bf16.matmul_weight(dz, w), blas_bf16.matmul_weight(rounded, w))
+    np.testing.assert_array_equal(blas_native.bf16.matmul_weight(dz, w), blas_native.bf16.matmul_weight(rounded, w))
     grad, grad_rounded = np.zeros((6, 11), np.float32), np.zeros((6, 11), np.float32)
-    blas_bf16.accumulate_weight_grad(grad, dz, x, 0.0)
-    blas_bf16.accumulate_weight_grad(grad_rounded, rounded, x, 0.0)
+    blas_native.bf16.accumulate_weight_grad(grad, dz, x, 0.0)
+    blas_native.bf16.accumulate_weight_grad(grad_rounded, rounded, x, 0.0)
     np.testing.assert_array_equal(grad, grad_rounded)
 
 
@@ -116,14 +116,14 @@ def test_nan_and_inf_propagate_as_in_the_widened_gemm(native_bf16_gemm, num_thre
     x, w, dz = bf16(rng, n, k), bf16(rng, m, k), bf16(rng, n, m)
     x[3, 7], w[5, 40], w[9, 0], dz[2, 34] = np.nan, np.inf, -np.inf, np.nan
     for native, widened in [
-            (blas_bf16.matmul_weight_transposed(x, w), blas.matmul_weight_transposed(wide(x), wide(w))),
-            (blas_bf16.matmul_weight(dz, w), blas.matmul_weight(wide(dz), wide(w)))]:
+            (blas_native.bf16.matmul_weight_transposed(x, w), blas.matmul_weight_transposed(wide(x), wide(w))),
+            (blas_native.bf16.matmul_weight(dz, w), blas.matmul_weight(wide(dz), wide(w)))]:
         np.testing.assert_array_equal(np.isnan(native), np.isnan(widened))
         np.testing.assert_array_equal(np.isposinf(native), np.isposinf(widened))
         np.testing.assert_array_equal(np.isneginf(native), np.isneginf(widened))
         assert np.isnan(native).any() and np.isinf(native).any()
     grad = np.full((m, k), np.nan, np.float32)  # beta = 0 must not read it
-    blas_bf16.accumulate_weight_grad(grad, dz, x, 0.0)
+    blas_native.bf16.accumulate_weight_grad(grad, dz, x, 0.0)
     expected = wide(dz).T @ wide(x)
     np.testing.assert_array_equal(np.isnan(grad), np.isnan(expected))
     assert np.isfinite(grad).sum() == np.isfinite(expected).sum() > 0
@@ -132,18 +132,18 @@ def test_nan_and_inf_propagate_as_in_the_widened_gemm(native_bf16_gemm, num_thre
 def test_bad_operands_are_named(native_bf16_gemm):
     rng = np.random.default_rng(6)
     with pytest.raises(ValueError, match="W must have shape"):
-        blas_bf16.matmul_weight_transposed(bf16(rng, 4, 5), bf16(rng, 3, 6))
+        blas_native.bf16.matmul_weight_transposed(bf16(rng, 4, 5), bf16(rng, 3, 6))
     with pytest.raises(TypeError, match="x must be bfloat16 or float32, got float16"):
-        blas_bf16.matmul_weight_transposed(np.zeros((4, 5), np.float16), bf16(rng, 3, 5))
+        blas_native.bf16.matmul_weight_transposed(np.zeros((4, 5), np.float16), bf16(rng, 3, 5))
     with pytest.raises(ValueError, match="dW must have shape"):
-        blas_bf16.accumulate_weight_grad(np.zeros((3, 4), np.float32), bf16(rng, 2, 3), bf16(rng, 2, 5))
+        blas_native.bf16.accumulate_weight_grad(np.zeros((3, 4), np.float32), bf16(rng, 2, 3), bf16(rng, 2, 5))
 
 
 def test_tile_rows_past_the_last_repeat_it_and_stay_in_bounds(native_bf16_gemm):
     """A GEMM of fewer rows than one tile reads only its own rows (the clamped row pointers)."""
     rng = np.random.default_rng(7)
     x, w = bf16(rng, 3, 4), bf16(rng, ROWS - 5, 4)
-    assert_order_close(blas_bf16.matmul_weight_transposed(x, w), wide(x) @ wide(w).T,
+    assert_order_close(blas_native.bf16.matmul_weight_transposed(x, w), wide(x) @ wide(w).T,
                        np.abs(wide(x)) @ np.abs(wide(w)).T)
 
 
@@ -161,7 +161,7 @@ def test_without_the_cpu_flag_the_native_path_is_never_taken(cpu_without_bf16, m
     def refuse(*args, **kwargs):
         raise AssertionError("the native bf16 GEMM ran on a CPU without AVX512_BF16")
     for name in ("matmul_weight_transposed", "matmul_weight", "accumulate_weight_grad"):
-        monkeypatch.setattr(blas_bf16, name, refuse)
+        monkeypatch.setattr(blas_native.bf16, name, refuse)
     assert "AVX512_BF16" in backend.native_bf16_gemm_unavailable()
     assert backend.bf16_gemm_path() == "widened to fp32"
     assert info.system_info()["bf16_gemm"] == "widened to fp32"

@@ -26,6 +26,15 @@ intrinsic is declared with its older integer-vector signature (<16 x i32> operan
 upgrades to the bfloat one when it reads the module: llvmlite has no bfloat type. It compiles only
 where LLVM targets a CPU with the instruction (npcpu.backend.use_native_bf16_gemm decides; nothing
 calls it elsewhere).
+
+The same tile serves the float32 GEMM (npcpu.backend.use_native_f32_gemm): given float32 operands,
+each "pair" is one float32 of A (broadcast) and one row of B, and the multiply-add is AVX-512F's
+`vfmadd231ps` (llvm.fma.v16f32):
+
+    acc[l] += a b[l]                                 l = 0..15, one rounding (a fused multiply-add)
+
+with the same register budget, layout and loop; the operands' dtype picks the instruction when
+Numba compiles the caller (uint32 words: vdpbf16ps; float32: vfmadd231ps).
 """
 
 from llvmlite import ir
@@ -43,15 +52,34 @@ _I32X16 = ir.VectorType(ir.IntType(32), LANES)
 _I64 = ir.IntType(64)
 _ZERO = ir.Constant(_F32X16, [0.0] * LANES)
 _DPBF16PS = "llvm.x86.avx512bf16.dpbf16ps.512"
+_FMA = "llvm.fma.v16f32"
 
 
 def _dpbf16ps(builder):
-    return cgutils.get_or_insert_function(
+    """acc, a, b -> vdpbf16ps(acc, a, b), on <16 x i32> pair words."""
+    dot = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(_F32X16, [_F32X16, _I32X16, _I32X16]), _DPBF16PS)
+    return lambda acc, a, b: builder.call(dot, [acc, a, b])
 
 
-def _broadcast(builder, word):
-    vector = builder.insert_element(ir.Constant(_I32X16, ir.Undefined), word, ir.Constant(_I64, 0))
+def _fma(builder):
+    """acc, a, b -> a * b + acc, one rounding, on <16 x float>."""
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_F32X16, [_F32X16] * 3), _FMA)
+    return lambda acc, a, b: builder.call(fma, [a, b, acc])
+
+
+def _multiply_add(builder, dtype):
+    """The tile's multiply-add and its operands' vector type, for words of `dtype` (a Numba type):
+    uint32 bfloat16 pairs or float32."""
+    if dtype == types.float32:
+        return _fma(builder), _F32X16
+    return _dpbf16ps(builder), _I32X16
+
+
+def _broadcast(builder, word, vector_type):
+    vector = builder.insert_element(ir.Constant(vector_type, ir.Undefined), word,
+                                    ir.Constant(_I64, 0))
     return builder.shuffle_vector(vector, vector, ir.Constant(_I32X16, [0] * LANES))
 
 
@@ -92,6 +120,8 @@ def tile(typingctx, a_words, a_start, a_row_step, a_pair_step, rows, b_words, b_
          out_start, accumulate):
     """out[out_start + i * COLUMNS + c] (+)= sum over r < pairs of the pair dot products of A's
     row i and B's column c, for one ROWS x COLUMNS tile (+= when `accumulate`, else =).
+    a_words and b_words are both uint32 (bfloat16 pairs, vdpbf16ps) or both float32 (one value
+    per "pair", vfmadd231ps).
 
     a_words  (uint32, 1-D)  A's bfloat16 pairs as words: row i, pair r at
                             a_words[a_start + min(i, rows - 1) * a_row_step + r * a_pair_step]
@@ -100,7 +130,8 @@ def tile(typingctx, a_words, a_start, a_row_step, a_pair_step, rows, b_words, b_
     b_words  (uint32, 1-D)  B packed: pair r of column c at b_words[b_start + r * COLUMNS + c]
     out      (float32, 1-D) ROWS * COLUMNS results from out_start, row-major
     """
-    if a_words.dtype != types.uint32 or b_words.dtype != types.uint32 or out.dtype != types.float32:
+    if (a_words.dtype not in (types.uint32, types.float32) or b_words.dtype != a_words.dtype
+            or out.dtype != types.float32):
         return None
 
     def codegen(context, builder, signature, args):
@@ -116,21 +147,20 @@ def tile(typingctx, a_words, a_start, a_row_step, a_pair_step, rows, b_words, b_
         for i in range(ROWS):
             row = builder.select(builder.icmp_signed("<", _I64(i), n_rows), _I64(i), last_row)
             row_pointers.append(builder.gep(a_base, [builder.mul(row, row_step)]))
-        dot = _dpbf16ps(builder)
+        dot, vector_type = _multiply_add(builder, a_type.dtype)
 
         def step(r, accumulators):
             b_pair = builder.bitcast(builder.gep(b_base, [builder.mul(r, _I64(COLUMNS))]),
-                                     _I32X16.as_pointer())
+                                     vector_type.as_pointer())
             b_vectors = [builder.load(builder.gep(b_pair, [_I64(v)]), align=4)
                          for v in range(VECTORS)]
             a_offset = builder.mul(r, pair_step)
             updated = []
             for i in range(ROWS):
                 word = builder.load(builder.gep(row_pointers[i], [a_offset]), align=4)
-                a_i = _broadcast(builder, word)
+                a_i = _broadcast(builder, word, vector_type)
                 for v in range(VECTORS):
-                    updated.append(builder.call(dot, [accumulators[i * VECTORS + v], a_i,
-                                                      b_vectors[v]]))
+                    updated.append(dot(accumulators[i * VECTORS + v], a_i, b_vectors[v]))
             return updated
 
         out_vectors = builder.bitcast(builder.gep(_data(context, builder, out_type, c), [c0]),
@@ -149,20 +179,21 @@ def tile(typingctx, a_words, a_start, a_row_step, a_pair_step, rows, b_words, b_
 
 @intrinsic
 def register_peak(typingctx, words, iterations, out):
-    """`iterations` x ROWS x VECTORS dot-product instructions on operands held in registers (the
+    """`iterations` x ROWS x VECTORS multiply-add instructions on operands held in registers (the
     bench's measure of the instruction's peak: no loads in the loop); the accumulators are stored
-    in out (float32, ROWS * COLUMNS) so that nothing is optimized away. words: uint32, >= 48."""
+    in out (float32, ROWS * COLUMNS) so that nothing is optimized away. words: uint32 (vdpbf16ps)
+    or float32 (vfmadd231ps), >= 48."""
     def codegen(context, builder, signature, args):
         source, n, c = args
         n = context.cast(builder, n, types.intp, types.int64)
-        base = builder.bitcast(_data(context, builder, signature.args[0], source), _I32X16.as_pointer())
+        dot, vector_type = _multiply_add(builder, signature.args[0].dtype)
+        base = builder.bitcast(_data(context, builder, signature.args[0], source),
+                               vector_type.as_pointer())
         b_vectors = [builder.load(builder.gep(base, [_I64(v)]), align=4) for v in range(VECTORS)]
         a_vector = builder.load(builder.gep(base, [_I64(VECTORS)]), align=4)
-        dot = _dpbf16ps(builder)
 
         def step(k, accumulators):
-            return [builder.call(dot, [acc, a_vector, b_vectors[j % VECTORS]])
-                    for j, acc in enumerate(accumulators)]
+            return [dot(acc, a_vector, b_vectors[j % VECTORS]) for j, acc in enumerate(accumulators)]
 
         results = _accumulate(builder, n, step, [_ZERO] * (ROWS * VECTORS))
         pointer = builder.bitcast(_data(context, builder, signature.args[2], c), _F32X16.as_pointer())

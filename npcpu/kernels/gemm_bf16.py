@@ -1,4 +1,5 @@
-"""bfloat16 x bfloat16 -> float32 GEMMs on AVX512_BF16: packing, cache blocking, both threads.
+"""bfloat16 x bfloat16 -> float32 GEMMs on AVX512_BF16, and float32 GEMMs on AVX-512F: packing,
+cache blocking, both threads.
 
 Legend: one GEMM is C (P, Q) float32 = A (P, R) B (R, Q), bfloat16 operands handled as their uint16
 bit patterns (as in npcpu.kernels.convert), R summed in pairs (npcpu.kernels.dpbf16), so an odd R
@@ -14,7 +15,7 @@ The microkernel (dpbf16.tile) needs
   (rows 2r and 2r+1 interleaved) or from the transpose of one whose rows hold the pairs (a
   transpose of 32-bit words); all of B at once (`pack_panels`) or a block at a time in each task.
 
-The three GEMMs of a linear layer, x (N, K), W (M, K), dz (N, M) (npcpu.blas_bf16):
+The three GEMMs of a linear layer, x (N, K), W (M, K), dz (N, M) (npcpu.blas_native.bf16):
 
     y   = x W^T   as y^T (M, N) = W x^T     A = W's rows as words (no copy), B = x's words, packed
                   (N < K), else as y = x W^T  A = x's rows as words, B = W's words, packed
@@ -22,6 +23,14 @@ The three GEMMs of a linear layer, x (N, K), W (M, K), dz (N, M) (npcpu.blas_bf1
     dW += dz^T x  (M, K)                    A = dz's rows interleaved, B = x's rows interleaved, packed
 W is packed a block at a time inside each task where C has one block of rows (batch 128): never
 all of W at once.
+
+float32: the same code with one float32 in place of each 32-bit pair word (the tile then runs
+vfmadd231ps, npcpu.kernels.dpbf16): A is read in place as a float32 matrix (rows of A at
+a_row_step, its R elements at a_pair_step: dz^T for dW is dz itself, a_row_step 1 and a_pair_step
+M, no copy), B packs one float32 per "pair", and nothing is padded. The packing reads a word
+through `_word_down` / `_word_along`, which Numba specializes by the source's dtype: uint16
+bfloat16 bits make pairs, float32 values are their own words. Numba compiles each caller once per
+word type.
 
 Blocking: each task of the parallel loop owns a block of BLOCK_ROWS x BLOCK_COLUMNS of C and walks
 R in steps of BLOCK_PAIRS. The B block of a step (BLOCK_PAIRS x BLOCK_COLUMNS words, in L2) is taken
@@ -31,7 +40,8 @@ are prefetched, so that neither C's read-modify-write nor the packing waits for 
 """
 
 import numpy as np
-from numba import njit, prange, uint32
+from numba import njit, prange, types, uint32
+from numba.extending import overload
 
 from npcpu.kernels import dpbf16
 from npcpu.kernels.dpbf16 import COLUMNS, ROWS
@@ -52,36 +62,81 @@ def _pair(low, high):
     return uint32(low) | (uint32(high) << _SHIFT)
 
 
+def _span(source):
+    """Elements of `source` per word: 2 for bfloat16 bits (uint16), 1 for float32."""
+
+
+def _word_down(source, r, q):
+    """Word r of column q of `source`, the words running down its columns: (source[2r, q],
+    source[2r + 1, q]) for bfloat16 bits, a zero half past the last row; source[r, q] for float32."""
+
+
+def _word_along(row, r):
+    """Word r of a 1-D `row`: (row[2r], row[2r + 1]) for bfloat16 bits, a zero half past its end;
+    row[r] for float32."""
+
+
+@overload(_span)
+def _span_specialized(source):
+    if source.dtype == types.uint16:
+        return lambda source: 2
+    if source.dtype == types.float32:
+        return lambda source: 1
+    return None
+
+
+@overload(_word_down)
+def _word_down_specialized(source, r, q):
+    if source.dtype == types.uint16:
+        def pair(source, r, q):
+            high = source[2 * r + 1, q] if 2 * r + 1 < source.shape[0] else 0
+            return _pair(source[2 * r, q], high)
+        return pair
+    if source.dtype == types.float32:
+        return lambda source, r, q: source[r, q]
+    return None
+
+
+@overload(_word_along)
+def _word_along_specialized(row, r):
+    if row.dtype == types.uint16:
+        return lambda row, r: _pair(row[2 * r], row[2 * r + 1] if 2 * r + 1 < row.size else 0)
+    if row.dtype == types.float32:
+        return lambda row, r: row[r]
+    return None
+
+
+def word_dtype(source: np.ndarray) -> np.dtype:
+    """The dtype of the words packed from `source`: uint32 pairs of bfloat16 bits, or float32."""
+    return np.dtype(np.uint32) if source.dtype == np.uint16 else np.dtype(np.float32)
+
+
 @njit(cache=True)
 def _pack_row_pairs_block(source, pair_start, pair_stop, column_start, column_stop, out):
-    """out[((j * n) + r) * COLUMNS + c] = (source[2s, q], source[2s + 1, q]), s = pair_start + r,
-    with q = column_start + j * COLUMNS + c and n = pair_stop - pair_start; rows and columns past
-    source's end give zero halves."""
-    n_rows, n_columns = source.shape
+    """out[((j * n) + r) * COLUMNS + c] = _word_down(source, pair_start + r, q), with
+    q = column_start + j * COLUMNS + c and n = pair_stop - pair_start; columns past source's end
+    are zero."""
+    n_columns = source.shape[1]
     n_pairs = pair_stop - pair_start
     for j in range((column_stop - column_start + COLUMNS - 1) // COLUMNS):
         q0 = column_start + j * COLUMNS
         width = min(COLUMNS, n_columns - q0)
         for r in range(n_pairs):
             base = (j * n_pairs + r) * COLUMNS
-            row = 2 * (pair_start + r)
-            if width == COLUMNS and row + 1 < n_rows:
-                low, high = source[row, q0:q0 + COLUMNS], source[row + 1, q0:q0 + COLUMNS]
+            if width == COLUMNS:
                 for c in range(COLUMNS):
-                    out[base + c] = _pair(low[c], high[c])
+                    out[base + c] = _word_down(source, pair_start + r, q0 + c)
             else:
                 for c in range(COLUMNS):
-                    low = source[row, q0 + c] if c < width else 0
-                    high = source[row + 1, q0 + c] if c < width and row + 1 < n_rows else 0
-                    out[base + c] = _pair(low, high)
+                    out[base + c] = _word_down(source, pair_start + r, q0 + c) if c < width else 0
 
 
 @njit(cache=True)
 def _pack_word_columns_block(source, pair_start, pair_stop, column_start, column_stop, out):
-    """As _pack_row_pairs_block for B = source^T, source (Q, L) holding the pairs in its rows:
-    out[((j * n) + r) * COLUMNS + c] = (source[q, 2(pair_start + r)], source[q, 2(pair_start + r) + 1]),
-    q = column_start + j * COLUMNS + c; columns past source's rows and the half past L are zero."""
-    n_columns, length = source.shape
+    """As _pack_row_pairs_block for B = source^T, source (Q, L) holding the words in its rows:
+    out[((j * n) + r) * COLUMNS + c] = _word_along(source[q], pair_start + r),
+    q = column_start + j * COLUMNS + c; columns past source's rows are zero."""
+    n_columns = source.shape[0]
     n_pairs = pair_stop - pair_start
     for j in range((column_stop - column_start + COLUMNS - 1) // COLUMNS):
         q0 = column_start + j * COLUMNS
@@ -93,8 +148,7 @@ def _pack_word_columns_block(source, pair_start, pair_stop, column_start, column
                 continue
             row = source[q0 + c]
             for r in range(n_pairs):
-                k = 2 * (pair_start + r)
-                panel[r * COLUMNS + c] = _pair(row[k], row[k + 1] if k + 1 < length else 0)
+                panel[r * COLUMNS + c] = _word_along(row, pair_start + r)
 
 
 @njit(cache=True)
@@ -105,18 +159,24 @@ def _pack_block(source, pairs_down_columns, pair_start, pair_stop, column_start,
         _pack_word_columns_block(source, pair_start, pair_stop, column_start, column_stop, out)
 
 
-@njit(parallel=True, cache=True)
-def pack_panels(source, pairs_down_columns):
-    """All of B in panels (the layout of the module docstring), from a bfloat16 source: B = source
-    (R, Q) with `pairs_down_columns` (rows 2r, 2r + 1 interleaved), else B = source^T, source
-    (Q, R) holding the pairs in its rows (a transpose of 32-bit words)."""
+def pack_panels(source: np.ndarray, pairs_down_columns: bool) -> np.ndarray:
+    """All of B in panels (the layout of the module docstring), from a bfloat16 (uint16 bits) or
+    float32 source: B = source (R, Q) with `pairs_down_columns` (for bfloat16, rows 2r, 2r + 1
+    interleaved), else B = source^T, source (Q, R) holding the words in its rows (a transpose of
+    32-bit words)."""
     n_rows, n_columns = source.shape if pairs_down_columns else source.shape[::-1]
-    n_pairs, n_panels = (n_rows + 1) // 2, (n_columns + COLUMNS - 1) // COLUMNS
-    out = np.empty(n_panels * n_pairs * COLUMNS, np.uint32)
+    span = 2 if source.dtype == np.uint16 else 1
+    n_pairs, n_panels = (n_rows + span - 1) // span, (n_columns + COLUMNS - 1) // COLUMNS
+    out = np.empty(n_panels * n_pairs * COLUMNS, word_dtype(source))
+    _pack_panels(source, pairs_down_columns, n_pairs, n_panels, out)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _pack_panels(source, pairs_down_columns, n_pairs, n_panels, out):
     for j in prange(n_panels):
         _pack_block(source, pairs_down_columns, 0, n_pairs, j * COLUMNS, (j + 1) * COLUMNS,
                     out[j * n_pairs * COLUMNS:(j + 1) * n_pairs * COLUMNS])
-    return out
 
 
 @njit(parallel=True, cache=True)
@@ -198,9 +258,9 @@ def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_source,
          b_pairs_down_columns, threads):
     """C (P, Q) = beta C + A B, float32 C (any layout), beta 0 or 1.
 
-    A: a_words as in the module docstring (flat uint32). B: `b_panels` (flat uint32, all of B
-    packed, pack_panels) when it is not empty, else packed from `b_source` as pack_panels does
-    (b_pairs_down_columns), a block at a time inside each task. Each task sums its block of C
+    A: a_words as in the module docstring (flat, uint32 bfloat16 pairs or float32). B: `b_panels`
+    (flat, of a_words' dtype, all of B packed, pack_panels) when it is not empty, else packed from
+    `b_source` as pack_panels does (b_pairs_down_columns), a block at a time inside each task. Each task sums its block of C
     over all of R in a block of its own, then adds it to C once. threads: Numba's thread count
     (the tasks are sized to give each thread at least two).
     """
@@ -216,20 +276,20 @@ def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_source,
         panels = (q_stop - q_start + COLUMNS - 1) // COLUMNS
         row_tiles = (p_stop - p_start + ROWS - 1) // ROWS
         block = np.empty(row_tiles * panels * ROWS * COLUMNS, np.float32)
-        b_block = np.empty(0 if packed else panels * BLOCK_PAIRS * COLUMNS, np.uint32)
+        b_block = np.empty(0 if packed else panels * BLOCK_PAIRS * COLUMNS, b_panels.dtype)
         for r_start in range(0, n_pairs, BLOCK_PAIRS):
             r_count = min(BLOCK_PAIRS, n_pairs - r_start)
             if not packed:
                 _pack_block(b_source, b_pairs_down_columns, r_start, r_start + r_count, q_start,
                             q_stop, b_block)
             last_step = r_start + BLOCK_PAIRS >= n_pairs
-            next_rows = 2 * (r_start + BLOCK_PAIRS)
+            next_rows = _span(b_source) * (r_start + BLOCK_PAIRS)
+            next_stop = min(next_rows + _span(b_source) * BLOCK_PAIRS, b_source.shape[0])
             for j in range(panels):  # a panel of B stays in L1 while the row tiles of A pass
                 if last_step:  # C's block, for _write_block
                     _prefetch_part(c, p_start, p_stop, q_start, q_stop, j, panels)
                 elif not packed:  # the B rows the next step packs
-                    _prefetch_part(b_source, next_rows, min(next_rows + 2 * BLOCK_PAIRS,
-                                   b_source.shape[0]), q_start, q_stop, j, panels)
+                    _prefetch_part(b_source, next_rows, next_stop, q_start, q_stop, j, panels)
                 if packed:
                     b_data = b_panels
                     b_start = ((q_start // COLUMNS + j) * n_pairs + r_start) * COLUMNS

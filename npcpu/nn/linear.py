@@ -4,7 +4,7 @@ Legend: N rows (all leading dimensions of the input flattened), K = in_features,
     x (N, K) input, W (M, K) weight (torch layout), b (M,) bias, y (N, M) output, dy = dL/dy (N, M).
 
 The GEMMs go to BLAS in the compute dtype (float32; float64 under "fp64") through npcpu.blas, or,
-under "bf16" on a CPU with AVX512_BF16, to the native bfloat16 GEMMs (npcpu.blas_bf16, on the
+under "bf16" on a CPU with AVX512_BF16, to the native bfloat16 GEMMs (npcpu.blas_native.bf16, on the
 bfloat16 W and x, dz rounded to bfloat16; npcpu.backend.set_bf16_gemm chooses):
 dL/dW is accumulated in place by a GEMM with beta = 1, so gradient accumulation costs no temporary
 the size of W; the first GEMM after zero_grad() overwrites with beta = 0, so zeroing costs no pass.

@@ -25,7 +25,7 @@ that the updater is called few times per weight (smaller blocks measured slower,
 reasons); small against one widened large weight, which is the memory the blocks exist to save.
 
 Under bf16 precision on a CPU with AVX512_BF16 (npcpu.backend.use_native_bf16_gemm), the GEMMs
-run on bfloat16 operands instead (npcpu.blas_bf16): W is never widened, forward is one GEMM over
+run on bfloat16 operands instead (npcpu.blas_native.bf16): W is never widened, forward is one GEMM over
 all of W, x is the bfloat16 copy the layer keeps for backward, and dz is rounded to bfloat16 once
 for both backward GEMMs (the instruction multiplies bfloat16 only). The block loop is the same, on
 W's rows in place, when the updates run inside backward.
@@ -40,7 +40,7 @@ import threading
 
 import numpy as np
 
-from npcpu import backend, blas, blas_bf16
+from npcpu import backend, blas, blas_native
 from npcpu.dtypes import HALF_DTYPES, bfloat16
 from npcpu.kernels import convert
 from npcpu.nn.parameter import Parameter
@@ -101,7 +101,7 @@ def forward(x: np.ndarray, weight: Parameter, x_stored: np.ndarray | None = None
     """y = x W^T, (N, K) -> (N, M): one GEMM for a float weight or the native bf16 path (on
     `x_stored`, x in W's storage dtype, when the caller has it), one per block for a widened one."""
     if native(weight):
-        return blas_bf16.matmul_weight_transposed(x if x_stored is None else x_stored, weight.data)
+        return blas_native.bf16.matmul_weight_transposed(x if x_stored is None else x_stored, weight.data)
     if weight.data.dtype not in HALF_DTYPES:
         return blas.matmul_weight_transposed(x, weight.data)
     y = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
@@ -121,7 +121,7 @@ def backward(dz: np.ndarray, x: np.ndarray, weight: Parameter, need_dx: bool) ->
     """
     in_backward = weight.takes_update()
     use_native = native(weight)
-    gemms = blas_bf16 if use_native else blas
+    gemms = blas_native.bf16 if use_native else blas
     dz_output = dz
     if use_native:
         dz = to_storage(dz, bfloat16)
