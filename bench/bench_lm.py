@@ -14,11 +14,15 @@ name, UTF-8 ones only), a real char-level text every machine has; prepared once 
     torch gpt-char   nanoGPT's train.py loop for the same run: bench/nanogpt_torch.py's model,
                      random windows from the memory-mapped train.bin, its get_lr, AdamW
                      (fused=True, the fastest CPU setting), clip 1.0, zero_grad(set_to_none)
+    ... bf16         the same two runs in bfloat16: npcpu with `--train.precision bf16` (bf16
+                     storage, the native AVX512_BF16 GEMMs where the CPU has them), torch with
+                     torch.autocast("cpu", dtype=torch.bfloat16) around forward and loss (float32
+                     parameters and optimizer, as a torch user on a bf16 CPU would run it)
 
 Both train without intermediate evaluations, then evaluate the whole validation split in the
 same fixed windows (npcpu.text.dataset.fixed_windows); the table gives training wall time
-(median, min-max over rounds, the two alternating within each round), the ratio, final val
-loss. gpt-small: tokens/s of the Trainer (accumulation 1, no clipping: the same work) against
+(median, min-max over rounds, the four rotating within each round), final val loss, and each
+npcpu setup's time over the fastest torch setup's. gpt-small: tokens/s of the Trainer (accumulation 1, no clipping: the same work) against
 the bare step (zero_grad, forward, cross-entropy, backward, AdamW), alternating.
 Results: bench/results/bench_lm.json.
 """
@@ -39,6 +43,7 @@ from common import markdown_table, peak_rss_mb, write_json
 
 CORPUS_BYTES = 1_000_000
 THREADS = 2
+CHAR_CONFIGS = ("npcpu gpt-char", "torch gpt-char", "npcpu gpt-char bf16", "torch gpt-char bf16")
 
 
 def corpus_files(limit: int = CORPUS_BYTES) -> list[Path]:
@@ -68,13 +73,13 @@ def prepare(work: Path) -> Path:
 
 
 # -- children: one configuration each -------------------------------------------------------
-def _npcpu_char(data_dir: Path, steps: int) -> dict:
+def _npcpu_char(data_dir: Path, steps: int, precision: str) -> dict:
     from npcpu.config import build_config
     from npcpu.train.build import build_run
     config = build_config(preset="gpt-char", overrides={
         "data": {"path": str(data_dir)},
         "train": {"max_steps": steps, "eval_every": None, "checkpoint_every": None,
-                  "log_every": 10**6, "threads": THREADS}})
+                  "log_every": 10**6, "threads": THREADS, "precision": precision}})
     run = build_run(config, log_stream=open("/dev/null", "w"))
     start = time.perf_counter()
     run.trainer.fit(run.train_data, max_steps=steps, batch_size=config["train"]["batch_size"],
@@ -85,8 +90,10 @@ def _npcpu_char(data_dir: Path, steps: int) -> dict:
     return {"train_s": train_s, "eval_s": time.perf_counter() - start, "val_loss": loss}
 
 
-def _torch_char(data_dir: Path, steps: int) -> dict:
-    """nanoGPT's train.py for its CPU run (no evaluations until the end)."""
+def _torch_char(data_dir: Path, steps: int, precision: str) -> dict:
+    """nanoGPT's train.py for its CPU run (no evaluations until the end); precision "bf16" runs
+    forward and loss under torch.autocast (bfloat16), as nanoGPT does with dtype = 'bfloat16'."""
+    import contextlib
     import math
 
     import torch
@@ -121,13 +128,19 @@ def _torch_char(data_dir: Path, steps: int) -> dict:
                          for i in ix])
         return x, y
 
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     start = time.perf_counter()
     for it in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = get_lr(it)
         x, y = get_batch()
-        logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        with autocast():
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -138,7 +151,8 @@ def _torch_char(data_dir: Path, steps: int) -> dict:
     summed, tokens = 0.0, 0
     with torch.no_grad():
         for x, y in fixed_windows(data.val_tokens, block, 64):
-            logits = model(torch.from_numpy(x))
+            with autocast():
+                logits = model(torch.from_numpy(x)).float()
             target = torch.from_numpy(y).view(-1)
             summed += torch.nn.functional.cross_entropy(
                 logits.view(-1, logits.size(-1)), target, ignore_index=-100,
@@ -187,10 +201,11 @@ def run_child(args) -> dict:
     from npcpu import backend
     backend.set_threads(THREADS)
     data_dir = Path(args.data)
-    if args.child == "npcpu gpt-char":
-        result = _npcpu_char(data_dir, args.steps)
-    elif args.child == "torch gpt-char":
-        result = _torch_char(data_dir, args.steps)
+    precision = "bf16" if args.child.endswith(" bf16") else "fp32"
+    if args.child.startswith("npcpu gpt-char"):
+        result = _npcpu_char(data_dir, args.steps, precision)
+    elif args.child.startswith("torch gpt-char"):
+        result = _torch_char(data_dir, args.steps, precision)
     else:
         result = _gpt_small(data_dir, args.small_steps, args.child.split()[-1])
     return {**result, "peak_rss_mb": peak_rss_mb()}
@@ -214,6 +229,9 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/npcpu-bench-lm"))
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--no-small", action="store_true", help="gpt-char only (no gpt-small)")
+    parser.add_argument("--configs", nargs="+", choices=CHAR_CONFIGS, default=list(CHAR_CONFIGS),
+                        help="the gpt-char setups to run (default: all four)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -224,15 +242,17 @@ def main(argv=None) -> None:
         args.rounds, args.steps, args.small_steps = 1, 20, 1
     data_dir = prepare(args.work)
     results: dict = {}
-    pairs = [("npcpu gpt-char", "torch gpt-char"), ("gpt-small trainer", "gpt-small bare")]
+    char_configs = tuple(c for c in CHAR_CONFIGS if c in args.configs)
+    groups = [char_configs] + ([] if args.no_small else [("gpt-small trainer", "gpt-small bare")])
     for r in range(args.rounds):
-        for pair in pairs:
-            for config in (pair if r % 2 == 0 else pair[::-1]):
+        for group in groups:
+            shift = r % len(group)  # each setup in each position once every len(group) rounds
+            for config in group[shift:] + group[:shift]:
                 results.setdefault(config, []).append(_spawn(args, config, data_dir))
                 print(f"round {r + 1}: {config}: {results[config][-1]}", file=sys.stderr)
     meta = json.loads((data_dir / "meta.json").read_text())
     rows, summary = [], {}
-    for config in ("npcpu gpt-char", "torch gpt-char"):
+    for config in char_configs:
         train = [run["train_s"] for run in results[config]]
         loss = [run["val_loss"] for run in results[config]]
         summary[config] = {"train_s_median": statistics.median(train), "train_s": train,
@@ -240,21 +260,33 @@ def main(argv=None) -> None:
                            "peak_rss_mb": max(run["peak_rss_mb"] for run in results[config])}
         rows.append([config, f"{statistics.median(train):.1f} ({min(train):.1f}-{max(train):.1f})",
                      f"{statistics.median(loss):.4f}", f"{summary[config]['peak_rss_mb']:.0f}"])
-    ratio = (summary["npcpu gpt-char"]["train_s_median"]
-             / summary["torch gpt-char"]["train_s_median"])
-    small = {config: statistics.median(run["tokens_per_s"] for run in results[config])
-             for config in ("gpt-small trainer", "gpt-small bare")}
-    overhead = small["gpt-small bare"] / small["gpt-small trainer"] - 1.0
+    median = {config: summary[config]["train_s_median"] for config in char_configs}
+    ratio = (median["npcpu gpt-char"] / median["torch gpt-char"]
+             if {"npcpu gpt-char", "torch gpt-char"} <= set(median) else None)
+    torches = [c for c in char_configs if c.startswith("torch")]
+    fastest_torch = min(torches, key=median.get) if torches else None
+    to_fastest = {c: median[c] / median[fastest_torch]
+                  for c in char_configs if c.startswith("npcpu") and fastest_torch}
     print(f"corpus: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val chars, vocab "
           f"{meta['vocab_size']}; {args.steps} steps, {args.rounds} rounds, {THREADS} threads")
     print(markdown_table(["gpt-char", "train s median (min-max)", "val loss", "peak RSS MB"],
                          rows))
-    print(f"npcpu / torch wall time: {ratio:.3f} (target <= 0.67)")
-    print(f"gpt-small tokens/s: Trainer {small['gpt-small trainer']:.0f}, bare step "
-          f"{small['gpt-small bare']:.0f}: Trainer overhead {100 * overhead:.1f}% (target < 5%)")
-    write_json("bench_lm", {"steps": args.steps, "rounds": args.rounds, "corpus": meta,
-                            "gpt_char": summary, "ratio": ratio, "gpt_small": small,
-                            "trainer_overhead": overhead, "runs": results}, args.output)
+    if ratio is not None:
+        print(f"npcpu / torch wall time (fp32 both): {ratio:.3f}")
+    for config, value in to_fastest.items():
+        print(f"{config} / fastest torch ({fastest_torch}): {value:.3f} (target <= 0.67)")
+    record = {"steps": args.steps, "rounds": args.rounds, "corpus": meta, "gpt_char": summary,
+              "ratio": ratio, "fastest_torch": fastest_torch, "ratio_to_fastest_torch": to_fastest,
+              "runs": results}
+    if not args.no_small:
+        small = {config: statistics.median(run["tokens_per_s"] for run in results[config])
+                 for config in ("gpt-small trainer", "gpt-small bare")}
+        overhead = small["gpt-small bare"] / small["gpt-small trainer"] - 1.0
+        print(f"gpt-small tokens/s: Trainer {small['gpt-small trainer']:.0f}, bare step "
+              f"{small['gpt-small bare']:.0f}: Trainer overhead {100 * overhead:.1f}% "
+              f"(target < 5%)")
+        record.update(gpt_small=small, trainer_overhead=overhead)
+    write_json("bench_lm", record, args.output)
 
 
 if __name__ == "__main__":
