@@ -1,5 +1,6 @@
-"""GEMM throughput at the mlp52m and gpt-small shapes: npcpu's native bf16 GEMM against npcpu's sgemm,
-torch's bf16 and fp32 matmul, and the bf16 instruction's peak.
+"""GEMM throughput at the mlp52m, gpt-small and gpt-char shapes: npcpu's native bf16 and float32
+GEMMs against npcpu's sgemm (SciPy's BLAS), torch's bf16 and fp32 matmul, and the bf16
+instruction's peak.
 
     python bench/bench_gemm_bf16.py [--rounds 5] [--threads 2] [--repeats 7] [--quick] [--output F]
 
@@ -7,11 +8,14 @@ Shapes (N rows, K inputs, M outputs of a linear layer; each as its three GEMMs):
     forward  y = x W^T (N, M)    dx = dz W (N, K)    dW += dz^T x (M, K), beta = 1
     mlp52m     N = 128:  K x M = 784 x 4096, 4096 x 4096, 4096 x 100
     gpt-small  N = 1024 tokens (batch 2 x 512):  256 x 768, 256 x 1024, 1024 x 256, 256 x 32000
+    gpt-char   N = 768 tokens (batch 12 x 64):  128 x 384, 128 x 128, 128 x 512, 512 x 128
 
 Configurations, each in a process of its own per round, rounds interleaving them (so drift on a
 shared machine lands on all alike):
     npcpu native bf16     npcpu.blas_native.bf16 on bfloat16 x, W, dz (float32 results)
+    npcpu native fp32     npcpu.blas_native.float32 on float32 x, W, dz
     npcpu sgemm           npcpu.blas (SciPy's OpenBLAS) on float32, in the environment as given
+                          (NPCPU_F32_GEMM=blas: BLAS whatever npcpu.blas's auto would choose)
     npcpu sgemm, OpenBLAS own kernels   the same with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE
                           removed from the environment (OpenBLAS then picks its kernels for the CPU)
     torch bf16 / fp32     torch.matmul on bfloat16 / float32 tensors (bf16 results in bf16)
@@ -37,12 +41,14 @@ from common import call_seconds, markdown_table, write_json
 SHAPES = {
     "mlp52m": [(128, 784, 4096), (128, 4096, 4096), (128, 4096, 100)],
     "gpt-small": [(1024, 256, 768), (1024, 256, 1024), (1024, 1024, 256), (1024, 256, 32000)],
+    "gpt-char": [(768, 128, 384), (768, 128, 128), (768, 128, 512), (768, 512, 128)],
 }
 GEMMS = ("forward", "dx", "dW")
 NATIVE, SGEMM, SGEMM_OWN, TORCH_BF16, TORCH_FP32, PEAK = (
     "npcpu native bf16", "npcpu sgemm", "npcpu sgemm, OpenBLAS own kernels", "torch bf16 matmul",
     "torch fp32 matmul", "bf16 peak (registers)")
-CONFIGS = [NATIVE, SGEMM, SGEMM_OWN, TORCH_BF16, TORCH_FP32, PEAK]
+NATIVE_F32 = "npcpu native fp32"
+CONFIGS = [NATIVE, NATIVE_F32, SGEMM, SGEMM_OWN, TORCH_BF16, TORCH_FP32, PEAK]
 PEAK_ITERATIONS = 2_000_000
 
 
@@ -51,11 +57,14 @@ def _operands(n, k, m, seed=0):
     return tuple(rng.standard_normal(shape).astype(np.float32) for shape in ((n, k), (m, k), (n, m)))
 
 
-def _npcpu_gemms(n, k, m, native: bool):
-    from npcpu import blas, blas_native
+def _npcpu_gemms(n, k, m, config: str):
+    from npcpu import backend, blas, blas_native
     from npcpu.precision import bfloat16
     x, w, dz = _operands(n, k, m)
-    lib = blas_native.bf16 if native else blas
+    native = config == NATIVE
+    lib = {NATIVE: blas_native.bf16, NATIVE_F32: blas_native.float32}.get(config, blas)
+    if lib is blas:
+        backend.set_f32_gemm("blas")
     if native:
         x, w, dz = (a.astype(bfloat16) for a in (x, w, dz))
     grad, dx = np.zeros((m, k), np.float32), np.empty((n, k), np.float32)
@@ -108,7 +117,7 @@ def run_child(config: str, threads: int, repeats: int, shapes: dict) -> dict:
                 gemms = _torch_gemms(torch, n, k, m, torch.bfloat16 if config == TORCH_BF16
                                      else torch.float32)
             else:
-                gemms = _npcpu_gemms(n, k, m, native=config == NATIVE)
+                gemms = _npcpu_gemms(n, k, m, config)
             for gemm, fn in gemms.items():
                 seconds[f"{workload} {n}x{k}x{m} {gemm}"] = _time(fn, repeats)
     return {"seconds": seconds}
@@ -157,6 +166,11 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
                 rows[key][f"x {other}"] = native / table[other][key]["median"]
         if peak:
             rows[key]["peak / native"] = peak / native
+        if key in table.get(NATIVE_F32, {}):
+            for other in (SGEMM, SGEMM_OWN, TORCH_FP32):
+                if key in table.get(other, {}):
+                    rows[key][f"fp32 x {other}"] = (table[NATIVE_F32][key]["median"]
+                                                    / table[other][key]["median"])
     def every(key, test):
         return all(key in r and test(r[key]) for r in rows.values())
     targets = {
@@ -181,10 +195,14 @@ def print_report(summary: dict) -> None:
                     + [f"{row.get(f'x {SGEMM}', float('nan')):.2f}",
                        f"{row.get(f'x {SGEMM_OWN}', float('nan')):.2f}",
                        f"{row.get(f'x {TORCH_BF16}', float('nan')):.2f}",
-                       f"{row.get('peak / native', float('nan')):.2f}"])
+                       f"{row.get('peak / native', float('nan')):.2f}",
+                       f"{row.get(f'fp32 x {SGEMM}', float('nan')):.2f}",
+                       f"{row.get(f'fp32 x {SGEMM_OWN}', float('nan')):.2f}",
+                       f"{row.get(f'fp32 x {TORCH_FP32}', float('nan')):.2f}"])
     print(markdown_table(["GEMM (N x K x M)"] + [f"{c} GFLOP/s" for c in others]
                          + ["native / sgemm", "native / sgemm own", "native / torch bf16",
-                            "peak / native"], body))
+                            "peak / native", "fp32 native / sgemm", "fp32 native / sgemm own",
+                            "fp32 native / torch fp32"], body))
     print("\ntargets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}"
                                     for k, v in summary["targets"].items()))
 
