@@ -129,7 +129,8 @@ def _spawn(config: str, args) -> dict:
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)
     command = [sys.executable, str(Path(__file__).resolve()), "--child", config, "--threads",
-               str(args.threads), "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+               str(args.threads), "--repeats", str(args.repeats),
+               "--workloads", *args.workloads] + (["--quick"] if args.quick else [])
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"error": " | ".join(done.stderr.strip().splitlines()[-3:])}
@@ -158,14 +159,15 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
                                   "max": max(gflops)}
     peak = (table.get(PEAK) or {}).get("median")
     rows = {}
-    for key in table.get(NATIVE, {}):
-        native = table[NATIVE][key]["median"]
-        rows[key] = {"native_gflop_s": native}
-        for other in (SGEMM, SGEMM_OWN, TORCH_BF16, TORCH_FP32):
-            if key in table.get(other, {}):
-                rows[key][f"x {other}"] = native / table[other][key]["median"]
-        if peak:
-            rows[key]["peak / native"] = peak / native
+    for key in table.get(NATIVE) or table.get(NATIVE_F32) or {}:
+        rows[key] = {}
+        if key in table.get(NATIVE, {}):
+            native = rows[key]["native_gflop_s"] = table[NATIVE][key]["median"]
+            for other in (SGEMM, SGEMM_OWN, TORCH_BF16, TORCH_FP32):
+                if key in table.get(other, {}):
+                    rows[key][f"x {other}"] = native / table[other][key]["median"]
+            if peak:
+                rows[key]["peak / native"] = peak / native
         if key in table.get(NATIVE_F32, {}):
             for other in (SGEMM, SGEMM_OWN, TORCH_FP32):
                 if key in table.get(other, {}):
@@ -215,16 +217,21 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke test: small shapes, 1 round")
     parser.add_argument("--output", type=Path, default=None, help="JSON file to write (default "
                         "bench/results/bench_gemm_bf16.json, -quick.json with --quick)")
+    parser.add_argument("--workloads", nargs="+", choices=list(SHAPES), default=list(SHAPES),
+                        help="the shape groups to time (default: all)")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=CONFIGS,
+                        help="the configurations to run (default: all)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    shapes = {"smoke": [(33, 70, 45)]} if args.quick else SHAPES
+    shapes = ({"smoke": [(33, 70, 45)]} if args.quick
+              else {name: SHAPES[name] for name in args.workloads})
     if args.child is not None:
         print(json.dumps(run_child(args.child, args.threads, args.repeats, shapes)))
         return
     rounds = 1 if args.quick else args.rounds
-    runs = {config: [] for config in CONFIGS}
+    runs = {config: [] for config in CONFIGS if config in args.configs}
     for round_index in range(rounds):
-        for config in CONFIGS:
+        for config in runs:
             result = _spawn(config, args)
             runs[config].append(result)
             print(f"round {round_index + 1}/{rounds} {config}: "
