@@ -22,8 +22,8 @@ name, UTF-8 ones only), a real char-level text every machine has; prepared once 
 Both train without intermediate evaluations, then evaluate the whole validation split in the
 same fixed windows (npcpu.text.dataset.fixed_windows); the table gives training wall time
 (median, min-max over rounds, the four rotating within each round), final val loss, and each
-npcpu setup's time over the fastest torch setup's. gpt-small: tokens/s of the Trainer (accumulation 1, no clipping: the same work) against
-the bare step (zero_grad, forward, cross-entropy, backward, AdamW), alternating.
+npcpu setup's time over the fastest torch setup's. gpt-small: tokens/s of the Trainer
+(accumulation 1, no clipping: the same work) against the bare step (zero_grad, forward, cross-entropy, backward, AdamW), alternating.
 Results: bench/results/bench_lm.json.
 """
 

@@ -271,9 +271,11 @@ def native_bf16_gemm_unavailable() -> str | None:
     return None
 
 
+@functools.cache
 def native_f32_gemm_unavailable() -> str | None:
     """Why the native float32 GEMM (npcpu.blas_native.float32) cannot run here, or None when it
-    can: it needs the CPU's AVX-512F and Numba compiling for a target that has it."""
+    can: it needs the CPU's AVX-512F and Numba compiling for a target that has it. Found once per
+    process (npcpu.blas asks at every float32 GEMM)."""
     if not cpu_has_avx512f():
         return "the CPU has no AVX-512F (the native float32 GEMM is written for x86 zmm FMAs)"
     if not _numba_targets("avx512f", True):

@@ -20,7 +20,8 @@ FP32_ORDER = 4e-6
 native = blas_native.float32
 # (N, K, M): rows of x, its features (the sum of y = x W^T; K odd and even), rows of W
 SHAPES = [(1, 1, 1), (13, 17, 31), (33, 31, 13), (17, 256, 33), (255, 13, 17), (31, 255, 1),
-          (2 * gemm_bf16.BLOCK_ROWS + 5, 2 * gemm_bf16.BLOCK_PAIRS + 3, gemm_bf16.BLOCK_COLUMNS + 9)]
+          (2 * gemm_bf16.BLOCK_ROWS + 5, 2 * gemm_bf16.BLOCK_PAIRS + 3,
+           gemm_bf16.BLOCK_COLUMNS + 9)]  # several blocks of rows, of the sum and of columns
 
 
 def f32(rng, *shape):
@@ -97,8 +98,9 @@ def test_nan_and_inf_propagate_as_in_blas(blas_f32_gemm):
     rng = np.random.default_rng(3)
     x, w, dz = f32(rng, 17, 41), f32(rng, 35, 41), f32(rng, 17, 35)
     x[3, 7], w[5, 40], w[9, 0], dz[2, 34] = np.nan, np.inf, -np.inf, np.nan
-    for ours, theirs in [(native.matmul_weight_transposed(x, w), blas.matmul_weight_transposed(x, w)),
-                         (native.matmul_weight(dz, w), blas.matmul_weight(dz, w))]:
+    for ours, theirs in [
+            (native.matmul_weight_transposed(x, w), blas.matmul_weight_transposed(x, w)),
+            (native.matmul_weight(dz, w), blas.matmul_weight(dz, w))]:
         np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
         np.testing.assert_array_equal(np.isposinf(ours), np.isposinf(theirs))
         np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
@@ -111,7 +113,8 @@ def test_empty_batch_and_bad_operands():
     native.accumulate_weight_grad(grad, np.zeros((0, 3), np.float32), np.zeros((0, 5), np.float32),
                                   0.0)
     np.testing.assert_array_equal(grad, 0.0)
-    assert native.matmul_weight_transposed(np.zeros((0, 5), np.float32), f32(rng, 3, 5)).shape == (0, 3)
+    empty = native.matmul_weight_transposed(np.zeros((0, 5), np.float32), f32(rng, 3, 5))
+    assert empty.shape == (0, 3)
     with pytest.raises(ValueError, match="native float32 GEMM: W must have shape"):
         native.matmul_weight_transposed(f32(rng, 4, 5), f32(rng, 3, 6))
     with pytest.raises(TypeError, match="native float32 GEMM: x must be float32, got float64"):
@@ -167,11 +170,14 @@ def test_float64_and_skinny_gemms_never_take_the_native_path(native_f32_gemm, mo
 
 @pytest.fixture
 def fresh_f32_choice():
-    backend._auto_prefers_native_f32.cache_clear()
-    backend.f32_gemm_reason.cache_clear()
+    """The float32 path found again from what the test sets up (the backend keeps it per process)."""
+    cached = (backend._auto_prefers_native_f32, backend.f32_gemm_reason,
+              backend.native_f32_gemm_unavailable)
+    for function in cached:
+        function.cache_clear()
     yield
-    backend._auto_prefers_native_f32.cache_clear()
-    backend.f32_gemm_reason.cache_clear()
+    for function in cached:
+        function.cache_clear()
     backend.set_f32_gemm(None)
 
 
@@ -206,7 +212,7 @@ def test_without_avx512f_native_is_refused(fresh_f32_choice, monkeypatch):
         blas.matmul_weight_transposed(np.ones((3, 4), np.float32), np.ones((20, 4), np.float32))
 
 
-def test_numba_target_without_avx512f(monkeypatch):
+def test_numba_target_without_avx512f(fresh_f32_choice, monkeypatch):
     """A Numba target chosen by NUMBA_CPU_NAME / NUMBA_CPU_FEATURES without avx512f (avx512fp16 is
     another feature) keeps the native kernels off."""
     monkeypatch.setattr(numba.config, "CPU_NAME", "generic")

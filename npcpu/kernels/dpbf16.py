@@ -193,7 +193,8 @@ def register_peak(typingctx, words, iterations, out):
         a_vector = builder.load(builder.gep(base, [_I64(VECTORS)]), align=4)
 
         def step(k, accumulators):
-            return [dot(acc, a_vector, b_vectors[j % VECTORS]) for j, acc in enumerate(accumulators)]
+            return [dot(acc, a_vector, b_vectors[j % VECTORS])
+                    for j, acc in enumerate(accumulators)]
 
         results = _accumulate(builder, n, step, [_ZERO] * (ROWS * VECTORS))
         pointer = builder.bitcast(_data(context, builder, signature.args[2], c), _F32X16.as_pointer())

@@ -68,7 +68,8 @@ def _span(source):
 
 def _word_down(source, r, q):
     """Word r of column q of `source`, the words running down its columns: (source[2r, q],
-    source[2r + 1, q]) for bfloat16 bits, a zero half past the last row; source[r, q] for float32."""
+    source[2r + 1, q]) for bfloat16 bits, a zero half past the last row; source[r, q] for
+    float32."""
 
 
 def _word_along(row, r):
@@ -260,9 +261,9 @@ def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_source,
 
     A: a_words as in the module docstring (flat, uint32 bfloat16 pairs or float32). B: `b_panels`
     (flat, of a_words' dtype, all of B packed, pack_panels) when it is not empty, else packed from
-    `b_source` as pack_panels does (b_pairs_down_columns), a block at a time inside each task. Each task sums its block of C
-    over all of R in a block of its own, then adds it to C once. threads: Numba's thread count
-    (the tasks are sized to give each thread at least two).
+    `b_source` as pack_panels does (b_pairs_down_columns), a block at a time inside each task.
+    Each task sums its block of C over all of R in a block of its own, then adds it to C once.
+    threads: Numba's thread count (the tasks are sized to give each thread at least two).
     """
     n_rows, n_columns = c.shape
     column_blocks = (n_columns + BLOCK_COLUMNS - 1) // BLOCK_COLUMNS
