@@ -23,7 +23,8 @@ Both train without intermediate evaluations, then evaluate the whole validation 
 same fixed windows (npcpu.text.dataset.fixed_windows); the table gives training wall time
 (median, min-max over rounds, the four rotating within each round), final val loss, and each
 npcpu setup's time over the fastest torch setup's. gpt-small: tokens/s of the Trainer
-(accumulation 1, no clipping: the same work) against the bare step (zero_grad, forward, cross-entropy, backward, AdamW), alternating.
+(accumulation 1, no clipping: the same work) against the bare step (zero_grad, forward,
+cross-entropy, backward, AdamW), alternating.
 Results: bench/results/bench_lm.json.
 """
 
@@ -42,7 +43,7 @@ import numpy as np
 from common import markdown_table, peak_rss_mb, write_json
 
 CORPUS_BYTES = 1_000_000
-THREADS = 2
+THREADS = 2  # the default of --threads
 CHAR_CONFIGS = ("npcpu gpt-char", "torch gpt-char", "npcpu gpt-char bf16", "torch gpt-char bf16")
 
 
@@ -73,13 +74,13 @@ def prepare(work: Path) -> Path:
 
 
 # -- children: one configuration each -------------------------------------------------------
-def _npcpu_char(data_dir: Path, steps: int, precision: str) -> dict:
+def _npcpu_char(data_dir: Path, steps: int, precision: str, threads: int) -> dict:
     from npcpu.config import build_config
     from npcpu.train.build import build_run
     config = build_config(preset="gpt-char", overrides={
         "data": {"path": str(data_dir)},
         "train": {"max_steps": steps, "eval_every": None, "checkpoint_every": None,
-                  "log_every": 10**6, "threads": THREADS, "precision": precision}})
+                  "log_every": 10**6, "threads": threads, "precision": precision}})
     run = build_run(config, log_stream=open("/dev/null", "w"))
     start = time.perf_counter()
     run.trainer.fit(run.train_data, max_steps=steps, batch_size=config["train"]["batch_size"],
@@ -90,7 +91,7 @@ def _npcpu_char(data_dir: Path, steps: int, precision: str) -> dict:
     return {"train_s": train_s, "eval_s": time.perf_counter() - start, "val_loss": loss}
 
 
-def _torch_char(data_dir: Path, steps: int, precision: str) -> dict:
+def _torch_char(data_dir: Path, steps: int, precision: str, threads: int) -> dict:
     """nanoGPT's train.py for its CPU run (no evaluations until the end); precision "bf16" runs
     forward and loss under torch.autocast (bfloat16), as nanoGPT does with dtype = 'bfloat16'."""
     import contextlib
@@ -102,7 +103,7 @@ def _torch_char(data_dir: Path, steps: int, precision: str) -> dict:
 
     from npcpu.text import TextDataset
     from npcpu.text.dataset import fixed_windows
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     torch.manual_seed(1337)
     data = TextDataset(data_dir, 64)
     train = np.memmap(data_dir / "train.bin", dtype=np.uint16, mode="r")
@@ -162,7 +163,7 @@ def _torch_char(data_dir: Path, steps: int, precision: str) -> dict:
             "val_loss": summed / tokens}
 
 
-def _gpt_small(data_dir: Path, steps: int, mode: str) -> dict:
+def _gpt_small(data_dir: Path, steps: int, mode: str, threads: int) -> dict:
     """Tokens/s of gpt-small (vocab padded to 32000 over the char data) through the Trainer or
     the bare step on the same batches."""
     from npcpu.config import build_config
@@ -171,7 +172,7 @@ def _gpt_small(data_dir: Path, steps: int, mode: str) -> dict:
         "data": {"path": str(data_dir)},
         "train": {"max_steps": steps + 2, "eval_every": None, "checkpoint_every": None,
                   "accumulation_steps": 1, "clip_grad_norm": None, "log_every": 10**6,
-                  "threads": THREADS}})
+                  "threads": threads}})
     run = build_run(config, log_stream=open("/dev/null", "w"))
     trainer, batch = run.trainer, config["train"]["batch_size"]
     tokens = batch * config["model"]["block_size"]
@@ -199,21 +200,22 @@ def _gpt_small(data_dir: Path, steps: int, mode: str) -> dict:
 
 def run_child(args) -> dict:
     from npcpu import backend
-    backend.set_threads(THREADS)
+    backend.set_threads(args.threads)
     data_dir = Path(args.data)
     precision = "bf16" if args.child.endswith(" bf16") else "fp32"
     if args.child.startswith("npcpu gpt-char"):
-        result = _npcpu_char(data_dir, args.steps, precision)
+        result = _npcpu_char(data_dir, args.steps, precision, args.threads)
     elif args.child.startswith("torch gpt-char"):
-        result = _torch_char(data_dir, args.steps, precision)
+        result = _torch_char(data_dir, args.steps, precision, args.threads)
     else:
-        result = _gpt_small(data_dir, args.small_steps, args.child.split()[-1])
+        result = _gpt_small(data_dir, args.small_steps, args.child.split()[-1], args.threads)
     return {**result, "peak_rss_mb": peak_rss_mb()}
 
 
 def _spawn(args, config: str, data_dir: Path) -> dict:
     command = [sys.executable, __file__, "--child", config, "--data", str(data_dir),
-               "--steps", str(args.steps), "--small-steps", str(args.small_steps)]
+               "--steps", str(args.steps), "--small-steps", str(args.small_steps),
+               "--threads", str(args.threads)]
     out = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     if out.returncode != 0:
         raise RuntimeError(f"{config} failed:\n{out.stderr}")
@@ -230,6 +232,9 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--no-small", action="store_true", help="gpt-char only (no gpt-small)")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="threads of every setup (1: a comparison that a busy machine "
+                        "disturbs less)")
     parser.add_argument("--configs", nargs="+", choices=CHAR_CONFIGS, default=list(CHAR_CONFIGS),
                         help="the gpt-char setups to run (default: all four)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -268,14 +273,15 @@ def main(argv=None) -> None:
     to_fastest = {c: median[c] / median[fastest_torch]
                   for c in char_configs if c.startswith("npcpu") and fastest_torch}
     print(f"corpus: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val chars, vocab "
-          f"{meta['vocab_size']}; {args.steps} steps, {args.rounds} rounds, {THREADS} threads")
+          f"{meta['vocab_size']}; {args.steps} steps, {args.rounds} rounds, {args.threads} threads")
     print(markdown_table(["gpt-char", "train s median (min-max)", "val loss", "peak RSS MB"],
                          rows))
     if ratio is not None:
         print(f"npcpu / torch wall time (fp32 both): {ratio:.3f}")
     for config, value in to_fastest.items():
         print(f"{config} / fastest torch ({fastest_torch}): {value:.3f} (target <= 0.67)")
-    record = {"steps": args.steps, "rounds": args.rounds, "corpus": meta, "gpt_char": summary,
+    record = {"steps": args.steps, "rounds": args.rounds, "threads": args.threads,
+              "corpus": meta, "gpt_char": summary,
               "ratio": ratio, "fastest_torch": fastest_torch, "ratio_to_fastest_torch": to_fastest,
               "runs": results}
     if not args.no_small:
