@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from npcpu.kernels.softmax import cross_entropy_forward_backward
+from npcpu.kernels.softmax import (cross_entropy_forward_backward,
+                                   cross_entropy_forward_backward_serial)
 from npcpu.nn.losses import CrossEntropyLoss, MSELoss
 from npcpu.precision import bfloat16
 from tests.gradcheck import numerical_gradient
@@ -36,6 +37,16 @@ def test_kernel_matches_numpy(num_threads, rows, classes, dtype, rtol, label_smo
     ref_losses, ref_grad = cross_entropy_numpy(logits, targets, -100, label_smoothing, 0.25)
     np.testing.assert_allclose(losses, ref_losses, rtol=rtol, atol=rtol)
     np.testing.assert_allclose(grad, ref_grad, rtol=rtol, atol=rtol)
+    # the serial twin (small batches) writes the same bits, also in place over the logits
+    serial_losses, serial_grad = np.empty(rows), np.empty_like(logits)
+    cross_entropy_forward_backward_serial(serial_losses, serial_grad, logits, targets, -100,
+                                          label_smoothing, 0.25, logits.shape[1])
+    np.testing.assert_array_equal(serial_losses, losses)
+    np.testing.assert_array_equal(serial_grad, grad)
+    cross_entropy_forward_backward_serial(serial_losses, logits, logits, targets, -100,
+                                          label_smoothing, 0.25, logits.shape[1])
+    np.testing.assert_array_equal(serial_losses, losses)
+    np.testing.assert_array_equal(logits, grad)
 
 
 # -- float64 gradient checks: backward() against central differences of the scalar loss --------

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from npcpu.kernels import launch
 from npcpu.kernels import optim as kernels
 from npcpu.kernels.optim_io import Rounding, random_scratch
 from npcpu.nn.parameter import Parameter
@@ -72,7 +73,7 @@ def test_optimizers_choose_the_serial_kernel_by_size_alone(monkeypatch, num_thre
     start = [rng.standard_normal(shape).astype(bfloat16) for shape in [(37, 29), (5,), (3000,)]]
     results = []
     for threshold in (0, 1 << 40):  # all parallel, then all serial
-        monkeypatch.setattr(kernels, "PARALLEL_ELEMENTS", threshold)
+        monkeypatch.setattr(launch, "PARALLEL_ELEMENTS", threshold)
         params = [Parameter(a.copy()) for a in start]
         optimizer = make(params)
         for t in range(3):

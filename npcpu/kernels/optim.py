@@ -15,7 +15,8 @@ work per element) only if that loop is also short. What that takes in Numba:
   IEEE results are the same (the denominators here are never 0, and nothing else is checked).
 - prange over blocks; each block is a plain `for j in range(count)` over views sliced to the block,
   so the indices are provably non-negative and consecutive. Tensors under PARALLEL_ELEMENTS go to
-  the `*_serial` twins, which run the same blocks in a plain loop on the calling thread.
+  the `*_serial` twins, which run the same blocks in a plain loop on the calling thread
+  (npcpu.kernels.launch).
 - no loads under a condition (the random bits are read, then selected), no calls that are not
   inlined; options that change the loop's structure (AMSGrad, SGD's momentum) are decided at
   compile time by passing None, flags such as `maximize` are loop invariant.
@@ -34,6 +35,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from npcpu.kernels.launch import PARALLEL_ELEMENTS, for_size  # noqa: F401 (the optimizers' choice)
 from npcpu.kernels.optim_io import (BLOCK, EXP_AVG_SLOT, EXP_AVG_SQ_SLOT, MAX_EXP_AVG_SQ_SLOT,
                                     PARAM_SLOT, block_count, block_of, draw_random_fields, fma,
                                     load, store)
@@ -50,15 +52,6 @@ LambHyper = namedtuple("LambHyper", ["one_minus_beta1", "beta2", "one_minus_beta
                                      "weight_decay", "inverse_bias_correction1",
                                      "inverse_bias_correction2", "maximize"])
 """LAMB's settings for one step (see lamb_moments): floats in the compute dtype, then a bool."""
-
-PARALLEL_ELEMENTS = 1 << 15
-"""Tensors with fewer elements are updated by the `*_serial` kernels on the calling thread: a
-parallel launch (waking the other threads, joining them) then costs more than the threads save."""
-
-
-def for_size(parallel_kernel, serial_kernel, n: int):
-    """The kernel to update an n-element tensor with: `serial_kernel` under PARALLEL_ELEMENTS."""
-    return parallel_kernel if n >= PARALLEL_ELEMENTS else serial_kernel
 
 
 # ---------------------------------------------------------------------------------------------

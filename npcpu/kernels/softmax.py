@@ -73,10 +73,30 @@ def cross_entropy_forward_backward(losses, dlogits, logits, targets, ignore_inde
     """
     in_place = dlogits.ctypes.data == logits.ctypes.data
     for n in prange(logits.shape[0]):
-        if targets[n] == ignore_index:
-            losses[n] = 0.0
-            dlogits[n, :] = 0.0
-        else:
-            losses[n] = cross_entropy_row(logits[n], targets[n], classes, label_smoothing,
-                                          grad_scale, dlogits[n], in_place,
-                                          np.empty(classes, np.int32))
+        _cross_entropy_target_row(losses, dlogits, logits, targets, n, ignore_index,
+                                  label_smoothing, grad_scale, classes, in_place,
+                                  np.empty(classes, np.int32))
+
+
+@njit(cache=True)
+def cross_entropy_forward_backward_serial(losses, dlogits, logits, targets, ignore_index,
+                                          label_smoothing, grad_scale, classes):
+    """cross_entropy_forward_backward on the calling thread, for a small batch of logits
+    (npcpu.kernels.launch): the same rows, one exp scratch for all of them."""
+    in_place = dlogits.ctypes.data == logits.ctypes.data
+    bits = np.empty(classes, np.int32)
+    for n in range(logits.shape[0]):
+        _cross_entropy_target_row(losses, dlogits, logits, targets, n, ignore_index,
+                                  label_smoothing, grad_scale, classes, in_place, bits)
+
+
+@njit(cache=True)
+def _cross_entropy_target_row(losses, dlogits, logits, targets, n, ignore_index, label_smoothing,
+                              grad_scale, classes, in_place, bits):
+    """Row n of cross_entropy_forward_backward: cross_entropy_row, or zeros for an ignored row."""
+    if targets[n] == ignore_index:
+        losses[n] = 0.0
+        dlogits[n, :] = 0.0
+    else:
+        losses[n] = cross_entropy_row(logits[n], targets[n], classes, label_smoothing, grad_scale,
+                                      dlogits[n], in_place, bits)
