@@ -18,9 +18,9 @@ thread's share waits for a scheduler time slice (a small GEMM then takes orders 
 longer on two threads than on one).
 
 Skinny GEMMs, those of a layer with at most SKINNY_OUTPUTS outputs (a classifier head: 784 -> 10),
-do not go to BLAS at all when small: y = x W^T and dW += dz^T x run on the register-tiled Numba
-loops of the compiled training step (npcpu.kernels.compiled_gemm), one thread, no thread-count
-switch. With M that small, BLAS's packing and blocking (made for large squarish products) cost more
+do not go to BLAS at all when small: y = x W^T runs on the register-tiled Numba loop of the
+compiled training step (npcpu.kernels.compiled_gemm) and dW += dz^T x on its 8-row variant for
+whole batches (npcpu.kernels.skinny_grad), one thread, no thread-count switch. With M that small, BLAS's packing and blocking (made for large squarish products) cost more
 than the arithmetic, and the loops, whose inner loop runs over the long K dimension, beat it.
 dx = dz W (a sum over only M terms per element) stays with BLAS, which is as fast there.
 """
@@ -37,7 +37,7 @@ import numpy as np
 from scipy.linalg.blas import dgemm, sgemm
 
 from npcpu import backend
-from npcpu.kernels import compiled_gemm
+from npcpu.kernels import compiled_gemm, skinny_grad
 
 SMALL_GEMM = 1 << 23  # multiply-adds: well under a millisecond on one core
 SKINNY_OUTPUTS = 16
@@ -118,7 +118,7 @@ def accumulate_weight_grad(grad: np.ndarray, dy: np.ndarray, x: np.ndarray,
         # grad holds would round an accumulated gradient differently from a sum of its parts
         product = grad if beta == 0.0 else np.empty_like(grad)
         product[...] = 0  # written, not scaled: with beta = 0, NaN in grad does not reach the result
-        compiled_gemm.add_weight_grad(dy, x, _all_rows(x.shape[0]), product, 0, x.shape[1])
+        skinny_grad.add_weight_grad(dy, x, product)
         if beta != 0.0:
             if beta != 1.0:
                 grad *= beta

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from npcpu import backend, blas
+from npcpu.kernels import skinny_grad
 
 
 @pytest.fixture(params=[1, 2])
@@ -21,7 +22,22 @@ def no_blas(monkeypatch):
     monkeypatch.setattr(blas, "_call", refuse)
 
 
-SHAPES = [(1, 1, 1), (7, 13, 3), (5, 33, 10), (130, 785, 10), (3, 9, blas.SKINNY_OUTPUTS)]
+SHAPES = [(1, 1, 1), (7, 13, 3), (5, 33, 10), (130, 785, 10), (3, 9, blas.SKINNY_OUTPUTS),
+          (17, 31, 7)]  # 17 rows: two 8-row tiles and one left over; 7 outputs: an odd last row
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, inner, outputs", SHAPES + [(8, 5, 2), (9, 1, 1)])
+def test_skinny_grad_kernel_matches_numpy(threads, rows, inner, outputs, dtype):
+    """npcpu.kernels.skinny_grad.add_weight_grad against its NumPy statement: grad += dz^T x."""
+    rng = np.random.default_rng(rows * 1000 + inner + outputs)
+    dz = rng.standard_normal((rows, outputs)).astype(dtype)
+    x = rng.standard_normal((rows, inner)).astype(dtype)
+    grad = rng.standard_normal((outputs, inner)).astype(dtype)
+    expected = grad.astype(np.float64) + dz.T.astype(np.float64) @ x.astype(np.float64)
+    skinny_grad.add_weight_grad(dz, x, grad)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(grad, expected, rtol=tolerance, atol=tolerance * np.sqrt(rows))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

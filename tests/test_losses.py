@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from npcpu.kernels.softmax import (cross_entropy_forward_backward,
-                                   cross_entropy_forward_backward_serial)
+                                   cross_entropy_forward_backward_serial, target_bounds)
 from npcpu.nn.losses import CrossEntropyLoss, MSELoss
 from npcpu.precision import bfloat16
 from tests.gradcheck import numerical_gradient
@@ -47,6 +47,15 @@ def test_kernel_matches_numpy(num_threads, rows, classes, dtype, rtol, label_smo
                                           label_smoothing, 0.25, logits.shape[1])
     np.testing.assert_array_equal(serial_losses, losses)
     np.testing.assert_array_equal(logits, grad)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 129])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8])
+def test_target_bounds_matches_numpy(size, dtype):
+    targets = np.random.default_rng(size).integers(0, 200, size).astype(dtype)
+    if dtype != np.uint8:
+        targets[size // 2] = -100  # an ignored row is the smallest
+    assert target_bounds(targets) == (targets.min(), targets.max())
 
 
 # -- float64 gradient checks: backward() against central differences of the scalar loss --------

@@ -10,10 +10,15 @@ The exponentials go through npcpu.kernels.fastexp (vectorized; within 2 ulp in f
 import numpy as np
 from numba import njit, prange
 
-from npcpu.kernels.fastexp import exp_shifted, row_sum
+from npcpu.kernels.fastexp import exp32, exp_shifted, row_sum
+
+SHORT_ROW = 16
+"""Rows of fewer classes (a float32 classifier's 10) take exp32 element by element: exp_shifted's
+scratch and second pass pay off only for a row long enough to fill vector registers. The values
+are the same."""
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def cross_entropy_row(x, target, classes, label_smoothing, grad_scale, out, in_place, bits):
     """The loss of one row of logits x (P,) over its first `classes` columns against class `target`
     (returned, float64), and its gradient into out (P,): the formulas of
@@ -36,7 +41,10 @@ def cross_entropy_row(x, target, classes, label_smoothing, grad_scale, out, in_p
         for c in range(classes):
             sum_logits += x[c]
     # exp(logits - max), kept in out so that the gradient loop below needs no second exp
-    if in_place:  # one array passed twice: LLVM's overlap check would refuse to vectorize
+    if x.itemsize == 4 and classes < SHORT_ROW:  # too short to vectorize: no scratch, one loop
+        for c in range(classes):
+            out[c] = exp32(x[c] - row_max)
+    elif in_place:  # one array passed twice: LLVM's overlap check would refuse to vectorize
         exp_shifted(out, out, classes, row_max, bits)
     else:
         exp_shifted(out, x, classes, row_max, bits)
@@ -90,7 +98,7 @@ def cross_entropy_forward_backward_serial(losses, dlogits, logits, targets, igno
                                   label_smoothing, grad_scale, classes, in_place, bits)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _cross_entropy_target_row(losses, dlogits, logits, targets, n, ignore_index, label_smoothing,
                               grad_scale, classes, in_place, bits):
     """Row n of cross_entropy_forward_backward: cross_entropy_row, or zeros for an ignored row."""
@@ -100,3 +108,12 @@ def _cross_entropy_target_row(losses, dlogits, logits, targets, n, ignore_index,
     else:
         losses[n] = cross_entropy_row(logits[n], targets[n], classes, label_smoothing, grad_scale,
                                       dlogits[n], in_place, bits)
+
+
+@njit(cache=True)
+def target_bounds(targets):
+    """(min, max) of a non-empty integer array in one pass (the range check of every loss call)."""
+    low = high = targets[0]
+    for n in range(1, targets.size):
+        low, high = min(low, targets[n]), max(high, targets[n])
+    return low, high
