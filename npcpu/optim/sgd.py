@@ -55,7 +55,7 @@ class SGD(Optimizer):
         hyper = _hyper(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
                        group["nesterov"], group["maximize"], state["step"] == 1, grad.dtype.type)
         step = kernels.for_size(kernels.sgd_step, kernels.sgd_step_serial, weights.size)
-        step(weights, grad, buffer, hyper, rounding)
+        step(weights, grad, buffer, tuple(hyper), tuple(rounding))  # plain: see kernels.optim
 
 
 @functools.lru_cache(maxsize=256)
