@@ -49,6 +49,28 @@ def test_kernel_matches_numpy(num_threads, rows, classes, dtype, rtol, label_smo
     np.testing.assert_array_equal(logits, grad)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_serial_kernel_matches_parallel_with_padding_ignored_rows_and_nan(dtype, in_place):
+    """The serial twin (one exp over the whole batch) against the row-parallel kernel, bit for
+    bit: padding columns (classes < P), ignored rows, a NaN and an -inf logit, label smoothing."""
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((37, 13)) * 5).astype(dtype)
+    logits[3, 2], logits[4, 0] = np.nan, -np.inf
+    targets = rng.integers(0, 11, 37)
+    targets[::4] = 7
+    results = []
+    for kernel in (cross_entropy_forward_backward, cross_entropy_forward_backward_serial):
+        source = logits.copy()
+        losses = np.empty(37)
+        grad = source if in_place else np.full_like(source, np.nan)
+        kernel(losses, grad, source, targets, 7, 0.1, 0.5, 11)
+        results.append((losses, grad))
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+    np.testing.assert_array_equal(results[1][1], results[0][1])
+    assert np.isnan(results[0][0][3]) and np.all(results[0][1][:, 11:] == 0)
+
+
 @pytest.mark.parametrize("size", [1, 2, 7, 129])
 @pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8])
 def test_target_bounds_matches_numpy(size, dtype):
