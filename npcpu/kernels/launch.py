@@ -1,4 +1,4 @@
-"""Which kernel runs a small piece of work: the parallel one, or its serial twin on the calling thread.
+"""Which kernel runs a small piece of work: the parallel one, or its serial twin on this thread.
 
 A prange launch wakes Numba's other threads and joins them; for a small array that costs more
 than the threads save, and when the other cores are busy the launch waits for a time slice. So the

@@ -26,7 +26,7 @@ def mask_shape(rows: int, columns: int) -> tuple[int, int]:
 
 @njit(cache=True)
 def _add_bias_row(y, bias, i):
-    """y[i, j] += bias[j] for every j (an explicit loop: a serial `y[i, :] += bias` would allocate)."""
+    """y[i, j] += bias[j] for every j (a loop: a serial `y[i, :] += bias` would allocate)."""
     row = y[i]
     for j in range(row.size):
         row[j] += bias[j]

@@ -20,7 +20,7 @@ a float32 sum in an order of LLVM's choosing, as a BLAS GEMM's is. Neither remov
 from numba import njit
 
 FAST = {"contract", "reassoc"}
-ROW_TILE = 8  # rows of x per pass of add_weight_grad
+GRAD_ROWS = 8  # rows of x per pass of add_weight_grad over a pair of gradient rows
 FORWARD_ROWS, FORWARD_OUTPUTS = 4, 5  # the forward's register tile
 
 
@@ -76,13 +76,13 @@ def add_weight_grad(dz, x, grad):
     """grad[m, k] += sum_n dz[n, m] x[n, k]; dz (N, M), x (N, K), grad (M, K), all C-contiguous."""
     n_rows = x.shape[0]
     n_out = grad.shape[0]
-    full_rows, full_outs = n_rows - n_rows % ROW_TILE, n_out - n_out % 2
-    for n in range(0, full_rows, ROW_TILE):
+    full_rows, full_outs = n_rows - n_rows % GRAD_ROWS, n_out - n_out % 2
+    for n in range(0, full_rows, GRAD_ROWS):
         x0, x1, x2, x3 = x[n], x[n + 1], x[n + 2], x[n + 3]
         x4, x5, x6, x7 = x[n + 4], x[n + 5], x[n + 6], x[n + 7]
         for m in range(0, full_outs, 2):
-            d = dz[n:n + ROW_TILE, m]
-            e = dz[n:n + ROW_TILE, m + 1]
+            d = dz[n:n + GRAD_ROWS, m]
+            e = dz[n:n + GRAD_ROWS, m + 1]
             d0, d1, d2, d3, d4, d5, d6, d7 = d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]
             e0, e1, e2, e3, e4, e5, e6, e7 = e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]
             g, h = grad[m], grad[m + 1]
@@ -92,7 +92,7 @@ def add_weight_grad(dz, x, grad):
                 h[k] += (e0 * x0[k] + e1 * x1[k] + e2 * x2[k] + e3 * x3[k]
                          + e4 * x4[k] + e5 * x5[k] + e6 * x6[k] + e7 * x7[k])
         if full_outs < n_out:  # an odd M: the last gradient row alone
-            d = dz[n:n + ROW_TILE, full_outs]
+            d = dz[n:n + GRAD_ROWS, full_outs]
             d0, d1, d2, d3, d4, d5, d6, d7 = d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]
             g = grad[full_outs]
             for k in range(g.size):

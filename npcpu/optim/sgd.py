@@ -65,5 +65,6 @@ def _hyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step
     distinct setting (a small model's step is a few microseconds per tensor, and building the
     tuple was a good part of it; a schedule that changes lr every step just misses the cache)."""
     return kernels.SGDHyper(lr=real(lr), momentum=real(momentum),
-                            one_minus_dampening=real(1 - dampening), weight_decay=real(weight_decay),
-                            nesterov=nesterov, maximize=maximize, first_step=first_step)
+                            one_minus_dampening=real(1 - dampening),
+                            weight_decay=real(weight_decay), nesterov=nesterov, maximize=maximize,
+                            first_step=first_step)
