@@ -52,8 +52,10 @@ class SGD(Optimizer):
 
     def _update(self, weights, grad, state, group, rounding) -> None:
         buffer = flat(state["momentum_buffer"]) if group["momentum"] != 0 else None
-        hyper = _hyper(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
-                       group["nesterov"], group["maximize"], state["step"] == 1, grad.dtype.type)
+        # float(): the cache's key must be hashable whatever number type a user put in the group
+        hyper = _hyper(float(group["lr"]), float(group["momentum"]), float(group["dampening"]),
+                       float(group["weight_decay"]), group["nesterov"], group["maximize"],
+                       state["step"] == 1, grad.dtype.type)
         step = kernels.for_size(kernels.sgd_step, kernels.sgd_step_serial, weights.size)
         step(weights, grad, buffer, tuple(hyper), tuple(rounding))  # plain: see kernels.optim
 
