@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from npcpu import backend, blas
+from npcpu.kernels import skinny_gemm
 
 
 @pytest.fixture(params=[1, 2])
@@ -21,7 +22,32 @@ def no_blas(monkeypatch):
     monkeypatch.setattr(blas, "_call", refuse)
 
 
-SHAPES = [(1, 1, 1), (7, 13, 3), (5, 33, 10), (130, 785, 10), (3, 9, blas.SKINNY_OUTPUTS)]
+SHAPES = [(1, 1, 1), (7, 13, 3), (5, 33, 10), (130, 785, 10), (3, 9, blas.SKINNY_OUTPUTS),
+          (17, 31, 7)]  # 17 rows: two 8-row tiles and one left over; 7 outputs: an odd last row
+
+
+KERNEL_SHAPES = SHAPES + [(8, 5, 2), (9, 1, 1), (4, 3, 5), (6, 20, 11)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, inner, outputs", KERNEL_SHAPES)
+def test_skinny_kernels_match_numpy(threads, rows, inner, outputs, dtype):
+    """npcpu.kernels.skinny_gemm against its NumPy statements: y = x W^T, grad += dz^T x."""
+    rng = np.random.default_rng(rows * 1000 + inner + outputs)
+    x = rng.standard_normal((rows, inner)).astype(dtype)
+    weight = rng.standard_normal((outputs, inner)).astype(dtype)
+    dz = rng.standard_normal((rows, outputs)).astype(dtype)
+    grad = rng.standard_normal((outputs, inner)).astype(dtype)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+
+    y = np.full((rows, outputs), np.nan, dtype=dtype)  # every element written
+    skinny_gemm.forward(x, weight, y)
+    np.testing.assert_allclose(y, x.astype(np.float64) @ weight.T.astype(np.float64),
+                               rtol=tolerance, atol=tolerance * np.sqrt(inner))
+
+    expected = grad.astype(np.float64) + dz.T.astype(np.float64) @ x.astype(np.float64)
+    skinny_gemm.add_weight_grad(dz, x, grad)
+    np.testing.assert_allclose(grad, expected, rtol=tolerance, atol=tolerance * np.sqrt(rows))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
