@@ -21,8 +21,8 @@ SGD.step, zero_grad):
 The models this path is for spend nearly all their work in layer 0 (softmax regression 784 -> 10
 is all layer 0), whose input is wide and whose output is narrow. Its two GEMMs split cleanly by
 input column k: z_0 = sum over column blocks of x[:, block] W_0[:, block]^T, and g_W0[:, block] =
-dz_0^T x[:, block] needs only the block's columns. So thread t owns the column blocks t, t + T, ...
-of W_0 for good: it sums its blocks' part of z_0 for the batch, and the threads meet (a spin
+dz_0^T x[:, block] needs only the block's columns. So thread t owns a contiguous run of C / T
+column blocks of W_0 for good (thread_blocks): it sums its blocks' part of z_0 for the batch, and the threads meet (a spin
 barrier, npcpu.kernels.intrinsics). The rest of the step is row by row up to the gradient sums:
 the batch's rows are cut into C row groups, thread t takes groups t, t + T, ..., adds the C
 partial sums of its rows in block order and runs the bias, ReLU, the layers above, the loss and
@@ -39,9 +39,9 @@ rest of the step on every thread for all rows, as a first version did, spent a l
 epoch on work the other thread repeated.)
 
 The per-layer loops (forward, dL/dW, dL/dx) are in npcpu.kernels.compiled_gemm. What the reference
-path computes too is the reference path's own code: the loss of a row is
-npcpu.kernels.softmax.cross_entropy_row, the bias gradient npcpu.kernels.linear.add_row_sums, and
-the SGD update of an element the scalar rules of npcpu.kernels.optim (sgd_gradient, sgd_momentum,
+path computes too is the reference path's own code or formulas: the loss takes the reference
+loss's formulas and exponentials (cross_entropy_rows), the bias gradient is
+npcpu.kernels.linear.add_row_sums, and the SGD update of an element the scalar rules of npcpu.kernels.optim (sgd_gradient, sgd_momentum,
 sgd_direction, sgd_apply), so that the two paths cannot drift apart.
 """
 
@@ -52,10 +52,10 @@ from numba import njit
 
 from npcpu.kernels.compiled_gemm import (CACHE_LINE, FAST, add_weight_grad, input_grad,
                                          linear_forward, prefetch_rows, relu_backward)
+from npcpu.kernels.fastexp import exp32
 from npcpu.kernels.intrinsics import barrier_wait
 from npcpu.kernels.linear import add_row_sums
 from npcpu.kernels.optim import SGDHyper, sgd_apply, sgd_direction, sgd_gradient, sgd_momentum
-from npcpu.kernels.softmax import cross_entropy_row
 
 BATCH_TILE = 16  # rows per tile of layer 0's GEMMs; the next tile's rows are prefetched
 COLUMN_BLOCKS = 4  # layer 0's columns in blocks, summed in block order; threads divide it
@@ -90,18 +90,43 @@ group_bias_grads[g * L + l], group_losses (C,), block_squares (2, C), and the ou
 # ---------------------------------------------------------------------------------------------
 # the loss and the optimizer, with the reference path's per-row and per-element rules
 # ---------------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, fastmath={"contract"})
 def cross_entropy_rows(logits, y, rows, scale, dlogits):
     """Cross-entropy of logits[i] against class y[rows[i]], summed over i < n = rows.size, and its
-    gradient dlogits[i] = (softmax(logits[i]) - onehot) * scale (scale = 1 / batch rows): the
-    reference loss's row rule (cross_entropy_row, no label smoothing). Returns the sum in float64
-    (times `scale` it is these rows' part of the mean loss)."""
-    classes = logits.shape[1]
-    bits = np.empty(classes, np.int32)  # the row helper's exp scratch, shared by the rows
+    gradient dlogits[i] = (softmax(logits[i]) - onehot) * scale (scale = 1 / batch rows); logits
+    and dlogits (>= n, C) C-contiguous. Returns the sum in float64 (times `scale` it is these
+    rows' part of the mean loss).
+
+    The formulas of the reference loss (npcpu.kernels.softmax.cross_entropy_row without label
+    smoothing: lse = max + log(sum_c exp(logits[c] - max)) in float64, loss = lse - logits[t])
+    and the same exponentials (fastexp.exp32, the values of exp_shifted; np.exp in float64). The
+    loops run over the whole row group rather than row by row: with 10 classes a row is shorter
+    than one vector, and a per-row loop spends its time on loop overhead."""
+    n, classes = rows.size, logits.shape[1]
+    maxima = np.empty(n, logits.dtype)
+    shifts = np.empty(n * classes, logits.dtype)  # each logit's row maximum
+    for i in range(n):
+        row_max = logits[i, 0]  # a NaN never wins a comparison, and it still poisons the sum
+        for c in range(1, classes):
+            if logits[i, c] > row_max:
+                row_max = logits[i, c]
+        maxima[i] = row_max
+        shifts[i * classes:(i + 1) * classes] = row_max
+    flat_logits, flat_exps = logits[:n].reshape(-1), dlogits[:n].reshape(-1)
+    for j in range(n * classes):  # exp(logits - max), kept in dlogits
+        flat_exps[j] = exp32(flat_logits[j] - shifts[j]) if logits.itemsize == 4 \
+            else np.exp(flat_logits[j] - shifts[j])
     total = 0.0
-    for i in range(rows.size):
-        total += cross_entropy_row(logits[i], y[rows[i]], classes, 0.0, scale, dlogits[i], False,
-                                   bits)
+    for i in range(n):
+        sum_exp = 0.0
+        for c in range(classes):
+            sum_exp += dlogits[i, c]
+        target = y[rows[i]]
+        total += maxima[i] + np.log(sum_exp) - logits[i, target]
+        factor = scale / sum_exp
+        for c in range(classes):
+            dlogits[i, c] *= factor
+        dlogits[i, target] -= scale
     return total
 
 
@@ -144,14 +169,23 @@ def column_block(n_in, block):
 
 
 @njit(cache=True)
+def thread_blocks(thread, threads):
+    """The column blocks [first, stop) of thread `thread` of `threads`: a contiguous run, so that
+    the thread's part of g_W0 is one run of columns (long loops, one call per tile)."""
+    per_thread = COLUMN_BLOCKS // threads
+    return thread * per_thread, (thread + 1) * per_thread
+
+
+@njit(cache=True)
 def layer0_partial_sums(x, rows, weight, thread, threads, partials):
     """partials[c, i, m] = sum_k x[rows[i], k] weight[m, k] over the columns of block c, for
-    this thread's blocks c = thread, thread + T, ...; tile by tile of rows, all of the thread's
-    blocks of a tile while its rows are in cache, and the next tile's rows prefetched meanwhile."""
+    this thread's blocks c (thread_blocks); tile by tile of rows, all of the thread's blocks of a
+    tile while its rows are in cache, and the next tile's rows prefetched meanwhile."""
     empty = np.empty(0, weight.dtype)
+    first_block, stop_block = thread_blocks(thread, threads)
     for i in range(0, rows.size, BATCH_TILE):
         tile = rows[i:i + BATCH_TILE]
-        for block in range(thread, COLUMN_BLOCKS, threads):
+        for block in range(first_block, stop_block):
             first, stop = column_block(x.shape[1], block)
             prefetch_rows(x[:, first:stop], rows, i + BATCH_TILE, i + 2 * BATCH_TILE)
             linear_forward(x, tile, weight, empty, False, partials[block, i:i + BATCH_TILE],
@@ -177,11 +211,12 @@ def layer0_output(partials, x_scale, bias, relu, first, stop, out):
 
 @njit(cache=True, fastmath=FAST)
 def sum_of_squares(a):
-    """sum_i a_i^2 of a 1-D or 2-D array, summed in float64."""
+    """sum_k a_k^2 of a 1-D array, summed in float64 (an index loop: LLVM vectorizes it, where
+    iterating over the array's elements it did not)."""
     total = 0.0
-    for row in a.reshape(-1, a.shape[-1]):
-        for v in row:
-            total += float(v) * float(v)
+    for k in range(a.size):
+        v = float(a[k])
+        total += v * v
     return total
 
 
@@ -244,7 +279,7 @@ def head_update(model, shared, lrs, first_step):
             total[:] = group_weight_grads[l]
             for g in range(1, groups):
                 total += group_weight_grads[g * n_layers + l]
-            squares += sum_of_squares(total)
+            squares += sum_of_squares(total.reshape(-1))
             p = 2 * l
             sgd_update(weights[l].reshape(-1), total.reshape(-1), model.momentum_buffers[p],
                        sgd_settings(model, p, lrs[p], first_step, real))
@@ -263,19 +298,16 @@ def layer0_weight_update(model, x, x_scale, rows, next_rows, dz, thread, threads
     empty), and the next step's forward finds them in cache."""
     weight, grad_weight, momentum_buffer = model.weights[0], model.grad_weights[0], model.momentum_buffers[0]
     n_out, n_in = weight.shape
-    for block in range(thread, COLUMN_BLOCKS, threads):
-        first, stop = column_block(n_in, block)
-        grad_weight[:, first:stop] = 0
+    first_block, stop_block = thread_blocks(thread, threads)
+    first, stop = column_block(n_in, first_block)[0], column_block(n_in, stop_block - 1)[1]
+    grad_weight[:, first:stop] = 0
     per_tile = -(-next_rows.size * BATCH_TILE // max(rows.size, 1))
     for t, i in enumerate(range(0, rows.size, BATCH_TILE)):
-        for block in range(thread, COLUMN_BLOCKS, threads):
-            first, stop = column_block(n_in, block)
-            prefetch_rows(x[:, first:stop], next_rows, t * per_tile, (t + 1) * per_tile)
-            add_weight_grad(dz[i:i + BATCH_TILE], x, rows[i:i + BATCH_TILE], grad_weight, first,
-                            stop)
-    for block in range(thread, COLUMN_BLOCKS, threads):
+        prefetch_rows(x[:, first:stop], next_rows, t * per_tile, (t + 1) * per_tile)
+        add_weight_grad(dz[i:i + BATCH_TILE], x, rows[i:i + BATCH_TILE], grad_weight, first, stop)
+    grad_weight[:, first:stop] *= x_scale
+    for block in range(first_block, stop_block):
         first, stop = column_block(n_in, block)
-        grad_weight[:, first:stop] *= x_scale
         block_squares[block] = 0.0
         for m in range(n_out):
             block_squares[block] += sum_of_squares(grad_weight[m, first:stop])
@@ -289,8 +321,8 @@ def train_worker(thread, threads, plan, model, shared):
     """Thread `thread` of `threads` runs the steps of `plan` (a StepPlan) on `model` (this
     thread's ThreadModel) with the other threads (`shared`, the SharedBuffers).
 
-    A thread's share of a step is blocks c = thread, thread + T, ... (of layer 0's columns) and row
-    groups g = thread, thread + T, ... (of the batch's rows, C of them too):
+    A thread's share of a step is its blocks c (thread_blocks: C / T contiguous blocks of layer 0's
+    columns) and row groups g = thread, thread + T, ... (of the batch's rows, C of them too):
       (1) layer 0's partial sums over its column blocks, into partials[s % 2, c]; all meet;
       (2) head_rows for its row groups: the rest of the forward, the loss, the backward to dz_0,
           the groups' gradients of everything but W_0; all meet;
