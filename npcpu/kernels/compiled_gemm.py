@@ -13,14 +13,21 @@ dot product (the order of a float32 sum then differs from BLAS's, within float32
 gradient is npcpu.kernels.linear.add_row_sums, the reference Linear's own reduction.
 """
 
+import math
+
 from numba import njit
 
+from npcpu.kernels.activations import (gelu32, gelu64, gelu_slope32, gelu_slope64, gelu_tanh,
+                                       gelu_tanh_slope, tanh_slope)
 from npcpu.kernels.intrinsics import prefetch
 
 FAST = {"contract", "reassoc"}
 ROW_TILE = 4  # rows that share each load of a weight row in the GEMMs below
 OUT_TILE = 5  # weight rows that share each load of an input row (10 classes: two tiles)
 CACHE_LINE = 64  # bytes
+IDENTITY, RELU, GELU, GELU_TANH, TANH = range(5)
+"""A layer's activation: the codes of npcpu.train.compiled's layer list (ReLU is also
+linear_forward's `relu` flag, applied as the sums are written)."""
 
 
 @njit(cache=True)
@@ -124,6 +131,44 @@ def relu_backward(dz, out, n):
         for m in range(dz.shape[1]):
             if not out[i, m] > zero:
                 dz[i, m] = zero
+
+
+@njit(cache=True)
+def activation_forward(activation, out, pre_activation, n):
+    """out[i] = f(out[i]) for i < n (in place), f the GELU (erf or tanh form) or tanh of
+    npcpu.kernels.activations; for GELU the input is first kept in pre_activation[i] (its
+    backward needs it). IDENTITY and RELU leave out as it is (ReLU is applied by the GEMM)."""
+    for i in range(n):
+        row, kept = out[i], pre_activation[i]
+        for m in range(row.size):
+            z = row[m]
+            if activation == TANH:
+                row[m] = math.tanh(z)
+            elif activation == GELU_TANH:
+                kept[m] = z
+                row[m] = gelu_tanh(z)
+            elif activation == GELU:
+                kept[m] = z
+                row[m] = gelu32(z) if out.itemsize == 4 else gelu64(z)
+
+
+@njit(cache=True)
+def activation_backward(activation, dz, out, pre_activation, n):
+    """dz[i] = dL/d(pre-activation) from dz[i] = dL/d(output), i < n, in place: times the
+    activation's slope (npcpu.kernels.activations), from the output out for ReLU and tanh, from
+    the kept input pre_activation for GELU."""
+    if activation == RELU:
+        relu_backward(dz, out, n)
+        return
+    for i in range(n):
+        d, y, z = dz[i], out[i], pre_activation[i]
+        for m in range(d.size):
+            if activation == TANH:
+                d[m] = d[m] * tanh_slope(y[m])
+            elif activation == GELU_TANH:
+                d[m] = d[m] * gelu_tanh_slope(z[m])
+            elif activation == GELU:
+                d[m] = d[m] * (gelu_slope32(z[m]) if dz.itemsize == 4 else gelu_slope64(z[m]))
 
 
 @njit(cache=True, fastmath=FAST)
