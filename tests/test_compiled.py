@@ -105,6 +105,68 @@ def test_sgd_update_matches_formula(momentum, dampening, weight_decay, nesterov,
     np.testing.assert_allclose(param, w - 0.1 * d, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("code, layer", [
+    (compiled_gemm.GELU, lambda: GELU()), (compiled_gemm.GELU_TANH, lambda: GELU("tanh")),
+    (compiled_gemm.TANH, lambda: Tanh()), (compiled_gemm.RELU, lambda: ReLU())])
+def test_activations_match_the_reference_layers(dtype, code, layer):
+    """activation_forward / activation_backward on the first n rows against npcpu.nn's layer,
+    with a random upstream gradient."""
+    rng = np.random.default_rng(code)
+    n, m = 7, 13
+    z = (3 * rng.standard_normal((n + 2, m))).astype(dtype)
+    dy = rng.standard_normal((n + 2, m)).astype(dtype)
+    module = layer()
+    module.input_requires_grad = True
+    if dtype == np.float64:
+        module.set_precision("fp64")
+    expected_y = module.forward(z[:n])
+    expected_dx = module.backward(dy[:n])
+    out = z.copy()
+    if code == compiled_gemm.RELU:  # applied by the GEMM as it writes its sums
+        out[:n] = np.maximum(out[:n], 0)
+    kept = np.full_like(z, np.nan)
+    compiled_gemm.activation_forward(code, out, kept, n)
+    np.testing.assert_array_equal(out[:n], expected_y)
+    np.testing.assert_array_equal(out[n:], z[n:])
+    dz = dy.copy()
+    compiled_gemm.activation_backward(code, dz, out, kept, n)
+    np.testing.assert_array_equal(dz[:n], expected_dx)
+    np.testing.assert_array_equal(dz[n:], dy[n:])
+
+
+@pytest.mark.parametrize("decoupled, weight_decay, maximize", [
+    (False, 0.0, False), (False, 0.1, True), (True, 0.1, False)])
+def test_adam_update_matches_the_reference_optimizer(decoupled, weight_decay, maximize):
+    """compiled_update's Adam / AdamW step, bit for bit the reference optimizer's, over 3 steps."""
+    rng = np.random.default_rng(6)
+    model = Sequential(Linear(7, 3, seed=0))
+    kind = AdamW if decoupled else Adam
+    reference = kind(model.parameters(), lr=0.01, betas=(0.8, 0.99), eps=1e-6,
+                     weight_decay=weight_decay, maximize=maximize)
+    weight = model[0].weight
+    param = weight.data.copy().reshape(-1)
+    exp_avg, exp_avg_sq = np.zeros_like(param), np.zeros_like(param)
+    thread_model = kernels.ThreadModel(
+        weights=(), biases=(), activations=np.zeros(0, np.int64), adam=True,
+        first_moments=(exp_avg,), second_moments=(exp_avg_sq,),
+        hyper=np.array([[0.8, 0.99, 1e-6, weight_decay]]), flags=np.array([[decoupled, maximize]]),
+        grad_weights=(), grad_biases=())
+    for t in (1, 2, 3):
+        grad = rng.standard_normal(weight.shape).astype(np.float32)
+        weight.grad, model[0].bias.grad = grad.copy(), np.zeros(3, np.float32)
+        reference.step()
+        corrections = np.array([1 - 0.8 ** t, (1 - 0.99 ** t) ** 0.5])
+        compiled_update.update_parameter(thread_model, 0, param[:12], grad.reshape(-1)[:12], 0,
+                                         0.01, corrections, False)  # in two runs, as W_0's
+        compiled_update.update_parameter(thread_model, 0, param[12:], grad.reshape(-1)[12:], 12,
+                                         0.01, corrections, False)  # column blocks are
+        np.testing.assert_array_equal(param, weight.data.reshape(-1))
+        state = reference.state[reference.index_of(weight)]
+        np.testing.assert_array_equal(exp_avg, state["exp_avg"].reshape(-1))
+        np.testing.assert_array_equal(exp_avg_sq, state["exp_avg_sq"].reshape(-1))
+
+
 # ---------------------------------------------------------------------------------------------
 # whole epochs against the reference loop
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +352,8 @@ def _mlp_data(rows=150, seed=5):
 
 
 @pytest.mark.parametrize("model_name, optimizer_name", [
-    ("mlp", "momentum_decay"), ("gelu_tanh", "adam_decay"), ("gelu_tanh_form_relu", "adamw_maximize")])
+    ("mlp", "momentum_decay"), ("gelu_tanh", "adam_decay"),
+    ("gelu_tanh_form_relu", "adamw_maximize")])
 def test_results_do_not_depend_on_the_thread_count(model_name, optimizer_name):
     x, y = _mlp_data()
     order = np.random.default_rng(0).permutation(len(x))

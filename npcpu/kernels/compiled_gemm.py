@@ -1,16 +1,16 @@
 """The loops of the compiled training step (npcpu.kernels.compiled_step) for one layer: forward
-out = relu?(a[rows] W^T + b), dL/dW, dL/dx and the ReLU's backward, over a gathered set of rows.
+out = f(a[rows] W^T + b), dL/dW, dL/dx and the activation f's backward, over a gathered set of rows.
 
 Legend: a (R, K) a layer's input with rows (n,) indices into it, W (M, K) torch layout, b (M,),
 dz (>= n, M) dL/d(pre-activation), dx (>= n, K).
 
-The GEMMs are register-tiled loops over 4 rows x 5 outputs at a time whose innermost loop runs
-over the contiguous K dimension, so LLVM vectorizes it: for the layers the compiled path is for (784 -> 10
-at batch 128 is 1M multiply-adds) they are faster than BLAS calls, which pay dispatch and packing
-for each of the 3 GEMMs of a layer and step. `reassoc` lets LLVM keep several partial sums in a
-dot product (the order of a float32 sum then differs from BLAS's, within float32 rounding);
-`contract` fuses multiply-adds. Neither removes NaN or Inf: a diverged loss stays NaN. The bias
-gradient is npcpu.kernels.linear.add_row_sums, the reference Linear's own reduction.
+The GEMMs are register-tiled loops over 4 rows x 5 outputs at a time whose innermost loop runs over
+the contiguous K dimension, so LLVM vectorizes it: for the layers the compiled path is for (784 ->
+10 at batch 128 is 1M multiply-adds) they are faster than BLAS calls, which pay dispatch and packing
+for each of the 3 GEMMs of a layer and step. `reassoc` lets LLVM keep several partial sums in a dot
+product (the order of a float32 sum then differs from BLAS's, within float32 rounding); `contract`
+fuses multiply-adds. Neither removes NaN or Inf: a diverged loss stays NaN. The bias gradient is
+npcpu.kernels.linear.add_row_sums, the reference Linear's own reduction.
 """
 
 import math

@@ -5,7 +5,7 @@ L layers; layer l maps K = width[l] to M = width[l + 1] features; P = 2 L parame
 layer l is p = 2 l, its bias p = 2 l + 1); C = COLUMN_BLOCKS, T threads (T divides C).
     x (S, D), y (S,) int64 class labels, order (S,) int64: the epoch's sample order
     weight[l] (M, K) torch layout, bias[l] (M,) or (0,) when the layer has no bias
-    act[l] (B, M) the output of layer l after its optional ReLU (layer 0 reads x[rows] directly)
+    act[l] (B, M) the output of layer l after its activation (layer 0 reads x[rows] directly)
     dz[l] (B, M) dL/d(pre-activation of layer l)
 
 One step is the reference loop of npcpu (model.forward, CrossEntropyLoss, model.backward,
@@ -17,27 +17,27 @@ optimizer.step, zero_grad):
     dz_l    = dL/da_{l+1} * f_l'                          ReLU: (a > 0); tanh: 1 - a^2; GELU: from z
     g_W     = dz_l^T a_l,   g_b = sum_rows dz_l           the gradients of this step only
     dL/da_l = dz_l W_l                                    not needed for l = 0
-    W_l, b_l <- opt(W_l, g_W), opt(b_l, g_b)              SGD, Adam or AdamW: npcpu.kernels.compiled_update
+    W_l, b_l <- opt(W_l, g_W), opt(b_l, g_b)              SGD, Adam or AdamW: compiled_update
 
-The models this path is for spend nearly all their work in layer 0 (softmax regression 784 -> 10
-is all layer 0), whose input is wide and whose output is narrow. Its two GEMMs split cleanly by
-input column k: z_0 = sum over column blocks of x[:, block] W_0[:, block]^T, and g_W0[:, block] =
-dz_0^T x[:, block] needs only the block's columns. So thread t owns a contiguous run of C / T
-column blocks of W_0 for good (thread_blocks): it sums its blocks' part of z_0 for the batch, and the threads meet (a spin
-barrier, npcpu.kernels.intrinsics). The rest of the step is row by row up to the gradient sums:
-the batch's rows are cut into C row groups, thread t takes groups t, t + T, ..., adds the C
-partial sums of its rows in block order and runs the bias, ReLU, the layers above, the loss and
-their backward down to dz_0 for them, writing each group's gradients apart. The threads meet
-again; each sums the groups' gradients in group order and updates its own copy of everything but
-W_0 (the copies stay bitwise equal: same numbers, same order), then computes g_W0 from all rows
-of dz_0 and updates W_0 for its own column blocks only. What crosses between cores per step is
-the B x M partial sums, dz_0 and the small gradients above layer 0, never W_0 or its gradient;
-the batch's rows are read from memory once and read again from the core's cache for g_W0. Every
-sum runs in the same order for any T, so the results do not depend on the thread count. The
-threads are plain Python threads running `train_worker` without the GIL: launching one of Numba's
-parallel regions costs more than a spin barrier, and a step of such a model is short. (Running the
-rest of the step on every thread for all rows, as a first version did, spent a large part of each
-epoch on work the other thread repeated.)
+The models this path is for spend nearly all their work in layer 0 (softmax regression 784 -> 10 is
+all layer 0), whose input is wide and whose output is narrow. Its two GEMMs split cleanly by input
+column k: z_0 = sum over column blocks of x[:, block] W_0[:, block]^T, and g_W0[:, block] = dz_0^T
+x[:, block] needs only the block's columns. So thread t owns a contiguous run of C / T column blocks
+of W_0 for good (thread_blocks): it sums its blocks' part of z_0 for the batch, and the threads meet
+(a spin barrier, npcpu.kernels.intrinsics). The rest of the step is row by row up to the gradient
+sums: the batch's rows are cut into C row groups, thread t takes groups t, t + T, ..., adds the C
+partial sums of its rows in block order and runs the bias, activation, the layers above, the loss
+and their backward down to dz_0 for them, writing each group's gradients apart. The threads meet again;
+each sums the groups' gradients in group order and updates its own copy of everything but W_0 (the
+copies stay bitwise equal: same numbers, same order), then computes g_W0 from all rows of dz_0 and
+updates W_0 for its own column blocks only. What crosses between cores per step is the B x M partial
+sums, dz_0 and the small gradients above layer 0, never W_0 or its gradient; the batch's rows are
+read from memory once and read again from the core's cache for g_W0. Every sum runs in the same
+order for any T, so the results do not depend on the thread count. The threads are plain Python
+threads running `train_worker` without the GIL: launching one of Numba's parallel regions costs more
+than a spin barrier, and a step of such a model is short. (Running the rest of the step on every
+thread for all rows, as a first version did, spent a large part of each epoch on work the other
+thread repeated.)
 
 The per-layer loops (forward, dL/dW, dL/dx) are in npcpu.kernels.compiled_gemm. What the reference
 path computes too is the reference path's own code or formulas: the loss takes the reference
@@ -66,14 +66,13 @@ COLUMN_BLOCKS = 4  # layer 0's columns in blocks, summed in block order; threads
 StepPlan = namedtuple("StepPlan", ["x", "x_scale", "y", "order", "batch_size", "first_batch",
                                    "steps", "lrs", "corrections", "first_step"])
 """What `train_worker` runs: `steps` steps from batch `first_batch` of `order` (S,) int64, batch b
-being order[b * batch_size : (b + 1) * batch_size] (the last one may be shorter), over features
-x (S, D) * x_scale and labels y (S,) int64; lrs (steps, P) float64 the learning rate of each step
-and parameter, corrections (steps, P, 2) float64 Adam's bias corrections at each step (see
-npcpu.kernels.compiled_update; unused by SGD); `first_step`: SGD has taken no step yet. x is in
-the parameters' dtype with
-x_scale 1 (multiplying by 1 is exact), or uint8 pixels with x_scale in that dtype (1 / 255 for
-MNIST): the GEMMs then read a quarter of the bytes, and the scale is applied to their sums
-(layer0_output, layer0_weight_update)."""
+being order[b * batch_size : (b + 1) * batch_size] (the last one may be shorter), over features x
+(S, D) * x_scale and labels y (S,) int64; lrs (steps, P) float64 the learning rate of each step and
+parameter, corrections (steps, P, 2) float64 Adam's bias corrections at each step (see
+npcpu.kernels.compiled_update; unused by SGD); `first_step`: SGD has taken no step yet. x is in the
+parameters' dtype with x_scale 1 (multiplying by 1 is exact), or uint8 pixels with x_scale in that
+dtype (1 / 255 for MNIST): the GEMMs then read a quarter of the bytes, and the scale is applied to
+their sums (layer0_output, layer0_weight_update)."""
 ThreadModel = namedtuple("ThreadModel", ["weights", "biases", "activations", "adam",
                                          "first_moments", "second_moments", "hyper", "flags",
                                          "grad_weights", "grad_biases"])
@@ -206,9 +205,9 @@ def sum_of_squares(a):
 @njit(cache=True)
 def head_rows(model, shared, partials, x_scale, rows, y, first, stop, scale, base):
     """Everything of a step after layer 0's GEMM for the batch rows first .. stop - 1 (a row
-    group; their samples are rows[first:stop]): layer 0's bias and activation, the layers above forward,
-    the loss, their backward down to dz_0. The group's gradients of every parameter but W_0 go to
-    group_weight_grads[base + l], group_bias_grads[base + l] (overwritten); dz_0 to dzs[0].
+    group; their samples are rows[first:stop]): layer 0's bias and activation, the layers above
+    forward, the loss, their backward down to dz_0. The group's gradients of every parameter but W_0
+    go to group_weight_grads[base + l], group_bias_grads[base + l] (overwritten); dz_0 to dzs[0].
     Returns the group's summed loss (times `scale` = 1 / batch rows it is its part of the mean)."""
     weights, biases, activations = model.weights, model.biases, model.activations
     acts, pre_acts, dzs = shared.acts, shared.pre_acts, shared.dzs
@@ -316,9 +315,9 @@ def train_worker(thread, threads, plan, model, shared):
     meeting of step s + 1 waits for everybody to finish step s.
 
     Parameter p (weight of layer l is p = 2 l, its bias p = 2 l + 1) uses plan.lrs[s, p],
-    plan.corrections[s, p] and the settings model.hyper[p], model.flags[p]. Thread 0 writes shared.losses[s] and
-    shared.grad_norms[s]. Stops before updating anything in the first step whose loss is not
-    finite; returns the number of steps taken.
+    plan.corrections[s, p] and the settings model.hyper[p], model.flags[p]. Thread 0 writes
+    shared.losses[s] and shared.grad_norms[s]. Stops before updating anything in the first step
+    whose loss is not finite; returns the number of steps taken.
     """
     order, batch_size, n_steps = plan.order, plan.batch_size, plan.steps
     counter, partials, block_squares = shared.counter, shared.partials, shared.block_squares

@@ -9,7 +9,7 @@ Legend: P parameters (the weight of layer l is p = 2 l, its bias p = 2 l + 1). A
     second_moments[p] flat: Adam's exp_avg_sq ((0,) for SGD)
     hyper[p]          float64: SGD (lr unused, momentum, dampening, weight_decay);
                       Adam (beta1, beta2, eps, weight_decay)
-    flags[p]          bool: SGD (nesterov, maximize); Adam (decoupled weight decay (AdamW), maximize)
+    flags[p]          bool: SGD (nesterov, maximize); Adam (decoupled weight decay: AdamW, maximize)
 A step's per-parameter values come with the call: lr, and for Adam `corrections` = (1 - beta1^t,
 sqrt(1 - beta2^t)) at the step t being taken, computed in Python by the formulas of
 npcpu.optim.Adam (so the step sizes are the same float64 numbers before their rounding to the

@@ -26,8 +26,9 @@ and optimizers.
 
 The parameters are updated in place (the Parameter arrays themselves), and the optimizer's state
 ("step", "momentum_buffer" or "exp_avg", "exp_avg_sq") is kept as the optimizer keeps it, so the
-reference path can take over at any step boundary, and the other way round. Parameter.grad is not touched (the reference loop leaves
-it zeroed after each step; here the gradients live only inside the call).
+reference path can take over at any step boundary, and the other way round. Parameter.grad is not
+touched (the reference loop leaves it zeroed after each step; here the gradients live only inside
+the call).
 
 Usage::
 
@@ -144,7 +145,8 @@ class CompiledClassifierStep:
     def _check_optimizer(optimizer, model) -> None:
         kind = type(optimizer).__name__
         if type(optimizer) not in (SGD, Adam, AdamW):
-            raise TypeError(f"CompiledClassifierStep: optimizer is a {kind}; supported: {SUPPORTED}")
+            raise TypeError(f"CompiledClassifierStep: optimizer is a {kind}; "
+                            f"supported: {SUPPORTED}")
         if optimizer.state_dtype != "fp32":
             raise _unsupported(f"{kind} has state_dtype={optimizer.state_dtype!r}")
         if any(group.get("amsgrad", False) for group in optimizer.param_groups):
@@ -173,8 +175,8 @@ class CompiledClassifierStep:
     def train_steps(self, x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: int, *,
                     first_batch: int = 0, steps: int | None = None, lrs=None, grad_norms=None,
                     threads: int | None = None, x_scale: float | None = None) -> np.ndarray:
-        """Optimizer steps on batches order[b * batch_size : (b + 1) * batch_size] for b = first_batch,
-        first_batch + 1, ... (`steps` of them; default: to the end of `order`).
+        """Optimizer steps on batches order[b * batch_size : (b + 1) * batch_size] for
+        b = first_batch, first_batch + 1, ... (`steps` of them; default: to the end of `order`).
 
         x (S, D) features in the parameters' dtype, or uint8 with `x_scale` (the features are
         x * x_scale: MNIST's pixels with 1 / 255, as ArrayDataset keeps them), y (S,) integer
