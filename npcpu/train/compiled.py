@@ -46,9 +46,9 @@ import numpy as np
 
 from npcpu.checks import check_int
 from npcpu.data.loader import DataLoader
+from npcpu.kernels.compiled_gemm import GELU, GELU_TANH, IDENTITY, RELU, TANH
 from npcpu.kernels.compiled_step import (COLUMN_BLOCKS, SharedBuffers, StepPlan, ThreadModel,
                                          train_worker)
-from npcpu.kernels.compiled_gemm import GELU, GELU_TANH, IDENTITY, RELU, TANH
 from npcpu.nn import activations
 from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.losses import CrossEntropyLoss
