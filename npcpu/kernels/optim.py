@@ -24,9 +24,8 @@ work per element) only if that loop is also short. What that takes in Numba:
   so that this compute overlaps the memory traffic around it).
 - LAMB's norms are running sums in the element loop (see reassociable_add).
 
-The per-element rules (`sgd_*`, `adam_gradient`, `adam_moments`, `adam_apply`, `lamb_direction`)
-are plain scalar functions, so that the compiled training step (npcpu.kernels.compiled_step)
-applies the very same arithmetic.
+The per-element rules (`sgd_*`, `adam_moments`, `lamb_direction`) are plain scalar functions, so
+that the compiled training step (npcpu.kernels.compiled_step) applies the very same arithmetic.
 """
 
 from collections import namedtuple
@@ -155,7 +154,8 @@ def adam_moments(g, m, v, one_minus_beta1, beta2, one_minus_beta2):
 @njit(cache=True, error_model="numpy")
 def adam_gradient(grad, w, hyper, use_decay):
     """g = -grad if maximize else grad, plus Adam's coupled weight_decay * w when `use_decay`
-    (torch's grad.add(param, alpha=weight_decay))."""
+    (torch's grad.add(param, alpha=weight_decay)). A per-element rule, as `adam_moments` and
+    `adam_apply`: the compiled training step applies them too (npcpu.kernels.compiled_update)."""
     g = -grad if hyper.maximize else grad
     return fma(hyper.weight_decay, w, g) if use_decay else g
 
