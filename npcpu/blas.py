@@ -18,8 +18,9 @@ thread's share waits for a scheduler time slice (a small GEMM then takes orders 
 longer on two threads than on one).
 
 Skinny GEMMs, those of a layer with at most SKINNY_OUTPUTS outputs (a classifier head: 784 -> 10),
-do not go to BLAS at all when small: y = x W^T and dW += dz^T x run on register-tiled Numba loops
-(npcpu.kernels.skinny_gemm), one thread, no thread-count switch. With M that small, BLAS's packing and blocking (made for large squarish products) cost more
+do not go to BLAS at all when small: y = x W^T and dW += dz^T x run on the register-tiled Numba
+loops of the compiled training step (npcpu.kernels.compiled_gemm), one thread, no thread-count
+switch. With M that small, BLAS's packing and blocking (made for large squarish products) cost more
 than the arithmetic, and the loops, whose inner loop runs over the long K dimension, beat it.
 dx = dz W (a sum over only M terms per element) stays with BLAS, which is as fast there.
 
@@ -32,6 +33,7 @@ one runs on one thread there too (`_native`).
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -41,13 +43,12 @@ import numpy as np
 from scipy.linalg.blas import dgemm, sgemm
 
 from npcpu import backend, blas_native
-from npcpu.kernels import skinny_gemm
+from npcpu.kernels import compiled_gemm
 
 SMALL_GEMM = 1 << 23  # multiply-adds: well under a millisecond on one core
 SKINNY_OUTPUTS = 16
 """Weight rows M up to which a small x W^T or dz^T x runs on the Numba loops instead of BLAS (the
-loops keep a few weight rows x 4 or 8 input rows in registers; past a few dozen rows BLAS's blocking
-wins)."""
+loops keep 2 weight rows x 4 input rows in registers; past a few dozen rows BLAS's blocking wins)."""
 
 
 def _gemm(dtype: np.dtype):
@@ -87,12 +88,26 @@ def _native(macs: int, gemm, *args, **kwargs):
         numba.set_num_threads(threads)
 
 
+@functools.cache
+def _all_rows(n: int) -> np.ndarray:
+    """0, 1, ..., n - 1: the row indices the compiled-step loops take, here every row in order."""
+    rows = np.arange(n)
+    rows.flags.writeable = False
+    return rows
+
+
+@functools.cache
+def _no_bias(dtype: np.dtype) -> np.ndarray:
+    return np.empty(0, dtype)
+
+
 def matmul_weight_transposed(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """y = x W^T, (N, K) @ (M, K)^T -> (N, M) C-order: BLAS computes y.T = W x^T in Fortran order
     (the Numba loops compute it directly for a skinny W)."""
     if _skinny(weight, x) and x.dtype == weight.dtype:
         y = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
-        skinny_gemm.forward(x, weight, y)
+        compiled_gemm.linear_forward(x, _all_rows(x.shape[0]), weight, _no_bias(x.dtype), False, y,
+                                     0, x.shape[1])
         return y
     if _native_f32(x, weight):
         return _native(x.shape[0] * weight.size, blas_native.float32.matmul_weight_transposed, x,
@@ -133,7 +148,7 @@ def accumulate_weight_grad(grad: np.ndarray, dy: np.ndarray, x: np.ndarray,
         # grad holds would round an accumulated gradient differently from a sum of its parts
         product = grad if beta == 0.0 else np.empty_like(grad)
         product[...] = 0  # written, not scaled: with beta = 0, NaN in grad does not reach the result
-        skinny_gemm.add_weight_grad(dy, x, product)
+        compiled_gemm.add_weight_grad(dy, x, _all_rows(x.shape[0]), product, 0, x.shape[1])
         if beta != 0.0:
             if beta != 1.0:
                 grad *= beta

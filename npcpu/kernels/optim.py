@@ -153,6 +153,23 @@ def adam_moments(g, m, v, one_minus_beta1, beta2, one_minus_beta2):
 
 
 @njit(cache=True, error_model="numpy")
+def adam_gradient(grad, w, hyper, use_decay):
+    """g = -grad if maximize else grad, plus Adam's coupled weight_decay * w when `use_decay`
+    (torch's grad.add(param, alpha=weight_decay)). A per-element rule, as `adam_moments` and
+    `adam_apply`: the compiled training step applies them too (npcpu.kernels.compiled_update)."""
+    g = -grad if hyper.maximize else grad
+    return fma(hyper.weight_decay, w, g) if use_decay else g
+
+
+@njit(cache=True, error_model="numpy")
+def adam_apply(w, m, v, hyper):
+    """The new weight: decay_factor * w (AdamW's decoupled decay; 1 for Adam), then torch's
+    addcdiv_ w - step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)."""
+    denom = np.sqrt(v) / hyper.bias_correction2_sqrt + hyper.eps
+    return w * hyper.decay_factor + ((-hyper.step_size) * m) / denom
+
+
+@njit(cache=True, error_model="numpy")
 def _adam_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding, random, start):
     """adam_step on one block (views, as in _sgd_block); max_exp_avg_sq is None without AMSGrad,
     so that loop carries no trace of it."""
@@ -169,11 +186,8 @@ def _adam_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, roundin
     draw_random_fields(max_random, max_exp_avg_sq, stochastic, seed, stream,
                        MAX_EXP_AVG_SQ_SLOT, start)
     for j in range(param.size):
-        g = -grad[j] if hyper.maximize else grad[j]
         w = load(param, j)
-        if use_decay:
-            g = fma(hyper.weight_decay, w, g)                 # grad.add(param, alpha=weight_decay)
-        w = w * hyper.decay_factor
+        g = adam_gradient(grad[j], w, hyper, use_decay)
         m, v = adam_moments(g, load(exp_avg, j), load(exp_avg_sq, j), hyper.one_minus_beta1,
                             hyper.beta2, hyper.one_minus_beta2)
         store(exp_avg, j, m, stochastic, exp_avg_random)
@@ -181,8 +195,7 @@ def _adam_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, roundin
         if max_exp_avg_sq is not None:
             v = max(load(max_exp_avg_sq, j), v)
             store(max_exp_avg_sq, j, v, stochastic, max_random)
-        denom = np.sqrt(v) / hyper.bias_correction2_sqrt + hyper.eps
-        store(param, j, w + ((-hyper.step_size) * m) / denom, stochastic, param_random)  # addcdiv_
+        store(param, j, adam_apply(w, m, v, hyper), stochastic, param_random)
 
 
 @njit(cache=True, error_model="numpy")
