@@ -147,6 +147,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
                          "as its gradients are finished"),
         "shard_optimizer": Field("bool", False, "each parameter's optimizer step and state on one "
                                  "rank, the updated parameters broadcast (ZeRO stage 1)"),
+        "shared_memory": Field("bool", True, "ranks all on one node sum the gradients (and "
+                               "publish sharded parameters) through shared memory, not MPI's "
+                               "collectives"),
     },
     "freeze": {
         "enabled": Field("bool", True, "dynamic layer freezing"),
