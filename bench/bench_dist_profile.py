@@ -84,18 +84,17 @@ def worker(out: Path, train_args: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    if sys.argv[1:2] == ["--worker"]:  # a rank: the rest is the train command line
+        worker(Path(sys.argv[2]), sys.argv[3:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="threads per rank")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--skip", type=int, default=3, help="first steps left out (warm-up)")
     parser.add_argument("--preset", default="mlp52m")
-    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     rest = [word for word in rest if word != "--"]
-    if args.worker is not None:
-        worker(args.worker, rest)
-        return
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         train = ["--preset", args.preset, "--run-dir", str(out / "run"), "--train.max_steps",
