@@ -33,7 +33,7 @@ import numpy as np
 from npcpu.dist.node import SharedParameters, one_node
 from npcpu.dist.reduce import sum_in_order
 from npcpu.dist.world import World, wait
-from npcpu.kernels.grads import power_sum
+from npcpu.kernels.grads import power_sum, scale_and_power_sum
 
 
 def deal(sizes: list[int], ranks: int) -> list[int]:
@@ -86,26 +86,36 @@ class OptimizerShard:
             for p in others:
                 p.frozen = False
 
-    def gradient_norm(self, params: list, max_norm: float | None, check: bool) -> float:
+    def gradient_norm(self, params: list, max_norm: float | None, check: bool,
+                      keep_squares: bool = False) -> float:
         """The total 2-norm of the gradients of `params` (the trainable ones), and with `max_norm`
         this rank's own gradients clipped to it (the only ones its optimizer step reads). Each
         owner sums the squares of its own gradients; the sums are gathered and added in
         parameter order, the order npcpu.optim.clip adds them in: the same norm, bit for bit.
-        With `check`, a non-finite norm leaves every gradient as it is. Keeps each parameter's
-        sum of squares after clipping for `norm_of` (the freezer's layer norms)."""
+        With `check`, a non-finite norm leaves every gradient as it is. `keep_squares`: keep
+        each parameter's sum of squares after clipping for `norm_of` (the freezer's)."""
         mine = {id(p) for p, owner in zip(self.params, self.owners) if owner == self.world.rank}
         squares = self._squares(params, mine)
         total = math.sqrt(sum(float(square) for square in squares))
-        self.squares = dict(zip(map(id, params), squares.tolist()))
+        if keep_squares:
+            self.squares = dict(zip(map(id, params), squares.tolist()))
         if max_norm is None or (check and not math.isfinite(total)):
             return total
         coef = min(max_norm / (total + 1e-6), 1.0)  # as clip_grad_norm
         if coef != 1.0:
+            squares = np.zeros(len(params))
             with np.errstate(invalid="ignore"):
-                for p in params:
+                for i, p in enumerate(params):
                     if id(p) in mine:
-                        p.grad *= p.grad.dtype.type(coef)
-            self.squares = dict(zip(map(id, params), self._squares(params, mine).tolist()))
+                        grad = p.grad
+                        if keep_squares:  # the scaled gradient's squares in the same pass
+                            squares[i] = scale_and_power_sum(grad.reshape(-1),
+                                                             grad.dtype.type(coef), 2.0)
+                        else:
+                            grad *= grad.dtype.type(coef)
+            if keep_squares:
+                sum_in_order(self.world, squares, self.timeout)
+                self.squares = dict(zip(map(id, params), squares.tolist()))
         return total
 
     def norm_of(self, params: list) -> float:

@@ -302,7 +302,8 @@ class DataParallelRunner(ReferenceRunner):
         shard = self.trainer.optimizer_shard
         if shard is None:
             return super()._grad_norm(params, check)
-        norm = shard.gradient_norm(params, self.trainer.clip_grad_norm, check)
+        norm = shard.gradient_norm(params, self.trainer.clip_grad_norm, check,
+                                   keep_squares=self.trainer.freezer is not None)
         if self.scatter and not math.isfinite(norm):
             self.node_sum.allgather()
         return norm
