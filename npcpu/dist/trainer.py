@@ -15,7 +15,9 @@ The configuration means the same run whatever N is:
   compared at each checkpoint.
 - `deterministic`: the sum of the gradients and losses is added in a fixed order that does not
   depend on N (npcpu.dist.reduce.OrderedSum), giving bitwise the same run for every N that divides
-  `parts`; otherwise MPI's all-reduce adds them, equal to float32 rounding.
+  `parts`; otherwise MPI's all-reduce adds them, or with every rank on one node, each rank adds
+  its range of all the ranks' buffers in shared memory (npcpu.dist.node): equal to float32
+  rounding.
 
 Only rank 0 prints, writes the metrics file and checkpoints (after every rank checked the
 parameter hashes, so a checkpoint is whole or absent); the other ranks then call on_checkpoint
@@ -62,7 +64,8 @@ class DataParallelTrainer(Trainer):
         Size of the gradient buckets reduced in one call, in MB.
     overlap : bool
         Start each bucket's reduction during backward, as soon as its gradients are finished
-        (npcpu.dist.reduce.BackwardReducer); else after backward. Not used in deterministic mode.
+        (npcpu.dist.reduce.BackwardReducer); else after backward. Only for MPI's all-reduce (not
+        in deterministic mode, nor with the shared-memory sum).
     shard_optimizer : bool
         Each parameter's optimizer step and state on one rank only, the updated parameters
         broadcast (npcpu.dist.shard: ZeRO stage 1 by whole parameters); bitwise the same run.
@@ -284,7 +287,7 @@ class DataParallelRunner(ReferenceRunner):
             loss += float(value)
         if self.ordered is not None:
             self.ordered.reduce(trainer.world, trainer.timeout)
-        elif self.node_sum is not None:  # a non-finite loss: every gradient, for the error
+        elif self.node_sum is not None:  # after a non-finite loss, every gradient for the error
             if self.scatter and math.isfinite(loss):
                 self.node_sum.reduce_scatter()
             else:
