@@ -40,6 +40,7 @@ from npcpu.optim.scaling import DynamicLossScaler
 from npcpu.precision import check_precision
 from npcpu.train import memory
 from npcpu.train.callbacks import Callback, MetricsFile, Progress, Stopwatch, stop_on_signals
+from npcpu.train.evaluation import Evaluation
 from npcpu.train.runner_compiled import CompiledRunner
 from npcpu.train.runners import ReferenceRunner, StepResult, StepRunner
 from npcpu.train.state import load_trainer_state, trainer_state
@@ -47,7 +48,7 @@ from npcpu.train.state import load_trainer_state, trainer_state
 COMPILED_MODES = ("auto", "on", "off")
 
 
-class Trainer:
+class Trainer(Evaluation):
     """Train `model` on `loss_fn` with `optimizer`.
 
     fit() is one loop over a step runner (npcpu.train.runners): it asks the runner for steps,
@@ -347,56 +348,6 @@ class Trainer:
             metrics["frozen_now"] = result.frozen_now
         metrics.update(result.extra)
         return metrics
-
-    # -- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, data, batch_size: int = 512) -> dict:
-        """The metrics the loss defines for an evaluation, each as "eval_<name>": the mean loss
-        over `data`, and what `loss_fn.evaluation_sums` / `evaluation_metrics` add (accuracy for
-        CrossEntropyLoss, nothing for MSELoss; a language model's loss adds perplexity and
-        tokens there). On the weights the optimizer evaluates (`optimizer.evaluation_weights()`:
-        Lookahead's slow weights)."""
-        loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size, shuffle=False)
-        return self.evaluation_metrics(self.evaluate_batches(loader, 0, len(loader)),
-                                       len(loader.dataset))
-
-    def evaluate_batches(self, loader: DataLoader, first: int, stop: int) -> list:
-        """[(loss / samples of the data set, loss_fn.evaluation_sums)] of batches first..stop-1
-        of `loader`, on the weights the optimizer evaluates. A data-parallel trainer evaluates
-        its share of the batches here and gathers the rest."""
-        items = len(loader.dataset)
-        results = []
-        self.model.eval()
-        try:
-            with self.optimizer.evaluation_weights():
-                batches = loader.iter_from(loader.epoch, first)
-                try:
-                    for _ in range(first, stop):
-                        x, y = next(batches)
-                        outputs = self.model.forward(x)
-                        # the sums first: a loss may write its gradient over the outputs (in_place)
-                        sums = self.loss_fn.evaluation_sums(outputs, y)
-                        results.append((self.loss_fn(outputs, y, normalizer=items), sums))
-                finally:
-                    batches.close()
-        finally:
-            self.model.train()
-        return results
-
-    def evaluation_metrics(self, per_batch: list, items: int) -> dict:
-        """The "eval_<name>" metrics from `evaluate_batches`' results of every batch, added up in
-        batch order."""
-        loss, sums = 0.0, {}
-        for batch_loss, batch_sums in per_batch:
-            loss += batch_loss
-            for name, value in batch_sums.items():
-                sums[name] = sums.get(name, 0) + value
-        metrics = self.loss_fn.evaluation_metrics(loss, sums, items)
-        return {f"eval_{name}": value for name, value in metrics.items()}
-
-    def _evaluate_and_report(self, eval_data, batch_size, callbacks) -> None:
-        self.last_eval = {"step": self.step, **self.evaluate(eval_data, max(batch_size, 512))}
-        for cb in callbacks:
-            cb.on_eval_end(self, self.last_eval)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
