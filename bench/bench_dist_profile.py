@@ -107,7 +107,8 @@ def main() -> None:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-        lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+        metrics = (out / "run" / "metrics.jsonl").read_text().splitlines()
+        lines = [json.loads(line) for line in metrics]
         rates = [line["samples_per_s"] for line in lines if line["kind"] == "train"]
         ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(args.ranks)]
     phases = list(dict.fromkeys(TIMED.values()))

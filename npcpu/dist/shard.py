@@ -3,10 +3,11 @@
 
 Each parameter has one owner rank, which alone runs the optimizer on it and alone keeps its
 optimizer state (moments, master copy); after the step the owners broadcast the parameters they
-updated (on one node, through shared memory: npcpu.dist.node). An owner's update is the one every rank would have made (the same gradient, state and
-stochastic-rounding stream), so a sharded run is bitwise the run without sharding, for the
-optimizer work of about 1/N of the model and the memory of about 1/N of the optimizer state per
-rank (Lookahead's slow weights stay on every rank).
+updated (on one node, through shared memory: npcpu.dist.node). An owner's update is the one
+every rank would have made (the same gradient, state and stochastic-rounding stream), so a
+sharded run is bitwise the run without sharding, for the optimizer work of about 1/N of the
+model and the memory of about 1/N of the optimizer state per rank (Lookahead's slow weights
+stay on every rank).
 
 The gradient norm is summed from the owners (each the sum of squares of its own gradients) and
 only a rank's own gradients are clipped (`gradient_norm`); the freezer takes its layers' norms
