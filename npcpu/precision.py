@@ -39,7 +39,7 @@ def storage_dtype(precision: str) -> np.dtype:
 
 def compute_dtype(precision: str) -> np.dtype:
     """The dtype arithmetic and gradients use under `precision`: float64 for fp64, else float32."""
-    return np.dtype(np.float64) if check_precision(precision) == "fp64" else np.dtype(np.float32)
+    return STORAGE_DTYPES["fp64" if check_precision(precision) == "fp64" else "fp32"]
 
 
 def to_compute(x: np.ndarray, dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
@@ -47,9 +47,9 @@ def to_compute(x: np.ndarray, dtype: np.dtype = np.dtype(np.float32)) -> np.ndar
 
     bfloat16 and float16 are widened exactly by the parallel conversion kernels.
     """
-    dtype = np.dtype(dtype)
     if x.dtype == dtype:
         return x
+    dtype = np.dtype(dtype)
     if x.dtype == bfloat16 and dtype == np.float32:
         return convert.bf16_to_f32(x)
     if x.dtype == float16 and dtype == np.float32:
@@ -76,9 +76,9 @@ def to_storage(x: np.ndarray, dtype: np.dtype, *, seed: int | None = None) -> np
     Round-to-nearest-even by default; with a `seed`, bfloat16 uses stochastic rounding from a
     counter-based hash of (seed, element index), so results do not depend on thread scheduling.
     """
-    dtype = np.dtype(dtype)
     if x.dtype == dtype:
         return x
+    dtype = np.dtype(dtype)
     if dtype == bfloat16:
         x32 = to_compute(x, np.dtype(np.float32))
         if seed is None:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from npcpu import backend, blas
+from npcpu.kernels import compiled_gemm
 
 
 @pytest.fixture(params=[1, 2])
@@ -21,7 +22,34 @@ def no_blas(monkeypatch):
     monkeypatch.setattr(blas, "_call", refuse)
 
 
-SHAPES = [(1, 1, 1), (7, 13, 3), (5, 33, 10), (130, 785, 10), (3, 9, blas.SKINNY_OUTPUTS)]
+SHAPES = [(1, 1, 1), (7, 13, 3), (5, 33, 10), (130, 785, 10), (3, 9, blas.SKINNY_OUTPUTS),
+          (17, 31, 7)]  # 17 rows: four 4-row tiles and one left over; 7 outputs: one 5-output tile and 2
+
+
+KERNEL_SHAPES = SHAPES + [(8, 5, 2), (9, 1, 1), (4, 3, 5), (6, 20, 11)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, inner, outputs", KERNEL_SHAPES)
+def test_skinny_kernels_match_numpy(threads, rows, inner, outputs, dtype):
+    """The skinny path's kernels (npcpu.kernels.compiled_gemm over every row in order) against
+    their NumPy statements: y = x W^T, grad += dz^T x."""
+    rng = np.random.default_rng(rows * 1000 + inner + outputs)
+    x = rng.standard_normal((rows, inner)).astype(dtype)
+    weight = rng.standard_normal((outputs, inner)).astype(dtype)
+    dz = rng.standard_normal((rows, outputs)).astype(dtype)
+    grad = rng.standard_normal((outputs, inner)).astype(dtype)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+
+    y = np.full((rows, outputs), np.nan, dtype=dtype)  # every element written
+    every_row, no_bias = np.arange(rows), np.empty(0, dtype)
+    compiled_gemm.linear_forward(x, every_row, weight, no_bias, False, y, 0, inner)
+    np.testing.assert_allclose(y, x.astype(np.float64) @ weight.T.astype(np.float64),
+                               rtol=tolerance, atol=tolerance * np.sqrt(inner))
+
+    expected = grad.astype(np.float64) + dz.T.astype(np.float64) @ x.astype(np.float64)
+    compiled_gemm.add_weight_grad(dz, x, every_row, grad, 0, inner)
+    np.testing.assert_allclose(grad, expected, rtol=tolerance, atol=tolerance * np.sqrt(rows))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -8,14 +8,16 @@ from npcpu.data.arrays import ArrayDataset
 from npcpu.data.loader import DataLoader
 from npcpu.kernels import compiled_gemm
 from npcpu.kernels import compiled_step as kernels
+from npcpu.kernels import compiled_update
 from npcpu.kernels.linear import add_row_sums
 from npcpu.kernels.optim import SGDHyper
-from npcpu.nn.activations import ReLU
+from npcpu.nn.activations import GELU, ReLU, Tanh
 from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.losses import CrossEntropyLoss, MSELoss
 from npcpu.nn.module import Sequential
-from npcpu.optim.adam import Adam
+from npcpu.optim.adam import Adam, AdamW
 from npcpu.optim.clip import get_total_norm
+from npcpu.optim.lamb import LAMB
 from npcpu.optim.sgd import SGD
 from npcpu.train.compiled import CompiledClassifierStep
 
@@ -90,10 +92,11 @@ def test_sgd_update_matches_formula(momentum, dampening, weight_decay, nesterov,
     rng = np.random.default_rng(2)
     w, g, b = (rng.standard_normal(23) for _ in range(3))
     param, buffer = w.copy(), (b.copy() if momentum else np.empty(0))
-    kernels.sgd_update(param, g, buffer, SGDHyper(lr=0.1, momentum=momentum,
-                                                  one_minus_dampening=1 - dampening,
-                                                  weight_decay=weight_decay, nesterov=nesterov,
-                                                  maximize=maximize, first_step=first))
+    compiled_update.sgd_update(param, g, buffer, SGDHyper(lr=0.1, momentum=momentum,
+                                                          one_minus_dampening=1 - dampening,
+                                                          weight_decay=weight_decay,
+                                                          nesterov=nesterov, maximize=maximize,
+                                                          first_step=first))
     d = (-g if maximize else g) + weight_decay * w
     if momentum:
         new_b = d if first else momentum * b + (1 - dampening) * d
@@ -102,15 +105,80 @@ def test_sgd_update_matches_formula(momentum, dampening, weight_decay, nesterov,
     np.testing.assert_allclose(param, w - 0.1 * d, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("code, layer", [
+    (compiled_gemm.GELU, lambda: GELU()), (compiled_gemm.GELU_TANH, lambda: GELU("tanh")),
+    (compiled_gemm.TANH, lambda: Tanh()), (compiled_gemm.RELU, lambda: ReLU())])
+def test_activations_match_the_reference_layers(dtype, code, layer):
+    """activation_forward / activation_backward on the first n rows against npcpu.nn's layer,
+    with a random upstream gradient."""
+    rng = np.random.default_rng(code)
+    n, m = 7, 13
+    z = (3 * rng.standard_normal((n + 2, m))).astype(dtype)
+    dy = rng.standard_normal((n + 2, m)).astype(dtype)
+    module = layer()
+    module.input_requires_grad = True
+    if dtype == np.float64:
+        module.set_precision("fp64")
+    expected_y = module.forward(z[:n])
+    expected_dx = module.backward(dy[:n])
+    out = z.copy()
+    if code == compiled_gemm.RELU:  # applied by the GEMM as it writes its sums
+        out[:n] = np.maximum(out[:n], 0)
+    kept = np.full_like(z, np.nan)
+    compiled_gemm.activation_forward(code, out, kept, n)
+    np.testing.assert_array_equal(out[:n], expected_y)
+    np.testing.assert_array_equal(out[n:], z[n:])
+    dz = dy.copy()
+    compiled_gemm.activation_backward(code, dz, out, kept, n)
+    np.testing.assert_array_equal(dz[:n], expected_dx)
+    np.testing.assert_array_equal(dz[n:], dy[n:])
+
+
+@pytest.mark.parametrize("decoupled, weight_decay, maximize", [
+    (False, 0.0, False), (False, 0.1, True), (True, 0.1, False)])
+def test_adam_update_matches_the_reference_optimizer(decoupled, weight_decay, maximize):
+    """compiled_update's Adam / AdamW step, bit for bit the reference optimizer's, over 3 steps."""
+    rng = np.random.default_rng(6)
+    model = Sequential(Linear(7, 3, seed=0))
+    kind = AdamW if decoupled else Adam
+    reference = kind(model.parameters(), lr=0.01, betas=(0.8, 0.99), eps=1e-6,
+                     weight_decay=weight_decay, maximize=maximize)
+    weight = model[0].weight
+    param = weight.data.copy().reshape(-1)
+    exp_avg, exp_avg_sq = np.zeros_like(param), np.zeros_like(param)
+    thread_model = kernels.ThreadModel(
+        weights=(), biases=(), activations=np.zeros(0, np.int64), adam=True,
+        first_moments=(exp_avg,), second_moments=(exp_avg_sq,),
+        hyper=np.array([[0.8, 0.99, 1e-6, weight_decay]]), flags=np.array([[decoupled, maximize]]),
+        grad_weights=(), grad_biases=())
+    for t in (1, 2, 3):
+        grad = rng.standard_normal(weight.shape).astype(np.float32)
+        weight.grad, model[0].bias.grad = grad.copy(), np.zeros(3, np.float32)
+        reference.step()
+        corrections = np.array([1 - 0.8 ** t, (1 - 0.99 ** t) ** 0.5])
+        compiled_update.update_parameter(thread_model, 0, param[:12], grad.reshape(-1)[:12], 0,
+                                         0.01, corrections, False)  # in two runs, as W_0's
+        compiled_update.update_parameter(thread_model, 0, param[12:], grad.reshape(-1)[12:], 12,
+                                         0.01, corrections, False)  # column blocks are
+        np.testing.assert_array_equal(param, weight.data.reshape(-1))
+        state = reference.state[reference.index_of(weight)]
+        np.testing.assert_array_equal(exp_avg, state["exp_avg"].reshape(-1))
+        np.testing.assert_array_equal(exp_avg_sq, state["exp_avg_sq"].reshape(-1))
+
+
 # ---------------------------------------------------------------------------------------------
 # whole epochs against the reference loop
 # ---------------------------------------------------------------------------------------------
 def _problem(layers, optimizer_settings, precision="fp32", seed=0):
+    """(model, loss, optimizer); optimizer_settings: SGD's keyword arguments, or (class, them)."""
     model = Sequential(*layers)
     model.input_requires_grad = False
     if precision != "fp32":
         model.set_precision(precision)
-    return model, CrossEntropyLoss(), SGD(model.parameters(), **optimizer_settings)
+    kind, settings = optimizer_settings if isinstance(optimizer_settings, tuple) \
+        else (SGD, optimizer_settings)
+    return model, CrossEntropyLoss(), kind(model.parameters(), **settings)
 
 
 def _reference_epoch(model, loss_fn, optimizer, loader, epoch):
@@ -128,12 +196,18 @@ MODELS = {
     "logreg": lambda: [Linear(23, 5, seed=0)],
     "mlp": lambda: [FusedLinearReLU(23, 17, seed=0), FusedLinearReLU(17, 9, bias=False, seed=1),
                     Linear(9, 5, seed=2)],
+    "gelu_tanh": lambda: [Linear(23, 17, seed=0), GELU(), Linear(17, 9, bias=False, seed=1),
+                          Tanh(), Linear(9, 5, seed=2)],
+    "gelu_tanh_form_relu": lambda: [Linear(23, 11, seed=0), GELU("tanh"), Linear(11, 7, seed=1),
+                                    ReLU(), Linear(7, 5, seed=2)],
 }
 OPTIMIZERS = {
     "plain": dict(lr=0.1),
     "momentum_decay": dict(lr=0.05, momentum=0.9, weight_decay=1e-2),
     "nesterov": dict(lr=0.05, momentum=0.8, nesterov=True),
     "dampening_maximize": dict(lr=0.01, momentum=0.5, dampening=0.2, maximize=True),
+    "adam_decay": (Adam, dict(lr=0.01, weight_decay=1e-2)),
+    "adamw_maximize": (AdamW, dict(lr=0.02, betas=(0.8, 0.95), eps=1e-6, maximize=True)),
 }
 
 
@@ -155,11 +229,18 @@ def test_epochs_match_reference_loop(model_name, optimizer_name, drop_last, num_
     for (name, want), (_, got) in zip(reference[0].state_dict().items(),
                                       compiled[0].state_dict().items()):
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=name)
-    for index, state in reference[2].state.items():
-        assert compiled[2].state[index]["step"] == state["step"] == 2 * len(loader)
-        if "momentum_buffer" in state:
-            np.testing.assert_allclose(compiled[2].state[index]["momentum_buffer"],
-                                       state["momentum_buffer"], rtol=RTOL, atol=ATOL)
+    _assert_same_optimizer_state(compiled[2], reference[2], 2 * len(loader))
+
+
+def _assert_same_optimizer_state(got, want, steps, rtol=RTOL, atol=ATOL):
+    assert got.state.keys() == want.state.keys()
+    for index, state in want.state.items():
+        assert got.state[index].keys() == state.keys()
+        assert got.state[index]["step"] == state["step"] == steps
+        for name in state.keys() - {"step"}:
+            assert got.state[index][name].dtype == state[name].dtype
+            np.testing.assert_allclose(got.state[index][name], state[name], rtol=rtol, atol=atol,
+                                       err_msg=f"{index} {name}")
 
 
 @pytest.mark.parametrize("model_name", MODELS)
@@ -185,14 +266,16 @@ def test_uint8_pixels_with_a_scale_match_the_reference_loop(model_name, num_thre
         step.train_steps(pixels.astype(np.float32), dataset.y, np.arange(203), 16, x_scale=0.5)
 
 
-def test_reference_path_continues_a_compiled_run_in_float64():
+@pytest.mark.parametrize("model_name, settings", [
+    ("mlp", dict(lr=0.1, momentum=0.9)), ("gelu_tanh", (AdamW, dict(lr=0.01))),
+    ("gelu_tanh_form_relu", (Adam, dict(lr=0.01, weight_decay=0.1)))])
+def test_reference_path_continues_a_compiled_run_in_float64(model_name, settings):
     rng = np.random.default_rng(4)
     dataset = ArrayDataset(rng.standard_normal((60, 23)), rng.integers(0, 5, 60))
     x, y = dataset.x.astype(np.float64), dataset.y  # the data set keeps float32 features
     loader = DataLoader(dataset, 8, seed=1, prefetch=0)
-    settings = dict(lr=0.1, momentum=0.9)
-    reference = _problem(MODELS["mlp"](), settings, precision="fp64")
-    mixed = _problem(MODELS["mlp"](), settings, precision="fp64")
+    reference = _problem(MODELS[model_name](), settings, precision="fp64")
+    mixed = _problem(MODELS[model_name](), settings, precision="fp64")
     expected = np.concatenate([_reference_epoch(*reference, loader, e) for e in (0, 1)])
     order = loader.order(0)
     step = CompiledClassifierStep(*mixed)
@@ -202,7 +285,8 @@ def test_reference_path_continues_a_compiled_run_in_float64():
     np.testing.assert_allclose(got, expected, rtol=1e-12)
     for (name, want), (_, have) in zip(reference[0].state_dict().items(),
                                        mixed[0].state_dict().items()):
-        np.testing.assert_allclose(have, want, rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(have, want, rtol=1e-12, atol=1e-15, err_msg=name)
+    _assert_same_optimizer_state(mixed[2], reference[2], 2 * len(loader), rtol=1e-12, atol=1e-15)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,17 +298,24 @@ def _logreg():
 
 def test_refuses_unsupported_models_losses_and_optimizers():
     model, loss_fn, optimizer = _logreg()
-    with pytest.raises(TypeError, match="layer 1 is a ReLU; supported"):
-        relu_model = Sequential(Linear(6, 3), ReLU())
+    with pytest.raises(TypeError, match="layer 1 is a ReLU not right after a Linear; supported"):
+        relu_model = Sequential(FusedLinearReLU(6, 3), ReLU())
         CompiledClassifierStep(relu_model, loss_fn, SGD(relu_model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="layer 2 is a Tanh not right after a Linear"):
+        tanh_model = Sequential(Linear(6, 3), GELU(), Tanh())
+        CompiledClassifierStep(tanh_model, loss_fn, SGD(tanh_model.parameters(), lr=0.1))
     with pytest.raises(TypeError, match="loss_fn is a MSELoss"):
         CompiledClassifierStep(model, MSELoss(), optimizer)
     with pytest.raises(ValueError, match="label_smoothing=0.1"):
         CompiledClassifierStep(model, CrossEntropyLoss(label_smoothing=0.1), optimizer)
     with pytest.raises(ValueError, match="ignore_index=2 is one of the 3 classes"):
         CompiledClassifierStep(model, CrossEntropyLoss(ignore_index=2), optimizer)
-    with pytest.raises(TypeError, match="optimizer is a Adam"):
-        CompiledClassifierStep(model, loss_fn, Adam(model.parameters()))
+    with pytest.raises(TypeError, match="optimizer is a LAMB"):
+        CompiledClassifierStep(model, loss_fn, LAMB(model.parameters()))
+    with pytest.raises(ValueError, match="AdamW has amsgrad=True"):
+        CompiledClassifierStep(model, loss_fn, AdamW(model.parameters(), amsgrad=True))
+    with pytest.raises(ValueError, match="Adam has state_dtype='bf16'"):
+        CompiledClassifierStep(model, loss_fn, Adam(model.parameters(), state_dtype="bf16"))
     with pytest.raises(ValueError, match="state_dtype='bf16'"):
         CompiledClassifierStep(model, loss_fn, SGD(model.parameters(), lr=0.1, state_dtype="bf16"))
     with pytest.raises(ValueError, match="not exactly the model's"):
@@ -260,12 +351,15 @@ def _mlp_data(rows=150, seed=5):
     return rng.standard_normal((rows, 23)).astype(np.float32), rng.integers(0, 5, rows)
 
 
-def test_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("model_name, optimizer_name", [
+    ("mlp", "momentum_decay"), ("gelu_tanh", "adam_decay"),
+    ("gelu_tanh_form_relu", "adamw_maximize")])
+def test_results_do_not_depend_on_the_thread_count(model_name, optimizer_name):
     x, y = _mlp_data()
     order = np.random.default_rng(0).permutation(len(x))
     results = []
     for threads in [t for t in (1, 2, 4) if kernels.COLUMN_BLOCKS % t == 0]:
-        model, loss_fn, optimizer = _problem(MODELS["mlp"](), OPTIMIZERS["momentum_decay"])
+        model, loss_fn, optimizer = _problem(MODELS[model_name](), OPTIMIZERS[optimizer_name])
         losses = CompiledClassifierStep(model, loss_fn, optimizer).train_steps(
             x, y, order, 32, threads=threads)
         results.append((losses, [p.data.copy() for p in model.parameters()]))

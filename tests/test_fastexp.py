@@ -4,7 +4,7 @@ import numpy as np
 
 from numba import njit
 
-from npcpu.kernels.fastexp import exp32, exp_shifted, row_sum
+from npcpu.kernels.fastexp import exp32, exp_in_place, exp_shifted, row_sum
 
 
 @njit(cache=False)
@@ -52,3 +52,17 @@ def test_scalar_exp32_equals_exp_shifted_bit_for_bit():
     _exp32_each(x, scalar)
     exp_shifted(rows, x, x.size, np.float32(0.0), np.empty(x.size, np.int32))
     np.testing.assert_array_equal(scalar.view(np.int32), rows.view(np.int32))
+
+
+def test_exp_in_place_equals_exp_shifted_and_numpy():
+    """exp_in_place (the small-batch cross-entropy's one exp): exp_shifted's bits in float32,
+    np.exp's in float64, on an odd length with special values."""
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.uniform(-100, 100, 1001), [np.nan, np.inf, -np.inf, -0.0]])
+    for dtype in (np.float32, np.float64):
+        values = x.astype(dtype)
+        expected = np.empty_like(values)
+        exp_shifted(expected, values, values.size, dtype(0.0), np.empty(values.size, np.int32))
+        exp_in_place(values)
+        np.testing.assert_array_equal(values, expected)
+    np.testing.assert_allclose(expected, np.exp(x), rtol=1e-15)  # libm's exp, NumPy's: an ulp

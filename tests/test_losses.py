@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from npcpu.kernels.softmax import cross_entropy_forward_backward
+from npcpu.kernels.softmax import (cross_entropy_forward_backward,
+                                   cross_entropy_forward_backward_serial, target_bounds)
 from npcpu.nn.losses import CrossEntropyLoss, MSELoss
 from npcpu.precision import bfloat16
 from tests.gradcheck import numerical_gradient
@@ -36,6 +37,47 @@ def test_kernel_matches_numpy(num_threads, rows, classes, dtype, rtol, label_smo
     ref_losses, ref_grad = cross_entropy_numpy(logits, targets, -100, label_smoothing, 0.25)
     np.testing.assert_allclose(losses, ref_losses, rtol=rtol, atol=rtol)
     np.testing.assert_allclose(grad, ref_grad, rtol=rtol, atol=rtol)
+    # the serial twin (small batches) writes the same bits, also in place over the logits
+    serial_losses, serial_grad = np.empty(rows), np.empty_like(logits)
+    cross_entropy_forward_backward_serial(serial_losses, serial_grad, logits, targets, -100,
+                                          label_smoothing, 0.25, logits.shape[1])
+    np.testing.assert_array_equal(serial_losses, losses)
+    np.testing.assert_array_equal(serial_grad, grad)
+    cross_entropy_forward_backward_serial(serial_losses, logits, logits, targets, -100,
+                                          label_smoothing, 0.25, logits.shape[1])
+    np.testing.assert_array_equal(serial_losses, losses)
+    np.testing.assert_array_equal(logits, grad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_serial_kernel_matches_parallel_with_padding_ignored_rows_and_nan(dtype, in_place):
+    """The serial twin (one exp over the whole batch) against the row-parallel kernel, bit for
+    bit: padding columns (classes < P), ignored rows, a NaN and an -inf logit, label smoothing."""
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((37, 13)) * 5).astype(dtype)
+    logits[3, 2], logits[4, 0] = np.nan, -np.inf
+    targets = rng.integers(0, 11, 37)
+    targets[::4] = 7
+    results = []
+    for kernel in (cross_entropy_forward_backward, cross_entropy_forward_backward_serial):
+        source = logits.copy()
+        losses = np.empty(37)
+        grad = source if in_place else np.full_like(source, np.nan)
+        kernel(losses, grad, source, targets, 7, 0.1, 0.5, 11)
+        results.append((losses, grad))
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+    np.testing.assert_array_equal(results[1][1], results[0][1])
+    assert np.isnan(results[0][0][3]) and np.all(results[0][1][:, 11:] == 0)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 129])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8])
+def test_target_bounds_matches_numpy(size, dtype):
+    targets = np.random.default_rng(size).integers(0, 200, size).astype(dtype)
+    if dtype != np.uint8:
+        targets[size // 2] = -100  # an ignored row is the smallest
+    assert target_bounds(targets) == (targets.min(), targets.max())
 
 
 # -- float64 gradient checks: backward() against central differences of the scalar loss --------

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from npcpu.kernels import launch
 from npcpu.kernels import optim as kernels
 from npcpu.kernels.optim_io import Rounding, random_scratch
 from npcpu.nn.parameter import Parameter
@@ -61,6 +62,24 @@ def test_serial_adam_kernel_stores_the_parallel_kernels_bits(num_threads, n):
         np.testing.assert_array_equal(serial, parallel)
 
 
+@pytest.mark.parametrize("step", [kernels.sgd_step, kernels.sgd_step_serial])
+def test_update_kernels_take_plain_tuples_as_named_ones(num_threads, step):
+    """The optimizers pass the settings and Rounding as plain tuples (faster to dispatch): the
+    kernels store the same bits as from the named tuples."""
+    rng = np.random.default_rng(7)
+    grad = rng.standard_normal(3 * 1024 + 5).astype(np.float32)
+    hyper = kernels.SGDHyper(lr=f32(0.1), momentum=f32(0.9), one_minus_dampening=f32(0.8),
+                             weight_decay=f32(0.01), nesterov=True, maximize=True, first_step=False)
+    start = bf16_bits(rng, grad.size), bf16_bits(rng, grad.size)
+    results = []
+    for as_passed in (lambda t: t, tuple):
+        weights, buffer = (a.copy() for a in start)
+        step(weights, grad, buffer, as_passed(hyper), as_passed(rounding(first=4)))
+        results.append((weights, buffer))
+    for named, plain in zip(*results):
+        np.testing.assert_array_equal(plain, named)
+
+
 @pytest.mark.parametrize("make", [lambda ps: SGD(ps, lr=0.1, momentum=0.9, state_dtype="bf16"),
                                   lambda ps: AdamW(ps, lr=1e-2, amsgrad=True, state_dtype="bf16")])
 def test_optimizers_choose_the_serial_kernel_by_size_alone(monkeypatch, num_threads, make):
@@ -72,7 +91,7 @@ def test_optimizers_choose_the_serial_kernel_by_size_alone(monkeypatch, num_thre
     start = [rng.standard_normal(shape).astype(bfloat16) for shape in [(37, 29), (5,), (3000,)]]
     results = []
     for threshold in (0, 1 << 40):  # all parallel, then all serial
-        monkeypatch.setattr(kernels, "PARALLEL_ELEMENTS", threshold)
+        monkeypatch.setattr(launch, "PARALLEL_ELEMENTS", threshold)
         params = [Parameter(a.copy()) for a in start]
         optimizer = make(params)
         for t in range(3):

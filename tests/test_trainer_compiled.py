@@ -13,10 +13,11 @@ from npcpu.cli import main
 from npcpu.config import ConfigError, build_config, parse_cli_value
 from npcpu.data.arrays import ArrayDataset
 from npcpu.data.loader import DataLoader
+from npcpu.nn.activations import GELU, Tanh
 from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.losses import CrossEntropyLoss
 from npcpu.nn.module import Sequential
-from npcpu.optim.adam import Adam
+from npcpu.optim.adam import Adam, AdamW
 from npcpu.optim.lr_scheduler import LambdaLR, OneCycleLR, StepLR
 from npcpu.optim.schedules import warmup_cosine_decay_schedule
 from npcpu.optim.sgd import SGD
@@ -43,14 +44,18 @@ MODELS = {
     "logreg": lambda: Sequential(Linear(12, 5, seed=0)),
     "mlp": lambda: Sequential(FusedLinearReLU(12, 16, seed=0), FusedLinearReLU(16, 16, seed=1),
                               Linear(16, 5, seed=2)),
+    "gelu_tanh": lambda: Sequential(Linear(12, 16, seed=0), GELU(), Linear(16, 16, seed=1), Tanh(),
+                                    Linear(16, 5, seed=2)),
 }
 
 
-def sgd_groups(model, lr=0.1, **settings):
-    """Weights and biases in two groups (the biases without weight decay), as build.py makes them."""
+def sgd_groups(model, lr=0.1, optimizer=SGD, **settings):
+    """Weights and biases in two groups (the biases without weight decay), as build.py makes them;
+    SGD unless `optimizer` says otherwise."""
     weights = [p for p in model.parameters() if p.data.ndim > 1]
     biases = [p for p in model.parameters() if p.data.ndim == 1]
-    return SGD([{"params": weights}, {"params": biases, "weight_decay": 0.0}], lr=lr, **settings)
+    return optimizer([{"params": weights}, {"params": biases, "weight_decay": 0.0}], lr=lr,
+                     **settings)
 
 
 SETUPS = {  # name: (optimizer settings, scheduler or None)
@@ -60,6 +65,10 @@ SETUPS = {  # name: (optimizer settings, scheduler or None)
         opt, warmup_cosine_decay_schedule(0.1, 1.0, 6, 40, 0.01))),
     # cycles the momentum too: the compiled chunks end after every step
     "onecycle_momentum": (dict(momentum=0.9), lambda opt: OneCycleLR(opt, max_lr=0.2, total_steps=60)),
+    "adamw_warmup_cosine": (dict(optimizer=AdamW, lr=0.01, weight_decay=0.05), lambda opt: LambdaLR(
+        opt, warmup_cosine_decay_schedule(0.1, 1.0, 6, 40, 0.01))),
+    "adam_steplr": (dict(optimizer=Adam, lr=0.01, betas=(0.8, 0.99), weight_decay=1e-3),
+                    lambda opt: StepLR(opt, 5, 0.7)),
 }
 
 
@@ -109,11 +118,13 @@ def assert_same_metrics(got, want):
 def assert_same_training_state(got: Trainer, want: Trainer):
     for (name, a), (_, b) in zip(got.model.state_dict().items(), want.model.state_dict().items()):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=name)
+    assert got.optimizer.state.keys() == want.optimizer.state.keys()
     for index, state in want.optimizer.state.items():
+        assert got.optimizer.state[index].keys() == state.keys()
         assert got.optimizer.state[index]["step"] == state["step"]
-        if "momentum_buffer" in state:
-            np.testing.assert_allclose(got.optimizer.state[index]["momentum_buffer"],
-                                       state["momentum_buffer"], rtol=RTOL, atol=ATOL)
+        for name in state.keys() - {"step"}:  # momentum_buffer, or exp_avg and exp_avg_sq
+            np.testing.assert_allclose(got.optimizer.state[index][name], state[name], rtol=RTOL,
+                                       atol=ATOL, err_msg=f"{index} {name}")
     assert got.state_dict()["trainer"] == want.state_dict()["trainer"]
     assert got.state_dict()["scheduler"] == want.state_dict()["scheduler"]
     assert [{k: v for k, v in g.items() if k != "params"} for g in got.optimizer.param_groups] == \
@@ -235,8 +246,8 @@ class NoArrays:
         return self.base.batch(indices)
 
 
-def _with_adam(model):
-    return Trainer(model, CrossEntropyLoss(), Adam(model.parameters(), lr=1e-2),
+def _with_amsgrad(model):
+    return Trainer(model, CrossEntropyLoss(), Adam(model.parameters(), lr=1e-2, amsgrad=True),
                    log_stream=io.StringIO())
 
 
@@ -246,7 +257,7 @@ def _with(**kwargs):
 
 
 UNSUPPORTED = {  # name: (trainer for a model, training data, what the reason says)
-    "adam": (_with_adam, make_data, "optimizer is a Adam"),
+    "amsgrad": (_with_amsgrad, make_data, "Adam has amsgrad=True"),
     "accumulation": (_with(accumulation_steps=2), make_data, "accumulation_steps is 2, not 1"),
     "clipping": (_with(clip_grad_norm=1.0), make_data, "clip_grad_norm is 1.0"),
     "freezer": (_with(freezer=DynamicFreezer(0.1)), make_data, "a freezer is set"),
@@ -339,15 +350,19 @@ def test_a_non_finite_loss_stops_both_paths_at_the_same_step(model_name, value, 
 TOTAL, STOP = 30, 17  # step 17 is no chunk boundary of the uninterrupted run (log 5, checkpoint 7)
 
 
+@pytest.mark.parametrize("model_name, setup", [("mlp", "momentum_steplr"),
+                                               ("gelu_tanh", "adamw_warmup_cosine")])
 @pytest.mark.parametrize("first, second", [("auto", "auto"), ("auto", "off"), ("off", "auto")])
-def test_a_resumed_run_equals_an_uninterrupted_compiled_one(tmp_path, first, second):
+def test_a_resumed_run_equals_an_uninterrupted_compiled_one(tmp_path, first, second, model_name,
+                                                            setup):
     kwargs = dict(batch_size=BATCH, log_every=5, checkpoint_every=7, progress=False)
     whole_dir, run_dir = tmp_path / "whole", tmp_path / "resumed"
-    whole = make_trainer("auto")
+    whole = make_trainer("auto", model_name, setup)
     whole.fit(make_data(), max_steps=TOTAL, run_dir=whole_dir, **kwargs)
 
-    make_trainer(first).fit(make_data(), max_steps=STOP, run_dir=run_dir, **kwargs)
-    resumed = make_trainer(second)
+    make_trainer(first, model_name, setup).fit(make_data(), max_steps=STOP, run_dir=run_dir,
+                                               **kwargs)
+    resumed = make_trainer(second, model_name, setup)
     assert resumed.resume(run_dir)["step"] == STOP
     assert (resumed.epoch, resumed.batch_index) == divmod(STOP, 13)
     resumed.fit(make_data(), max_steps=TOTAL, run_dir=run_dir, **kwargs)

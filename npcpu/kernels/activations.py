@@ -117,16 +117,43 @@ def normal_cdf_pdf32(x):
     return cdf, gaussian * np.float32(INV_SQRT_2PI)
 
 
+@njit(inline="always", cache=True)
+def gelu32(x):
+    """x Phi(x) for a float32 x."""
+    cdf, _ = normal_cdf_pdf32(x)
+    return x * cdf
+
+
+@njit(inline="always", cache=True)
+def gelu_slope32(x):
+    """d(x Phi(x))/dx = Phi(x) + x phi(x) for a float32 x."""
+    cdf, pdf = normal_cdf_pdf32(x)
+    return cdf + x * pdf
+
+
+@njit(inline="always", cache=True)
+def gelu64(x):
+    """0.5 x (1 + erf(x / sqrt 2)) for a float64 x."""
+    return 0.5 * x * (1.0 + math.erf(x * SQRT_HALF))
+
+
+@njit(inline="always", cache=True)
+def gelu_slope64(x):
+    """Phi(x) + x phi(x) for a float64 x."""
+    cdf = 0.5 * (1.0 + math.erf(x * SQRT_HALF))
+    pdf = math.exp(-0.5 * x * x) * INV_SQRT_2PI
+    return cdf + x * pdf
+
+
 @njit(parallel=True, cache=True)
 def gelu_forward(x, y):
     """y = 0.5 x (1 + erf(x / sqrt(2))) = x Phi(x)."""
     if x.itemsize == 4:
         for i in prange(x.size):
-            cdf, _ = normal_cdf_pdf32(x[i])
-            y[i] = x[i] * cdf
+            y[i] = gelu32(x[i])
     else:
         for i in prange(x.size):
-            y[i] = 0.5 * x[i] * (1.0 + math.erf(x[i] * SQRT_HALF))
+            y[i] = gelu64(x[i])
 
 
 @njit(parallel=True, cache=True)
@@ -134,38 +161,53 @@ def gelu_backward(x, dy, dx):
     """dx = dy (Phi(x) + x phi(x)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi): the derivative of x Phi(x)."""
     if x.itemsize == 4:
         for i in prange(x.size):
-            cdf, pdf = normal_cdf_pdf32(x[i])
-            dx[i] = dy[i] * (cdf + x[i] * pdf)
+            dx[i] = dy[i] * gelu_slope32(x[i])
     else:
         for i in prange(x.size):
-            cdf = 0.5 * (1.0 + math.erf(x[i] * SQRT_HALF))
-            pdf = math.exp(-0.5 * x[i] * x[i]) * INV_SQRT_2PI
-            dx[i] = dy[i] * (cdf + x[i] * pdf)
+            dx[i] = dy[i] * gelu_slope64(x[i])
 
 
 # -- GELU, tanh form: y = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3) ----------------------
+@njit(inline="always", cache=True)
+def gelu_tanh(x):
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    inner = GELU_TANH_BETA * (x + GELU_TANH_KAPPA * x * x * x)
+    return 0.5 * x * (1.0 + math.tanh(inner))
+
+
+@njit(inline="always", cache=True)
+def gelu_tanh_slope(x):
+    """0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t = tanh(u).
+
+    Product rule on the forward line `0.5 x (1 + tanh(u))`, with du/dx = sqrt(2/pi)(1 + 3 kappa x^2).
+    """
+    x_sq = x * x
+    t = math.tanh(GELU_TANH_BETA * (x + GELU_TANH_KAPPA * x_sq * x))
+    du_dx = GELU_TANH_BETA * (1.0 + 3.0 * GELU_TANH_KAPPA * x_sq)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx
+
+
 @njit(parallel=True, cache=True)
 def gelu_tanh_forward(x, y):
     """y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     for i in prange(x.size):
-        inner = GELU_TANH_BETA * (x[i] + GELU_TANH_KAPPA * x[i] * x[i] * x[i])
-        y[i] = 0.5 * x[i] * (1.0 + math.tanh(inner))
+        y[i] = gelu_tanh(x[i])
 
 
 @njit(parallel=True, cache=True)
 def gelu_tanh_backward(x, dy, dx):
-    """dx = dy (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)), t = tanh(u).
-
-    Product rule on the forward line `0.5 x (1 + tanh(u))`, with du/dx = sqrt(2/pi)(1 + 3 kappa x^2).
-    """
+    """dx = dy gelu_tanh_slope(x)."""
     for i in prange(x.size):
-        x_sq = x[i] * x[i]
-        t = math.tanh(GELU_TANH_BETA * (x[i] + GELU_TANH_KAPPA * x_sq * x[i]))
-        du_dx = GELU_TANH_BETA * (1.0 + 3.0 * GELU_TANH_KAPPA * x_sq)
-        dx[i] = dy[i] * (0.5 * (1.0 + t) + 0.5 * x[i] * (1.0 - t * t) * du_dx)
+        dx[i] = dy[i] * gelu_tanh_slope(x[i])
 
 
 # -- Tanh: y = tanh(x); dx = dy (1 - y^2), from the output -------------------------------------------
+@njit(inline="always", cache=True)
+def tanh_slope(y):
+    """d tanh(x)/dx = 1 - y^2, from the output y = tanh(x)."""
+    return 1.0 - y * y
+
+
 @njit(parallel=True, cache=True)
 def tanh_forward(x, y):
     for i in prange(x.size):
@@ -176,7 +218,7 @@ def tanh_forward(x, y):
 def tanh_backward(y, dy, dx):
     """dx = dy (1 - y^2), y = tanh(x) the forward output."""
     for i in prange(y.size):
-        dx[i] = dy[i] * (1.0 - y[i] * y[i])
+        dx[i] = dy[i] * tanh_slope(y[i])
 
 
 # -- Dropout: the mask is a pure function of (seed, stream, index) -----------------------------------

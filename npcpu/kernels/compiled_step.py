@@ -5,44 +5,46 @@ L layers; layer l maps K = width[l] to M = width[l + 1] features; P = 2 L parame
 layer l is p = 2 l, its bias p = 2 l + 1); C = COLUMN_BLOCKS, T threads (T divides C).
     x (S, D), y (S,) int64 class labels, order (S,) int64: the epoch's sample order
     weight[l] (M, K) torch layout, bias[l] (M,) or (0,) when the layer has no bias
-    act[l] (B, M) the output of layer l after its optional ReLU (layer 0 reads x[rows] directly)
+    act[l] (B, M) the output of layer l after its activation (layer 0 reads x[rows] directly)
     dz[l] (B, M) dL/d(pre-activation of layer l)
 
 One step is the reference loop of npcpu (model.forward, CrossEntropyLoss, model.backward,
-SGD.step, zero_grad):
+optimizer.step, zero_grad):
 
-    a_{l+1} = relu?(a_l W_l^T + b_l)                      forward, a_0 = x[batch rows]
+    a_{l+1} = f_l(a_l W_l^T + b_l)                        forward, a_0 = x[batch rows]; f_l the
+                                                          identity, ReLU, GELU or tanh
     dz_L    = (softmax(a_L) - onehot(y)) / n              mean cross-entropy over the n rows
-    dz_l    = dL/da_{l+1} * (a_{l+1} > 0)                 only after a ReLU (a > 0 exactly where z > 0)
+    dz_l    = dL/da_{l+1} * f_l'                          ReLU: (a > 0); tanh: 1 - a^2; GELU: from z
     g_W     = dz_l^T a_l,   g_b = sum_rows dz_l           the gradients of this step only
     dL/da_l = dz_l W_l                                    not needed for l = 0
-    W_l, b_l <- SGD(W_l, g_W), SGD(b_l, g_b)              torch.optim.SGD's rule, see `sgd_update`
+    W_l, b_l <- opt(W_l, g_W), opt(b_l, g_b)              SGD, Adam or AdamW: compiled_update
 
-The models this path is for spend nearly all their work in layer 0 (softmax regression 784 -> 10
-is all layer 0), whose input is wide and whose output is narrow. Its two GEMMs split cleanly by
-input column k: z_0 = sum over column blocks of x[:, block] W_0[:, block]^T, and g_W0[:, block] =
-dz_0^T x[:, block] needs only the block's columns. So thread t owns the column blocks t, t + T, ...
-of W_0 for good: it sums its blocks' part of z_0 for the batch, and the threads meet (a spin
-barrier, npcpu.kernels.intrinsics). The rest of the step is row by row up to the gradient sums:
-the batch's rows are cut into C row groups, thread t takes groups t, t + T, ..., adds the C
-partial sums of its rows in block order and runs the bias, ReLU, the layers above, the loss and
-their backward down to dz_0 for them, writing each group's gradients apart. The threads meet
-again; each sums the groups' gradients in group order and updates its own copy of everything but
-W_0 (the copies stay bitwise equal: same numbers, same order), then computes g_W0 from all rows
-of dz_0 and updates W_0 for its own column blocks only. What crosses between cores per step is
-the B x M partial sums, dz_0 and the small gradients above layer 0, never W_0 or its gradient;
-the batch's rows are read from memory once and read again from the core's cache for g_W0. Every
-sum runs in the same order for any T, so the results do not depend on the thread count. The
-threads are plain Python threads running `train_worker` without the GIL: launching one of Numba's
-parallel regions costs more than a spin barrier, and a step of such a model is short. (Running the
-rest of the step on every thread for all rows, as a first version did, spent a large part of each
-epoch on work the other thread repeated.)
+The models this path is for spend nearly all their work in layer 0 (softmax regression 784 -> 10 is
+all layer 0), whose input is wide and whose output is narrow. Its two GEMMs split cleanly by input
+column k: z_0 = sum over column blocks of x[:, block] W_0[:, block]^T, and g_W0[:, block] = dz_0^T
+x[:, block] needs only the block's columns. So thread t owns a contiguous run of C / T column blocks
+of W_0 for good (thread_blocks): it sums its blocks' part of z_0 for the batch, and the threads meet
+(a spin barrier, npcpu.kernels.intrinsics). The rest of the step is row by row up to the gradient
+sums: the batch's rows are cut into C row groups, thread t takes groups t, t + T, ..., adds the C
+partial sums of its rows in block order and runs the bias, activation, the layers above, the loss
+and their backward down to dz_0 for them, writing each group's gradients apart. The threads meet again;
+each sums the groups' gradients in group order and updates its own copy of everything but W_0 (the
+copies stay bitwise equal: same numbers, same order), then computes g_W0 from all rows of dz_0 and
+updates W_0 for its own column blocks only. What crosses between cores per step is the B x M partial
+sums, dz_0 and the small gradients above layer 0, never W_0 or its gradient; the batch's rows are
+read from memory once and read again from the core's cache for g_W0. Every sum runs in the same
+order for any T, so the results do not depend on the thread count. The threads are plain Python
+threads running `train_worker` without the GIL: launching one of Numba's parallel regions costs more
+than a spin barrier, and a step of such a model is short. (Running the rest of the step on every
+thread for all rows, as a first version did, spent a large part of each epoch on work the other
+thread repeated.)
 
 The per-layer loops (forward, dL/dW, dL/dx) are in npcpu.kernels.compiled_gemm. What the reference
-path computes too is the reference path's own code: the loss of a row is
-npcpu.kernels.softmax.cross_entropy_row, the bias gradient npcpu.kernels.linear.add_row_sums, and
-the SGD update of an element the scalar rules of npcpu.kernels.optim (sgd_gradient, sgd_momentum,
-sgd_direction, sgd_apply), so that the two paths cannot drift apart.
+path computes too is the reference path's own code or formulas: the loss is the reference loss's
+small-batch kernel (cross_entropy_rows), the bias gradient is
+npcpu.kernels.linear.add_row_sums, the activations the scalar functions of
+npcpu.kernels.activations, and the optimizer update of an element the scalar rules of
+npcpu.kernels.optim (npcpu.kernels.compiled_update), so that the two paths cannot drift apart.
 """
 
 from collections import namedtuple
@@ -50,83 +52,72 @@ from collections import namedtuple
 import numpy as np
 from numba import njit
 
-from npcpu.kernels.compiled_gemm import (CACHE_LINE, FAST, add_weight_grad, input_grad,
-                                         linear_forward, prefetch_rows, relu_backward)
+from npcpu.kernels.compiled_gemm import (CACHE_LINE, FAST, RELU, activation_backward,
+                                         activation_forward, add_weight_grad, input_grad,
+                                         linear_forward, prefetch_rows)
+from npcpu.kernels.compiled_update import update_parameter
 from npcpu.kernels.intrinsics import barrier_wait
 from npcpu.kernels.linear import add_row_sums
-from npcpu.kernels.optim import SGDHyper, sgd_apply, sgd_direction, sgd_gradient, sgd_momentum
-from npcpu.kernels.softmax import cross_entropy_row
+from npcpu.kernels.softmax import cross_entropy_forward_backward_serial
 
 BATCH_TILE = 16  # rows per tile of layer 0's GEMMs; the next tile's rows are prefetched
 COLUMN_BLOCKS = 4  # layer 0's columns in blocks, summed in block order; threads divide it
+NO_IGNORED_CLASS = -1  # targets are checked to be classes >= 0, so no row is ignored
 
 StepPlan = namedtuple("StepPlan", ["x", "x_scale", "y", "order", "batch_size", "first_batch",
-                                   "steps", "lrs", "first_step"])
+                                   "steps", "lrs", "corrections", "first_step"])
 """What `train_worker` runs: `steps` steps from batch `first_batch` of `order` (S,) int64, batch b
-being order[b * batch_size : (b + 1) * batch_size] (the last one may be shorter), over features
-x (S, D) * x_scale and labels y (S,) int64; lrs (steps, P) float64 the learning rate of each step
-and parameter; `first_step`: SGD has taken no step yet. x is in the parameters' dtype with
-x_scale 1 (multiplying by 1 is exact), or uint8 pixels with x_scale in that dtype (1 / 255 for
-MNIST): the GEMMs then read a quarter of the bytes, and the scale is applied to their sums
-(layer0_output, layer0_weight_update)."""
-ThreadModel = namedtuple("ThreadModel", ["weights", "biases", "relu", "momentum_buffers", "hyper",
-                                         "flags", "grad_weights", "grad_biases"])
-"""One thread's parameters and SGD settings: weights[l] (M, K), biases[l] (M,) or (0,), relu (L,)
-bool, momentum_buffers[p] flat ((0,) without momentum); hyper (P, 4) float64 = (lr, momentum,
-dampening, weight_decay) and flags (P, 2) bool = (nesterov, maximize) of parameter p; the scratch
-gradients grad_weights[l], grad_biases[l]. Shared by all threads: weights[0] and
-momentum_buffers[0] (each thread writes only its columns of W_0); the rest are this thread's own
-(thread 0's are the model's)."""
-SharedBuffers = namedtuple("SharedBuffers", ["counter", "partials", "acts", "dzs",
+being order[b * batch_size : (b + 1) * batch_size] (the last one may be shorter), over features x
+(S, D) * x_scale and labels y (S,) int64; lrs (steps, P) float64 the learning rate of each step and
+parameter, corrections (steps, P, 2) float64 Adam's bias corrections at each step (see
+npcpu.kernels.compiled_update; unused by SGD); `first_step`: SGD has taken no step yet. x is in the
+parameters' dtype with x_scale 1 (multiplying by 1 is exact), or uint8 pixels with x_scale in that
+dtype (1 / 255 for MNIST): the GEMMs then read a quarter of the bytes, and the scale is applied to
+their sums (layer0_output, layer0_weight_update)."""
+ThreadModel = namedtuple("ThreadModel", ["weights", "biases", "activations", "adam",
+                                         "first_moments", "second_moments", "hyper", "flags",
+                                         "grad_weights", "grad_biases"])
+"""One thread's parameters and optimizer: weights[l] (M, K), biases[l] (M,) or (0,), activations
+(L,) int64 (npcpu.kernels.compiled_gemm's codes: IDENTITY, RELU, GELU, GELU_TANH, TANH); the
+optimizer's state and settings adam, first_moments[p], second_moments[p], hyper (P, 4), flags
+(P, 2) as npcpu.kernels.compiled_update describes them; the scratch gradients grad_weights[l],
+grad_biases[l]. Shared by all threads: weights[0] and the state of W_0 (each thread writes only
+its columns of W_0); the rest are this thread's own (thread 0's are the model's)."""
+SharedBuffers = namedtuple("SharedBuffers", ["counter", "partials", "acts", "pre_acts", "dzs",
                                              "group_weight_grads", "group_bias_grads",
                                              "group_losses", "block_squares", "losses",
                                              "grad_norms"])
 """What the threads share: counter (1,) int64 zero (the barrier), partials (2, C, B, M0),
-acts[l] and dzs[l] (B, M) (each thread writes its row groups), group_weight_grads[g * L + l],
+acts[l], pre_acts[l] (GELU's inputs; (0, 0) for other layers) and dzs[l] (B, M) (each thread
+writes its row groups), group_weight_grads[g * L + l],
 group_bias_grads[g * L + l], group_losses (C,), block_squares (2, C), and the outputs losses
 (steps,) and grad_norms (steps,) that thread 0 writes."""
 
 
 # ---------------------------------------------------------------------------------------------
-# the loss and the optimizer, with the reference path's per-row and per-element rules
+# the loss, with the reference loss's formulas
 # ---------------------------------------------------------------------------------------------
 @njit(cache=True)
 def cross_entropy_rows(logits, y, rows, scale, dlogits):
     """Cross-entropy of logits[i] against class y[rows[i]], summed over i < n = rows.size, and its
-    gradient dlogits[i] = (softmax(logits[i]) - onehot) * scale (scale = 1 / batch rows): the
-    reference loss's row rule (cross_entropy_row, no label smoothing). Returns the sum in float64
-    (times `scale` it is these rows' part of the mean loss)."""
-    classes = logits.shape[1]
-    bits = np.empty(classes, np.int32)  # the row helper's exp scratch, shared by the rows
+    gradient dlogits[i] = (softmax(logits[i]) - onehot) * scale (scale = 1 / batch rows); logits
+    and dlogits (>= n, C) C-contiguous. Returns the sum in float64 (times `scale` it is these
+    rows' part of the mean loss).
+
+    The reference loss's own small-batch kernel (npcpu.kernels.softmax.
+    cross_entropy_forward_backward_serial, no label smoothing, no ignored rows), on the group's
+    targets gathered from y."""
+    n = rows.size
+    targets = np.empty(n, np.int64)
+    for i in range(n):
+        targets[i] = y[rows[i]]
+    losses = np.empty(n, np.float64)
+    cross_entropy_forward_backward_serial(losses, dlogits[:n], logits[:n], targets, NO_IGNORED_CLASS,
+                                          0.0, scale, logits.shape[1])
     total = 0.0
-    for i in range(rows.size):
-        total += cross_entropy_row(logits[i], y[rows[i]], classes, 0.0, scale, dlogits[i], False,
-                                   bits)
+    for i in range(n):
+        total += losses[i]
     return total
-
-
-@njit(cache=True)
-def sgd_settings(model, p, lr, first_step, real):
-    """Parameter p's SGDHyper for this step, in the compute dtype `real`, as npcpu.optim.SGD
-    builds it."""
-    hyper, flags = model.hyper[p], model.flags[p]
-    return SGDHyper(real(lr), real(hyper[1]), real(1.0 - hyper[2]), real(hyper[3]), flags[0],
-                    flags[1], first_step)
-
-
-@njit(cache=True)
-def sgd_update(param, grad, momentum_buffer, hyper):
-    """One torch.optim.SGD step on flat param (P,) from grad (P,); momentum_buffer (P,), or (0,)
-    without momentum; `hyper` an SGDHyper. Element by element the rules of npcpu.kernels.optim's
-    sgd_step (float arrays, no rounding to do)."""
-    for j in range(param.size):
-        w = param[j]
-        g = sgd_gradient(grad[j], w, hyper)
-        if momentum_buffer.size:
-            b = sgd_momentum(g, momentum_buffer[j], hyper)
-            momentum_buffer[j] = b
-            g = sgd_direction(g, b, hyper)
-        param[j] = sgd_apply(w, g, hyper)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,14 +135,23 @@ def column_block(n_in, block):
 
 
 @njit(cache=True)
+def thread_blocks(thread, threads):
+    """The column blocks [first, stop) of thread `thread` of `threads`: a contiguous run, so that
+    the thread's part of g_W0 is one run of columns (long loops, one call per tile)."""
+    per_thread = COLUMN_BLOCKS // threads
+    return thread * per_thread, (thread + 1) * per_thread
+
+
+@njit(cache=True)
 def layer0_partial_sums(x, rows, weight, thread, threads, partials):
     """partials[c, i, m] = sum_k x[rows[i], k] weight[m, k] over the columns of block c, for
-    this thread's blocks c = thread, thread + T, ...; tile by tile of rows, all of the thread's
-    blocks of a tile while its rows are in cache, and the next tile's rows prefetched meanwhile."""
+    this thread's blocks c (thread_blocks); tile by tile of rows, all of the thread's blocks of a
+    tile while its rows are in cache, and the next tile's rows prefetched meanwhile."""
     empty = np.empty(0, weight.dtype)
+    first_block, stop_block = thread_blocks(thread, threads)
     for i in range(0, rows.size, BATCH_TILE):
         tile = rows[i:i + BATCH_TILE]
-        for block in range(thread, COLUMN_BLOCKS, threads):
+        for block in range(first_block, stop_block):
             first, stop = column_block(x.shape[1], block)
             prefetch_rows(x[:, first:stop], rows, i + BATCH_TILE, i + 2 * BATCH_TILE)
             linear_forward(x, tile, weight, empty, False, partials[block, i:i + BATCH_TILE],
@@ -177,36 +177,38 @@ def layer0_output(partials, x_scale, bias, relu, first, stop, out):
 
 @njit(cache=True, fastmath=FAST)
 def sum_of_squares(a):
-    """sum_i a_i^2 of a 1-D or 2-D array, summed in float64."""
+    """sum_k a_k^2 of a 1-D array, summed in float64 (an index loop: LLVM vectorizes it, where
+    iterating over the array's elements it did not)."""
     total = 0.0
-    for row in a.reshape(-1, a.shape[-1]):
-        for v in row:
-            total += float(v) * float(v)
+    for k in range(a.size):
+        v = float(a[k])
+        total += v * v
     return total
 
 
 @njit(cache=True)
 def head_rows(model, shared, partials, x_scale, rows, y, first, stop, scale, base):
     """Everything of a step after layer 0's GEMM for the batch rows first .. stop - 1 (a row
-    group; their samples are rows[first:stop]): layer 0's bias and ReLU, the layers above forward,
-    the loss, their backward down to dz_0. The group's gradients of every parameter but W_0 go to
-    group_weight_grads[base + l], group_bias_grads[base + l] (overwritten); dz_0 to dzs[0].
+    group; their samples are rows[first:stop]): layer 0's bias and activation, the layers above
+    forward, the loss, their backward down to dz_0. The group's gradients of every parameter but W_0
+    go to group_weight_grads[base + l], group_bias_grads[base + l] (overwritten); dz_0 to dzs[0].
     Returns the group's summed loss (times `scale` = 1 / batch rows it is its part of the mean)."""
-    weights, biases, relu = model.weights, model.biases, model.relu
-    acts, dzs = shared.acts, shared.dzs
+    weights, biases, activations = model.weights, model.biases, model.activations
+    acts, pre_acts, dzs = shared.acts, shared.pre_acts, shared.dzs
     n_layers = len(weights)
     count = stop - first
     local = np.arange(first, stop)
-    layer0_output(partials, x_scale, biases[0], relu[0], first, stop, acts[0])
+    layer0_output(partials, x_scale, biases[0], activations[0] == RELU, first, stop, acts[0])
+    activation_forward(activations[0], acts[0][first:stop], pre_acts[0][first:stop], count)
     for l in range(1, n_layers):
-        linear_forward(acts[l - 1], local, weights[l], biases[l], relu[l], acts[l][first:stop], 0,
-                       weights[l].shape[1])
+        linear_forward(acts[l - 1], local, weights[l], biases[l], activations[l] == RELU,
+                       acts[l][first:stop], 0, weights[l].shape[1])
+        activation_forward(activations[l], acts[l][first:stop], pre_acts[l][first:stop], count)
     loss = cross_entropy_rows(acts[n_layers - 1][first:stop], y, rows[first:stop], scale,
                               dzs[n_layers - 1][first:stop])
     for l in range(n_layers - 1, -1, -1):
         dz = dzs[l][first:stop]
-        if relu[l]:
-            relu_backward(dz, acts[l][first:stop], count)
+        activation_backward(activations[l], dz, acts[l][first:stop], pre_acts[l][first:stop], count)
         if biases[l].size:
             shared.group_bias_grads[base + l][:] = 0
             add_row_sums(dz, shared.group_bias_grads[base + l])
@@ -219,13 +221,12 @@ def head_rows(model, shared, partials, x_scale, rows, y, first, stop, scale, bas
 
 
 @njit(cache=True)
-def head_update(model, shared, lrs, first_step):
-    """SGD on this thread's copies of every parameter but W_0, with the gradient summed over the
-    row groups in group order (so every thread, and any thread count, gets the same sum). Returns
-    the sum of squared gradients of these parameters."""
+def head_update(model, shared, lrs, corrections, first_step):
+    """The optimizer's step on this thread's copies of every parameter but W_0, with the gradient
+    summed over the row groups in group order (so every thread, and any thread count, gets the
+    same sum). Returns the sum of squared gradients of these parameters."""
     weights, biases = model.weights, model.biases
     group_weight_grads, group_bias_grads = shared.group_weight_grads, shared.group_bias_grads
-    real = weights[0].dtype.type
     n_layers = len(weights)
     groups = len(group_bias_grads) // n_layers
     squares = 0.0
@@ -237,51 +238,47 @@ def head_update(model, shared, lrs, first_step):
                 total += group_bias_grads[g * n_layers + l]
             squares += sum_of_squares(total)
             p = 2 * l + 1
-            sgd_update(biases[l], total, model.momentum_buffers[p],
-                       sgd_settings(model, p, lrs[p], first_step, real))
+            update_parameter(model, p, biases[l], total, 0, lrs[p], corrections[p], first_step)
         if l > 0:
             total = model.grad_weights[l]
             total[:] = group_weight_grads[l]
             for g in range(1, groups):
                 total += group_weight_grads[g * n_layers + l]
-            squares += sum_of_squares(total)
+            squares += sum_of_squares(total.reshape(-1))
             p = 2 * l
-            sgd_update(weights[l].reshape(-1), total.reshape(-1), model.momentum_buffers[p],
-                       sgd_settings(model, p, lrs[p], first_step, real))
+            update_parameter(model, p, weights[l].reshape(-1), total.reshape(-1), 0, lrs[p],
+                             corrections[p], first_step)
     return squares
 
 
 @njit(cache=True)
-def layer0_weight_update(model, x, x_scale, rows, next_rows, dz, thread, threads, hyper,
-                         block_squares):
+def layer0_weight_update(model, x, x_scale, rows, next_rows, dz, thread, threads, lr, corrections,
+                         first_step, block_squares):
     """g_W0 = (dz_0^T x[rows]) * x_scale for the columns of this thread's blocks (tile by tile of
-    rows, as in layer0_partial_sums), then SGD (`hyper`, an SGDHyper) on those columns of W_0;
-    block_squares[c] = the sum of squared gradients of block c.
+    rows, as in layer0_partial_sums), then the optimizer's step on those columns of W_0 (lr,
+    corrections, first_step: as update_parameter takes them); block_squares[c] = the sum of
+    squared gradients of block c.
 
     x[rows] is in this core's cache by now, so the memory bus would be idle: each tile prefetches
     the thread's columns of the matching tile of the next batch, x[next_rows] (next_rows may be
     empty), and the next step's forward finds them in cache."""
-    weight, grad_weight, momentum_buffer = model.weights[0], model.grad_weights[0], model.momentum_buffers[0]
+    weight, grad_weight = model.weights[0], model.grad_weights[0]
     n_out, n_in = weight.shape
-    for block in range(thread, COLUMN_BLOCKS, threads):
-        first, stop = column_block(n_in, block)
-        grad_weight[:, first:stop] = 0
+    first_block, stop_block = thread_blocks(thread, threads)
+    first, stop = column_block(n_in, first_block)[0], column_block(n_in, stop_block - 1)[1]
+    grad_weight[:, first:stop] = 0
     per_tile = -(-next_rows.size * BATCH_TILE // max(rows.size, 1))
     for t, i in enumerate(range(0, rows.size, BATCH_TILE)):
-        for block in range(thread, COLUMN_BLOCKS, threads):
-            first, stop = column_block(n_in, block)
-            prefetch_rows(x[:, first:stop], next_rows, t * per_tile, (t + 1) * per_tile)
-            add_weight_grad(dz[i:i + BATCH_TILE], x, rows[i:i + BATCH_TILE], grad_weight, first,
-                            stop)
-    for block in range(thread, COLUMN_BLOCKS, threads):
+        prefetch_rows(x[:, first:stop], next_rows, t * per_tile, (t + 1) * per_tile)
+        add_weight_grad(dz[i:i + BATCH_TILE], x, rows[i:i + BATCH_TILE], grad_weight, first, stop)
+    grad_weight[:, first:stop] *= x_scale
+    for block in range(first_block, stop_block):
         first, stop = column_block(n_in, block)
-        grad_weight[:, first:stop] *= x_scale
         block_squares[block] = 0.0
         for m in range(n_out):
             block_squares[block] += sum_of_squares(grad_weight[m, first:stop])
-            buffer = momentum_buffer[m * n_in + first:m * n_in + stop] if momentum_buffer.size \
-                else momentum_buffer
-            sgd_update(weight[m, first:stop], grad_weight[m, first:stop], buffer, hyper)
+            update_parameter(model, 0, weight[m, first:stop], grad_weight[m, first:stop],
+                             m * n_in + first, lr, corrections, first_step)
 
 
 @njit(cache=True, nogil=True)
@@ -289,8 +286,8 @@ def train_worker(thread, threads, plan, model, shared):
     """Thread `thread` of `threads` runs the steps of `plan` (a StepPlan) on `model` (this
     thread's ThreadModel) with the other threads (`shared`, the SharedBuffers).
 
-    A thread's share of a step is blocks c = thread, thread + T, ... (of layer 0's columns) and row
-    groups g = thread, thread + T, ... (of the batch's rows, C of them too):
+    A thread's share of a step is its blocks c (thread_blocks: C / T contiguous blocks of layer 0's
+    columns) and row groups g = thread, thread + T, ... (of the batch's rows, C of them too):
       (1) layer 0's partial sums over its column blocks, into partials[s % 2, c]; all meet;
       (2) head_rows for its row groups: the rest of the forward, the loss, the backward to dz_0,
           the groups' gradients of everything but W_0; all meet;
@@ -301,14 +298,13 @@ def train_worker(thread, threads, plan, model, shared):
     that a thread may start (1) of step s + 1 while another is still in (3) of step s; the first
     meeting of step s + 1 waits for everybody to finish step s.
 
-    Parameter p (weight of layer l is p = 2 l, its bias p = 2 l + 1) uses plan.lrs[s, p] and the
-    settings model.hyper[p], model.flags[p]. Thread 0 writes shared.losses[s] and
-    shared.grad_norms[s]. Stops before updating anything in the first step whose loss is not
-    finite; returns the number of steps taken.
+    Parameter p (weight of layer l is p = 2 l, its bias p = 2 l + 1) uses plan.lrs[s, p],
+    plan.corrections[s, p] and the settings model.hyper[p], model.flags[p]. Thread 0 writes
+    shared.losses[s] and shared.grad_norms[s]. Stops before updating anything in the first step
+    whose loss is not finite; returns the number of steps taken.
     """
     order, batch_size, n_steps = plan.order, plan.batch_size, plan.steps
     counter, partials, block_squares = shared.counter, shared.partials, shared.block_squares
-    real = model.weights[0].dtype.type
     n_layers = len(model.weights)
     head_squares = 0.0
     for s in range(n_steps):
@@ -332,9 +328,9 @@ def train_worker(thread, threads, plan, model, shared):
             shared.losses[s] = loss
         if not np.isfinite(loss):
             return s
-        head_squares = head_update(model, shared, plan.lrs[s], first_step)
+        head_squares = head_update(model, shared, plan.lrs[s], plan.corrections[s], first_step)
         layer0_weight_update(model, plan.x, plan.x_scale, rows, next_rows, shared.dzs[0], thread,
-                             threads, sgd_settings(model, 0, plan.lrs[s, 0], first_step, real),
+                             threads, plan.lrs[s, 0], plan.corrections[s, 0], first_step,
                              block_squares[s % 2])
     barrier_wait(counter, threads, 2 * n_steps)
     if thread == 0:

@@ -70,6 +70,18 @@ def exp_shifted(out, x, n, shift, bits):
         out[i] *= scale[i]
 
 
+@njit(cache=True)
+def exp_in_place(values):
+    """values[i] = exp(values[i]) over a 1-D array: exp32 for float32 (the values of exp_shifted),
+    np.exp for float64."""
+    if values.itemsize != 4:
+        for i in range(values.size):
+            values[i] = np.exp(values[i])
+        return
+    for i in range(values.size):
+        values[i] = exp32(values[i])
+
+
 @njit(cache=True, fastmath={"reassoc"})
 def row_sum(values, n):
     """sum(values[:n]) in float64, in any order (so that it vectorizes); NaN and Inf still

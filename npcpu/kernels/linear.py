@@ -9,7 +9,8 @@ Legend: N rows (the batch, leading dimensions flattened), M = out_features.
     db    (M,)              the bias gradient accumulator (+=), compute dtype
 
 The backward reductions split the columns into blocks of `COLUMN_BLOCK`; each column is summed over
-the rows in order 0..N-1 by one thread, so db is bit-identical for any thread count.
+the rows in order 0..N-1 by one thread, so db is bit-identical for any thread count, and to the
+serial `add_row_sums` over all columns at once, which a small layer takes (npcpu.kernels.launch).
 """
 
 import numpy as np
@@ -23,12 +24,26 @@ def mask_shape(rows: int, columns: int) -> tuple[int, int]:
     return rows, (columns + 7) // 8
 
 
+@njit(cache=True)
+def _add_bias_row(y, bias, i):
+    """y[i, j] += bias[j] for every j (a loop: a serial `y[i, :] += bias` would allocate)."""
+    row = y[i]
+    for j in range(row.size):
+        row[j] += bias[j]
+
+
 @njit(parallel=True, cache=True)
 def add_bias(y, bias):
     """y[i, j] += bias[j], in place."""
-    n_rows = y.shape[0]
-    for i in prange(n_rows):
-        y[i, :] += bias
+    for i in prange(y.shape[0]):
+        _add_bias_row(y, bias, i)
+
+
+@njit(cache=True)
+def add_bias_serial(y, bias):
+    """add_bias on the calling thread, for a small y (npcpu.kernels.launch)."""
+    for i in range(y.shape[0]):
+        _add_bias_row(y, bias, i)
 
 
 @njit(parallel=True, cache=True)

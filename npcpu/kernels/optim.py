@@ -15,7 +15,8 @@ work per element) only if that loop is also short. What that takes in Numba:
   IEEE results are the same (the denominators here are never 0, and nothing else is checked).
 - prange over blocks; each block is a plain `for j in range(count)` over views sliced to the block,
   so the indices are provably non-negative and consecutive. Tensors under PARALLEL_ELEMENTS go to
-  the `*_serial` twins, which run the same blocks in a plain loop on the calling thread.
+  the `*_serial` twins, which run the same blocks in a plain loop on the calling thread
+  (npcpu.kernels.launch).
 - no loads under a condition (the random bits are read, then selected), no calls that are not
   inlined; options that change the loop's structure (AMSGrad, SGD's momentum) are decided at
   compile time by passing None, flags such as `maximize` are loop invariant.
@@ -26,6 +27,12 @@ work per element) only if that loop is also short. What that takes in Numba:
 
 The per-element rules (`sgd_*`, `adam_moments`, `lamb_direction`) are plain scalar functions, so
 that the compiled training step (npcpu.kernels.compiled_step) applies the very same arithmetic.
+
+Plain tuples: `sgd_step` and `adam_step` (and their serial twins) also take their settings and
+Rounding as plain tuples of the same fields, in the same order, and rebuild the named tuples
+inside. Numba types a named-tuple argument by Python code on every call (about half a microsecond
+each), a plain tuple in its C dispatcher: for a small model that is a good part of an update. The
+optimizers build the named tuples by keyword, then pass them on as plain tuples.
 """
 
 from collections import namedtuple
@@ -34,9 +41,10 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from npcpu.kernels.launch import PARALLEL_ELEMENTS, for_size  # noqa: F401 (the optimizers' choice)
 from npcpu.kernels.optim_io import (BLOCK, EXP_AVG_SLOT, EXP_AVG_SQ_SLOT, MAX_EXP_AVG_SQ_SLOT,
-                                    PARAM_SLOT, block_count, block_of, draw_random_fields, fma,
-                                    load, store)
+                                    PARAM_SLOT, Rounding, block_count, block_of,
+                                    draw_random_fields, fma, load, store)
 
 SGDHyper = namedtuple("SGDHyper", ["lr", "momentum", "one_minus_dampening", "weight_decay",
                                    "nesterov", "maximize", "first_step"])
@@ -50,15 +58,6 @@ LambHyper = namedtuple("LambHyper", ["one_minus_beta1", "beta2", "one_minus_beta
                                      "weight_decay", "inverse_bias_correction1",
                                      "inverse_bias_correction2", "maximize"])
 """LAMB's settings for one step (see lamb_moments): floats in the compute dtype, then a bool."""
-
-PARALLEL_ELEMENTS = 1 << 15
-"""Tensors with fewer elements are updated by the `*_serial` kernels on the calling thread: a
-parallel launch (waking the other threads, joining them) then costs more than the threads save."""
-
-
-def for_size(parallel_kernel, serial_kernel, n: int):
-    """The kernel to update an n-element tensor with: `serial_kernel` under PARALLEL_ELEMENTS."""
-    return parallel_kernel if n >= PARALLEL_ELEMENTS else serial_kernel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +127,7 @@ def sgd_step(param, grad, momentum_buffer, hyper, rounding):
     g = g + momentum * b if nesterov else b                   (with a momentum buffer)
     w = w - lr * g
     """
+    hyper, rounding = SGDHyper(*hyper), Rounding(*rounding)  # see "Plain tuples" above
     for block in prange(block_count(param.size)):
         _sgd_block_of(param, grad, momentum_buffer, hyper, rounding, block, numba.get_thread_id())
 
@@ -138,6 +138,7 @@ def sgd_step_serial(param, grad, momentum_buffer, hyper, rounding):
     PARALLEL_ELEMENTS, where waking the other threads costs more than they save. It takes the
     scratch's row 0 (numba.get_thread_id outside a parallel kernel may run before Numba's threads
     exist: a crash when this kernel is loaded from the cache)."""
+    hyper, rounding = SGDHyper(*hyper), Rounding(*rounding)
     for block in range(block_count(param.size)):
         _sgd_block_of(param, grad, momentum_buffer, hyper, rounding, block, 0)
 
@@ -149,6 +150,23 @@ def sgd_step_serial(param, grad, momentum_buffer, hyper, rounding):
 def adam_moments(g, m, v, one_minus_beta1, beta2, one_minus_beta2):
     """Adam's moment updates, as torch writes them: m.lerp_(g, 1 - beta1); v.mul_(beta2).addcmul_(g, g, 1 - beta2)."""
     return fma(one_minus_beta1, g - m, m), fma(one_minus_beta2 * g, g, v * beta2)
+
+
+@njit(cache=True, error_model="numpy")
+def adam_gradient(grad, w, hyper, use_decay):
+    """g = -grad if maximize else grad, plus Adam's coupled weight_decay * w when `use_decay`
+    (torch's grad.add(param, alpha=weight_decay)). A per-element rule, as `adam_moments` and
+    `adam_apply`: the compiled training step applies them too (npcpu.kernels.compiled_update)."""
+    g = -grad if hyper.maximize else grad
+    return fma(hyper.weight_decay, w, g) if use_decay else g
+
+
+@njit(cache=True, error_model="numpy")
+def adam_apply(w, m, v, hyper):
+    """The new weight: decay_factor * w (AdamW's decoupled decay; 1 for Adam), then torch's
+    addcdiv_ w - step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)."""
+    denom = np.sqrt(v) / hyper.bias_correction2_sqrt + hyper.eps
+    return w * hyper.decay_factor + ((-hyper.step_size) * m) / denom
 
 
 @njit(cache=True, error_model="numpy")
@@ -168,11 +186,8 @@ def _adam_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, roundin
     draw_random_fields(max_random, max_exp_avg_sq, stochastic, seed, stream,
                        MAX_EXP_AVG_SQ_SLOT, start)
     for j in range(param.size):
-        g = -grad[j] if hyper.maximize else grad[j]
         w = load(param, j)
-        if use_decay:
-            g = fma(hyper.weight_decay, w, g)                 # grad.add(param, alpha=weight_decay)
-        w = w * hyper.decay_factor
+        g = adam_gradient(grad[j], w, hyper, use_decay)
         m, v = adam_moments(g, load(exp_avg, j), load(exp_avg_sq, j), hyper.one_minus_beta1,
                             hyper.beta2, hyper.one_minus_beta2)
         store(exp_avg, j, m, stochastic, exp_avg_random)
@@ -180,8 +195,7 @@ def _adam_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, roundin
         if max_exp_avg_sq is not None:
             v = max(load(max_exp_avg_sq, j), v)
             store(max_exp_avg_sq, j, v, stochastic, max_random)
-        denom = np.sqrt(v) / hyper.bias_correction2_sqrt + hyper.eps
-        store(param, j, w + ((-hyper.step_size) * m) / denom, stochastic, param_random)  # addcdiv_
+        store(param, j, adam_apply(w, m, v, hyper), stochastic, param_random)
 
 
 @njit(cache=True, error_model="numpy")
@@ -208,6 +222,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding)
     with step_size = lr / (1 - beta1^t) and bias_correction2_sqrt = sqrt(1 - beta2^t).
     `max_exp_avg_sq` is (n,) for AMSGrad, else None.
     """
+    hyper, rounding = AdamHyper(*hyper), Rounding(*rounding)  # see "Plain tuples" above
     for block in prange(block_count(param.size)):
         _adam_block_of(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding, block,
                        numba.get_thread_id())
@@ -216,6 +231,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding)
 @njit(cache=True, error_model="numpy")
 def adam_step_serial(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding):
     """adam_step on the calling thread alone, with the scratch's row 0 (see sgd_step_serial)."""
+    hyper, rounding = AdamHyper(*hyper), Rounding(*rounding)
     for block in range(block_count(param.size)):
         _adam_block_of(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding, block, 0)
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from npcpu.checks import check_int
 from npcpu.kernels import linear as kernels
+from npcpu.kernels.launch import for_size
 from npcpu.nn import weight_blocks, work
 from npcpu.nn.module import Module
 from npcpu.nn.parameter import Parameter
@@ -73,12 +74,12 @@ class Linear(Module):
     def _finish_output(self, y: np.ndarray) -> None:
         """y (N, M) holds x W^T: add the bias in place."""
         if self.bias is not None:
-            kernels.add_bias(y, self.bias.values())
+            for_size(kernels.add_bias, kernels.add_bias_serial, y.size)(y, self.bias.values())
 
     def _output_grad(self, dy: np.ndarray) -> np.ndarray:
         """dL/d(x W^T + b) from dy (N, M), with dL/db accumulated on the way."""
         if self.bias is not None and not self.bias.frozen:
-            kernels.bias_grad(dy, self.bias.grad_buffer())
+            for_size(kernels.bias_grad, kernels.add_row_sums, dy.size)(dy, self.bias.grad_buffer())
         return dy
 
     # -- forward and backward -------------------------------------------------------------------

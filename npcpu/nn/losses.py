@@ -20,7 +20,9 @@ import numpy as np
 
 from npcpu.checks import check_real
 from npcpu.dtypes import HALF_DTYPES
-from npcpu.kernels.softmax import cross_entropy_forward_backward
+from npcpu.kernels.launch import for_size
+from npcpu.kernels.softmax import (cross_entropy_forward_backward,
+                                   cross_entropy_forward_backward_serial, target_bounds)
 from npcpu.precision import to_compute
 
 REDUCTIONS = ("mean", "sum")
@@ -164,11 +166,11 @@ class CrossEntropyLoss(Loss):
             dlogits = self._grad = logits
         else:
             dlogits = self._gradient_buffer(logits.shape, logits.dtype)
-        cross_entropy_forward_backward(losses, dlogits.reshape(-1, columns),
-                                       logits.reshape(-1, columns), targets.reshape(-1),
-                                       self.ignore_index, self.label_smoothing,
-                                       1.0 / divisor if divisor > 0 else 0.0,
-                                       self._classes(columns))
+        kernel = for_size(cross_entropy_forward_backward, cross_entropy_forward_backward_serial,
+                          logits.size)
+        kernel(losses, dlogits.reshape(-1, columns), logits.reshape(-1, columns),
+               targets.reshape(-1), self.ignore_index, self.label_smoothing,
+               1.0 / divisor if divisor > 0 else 0.0, self._classes(columns))
         if divisor == 0:  # every target ignored: torch's 0 / 0
             return float("nan")
         return float(losses.sum() / divisor)
@@ -208,8 +210,11 @@ class CrossEntropyLoss(Loss):
                              f"got logits {logits.shape} and targets {targets.shape}")
         classes = self._classes(logits.shape[-1])
         targets = np.ascontiguousarray(targets, dtype=np.int64)
-        # the usual batch is checked in two reductions; the mask below only when it fails
-        in_range = bool(targets.size) and 0 <= targets.min() and targets.max() < classes
+        # the usual batch is checked in one pass; the mask below only when it fails
+        in_range = False
+        if targets.size:
+            low, high = target_bounds(targets.reshape(-1))
+            in_range = 0 <= low and high < classes
         if not in_range:
             bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= classes))
             if bad.any():

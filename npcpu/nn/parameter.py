@@ -19,6 +19,9 @@ from npcpu.dtypes import HALF_DTYPES
 from npcpu.precision import to_compute
 
 
+_FLOAT64, _FLOAT32 = np.dtype(np.float64), np.dtype(np.float32)  # made once: read on every step
+
+
 class RangeUpdate(Protocol):
     def __call__(self, grad: np.ndarray, first: int = 0) -> None:
         """Update the parameter's elements first .. first + grad.size - 1 (C order) from `grad`,
@@ -90,7 +93,7 @@ class Parameter:
 
     @property
     def compute_dtype(self) -> np.dtype:
-        return np.dtype(np.float64) if self.data.dtype == np.float64 else np.dtype(np.float32)
+        return _FLOAT64 if self.data.dtype == _FLOAT64 else _FLOAT32
 
     def values(self) -> np.ndarray:
         """The values in the compute dtype: `data` itself when float32/float64, else a widened copy."""

@@ -63,7 +63,7 @@ class Adam(Optimizer):
             step_size=real(lr / (1 - beta1 ** step)), bias_correction2_sqrt=real((1 - beta2 ** step) ** 0.5),
             maximize=group["maximize"])
         step = kernels.for_size(kernels.adam_step, kernels.adam_step_serial, weights.size)
-        step(weights, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, rounding)
+        step(weights, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, tuple(hyper), tuple(rounding))
 
 
 class AdamW(Adam):

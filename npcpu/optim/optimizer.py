@@ -324,9 +324,8 @@ class Optimizer:
         the random scratch (for any thread count) is made once."""
         if self._random is None:
             self._random = random_scratch()
-        return Rounding(stochastic=self.stochastic_rounding, seed=np.uint64(self.seed),
-                        stream=np.uint64((state["step"] << 32) | index), first=np.uint64(first),
-                        random=self._random)
+        return Rounding(self.stochastic_rounding, np.uint64(self.seed),  # by position: faster
+                        np.uint64((state["step"] << 32) | index), np.uint64(first), self._random)
 
     # -- updates inside backward -----------------------------------------------------------------
     def fuse_into_backward(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from npcpu.kernels import optim as kernels
 from npcpu.checks import check_flag, check_real
 from npcpu.optim.optimizer import Optimizer, flat
@@ -49,11 +51,22 @@ class SGD(Optimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _update(self, weights, grad, state, group, rounding) -> None:
-        real = grad.dtype.type
         buffer = flat(state["momentum_buffer"]) if group["momentum"] != 0 else None
-        hyper = kernels.SGDHyper(lr=real(group["lr"]), momentum=real(group["momentum"]),
-                                 one_minus_dampening=real(1 - group["dampening"]),
-                                 weight_decay=real(group["weight_decay"]), nesterov=group["nesterov"],
-                                 maximize=group["maximize"], first_step=state["step"] == 1)
+        # float(): the cache's key must be hashable whatever number type a user put in the group
+        hyper = _hyper(float(group["lr"]), float(group["momentum"]), float(group["dampening"]),
+                       float(group["weight_decay"]), group["nesterov"], group["maximize"],
+                       state["step"] == 1, grad.dtype.type)
         step = kernels.for_size(kernels.sgd_step, kernels.sgd_step_serial, weights.size)
-        step(weights, grad, buffer, hyper, rounding)
+        step(weights, grad, buffer, tuple(hyper), tuple(rounding))  # plain: see kernels.optim
+
+
+@functools.lru_cache(maxsize=256)
+def _hyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, real
+           ) -> kernels.SGDHyper:
+    """The kernels' SGDHyper for a group's settings, in the compute dtype `real`: made once per
+    distinct setting (a small model's step is a few microseconds per tensor, and building the
+    tuple was a good part of it; a schedule that changes lr every step just misses the cache)."""
+    return kernels.SGDHyper(lr=real(lr), momentum=real(momentum),
+                            one_minus_dampening=real(1 - dampening),
+                            weight_decay=real(weight_decay), nesterov=nesterov, maximize=maximize,
+                            first_step=first_step)

@@ -17,6 +17,10 @@ from npcpu.kernels.grads import max_abs
 from npcpu.nn.parameter import Parameter
 from npcpu.precision import overflow_threshold
 
+_EXPONENT_MASKS = {np.dtype(name): mask for name, mask in EXPONENT_MASKS_16.items()}
+"""The masks by dtype rather than by name: this runs after every update, and a dtype's `.name` is
+built by Python code on each access."""
+
 
 def check_storable(owner: str, p: Parameter, values: np.ndarray) -> None:
     """Raise FloatingPointError, naming `p`, when a master-copy value would round to Inf in p's
@@ -34,7 +38,7 @@ def check_updated_in_place(owner: str, p: Parameter, first: int, stop: int) -> N
     """Raise FloatingPointError, naming `p`, when a 16-bit parameter updated in place now holds Inf
     or NaN in elements first .. stop - 1: an update that rounded to Inf, or a non-finite gradient
     (updates inside backward check the loss, not the gradients). Other dtypes pass."""
-    mask = EXPONENT_MASKS_16.get(p.data.dtype.name)
+    mask = _EXPONENT_MASKS.get(p.data.dtype)
     if mask is None:
         return
     bits = p.data.reshape(-1)[first:stop].view(np.uint16)

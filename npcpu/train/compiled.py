@@ -1,4 +1,4 @@
-"""A compiled fast path for small classifiers: whole SGD epochs in one Numba call.
+"""A compiled fast path for small classifiers: whole epochs of SGD, Adam or AdamW in one Numba call.
 
 The reference path (npcpu.train.trainer.Trainer, or a loop of model.forward, loss, model.backward,
 optimizer.step, zero_grad) spends most of a small model's step outside the arithmetic: for
@@ -14,16 +14,21 @@ another order than BLAS), and bit-identical results on 1, 2 or 4 threads (see th
 module for how).
 
 Supported, and checked (anything else raises with a message that says what is supported):
-    model      a Sequential of Linear / FusedLinearReLU layers (or one such layer), every parameter
+    model      a Sequential of Linear / FusedLinearReLU layers (or one such layer), a Linear
+               optionally followed by a ReLU, GELU (either form) or Tanh module; every parameter
                trainable, precision "fp32" (or "fp64", for checks)
     loss_fn    CrossEntropyLoss(reduction="mean", label_smoothing=0), ignore_index not a class
-    optimizer  SGD over exactly the model's parameters (momentum, dampening, nesterov,
-               weight_decay, maximize as torch.optim.SGD; any parameter groups), state_dtype "fp32"
+    optimizer  over exactly the model's parameters (any parameter groups), state_dtype "fp32":
+               SGD (momentum, dampening, nesterov, weight_decay, maximize as torch.optim.SGD),
+               Adam or AdamW (betas, eps, weight_decay, maximize as torch; amsgrad=False)
+Not supported (the reference path runs them): bf16/fp16 storage, AMSGrad, other layers, losses
+and optimizers.
 
 The parameters are updated in place (the Parameter arrays themselves), and the optimizer's state
-("step", "momentum_buffer") is kept as SGD keeps it, so the reference path can take over at any
-step boundary, and the other way round. Parameter.grad is not touched (the reference loop leaves
-it zeroed after each step; here the gradients live only inside the call).
+("step", "momentum_buffer" or "exp_avg", "exp_avg_sq") is kept as the optimizer keeps it, so the
+reference path can take over at any step boundary, and the other way round. Parameter.grad is not
+touched (the reference loop leaves it zeroed after each step; here the gradients live only inside
+the call).
 
 Usage::
 
@@ -41,17 +46,32 @@ import numpy as np
 
 from npcpu.checks import check_int
 from npcpu.data.loader import DataLoader
+from npcpu.kernels.compiled_gemm import GELU, GELU_TANH, IDENTITY, RELU, TANH
 from npcpu.kernels.compiled_step import (COLUMN_BLOCKS, SharedBuffers, StepPlan, ThreadModel,
                                          train_worker)
+from npcpu.nn import activations
 from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.losses import CrossEntropyLoss
 from npcpu.nn.module import Sequential
+from npcpu.optim.adam import Adam, AdamW
 from npcpu.optim.sgd import SGD
 
 OWNER = "CompiledClassifierStep"
 MIN_WORK_PER_THREAD = 1 << 18  # multiply-adds per thread and step: far above a barrier's cost
-SUPPORTED = ("a Sequential of Linear/FusedLinearReLU layers with trainable fp32 parameters, "
-             "CrossEntropyLoss(reduction='mean', label_smoothing=0) and SGD with state_dtype='fp32'")
+SUPPORTED = ("a Sequential of Linear/FusedLinearReLU layers (a Linear may be followed by ReLU, "
+             "GELU or Tanh) with trainable fp32 parameters, CrossEntropyLoss(reduction='mean', "
+             "label_smoothing=0) and SGD, Adam or AdamW (amsgrad=False) with state_dtype='fp32'")
+
+
+def _activation_code(module):
+    """The kernels' code for an activation module (npcpu.kernels.compiled_gemm), None for others."""
+    if type(module) is activations.ReLU:
+        return RELU
+    if type(module) is activations.Tanh:
+        return TANH
+    if type(module) is activations.GELU:
+        return GELU if module.approximate == "none" else GELU_TANH
+    return None
 
 
 def _unsupported(what: str) -> ValueError:
@@ -59,13 +79,14 @@ def _unsupported(what: str) -> ValueError:
 
 
 class CompiledClassifierStep:
-    """SGD training steps of a small MLP classifier, compiled end to end (see the module docstring).
+    """Training steps of a small MLP classifier, compiled end to end (see the module docstring).
 
     Parameters
     ----------
-    model : Sequential of Linear / FusedLinearReLU, or one Linear / FusedLinearReLU
+    model : Sequential of Linear / FusedLinearReLU (each Linear optionally followed by ReLU, GELU
+        or Tanh), or one Linear / FusedLinearReLU
     loss_fn : CrossEntropyLoss
-    optimizer : SGD
+    optimizer : SGD, Adam or AdamW
         Over exactly the parameters of `model`.
 
     Raises TypeError for an unsupported kind of model, layer, loss or optimizer, and ValueError for
@@ -73,24 +94,34 @@ class CompiledClassifierStep:
     """
 
     def __init__(self, model, loss_fn, optimizer):
-        self.layers = self._check_model(model)
+        self.layers, self.activations = self._check_model(model)
         self._check_loss(loss_fn, self.layers[-1].out_features)
         self._check_optimizer(optimizer, model)
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
 
     # -- what is supported ----------------------------------------------------------------------
     @staticmethod
-    def _check_model(model) -> list:
-        layers = list(model) if isinstance(model, Sequential) else [model]
-        if not layers:
+    def _check_model(model) -> tuple[list, np.ndarray]:
+        """(the Linear layers, their activation codes (L,) int64)."""
+        modules = list(model) if isinstance(model, Sequential) else [model]
+        if not modules:
             raise _unsupported("got an empty Sequential")
-        for i, layer in enumerate(layers):
-            if type(layer) not in (Linear, FusedLinearReLU):
-                raise TypeError(f"CompiledClassifierStep: layer {i} is a {type(layer).__name__}; "
-                                f"supported: {SUPPORTED}")
-            if i and layer.in_features != layers[i - 1].out_features:
-                raise ValueError(f"CompiledClassifierStep: layer {i} takes {layer.in_features} "
-                                 f"features but layer {i - 1} gives {layers[i - 1].out_features}")
+        layers, codes = [], []
+        for i, module in enumerate(modules):
+            code = _activation_code(module)
+            if code is not None and layers and codes[-1] == IDENTITY \
+                    and type(layers[-1]) is Linear:
+                codes[-1] = code
+                continue
+            if type(module) not in (Linear, FusedLinearReLU):
+                where = "" if code is None else " not right after a Linear"
+                raise TypeError(f"CompiledClassifierStep: layer {i} is a {type(module).__name__}"
+                                f"{where}; supported: {SUPPORTED}")
+            if layers and module.in_features != layers[-1].out_features:
+                raise ValueError(f"CompiledClassifierStep: layer {i} takes {module.in_features} "
+                                 f"features but the layer before gives {layers[-1].out_features}")
+            layers.append(module)
+            codes.append(RELU if type(module) is FusedLinearReLU else IDENTITY)
         dtype = layers[0].weight.data.dtype
         for p in model.parameters():
             if p.data.dtype not in (np.float32, np.float64) or p.data.dtype != dtype:
@@ -98,7 +129,7 @@ class CompiledClassifierStep:
                                    f"or all float64)")
             if p.frozen:
                 raise _unsupported(f"parameter {p.name!r} is frozen")
-        return layers
+        return layers, np.array(codes, dtype=np.int64)
 
     @staticmethod
     def _check_loss(loss_fn, classes: int) -> None:
@@ -112,11 +143,14 @@ class CompiledClassifierStep:
 
     @staticmethod
     def _check_optimizer(optimizer, model) -> None:
-        if type(optimizer) is not SGD:
-            raise TypeError(f"CompiledClassifierStep: optimizer is a {type(optimizer).__name__}; "
+        kind = type(optimizer).__name__
+        if type(optimizer) not in (SGD, Adam, AdamW):
+            raise TypeError(f"CompiledClassifierStep: optimizer is a {kind}; "
                             f"supported: {SUPPORTED}")
         if optimizer.state_dtype != "fp32":
-            raise _unsupported(f"SGD has state_dtype={optimizer.state_dtype!r}")
+            raise _unsupported(f"{kind} has state_dtype={optimizer.state_dtype!r}")
+        if any(group.get("amsgrad", False) for group in optimizer.param_groups):
+            raise _unsupported(f"{kind} has amsgrad=True")
         model_ids = [id(p) for p in model.parameters()]
         optimizer_ids = [id(p) for _, p in optimizer.indexed_params()]
         if sorted(model_ids) != sorted(optimizer_ids):
@@ -141,8 +175,8 @@ class CompiledClassifierStep:
     def train_steps(self, x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: int, *,
                     first_batch: int = 0, steps: int | None = None, lrs=None, grad_norms=None,
                     threads: int | None = None, x_scale: float | None = None) -> np.ndarray:
-        """SGD steps on batches order[b * batch_size : (b + 1) * batch_size] for b = first_batch,
-        first_batch + 1, ... (`steps` of them; default: to the end of `order`).
+        """Optimizer steps on batches order[b * batch_size : (b + 1) * batch_size] for
+        b = first_batch, first_batch + 1, ... (`steps` of them; default: to the end of `order`).
 
         x (S, D) features in the parameters' dtype, or uint8 with `x_scale` (the features are
         x * x_scale: MNIST's pixels with 1 / 255, as ArrayDataset keeps them), y (S,) integer
@@ -239,25 +273,32 @@ class CompiledClassifierStep:
                           losses, grad_norms) -> list:
         """train_worker's arguments for each thread (npcpu.kernels.compiled_step.train_worker):
         thread 0 works on the model's own arrays; every other thread on copies of all but W_0
-        and its momentum buffer, which the threads share by columns. The activations, dz and
+        and its optimizer state, which the threads share by columns. The activations, dz and
         the row groups' gradients are shared: each thread writes its own row groups."""
-        weights, biases, buffers, hyper, flags, group_index, first_step = self._sgd_settings()
+        settings = self._optimizer_settings()
+        weights, biases = settings["weights"], settings["biases"]
+        first_moments, second_moments = settings["first_moments"], settings["second_moments"]
         dtype = weights[0].dtype
-        relu = np.array([type(layer) is FusedLinearReLU for layer in self.layers])
+        group_index = settings["group_index"]
         lrs = np.ascontiguousarray(lrs[:, group_index])
+        corrections = self._bias_corrections(steps, settings["steps_taken"], group_index)
         partials = _cache_line_aligned((2, COLUMN_BLOCKS, batch_size, weights[0].shape[0]), dtype)
         counter, block_squares = _cache_line_aligned(1, np.int64), np.zeros((2, COLUMN_BLOCKS))
         acts = tuple(np.empty((batch_size, w.shape[0]), dtype) for w in weights)
+        no_array = np.empty((0, 0), dtype)
+        pre_acts = tuple(np.empty((batch_size, w.shape[0]), dtype) if code in (GELU, GELU_TANH)
+                         else no_array for w, code in zip(weights, self.activations))
         dzs = tuple(np.empty((batch_size, w.shape[0]), dtype) for w in weights)
-        no_grad = np.empty((0, 0), dtype)  # W_0's gradient is not computed by row group
-        group_weight_grads = tuple(np.empty_like(w) if l else no_grad
+        # W_0's gradient is not computed by row group
+        group_weight_grads = tuple(np.empty_like(w) if l else no_array
                                    for _ in range(COLUMN_BLOCKS) for l, w in enumerate(weights))
         group_bias_grads = tuple(np.empty_like(b) for _ in range(COLUMN_BLOCKS) for b in biases)
         plan = StepPlan(x=x, x_scale=dtype.type(1 if x_scale is None else x_scale), y=y,
                         order=order, batch_size=batch_size, first_batch=first_batch, steps=steps,
-                        lrs=lrs, first_step=first_step)
-        shared = SharedBuffers(counter=counter, partials=partials, acts=acts, dzs=dzs,
-                               group_weight_grads=group_weight_grads,
+                        lrs=lrs, corrections=corrections,
+                        first_step=settings["steps_taken"] == 0)
+        shared = SharedBuffers(counter=counter, partials=partials, acts=acts, pre_acts=pre_acts,
+                               dzs=dzs, group_weight_grads=group_weight_grads,
                                group_bias_grads=group_bias_grads,
                                group_losses=np.zeros(COLUMN_BLOCKS), block_squares=block_squares,
                                losses=losses, grad_norms=grad_norms)
@@ -266,51 +307,88 @@ class CompiledClassifierStep:
             if thread:  # own copies of everything above W_0 (they stay bitwise equal)
                 weights = weights[:1] + tuple(w.copy() for w in weights[1:])
                 biases = tuple(b.copy() for b in biases)
-                buffers = buffers[:1] + tuple(b.copy() for b in buffers[1:])
+                first_moments = first_moments[:1] + tuple(m.copy() for m in first_moments[1:])
+                second_moments = second_moments[:1] + tuple(m.copy() for m in second_moments[1:])
             # g_W0 too is per thread (each fills its own columns): two threads writing the two
             # ends of one cache line of a shared g_W0 made two threads slower than one.
-            model = ThreadModel(weights=weights, biases=biases, relu=relu, momentum_buffers=buffers,
-                                hyper=hyper, flags=flags,
+            model = ThreadModel(weights=weights, biases=biases, activations=self.activations,
+                                adam=settings["adam"], first_moments=first_moments,
+                                second_moments=second_moments, hyper=settings["hyper"],
+                                flags=settings["flags"],
                                 grad_weights=tuple(np.empty_like(w) for w in weights),
                                 grad_biases=tuple(np.empty_like(b) for b in biases))
             arguments.append((thread, threads, plan, model, shared))
         return arguments
 
-    def _sgd_settings(self):
-        """Tuples of the layers' arrays, SGD's per-parameter settings, and its state (created or
-        completed as SGD.step would: a zero momentum buffer, "step" counted after the run)."""
+    def _optimizer_settings(self) -> dict:
+        """Tuples of the layers' arrays, the optimizer's per-parameter settings and its state
+        (created or completed as the optimizer's step would: zero moments, "step" counted after
+        the run), in the kernels' parameter order (weight of layer l = 2 l, its bias 2 l + 1)."""
         optimizer = self.optimizer
+        adam = isinstance(optimizer, Adam)
         group_of = {id(p): k for k, group in enumerate(optimizer.param_groups)
                     for p in group["params"]}
         empty = np.empty(0, dtype=self.layers[0].weight.data.dtype)
-        weights, biases, buffers, hyper, flags, group_index, steps_taken = [], [], [], [], [], [], set()
+        weights, biases, first, second, hyper, flags, group_index, steps_taken = \
+            [], [], [], [], [], [], [], set()
         for layer in self.layers:
             weights.append(layer.weight.data)
             biases.append(layer.bias.data if layer.bias is not None else empty)
             for p in (layer.weight, layer.bias):
-                if p is None:
-                    buffers.append(empty)
+                if p is None:  # an empty parameter: never updated
+                    first.append(empty)
+                    second.append(empty)
                     hyper.append((0.0, 0.0, 0.0, 0.0))
                     flags.append((False, False))
-                    group_index.append(0)  # an empty parameter: never updated
+                    group_index.append(0)
                     continue
                 group_index.append(group_of[id(p)])
                 group = optimizer.param_groups[group_index[-1]]
-                state = optimizer.state.setdefault(optimizer.index_of(p), {"step": 0})
-                steps_taken.add(state["step"])
-                if group["momentum"] != 0:
-                    buffer = state.setdefault("momentum_buffer", np.zeros_like(p.data))
-                    buffers.append(buffer.reshape(-1))
+                index = optimizer.index_of(p)
+                if adam:
+                    if index not in optimizer.state:
+                        optimizer.state[index] = optimizer.initial_state(p)
+                    state = optimizer.state[index]
+                    first.append(state["exp_avg"].reshape(-1))
+                    second.append(state["exp_avg_sq"].reshape(-1))
+                    hyper.append((*group["betas"], group["eps"], group["weight_decay"]))
+                    flags.append((optimizer.decoupled_weight_decay, group["maximize"]))
                 else:
-                    buffers.append(empty)
-                hyper.append((group["lr"], group["momentum"], group["dampening"],
-                              group["weight_decay"]))
-                flags.append((group["nesterov"], group["maximize"]))
+                    state = optimizer.state.setdefault(index, {"step": 0})
+                    if group["momentum"] != 0:
+                        buffer = state.setdefault("momentum_buffer", np.zeros_like(p.data))
+                        first.append(buffer.reshape(-1))
+                    else:
+                        first.append(empty)
+                    second.append(empty)
+                    hyper.append((group["lr"], group["momentum"], group["dampening"],
+                                  group["weight_decay"]))
+                    flags.append((group["nesterov"], group["maximize"]))
+                steps_taken.add(state["step"])
+        kind = type(optimizer).__name__
         if len(steps_taken) != 1:
-            raise _unsupported(f"the parameters have taken different numbers of SGD steps "
+            raise _unsupported(f"the parameters have taken different numbers of {kind} steps "
                                f"{sorted(steps_taken)}")
-        return (tuple(weights), tuple(biases), tuple(buffers), np.array(hyper, dtype=np.float64),
-                np.array(flags, dtype=np.bool_), group_index, steps_taken.pop() == 0)
+        return dict(weights=tuple(weights), biases=tuple(biases), first_moments=tuple(first),
+                    second_moments=tuple(second), hyper=np.array(hyper, dtype=np.float64),
+                    flags=np.array(flags, dtype=np.bool_), group_index=group_index, adam=adam,
+                    steps_taken=steps_taken.pop())
+
+    def _bias_corrections(self, steps: int, steps_taken: int, group_index: list) -> np.ndarray:
+        """(steps, P, 2) float64: Adam's (1 - beta1^t, sqrt(1 - beta2^t)) of each parameter's
+        group at the steps t = steps_taken + 1, ... as npcpu.optim.Adam computes them (zeros for
+        SGD, which does not read them)."""
+        corrections = np.zeros((steps, len(group_index), 2))
+        if not isinstance(self.optimizer, Adam):
+            return corrections
+        groups = self.optimizer.param_groups
+        for k, group in enumerate(groups):
+            beta1, beta2 = group["betas"]
+            per_step = [(1 - beta1 ** t, (1 - beta2 ** t) ** 0.5)
+                        for t in range(steps_taken + 1, steps_taken + steps + 1)]
+            corrections[:, [p for p, g in enumerate(group_index) if g == k]] = \
+                np.array(per_step)[:, None, :]
+        return corrections
 
 
 def _cache_line_aligned(shape, dtype) -> np.ndarray:

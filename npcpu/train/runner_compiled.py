@@ -1,7 +1,8 @@
-"""The compiled step runner: plain-SGD steps of a small classifier in chunks of one Numba call.
+"""The compiled step runner: SGD/Adam/AdamW steps of a small classifier in chunks of one Numba call.
 
 It applies when the run is one CompiledClassifierStep supports (npcpu.train.compiled: a
-Sequential of Linear/FusedLinearReLU in fp32 or fp64, CrossEntropyLoss, plain SGD) and the
+Sequential of Linear/FusedLinearReLU (a Linear optionally followed by ReLU, GELU or Tanh) in fp32
+or fp64, CrossEntropyLoss, SGD, Adam or AdamW) and the
 reference step would do nothing it does not (one micro-batch per step, no loss scaler, no
 clipping, no freezer, no updates inside backward, an ArrayDataset in the parameters' dtype).
 
