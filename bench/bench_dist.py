@@ -6,7 +6,8 @@ steps after the first `--skip`), and the peak resident memory of each of its pro
 when /usr/bin/time exists). Setups: one process with every core; N ranks with the cores divided
 among them, the reduction overlapped with backward, after it, in deterministic mode (fixed-order
 sum over pieces of the batch), and the optimizer step sharded by parameter (ZeRO stage 1) with
-and without overlap. Needs mpi4py and mpiexec (pip install 'npcpu[mpi]').
+and without overlap; ranks on one node sum through shared memory (npcpu.dist.node, where overlap
+does not apply), and the "-mpi" setups through MPI's collectives instead. Needs mpi4py and mpiexec (pip install 'npcpu[mpi]').
 
     python bench/bench_dist.py --ranks 2 --steps 12 --rounds 3
     python bench/bench_dist.py --preset gpt-small --option=--data.path=DIR --setups single,shard
@@ -78,6 +79,9 @@ def main() -> None:
         "deterministic": (n, t, ["--dist.deterministic", "true", "--dist.parts", str(args.parts)]),
         "shard": (n, t, ["--dist.overlap", "true", "--dist.shard_optimizer", "true"]),
         "shard-after": (n, t, ["--dist.overlap", "false", "--dist.shard_optimizer", "true"]),
+        "overlap-mpi": (n, t, ["--dist.overlap", "true", "--dist.shared_memory", "false"]),
+        "shard-mpi": (n, t, ["--dist.overlap", "true", "--dist.shard_optimizer", "true",
+                             "--dist.shared_memory", "false"]),
     }
     chosen = {name: setups[name] for name in args.setups.split(",")}
     medians = {name: [] for name in chosen}

@@ -3,7 +3,8 @@
 The script creates the namespaces and the veth pair itself (private addresses on the veth only,
 loopback inside each namespace), limits each end with a token-bucket filter (`tc ... tbf`) to the
 link speeds asked for, and removes everything when it ends. MPI runs over TCP between the
-namespaces (MPICH: MPIR_CVAR_NOLOCAL=1 forbids shared memory, libfabric's tcp provider).
+namespaces (MPICH: MPIR_CVAR_NOLOCAL=1 forbids shared memory, libfabric's tcp provider; npcpu's
+own shared-memory sum, dist.shared_memory, is turned off: the two "hosts" share one machine).
 
 For each link speed it measures
 - the all-reduce of 2 ranks for message sizes from 4 KB to 64 MB, and fits the alpha-beta model
@@ -122,7 +123,8 @@ def throughput(ranks: int, preset: str, steps: int, skip: int, extra: list[str])
         program = [sys.executable, "-m", "npcpu", "train", "--preset", preset, "--run-dir",
                    str(run_dir), "--train.max_steps", str(steps), "--train.threads", "1",
                    "--train.eval_every", "none", "--train.checkpoint_every", "none",
-                   "--train.log_every", "1", "--progress", "lines", *extra]
+                   "--train.log_every", "1", "--progress", "lines",
+                   "--dist.shared_memory", "false", *extra]  # the "hosts" share this machine
         run(across_hosts(program) if ranks == 2 else program)
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         return statistics.median([line["samples_per_s"] for line in lines

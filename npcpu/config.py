@@ -144,9 +144,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "bucket_mb": Field("float", 25.0, "size of the gradient buckets reduced at once (MB)",
                            min=0.001),
         "overlap": Field("bool", True, "start each bucket's all-reduce during backward, as soon "
-                         "as its gradients are finished"),
+                         "as its gradients are finished (MPI's all-reduce only)"),
         "shard_optimizer": Field("bool", False, "each parameter's optimizer step and state on one "
                                  "rank, the updated parameters broadcast (ZeRO stage 1)"),
+        "shared_memory": Field("bool", True, "ranks all on one node sum the gradients (and "
+                               "publish sharded parameters) through shared memory, not MPI's "
+                               "collectives"),
     },
     "freeze": {
         "enabled": Field("bool", True, "dynamic layer freezing"),

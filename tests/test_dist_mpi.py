@@ -104,12 +104,13 @@ def compare_runs(tmp_path, mpiexec, ranks: int, *options) -> None:
 
 @pytest.mark.parametrize("overlap", ["true", "false"])
 def test_small_buckets_with_and_without_overlap_and_frozen_layers(mpiexec, tmp_path, overlap):
-    """1 KB buckets (several per model, reduced as backward finishes them, or after it), and a
-    freezer that freezes layers during the run (frozen parameters take no part in a bucket)."""
+    """1 KB buckets (several per model, reduced by MPI as backward finishes them, or after it),
+    and a freezer that freezes layers during the run (frozen parameters take no part in a
+    bucket)."""
     freezing = ["--freeze.threshold", "1e9", "--freeze.patience", "1", "--freeze.window", "1",
                 "--freeze.start_step", "3"]
     compare_runs(tmp_path, mpiexec, 3, *TINY, *FP32, "--dist.bucket_mb", "0.001",
-                 "--dist.overlap", overlap, *freezing)
+                 "--dist.overlap", overlap, "--dist.shared_memory", "false", *freezing)
     assert any(line.get("frozen_layers") for line in metrics(tmp_path / "many"))
 
 

@@ -70,7 +70,8 @@ def test_a_sharded_run_is_bitwise_the_unsharded_run_and_its_checkpoints_resume_a
 
 
 def test_a_sharded_fp32_run_on_two_ranks_equals_one_process(mpiexec, tmp_path):
-    """The all-reduce path (float32 rounding), with accumulation and overlap."""
+    """The reduce-scatter to the owners through shared memory (float32 rounding), with
+    accumulation."""
     options = [*TINY, "--train.precision", "fp32"]
     train(mpiexec, 1, tmp_path / "one", *options)
     train(mpiexec, 2, tmp_path / "two", *options, *SHARD)

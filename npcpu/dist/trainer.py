@@ -15,7 +15,9 @@ The configuration means the same run whatever N is:
   compared at each checkpoint.
 - `deterministic`: the sum of the gradients and losses is added in a fixed order that does not
   depend on N (npcpu.dist.reduce.OrderedSum), giving bitwise the same run for every N that divides
-  `parts`; otherwise MPI's all-reduce adds them, equal to float32 rounding.
+  `parts`; otherwise MPI's all-reduce adds them, or with every rank on one node, each rank adds
+  its range of all the ranks' buffers in shared memory (npcpu.dist.node): equal to float32
+  rounding.
 
 Only rank 0 prints, writes the metrics file and checkpoints (after every rank checked the
 parameter hashes, so a checkpoint is whole or absent); the other ranks then call on_checkpoint
@@ -26,12 +28,14 @@ processes. `shard_optimizer`: each parameter's optimizer step and state on one r
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
 from npcpu.data.loader import DataLoader
+from npcpu.dist.node import SharedMemorySum, one_node
 from npcpu.dist.reduce import (BackwardReducer, GradientBuckets, OrderedSum,
                                broadcast_parameters, check_parameters_equal, sum_in_order)
 from npcpu.dist.shard import OptimizerShard
@@ -60,15 +64,20 @@ class DataParallelTrainer(Trainer):
         Size of the gradient buckets reduced in one call, in MB.
     overlap : bool
         Start each bucket's reduction during backward, as soon as its gradients are finished
-        (npcpu.dist.reduce.BackwardReducer); else after backward. Not used in deterministic mode.
+        (npcpu.dist.reduce.BackwardReducer); else after backward. Only for MPI's all-reduce (not
+        in deterministic mode, nor with the shared-memory sum).
     shard_optimizer : bool
         Each parameter's optimizer step and state on one rank only, the updated parameters
         broadcast (npcpu.dist.shard: ZeRO stage 1 by whole parameters); bitwise the same run.
+    shared_memory : bool
+        When every rank is on one node, sum the gradients (and publish sharded parameters)
+        through the node's shared memory (npcpu.dist.node) instead of MPI's collectives.
     """
 
     def __init__(self, model, loss_fn, optimizer, *, world: World, deterministic: bool = False,
                  parts: int = 12, timeout: float = 60.0, bucket_mb: float = 25.0,
-                 overlap: bool = True, shard_optimizer: bool = False, **kwargs):
+                 overlap: bool = True, shard_optimizer: bool = False, shared_memory: bool = True,
+                 **kwargs):
         if kwargs.get("update_in_backward") or getattr(optimizer, "fused_into_backward", False):
             raise ValueError("DataParallelTrainer: update_in_backward cannot be used: the ranks' "
                              "gradients must be summed before any update")
@@ -86,6 +95,7 @@ class DataParallelTrainer(Trainer):
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.overlap = bool(overlap) and not self.deterministic and world.size > 1
         self.shard_optimizer = bool(shard_optimizer) and world.size > 1
+        self.shared_memory = bool(shared_memory) and one_node(world) and not self.deterministic
         self.optimizer_shard = None  # the OptimizerShard of the running fit(), when sharded
         self.writes_files = world.is_root
         if not world.is_root:
@@ -117,7 +127,8 @@ class DataParallelTrainer(Trainer):
     def header(self) -> str:
         import numba
         how = (f"deterministic: a fixed-order sum over {self.parts} pieces of each batch"
-               if self.deterministic else "all-reduce" + (" overlapped with backward"
+               if self.deterministic else "this node's shared memory after backward"
+               if self.shared_memory else "all-reduce" + (" overlapped with backward"
                                                           if self.overlap else " after backward"))
         return (super().header() + f"\ndata parallel: world size {self.world.size} | threads per "
                 f"rank {numba.get_num_threads()} | gradients summed by {how}")
@@ -191,17 +202,26 @@ class DataParallelRunner(ReferenceRunner):
                              f"{smallest} samples, fewer than the {parts} {what} it is split "
                              f"into: choose a batch size and data size whose every batch has "
                              f"at least {parts} samples")
-        trainer.optimizer_shard = OptimizerShard(trainer.optimizer, world, trainer.timeout) \
+        trainer.optimizer_shard = OptimizerShard(trainer.optimizer, world, trainer.timeout,
+                                                 trainer.shared_memory) \
             if trainer.shard_optimizer else None
         if trainer.optimizer_shard is not None:
             note += f"; {trainer.optimizer_shard.describe()}"
         super().__init__(trainer, self.shard(loader), note=f"{note}: {world.describe()}")
         params = trainer.model.parameters()
         broadcast_parameters(world, params, trainer.timeout)
-        self.buckets = GradientBuckets(params, trainer.bucket_bytes)
+        shard = trainer.optimizer_shard
+        self.node_sum = SharedMemorySum(world, params, shard and shard.owner_of(params),
+                                        trainer.timeout) if trainer.shared_memory else None
+        # each owner alone reads its summed gradients, unless the loss scaler checks them all
+        self.scatter = shard is not None and self.node_sum is not None and \
+            (trainer.loss_scaler is None or not trainer.loss_scaler.enabled)
+        self.buckets = self.node_sum.buckets if self.node_sum is not None else \
+            GradientBuckets(params, trainer.bucket_bytes)
         self.ordered = OrderedSum(self.buckets, self.stop_part - self.first_part) \
             if trainer.deterministic else None
-        self.reducer = BackwardReducer(self.buckets, world) if trainer.overlap else None
+        self.reducer = BackwardReducer(self.buckets, world) \
+            if trainer.overlap and self.node_sum is None else None
         self.dropouts = [m for m in trainer.model.modules() if isinstance(m, Dropout)]
         self._window_batches = range(0)
 
@@ -267,6 +287,11 @@ class DataParallelRunner(ReferenceRunner):
             loss += float(value)
         if self.ordered is not None:
             self.ordered.reduce(trainer.world, trainer.timeout)
+        elif self.node_sum is not None:  # after a non-finite loss, every gradient for the error
+            if self.scatter and math.isfinite(loss):
+                self.node_sum.reduce_scatter()
+            else:
+                self.node_sum.allreduce()
         elif self.reducer is not None:
             self.reducer.finish(trainer.timeout)
         elif trainer.world.size > 1:
@@ -274,12 +299,24 @@ class DataParallelRunner(ReferenceRunner):
         return loss, items
 
     def _grad_norm(self, params: list, check: bool) -> float:
-        """Sharded and without a freezer (which reads every layer's clipped gradient): the norm
-        summed by the owners, only this rank's own gradients clipped (npcpu.dist.shard)."""
-        trainer = self.trainer
-        if trainer.optimizer_shard is None or trainer.freezer is not None:
+        """Sharded: the norm summed by the owners, only this rank's own gradients clipped
+        (npcpu.dist.shard). Reduce-scattered with a non-finite norm: the summed gradients
+        gathered whole for the error naming the first non-finite layer."""
+        shard = self.trainer.optimizer_shard
+        if shard is None:
             return super()._grad_norm(params, check)
-        return trainer.optimizer_shard.gradient_norm(params, trainer.clip_grad_norm, check)
+        norm = shard.gradient_norm(params, self.trainer.clip_grad_norm, check,
+                                   keep_squares=self.trainer.freezer is not None)
+        if self.scatter and not math.isfinite(norm):
+            self.node_sum.allgather()
+        return norm
+
+    def observe_for_freezing(self) -> list:
+        """Sharded: the layers' gradient norms from the owners' sums of squares."""
+        shard, trainer = self.trainer.optimizer_shard, self.trainer
+        if shard is None:
+            return super().observe_for_freezing()
+        return trainer.freezer.observe(trainer.model, trainer.step + 1, shard.norm_of)
 
     def take_step(self) -> bool:
         """The optimizer step; sharded, each rank's own parameters, then broadcast by their owners."""

@@ -119,6 +119,11 @@ def abort_on_error(world: World):
         raise
 
 
+PAUSE_SECONDS = (1e-5, 1e-4)
+"""The first and the longest sleep between two tests of the requests `wait` waits for: MPI moves
+a non-blocking collective on only inside MPI calls (a test), so that a long sleep stalls a large
+transfer; a sleep at all leaves the core to a rank that shares it."""
+
 TIMEOUT_TAG = 31_415
 """The tag of the notices a rank sends to the others when one of its waits times out."""
 NOTICE_SECONDS = 5.0
@@ -131,7 +136,7 @@ def wait(world: World, requests: list, timeout: float, what: str) -> None:
     took another path)."""
     from mpi4py import MPI
     deadline = time.monotonic() + timeout
-    pause = 1e-5
+    pause = PAUSE_SECONDS[0]
     while not MPI.Request.Testall(requests):
         if time.monotonic() > deadline:
             silent = silent_ranks(world, min(timeout, NOTICE_SECONDS))
@@ -140,7 +145,7 @@ def wait(world: World, requests: list, timeout: float, what: str) -> None:
                                f"{min(timeout, NOTICE_SECONDS):g} s more: they hang, died, or "
                                "are at another step")
         time.sleep(pause)
-        pause = min(2 * pause, 1e-3)
+        pause = min(2 * pause, PAUSE_SECONDS[1])
 
 
 def silent_ranks(world: World, seconds: float) -> list[int]:

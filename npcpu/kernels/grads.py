@@ -104,6 +104,32 @@ def power_sum(values, p):
     return total
 
 
+@njit(parallel=True, cache=True)
+def scale_and_power_sum(values, scale, p):
+    """``values *= scale`` in place, then ``power_sum(values, p)`` of the scaled values, in one
+    pass over memory: bit for bit the two calls one after the other (the same products in the
+    dtype of `values`, summed over the same chunks in the same order).
+
+    Parameters
+    ----------
+    values : (n,) float32 or float64
+    scale : float32 or float64, the dtype of `values`
+    p : float, > 0
+    """
+    n = values.shape[0]
+    n_chunks = (n + CHUNK - 1) // CHUNK
+    partials = np.zeros(n_chunks)
+    for c in prange(n_chunks):
+        start, stop = c * CHUNK, min(n, (c + 1) * CHUNK)
+        for i in range(start, stop):
+            values[i] *= scale
+        partials[c] = _power_sum_range(values, p, start, stop)
+    total = 0.0
+    for c in range(n_chunks):
+        total += partials[c]
+    return total
+
+
 @njit(inline="always", cache=True)
 def _max_abs_update(running, value):
     """max(running, value) where a NaN on either side wins, so that a NaN is never lost."""

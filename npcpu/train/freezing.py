@@ -69,19 +69,22 @@ class DynamicFreezer:
         children = list(model.named_children()) or [("", model)]
         return [(name, layer) for name, layer in children if layer.parameters()]
 
-    def layer_signal(self, layer) -> float | None:
-        """||g|| (or ||g|| / ||w||) over the layer's parameters; None if it has no gradient yet."""
+    def layer_signal(self, layer, gradient_norm=get_total_norm) -> float | None:
+        """||g|| (or ||g|| / ||w||) over the layer's parameters; None if it has no gradient yet.
+        `gradient_norm(params)`: the norm of their gradients (a data-parallel run whose ranks
+        each hold only some of the summed gradients gives the norm from their owners)."""
         params = [p for p in layer.parameters() if p.grad is not None]
         if not params:
             return None
-        norm = get_total_norm(params)
+        norm = gradient_norm(params)
         if self.relative:
             weight_norm = math.sqrt(sum(float(np.vdot(w, w)) for w in (p.values() for p in params)))
             return norm / max(weight_norm, 1e-12)
         return norm
 
-    def observe(self, model, step: int) -> list[str]:
-        """Record this step's gradient norms (after unscaling, before the update); freeze layers.
+    def observe(self, model, step: int, gradient_norm=get_total_norm) -> list[str]:
+        """Record this step's gradient norms (after unscaling, before the update; each layer's
+        by `gradient_norm`, see `layer_signal`); freeze layers.
 
         Returns the names of the layers frozen at this step.
         """
@@ -92,7 +95,7 @@ class DynamicFreezer:
             if name in self.frozen_at:
                 qualifies.append(True)
                 continue
-            signal = self.layer_signal(layer)
+            signal = self.layer_signal(layer, gradient_norm)
             if signal is not None:
                 self.history.setdefault(name, deque(maxlen=self.window)).append(signal)
             history = self.history.get(name)

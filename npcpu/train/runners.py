@@ -211,10 +211,17 @@ class ReferenceRunner:
                     "step was not taken; parameters are unchanged (a loss scaler, or "
                     "on_nonfinite='skip', skips such steps).", loss, items)
             if trainer.freezer is not None:
-                frozen_now = trainer.freezer.observe(model, trainer.step + 1)
+                frozen_now = self.observe_for_freezing()
         stepped = self.take_step()
         optimizer.zero_grad()
         return StepResult(loss, items, grad_norm, skipped=not stepped, frozen_now=frozen_now)
+
+    def observe_for_freezing(self) -> list:
+        """The freezer's look at this step's (clipped) gradients: the layers it froze now. (A
+        data-parallel runner whose ranks each hold only their own parameters' summed gradients
+        gives it the layers' norms from the owners.)"""
+        trainer = self.trainer
+        return trainer.freezer.observe(trainer.model, trainer.step + 1)
 
     def _non_finite(self, message: str, loss: float, items: int) -> StepResult:
         """A non-finite loss or gradient without a loss scaler (the gradients already zeroed):

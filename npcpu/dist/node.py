@@ -1,0 +1,168 @@
+"""Summing the ranks' gradients through the shared memory of one node (MPI-3 shared windows).
+
+When every rank of a run is on one node, each rank's gradient buffer lies in a shared-memory
+window (MPI_Win_allocate_shared) that every rank maps, so a rank reads the others' gradients
+where they are, without a message copy:
+
+    reduce-scatter  after backward, a barrier (every rank's gradients are finished); then rank r
+                    adds the N ranks' values of its own range of the buffer, in rank order
+                    (rank 0 + rank 1 + ... + rank N-1, the same order for every element), into
+                    its own buffer; a barrier (no rank writes its buffer again before every sum
+                    has read it).
+    all-gather      without a sharded optimizer, rank r then copies every other rank's range
+                    from that rank's buffer into its own, and a barrier: every rank holds the
+                    same sums, bit for bit.
+
+With `dist.shard_optimizer` the ranges are the parameters each rank owns (the buffer is laid
+out by owner) and the all-gather is left out: an owner alone reads its parameters' summed
+gradients (npcpu.dist.shard). Its updated parameters come back the same way (`SharedParameters`):
+each owner writes their storage (bfloat16 in a bf16 run) into its part of a second window, and
+the other ranks copy them out.
+
+MPI's all-reduce over shared memory copies every byte through small buffers in turn, rank by
+rank; here each byte is read once by the rank that sums it, and the ranks work at once. The sum
+is the one-process sum to float32 rounding, as MPI's is. Between nodes, MPI's collectives serve
+(npcpu.dist.reduce); `dist.shared_memory = false` uses them on one node too.
+
+The windows live as long as the process (freeing one is a collective call that a failing rank
+would never join); a later fit() of the same sizes reuses them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from npcpu.dist.reduce import GradientBuckets
+from npcpu.dist.world import World, wait
+
+CHUNK = 1 << 16
+"""Elements added at a time: the running sum of a chunk stays in the core's cache."""
+
+_NODE: dict = {}  # "comm": the node communicator of COMM_WORLD, made once
+_WINDOWS: dict = {}  # (purpose, elements, dtype) -> (window, [each rank's array])
+
+
+def one_node(world: World) -> bool:
+    """Every rank of `world` shares this process's node (its memory)."""
+    return world.size > 1 and world.local_size == world.size
+
+
+def shared_arrays(world: World, purpose: str, elements: int, dtype) -> list[np.ndarray]:
+    """One array of `elements` of `dtype` per rank, all in one window on this node: entry k is
+    rank k's (this process writes its own and reads the others'). Zeros when new."""
+    dtype = np.dtype(dtype)
+    key = (purpose, elements, dtype.str)
+    if key not in _WINDOWS:
+        from mpi4py import MPI
+        if "comm" not in _NODE:
+            _NODE["comm"] = world.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        node = _NODE["comm"]
+        window = MPI.Win.Allocate_shared(max(elements, 1) * dtype.itemsize, dtype.itemsize,
+                                         comm=node)
+        arrays = [np.frombuffer(window.Shared_query(k)[0], dtype, elements)
+                  for k in range(node.Get_size())]
+        arrays[node.Get_rank()].fill(0)
+        _WINDOWS[key] = window, arrays
+    return _WINDOWS[key][1]
+
+
+def barrier(world: World, timeout: float, what: str) -> None:
+    wait(world, [world.comm.Ibarrier()], timeout, what)
+
+
+def add_ranks(sources: list[np.ndarray], out: np.ndarray, scratch: np.ndarray) -> None:
+    """out = sources[0] + sources[1] + ... + sources[-1], added in that order, a chunk of
+    `scratch`'s size at a time (`out` may be one of `sources`)."""
+    for start in range(0, out.size, scratch.size):
+        stop = min(start + scratch.size, out.size)
+        running = scratch[:stop - start]
+        np.add(sources[0][start:stop], sources[1][start:stop], out=running)
+        for source in sources[2:]:
+            running += source[start:stop]
+        out[start:stop] = running
+
+
+def ranges(sizes: list[int], owners: list[int] | None, ranks: int) -> list[tuple[int, int]]:
+    """Each rank's (start, stop) in the flat buffer: the parameters it owns, laid out owner by
+    owner (`owners`, see `layout`); or without owners, N near-equal pieces."""
+    total = sum(sizes)
+    if owners is None:
+        return [(r * total // ranks, (r + 1) * total // ranks) for r in range(ranks)]
+    loads = [sum(s for s, o in zip(sizes, owners) if o == r) for r in range(ranks)]
+    starts = np.concatenate([[0], np.cumsum(loads)]).tolist()
+    return [(int(starts[r]), int(starts[r + 1])) for r in range(ranks)]
+
+
+def layout(params: list, owners: list[int] | None) -> list:
+    """The parameters in buffer order: reversed (the order backward finishes them), grouped by
+    owner when there are owners."""
+    order = list(reversed(range(len(params))))
+    if owners is not None:
+        order.sort(key=lambda i: owners[i])  # stable: reversed within each owner
+    return [params[i] for i in order]
+
+
+class SharedMemorySum:
+    """The gradients of `params` in this node's shared memory, summed over the ranks as the module
+    docstring says; `owners` (npcpu.dist.shard.deal, by parameter) when the optimizer is sharded."""
+
+    def __init__(self, world: World, params: list, owners: list[int] | None, timeout: float):
+        self.world, self.timeout = world, timeout
+        sizes = [p.size for p in params]
+        dtype = params[0].compute_dtype
+        self.arrays = shared_arrays(world, "gradients", sum(sizes), dtype)
+        self.buckets = GradientBuckets(params, math.inf, layout=layout(params, owners),
+                                       allocate=lambda size, _: self.arrays[world.rank])
+        self.ranges = ranges(sizes, owners, world.size)
+        self.scratch = np.empty(min(CHUNK, max(sum(sizes), 1)), dtype)
+
+    def reduce_scatter(self) -> None:
+        """This rank's range of its buffer becomes the sum over the ranks of that range."""
+        self.buckets.attach()
+        barrier(self.world, self.timeout, "the ranks finishing their gradients")
+        start, stop = self.ranges[self.world.rank]
+        add_ranks([a[start:stop] for a in self.arrays], self.arrays[self.world.rank][start:stop],
+                  self.scratch)
+        barrier(self.world, self.timeout, "the ranks adding their ranges of the gradients")
+
+    def allreduce(self) -> None:
+        """Every rank's buffer becomes the sum over the ranks."""
+        self.reduce_scatter()
+        self.allgather()
+
+    def allgather(self) -> None:
+        """After `reduce_scatter`: every rank copies the others' summed ranges into its buffer."""
+        mine = self.arrays[self.world.rank]
+        for r, (start, stop) in enumerate(self.ranges):
+            if r != self.world.rank:
+                mine[start:stop] = self.arrays[r][start:stop]
+        barrier(self.world, self.timeout, "the ranks copying the summed gradients")
+
+
+class SharedParameters:
+    """The parameters' storage published by their owners through a window on this node: each
+    owner writes its updated parameters into its own part, and every other rank copies them out."""
+
+    def __init__(self, world: World, params: list, owners: list[int], timeout: float):
+        self.world, self.timeout = world, timeout
+        self.params, self.owners = params, owners
+        self.offsets = np.concatenate([[0], np.cumsum([p.data.nbytes for p in params])]).tolist()
+        self.arrays = shared_arrays(world, "parameters", int(self.offsets[-1]), np.uint8)
+
+    def publish(self) -> None:
+        """Every rank takes each unfrozen parameter's bytes from its owner."""
+        rank = self.world.rank
+        for i, (p, owner) in enumerate(zip(self.params, self.owners)):
+            if owner == rank and not p.frozen:
+                self.arrays[rank][self.offsets[i]:self.offsets[i + 1]] = _bytes(p)
+        barrier(self.world, self.timeout, "the owners writing their updated parameters")
+        for i, (p, owner) in enumerate(zip(self.params, self.owners)):
+            if owner != rank and not p.frozen:
+                _bytes(p)[...] = self.arrays[owner][self.offsets[i]:self.offsets[i + 1]]
+        barrier(self.world, self.timeout, "the ranks copying the updated parameters")
+
+
+def _bytes(p) -> np.ndarray:
+    return p.data.reshape(-1).view(np.uint8)
