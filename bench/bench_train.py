@@ -414,11 +414,6 @@ def _targets(report: dict) -> list[dict]:
                     targets.append(_target(f"logreg-mnist {name}: >= 5x {TORCH_LOGREG_ADAM}",
                                            versus[TORCH_LOGREG_ADAM], 5.0, True))
                 continue
-            epoch_ms = logreg["results"][name]["median_ms"]
-            samples = logreg["results"][name]["samples_per_step"]
-            note = "" if samples == wl.LOGREG_SAMPLES else f" (only {samples} samples: --samples)"
-            targets.append(_target(f"logreg-mnist {name}: one epoch <= 17 ms{note}", epoch_ms, 17.0,
-                                   False))
             if name == "npcpu layer loop":  # issue 15: the loop a user writes
                 if "naive NumPy" in versus:  # a baseline, not a candidate: targeted when it ran
                     targets.append(_target(f"logreg-mnist {name}: >= 1.5x naive NumPy",
@@ -426,6 +421,11 @@ def _targets(report: dict) -> list[dict]:
                 targets.append(_target(f"logreg-mnist {name}: >= 2x torch eager default SGD",
                                        versus.get("torch eager, default SGD"), 2.0, True))
                 continue
+            epoch_ms = logreg["results"][name]["median_ms"]  # the 17 ms target is Trainer.fit's
+            samples = logreg["results"][name]["samples_per_step"]
+            note = "" if samples == wl.LOGREG_SAMPLES else f" (only {samples} samples: --samples)"
+            targets.append(_target(f"logreg-mnist {name}: one epoch <= 17 ms{note}", epoch_ms, 17.0,
+                                   False))
             targets.append(_target(f"logreg-mnist {name}: >= 5x torch eager default SGD",
                                    versus.get("torch eager, default SGD"), 5.0, True))
     return targets
