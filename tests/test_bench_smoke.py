@@ -44,7 +44,8 @@ def test_bench_train_quick_logreg_writes_expected_json(torch, tmp_path):
     assert set(logreg["ratios"]) == {"npcpu layer loop", "npcpu Trainer.fit"}
     for versus in logreg["ratios"].values():
         assert set(versus) == {"torch eager, default SGD"} and versus["torch eager, default SGD"] > 0
-    assert [t["met"] in (True, False) for t in record["targets"]] == [True] * 4
+    # the layer loop's 2x torch, Trainer.fit's 17 ms and 5x torch (naive NumPy did not run)
+    assert [t["met"] in (True, False) for t in record["targets"]] == [True] * 3
 
 
 def test_profile_mlp52m_reports_every_phase_of_a_step_inside_backward():
