@@ -45,14 +45,23 @@ def num_threads(request):
     numba.set_num_threads(previous)
 
 
+def _gemm_path(choose, setting: str, unavailable=None, what: str = ""):
+    """One test on a GEMM path (`choose`: npcpu.backend.set_bf16_gemm or set_f32_gemm), then back
+    to the environment's; skips, saying why, where `unavailable()` gives a reason."""
+    reason = unavailable() if unavailable is not None else None
+    if reason is not None:
+        pytest.skip(f"{what} unavailable: {reason}")
+    choose(setting)
+    yield
+    choose(None)
+
+
 @pytest.fixture
 def widened_bf16_gemm():
     """bf16 layers' GEMMs on float32 copies of their operands (the path every CPU takes), whatever
     this CPU supports."""
     from npcpu import backend
-    backend.set_bf16_gemm("widened")
-    yield
-    backend.set_bf16_gemm(None)
+    yield from _gemm_path(backend.set_bf16_gemm, "widened")
 
 
 @pytest.fixture
@@ -60,21 +69,15 @@ def native_bf16_gemm():
     """bf16 layers' GEMMs on the native AVX512_BF16 kernels; the test skips, saying why, where they
     cannot run."""
     from npcpu import backend
-    reason = backend.native_bf16_gemm_unavailable()
-    if reason is not None:
-        pytest.skip(f"native bf16 GEMM unavailable: {reason}")
-    backend.set_bf16_gemm("native")
-    yield
-    backend.set_bf16_gemm(None)
+    yield from _gemm_path(backend.set_bf16_gemm, "native", backend.native_bf16_gemm_unavailable,
+                          "native bf16 GEMM")
 
 
 @pytest.fixture
 def blas_f32_gemm():
     """float32 linear-layer GEMMs through SciPy's BLAS sgemm, whatever this CPU and BLAS are."""
     from npcpu import backend
-    backend.set_f32_gemm("blas")
-    yield
-    backend.set_f32_gemm(None)
+    yield from _gemm_path(backend.set_f32_gemm, "blas")
 
 
 @pytest.fixture
@@ -82,12 +85,8 @@ def native_f32_gemm():
     """float32 linear-layer GEMMs on the native AVX-512 kernels; the test skips, saying why, where
     they cannot run."""
     from npcpu import backend
-    reason = backend.native_f32_gemm_unavailable()
-    if reason is not None:
-        pytest.skip(f"native float32 GEMM unavailable: {reason}")
-    backend.set_f32_gemm("native")
-    yield
-    backend.set_f32_gemm(None)
+    yield from _gemm_path(backend.set_f32_gemm, "native", backend.native_f32_gemm_unavailable,
+                          "native float32 GEMM")
 
 
 @pytest.fixture(scope="session")

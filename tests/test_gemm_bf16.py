@@ -28,7 +28,9 @@ def wide(a):
 
 
 def assert_order_close(actual, expected, magnitude):
-    """|actual - expected| <= FP32_ORDER * magnitude elementwise (magnitude = |A| |B| summed)."""
+    """|actual - expected| <= FP32_ORDER * magnitude elementwise (magnitude = |A| |B| summed), for
+    a float32 result of a native GEMM (bf16 or float32 operands)."""
+    assert actual.dtype == np.float32
     np.testing.assert_array_less(np.abs(actual - expected), FP32_ORDER * magnitude + 1e-30)
 
 
@@ -42,10 +44,11 @@ def pairs_down_columns(source):
 
 
 def panels(words):
-    """(pairs, Q) words -> panel j, pair r, column c at ((j * pairs) + r) * COLUMNS + c."""
+    """(pairs, Q) words -> panel j, pair r, column c at ((j * pairs) + r) * COLUMNS + c, zero
+    columns past the last (bf16 pair words, or float32 values, one per word)."""
     pairs, columns = words.shape
     n_panels = -(-columns // COLUMNS)
-    padded = np.zeros((pairs, n_panels * COLUMNS), np.uint32)
+    padded = np.zeros((pairs, n_panels * COLUMNS), words.dtype)
     padded[:, :columns] = words
     return padded.reshape(pairs, n_panels, COLUMNS).transpose(1, 0, 2).reshape(-1)
 

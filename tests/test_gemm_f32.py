@@ -15,8 +15,8 @@ import pytest
 from npcpu import backend, blas, blas_native, info
 from npcpu.kernels import gemm_bf16
 from npcpu.kernels.dpbf16 import COLUMNS, ROWS
+from test_gemm_bf16 import FP32_ORDER, assert_order_close, panels
 
-FP32_ORDER = 4e-6
 native = blas_native.float32
 # (N, K, M): rows of x, its features (the sum of y = x W^T; K odd and even), rows of W
 SHAPES = [(1, 1, 1), (13, 17, 31), (33, 31, 13), (17, 256, 33), (255, 13, 17), (31, 255, 1),
@@ -34,22 +34,10 @@ def exact(a, b):
     return a @ b, np.abs(a) @ np.abs(b)
 
 
-def assert_order_close(actual, expected, magnitude):
-    assert actual.dtype == np.float32
-    np.testing.assert_array_less(np.abs(actual - expected), FP32_ORDER * magnitude + 1e-30)
-
-
 def test_packing_matches_numpy():
     """float32 words are the values themselves: panel j, row r, column c at
     ((j * R) + r) * COLUMNS + c, zero columns past the last."""
     source = np.random.default_rng(0).standard_normal((7, 2 * COLUMNS + 3)).astype(np.float32)
-
-    def panels(b):
-        rows, columns = b.shape
-        n_panels = -(-columns // COLUMNS)
-        padded = np.zeros((rows, n_panels * COLUMNS), np.float32)
-        padded[:, :columns] = b
-        return padded.reshape(rows, n_panels, COLUMNS).transpose(1, 0, 2).reshape(-1)
     assert gemm_bf16.pack_panels(source, True).dtype == np.float32
     np.testing.assert_array_equal(gemm_bf16.pack_panels(source, True), panels(source))
     np.testing.assert_array_equal(gemm_bf16.pack_panels(source, False), panels(source.T))
