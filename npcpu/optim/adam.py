@@ -7,6 +7,13 @@ from npcpu.checks import check_flag, check_real
 from npcpu.optim.optimizer import Optimizer, check_betas, flat
 
 
+def bias_corrections(betas: tuple, step: int) -> tuple[float, float]:
+    """Adam's bias corrections at step t: (1 - beta1^t, sqrt(1 - beta2^t)), in float64 as torch
+    computes them (the compiled small-model step takes them from here too)."""
+    beta1, beta2 = betas
+    return 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
+
+
 class Adam(Optimizer):
     """Adam (Kingma & Ba, arXiv 1412.6980) with torch.optim.Adam's details.
 
@@ -55,12 +62,13 @@ class Adam(Optimizer):
             coupled_decay, decay_factor = 0.0, 1 - lr * weight_decay
         else:
             coupled_decay, decay_factor = weight_decay, 1.0
+        correction1, correction2_sqrt = bias_corrections(group["betas"], step)
         exp_avg, exp_avg_sq = flat(state["exp_avg"]), flat(state["exp_avg_sq"])
         max_exp_avg_sq = flat(state["max_exp_avg_sq"]) if group["amsgrad"] else None
         hyper = kernels.AdamHyper(
             one_minus_beta1=real(1 - beta1), beta2=real(beta2), one_minus_beta2=real(1 - beta2),
             eps=real(group["eps"]), weight_decay=real(coupled_decay), decay_factor=real(decay_factor),
-            step_size=real(lr / (1 - beta1 ** step)), bias_correction2_sqrt=real((1 - beta2 ** step) ** 0.5),
+            step_size=real(lr / correction1), bias_correction2_sqrt=real(correction2_sqrt),
             maximize=group["maximize"])
         step = kernels.for_size(kernels.adam_step, kernels.adam_step_serial, weights.size)
         step(weights, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, tuple(hyper), tuple(rounding))

@@ -53,7 +53,7 @@ from npcpu.nn import activations
 from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.losses import CrossEntropyLoss
 from npcpu.nn.module import Sequential
-from npcpu.optim.adam import Adam, AdamW
+from npcpu.optim.adam import Adam, AdamW, bias_corrections
 from npcpu.optim.sgd import SGD
 
 OWNER = "CompiledClassifierStep"
@@ -376,15 +376,14 @@ class CompiledClassifierStep:
 
     def _bias_corrections(self, steps: int, steps_taken: int, group_index: list) -> np.ndarray:
         """(steps, P, 2) float64: Adam's (1 - beta1^t, sqrt(1 - beta2^t)) of each parameter's
-        group at the steps t = steps_taken + 1, ... as npcpu.optim.Adam computes them (zeros for
-        SGD, which does not read them)."""
+        group at the steps t = steps_taken + 1, ... (npcpu.optim.adam.bias_corrections, as Adam
+        itself takes them; zeros for SGD, which does not read them)."""
         corrections = np.zeros((steps, len(group_index), 2))
         if not isinstance(self.optimizer, Adam):
             return corrections
         groups = self.optimizer.param_groups
         for k, group in enumerate(groups):
-            beta1, beta2 = group["betas"]
-            per_step = [(1 - beta1 ** t, (1 - beta2 ** t) ** 0.5)
+            per_step = [bias_corrections(group["betas"], t)
                         for t in range(steps_taken + 1, steps_taken + steps + 1)]
             corrections[:, [p for p, g in enumerate(group_index) if g == k]] = \
                 np.array(per_step)[:, None, :]
