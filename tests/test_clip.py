@@ -4,7 +4,7 @@ import numba
 import numpy as np
 import pytest
 
-from npcpu.kernels.grads import CHUNK, max_abs, power_sum, scale_and_power_sum
+from npcpu.kernels.grads import CHUNK, max_abs, power_sum
 from npcpu.nn.parameter import Parameter
 from npcpu.optim.clip import clip_grad_norm, clip_grad_value, get_total_norm
 
@@ -45,7 +45,7 @@ def test_norm_kernels_see_nan_and_inf_in_any_chunk(num_threads, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size", SIZES)
-def test_scale_and_power_sum_is_scaling_then_power_sum(num_threads, dtype, size):
+def test_power_sum_with_scale_is_scaling_then_power_sum(num_threads, dtype, size):
     """Against the NumPy twin (scale, then the sum in float64) to rounding, and bit for bit the
     separate steps: NumPy's in-place scaling, then power_sum."""
     values = np.random.default_rng(size).standard_normal(size).astype(dtype)
@@ -54,7 +54,7 @@ def test_scale_and_power_sum_is_scaling_then_power_sum(num_threads, dtype, size)
     scale = dtype(0.37)
     for p in (2.0, 3.5):
         fused, scaled = values.copy(), values.copy()
-        total = scale_and_power_sum(fused, scale, p)
+        total = power_sum(fused, p, scale)
         scaled *= scale
         np.testing.assert_array_equal(fused, scaled)
         assert np.array_equal(total, power_sum(scaled, p), equal_nan=True)

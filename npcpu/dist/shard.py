@@ -34,7 +34,7 @@ import numpy as np
 from npcpu.dist.node import SharedParameters, one_node
 from npcpu.dist.reduce import sum_in_order
 from npcpu.dist.world import World, wait
-from npcpu.kernels.grads import power_sum, scale_and_power_sum
+from npcpu.kernels.grads import power_sum
 
 
 def deal(sizes: list[int], ranks: int) -> list[int]:
@@ -110,8 +110,8 @@ class OptimizerShard:
                     if id(p) in mine:
                         grad = p.grad
                         if keep_squares:  # the scaled gradient's squares in the same pass
-                            squares[i] = scale_and_power_sum(grad.reshape(-1),
-                                                             grad.dtype.type(coef), 2.0)
+                            squares[i] = power_sum(grad.reshape(-1), 2.0,
+                                                   grad.dtype.type(coef))
                         else:
                             grad *= grad.dtype.type(coef)
             if keep_squares:

@@ -79,14 +79,17 @@ def _power_sum_range(values, p, start, stop):
 
 
 @njit(parallel=True, cache=True)
-def power_sum(values, p):
-    """``sum_i |values[i]| ** p`` accumulated in float64: the p-th power of the p-norm.
+def power_sum(values, p, scale=None):
+    """``sum_i |values[i]| ** p`` accumulated in float64: the p-th power of the p-norm. With
+    `scale`, first ``values *= scale`` in place, in the same pass over memory (clipping and the
+    clipped gradient's norm at once): bit for bit the two steps one after the other.
 
     Parameters
     ----------
     values : (n,) float32 or float64
     p : float
         p > 0 (the caller checks). p = 2 gives the squared Euclidean norm.
+    scale : float32 or float64 (the dtype of `values`), optional
 
     Returns
     -------
@@ -97,32 +100,10 @@ def power_sum(values, p):
     n_chunks = (n + CHUNK - 1) // CHUNK
     partials = np.zeros(n_chunks)
     for c in prange(n_chunks):
-        partials[c] = _power_sum_range(values, p, c * CHUNK, min(n, (c + 1) * CHUNK))
-    total = 0.0
-    for c in range(n_chunks):
-        total += partials[c]
-    return total
-
-
-@njit(parallel=True, cache=True)
-def scale_and_power_sum(values, scale, p):
-    """``values *= scale`` in place, then ``power_sum(values, p)`` of the scaled values, in one
-    pass over memory: bit for bit the two calls one after the other (the same products in the
-    dtype of `values`, summed over the same chunks in the same order).
-
-    Parameters
-    ----------
-    values : (n,) float32 or float64
-    scale : float32 or float64, the dtype of `values`
-    p : float, > 0
-    """
-    n = values.shape[0]
-    n_chunks = (n + CHUNK - 1) // CHUNK
-    partials = np.zeros(n_chunks)
-    for c in prange(n_chunks):
         start, stop = c * CHUNK, min(n, (c + 1) * CHUNK)
-        for i in range(start, stop):
-            values[i] *= scale
+        if scale is not None:
+            for i in range(start, stop):
+                values[i] *= scale
         partials[c] = _power_sum_range(values, p, start, stop)
     total = 0.0
     for c in range(n_chunks):
