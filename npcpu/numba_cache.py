@@ -17,6 +17,13 @@ locator then serves, as for any other code). The directory is `$XDG_CACHE_HOME/n
 environments and checkouts never share or overwrite each other's files. Where that directory cannot
 be written, the locator declines and Numba falls back to its usual choices.
 
+Numba decides whether a cached kernel is fresh by its own source file alone (its stamp is a hash
+of that file). A kernel's machine code also holds what it inlined or called from other files (the
+fast exp, the GEMM tile, the scalar activations), so an edit there alone would leave the caller's
+stale code in use (numba/numba issue #6845). npcpu's stamp is therefore the function's own file
+and every file of npcpu/kernels/, the code a kernel may call: a change to any of them recompiles
+npcpu's kernels on next use.
+
 Numba has no public hook for a locator (issue #9350); `CacheImpl._locator_classes` is the list its
 caching code reads (named `_CacheImpl` before Numba 0.61), and the base classes used here are the
 ones its own locators are built from.
@@ -24,18 +31,35 @@ ones its own locators are built from.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from pathlib import Path
 
 from numba.core import caching, config
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+KERNELS_DIR = PACKAGE_DIR / "kernels"
 
 
 def cache_root() -> Path:
     """The folder under which npcpu's compiled kernels are stored."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "npcpu" / "numba"
+
+
+def folder_stamp(folder: Path) -> bytes:
+    """sha256 over the names and contents of the .py files directly in `folder`, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.digest()
+
+
+@functools.cache
+def kernels_stamp() -> bytes:
+    """folder_stamp of npcpu/kernels/, once per process (the files do not change under a run)."""
+    return folder_stamp(KERNELS_DIR)
 
 
 class NpcpuCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):
@@ -48,6 +72,10 @@ class NpcpuCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLoc
 
     def get_cache_path(self) -> str:
         return self._cache_path
+
+    def get_source_stamp(self):
+        """Numba's stamp of the function's own file, and the kernels folder's (module docstring)."""
+        return super().get_source_stamp(), kernels_stamp()
 
     @classmethod
     def from_function(cls, py_func, py_file):

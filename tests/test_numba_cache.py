@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import npcpu
-from npcpu.numba_cache import PACKAGE_DIR, NpcpuCacheLocator
+from npcpu.numba_cache import PACKAGE_DIR, NpcpuCacheLocator, folder_stamp
 
 RUN_A_KERNEL = "import numpy as np, npcpu; npcpu.nn.ReLU().forward(np.ones((3, 5), np.float32))"
 
@@ -55,3 +55,40 @@ def test_subpackages_are_attributes_of_npcpu():
     assert npcpu.nn.Linear(3, 2).weight.shape == (2, 3)
     for name in npcpu.SUBPACKAGES:
         assert name in dir(npcpu) and getattr(npcpu, name).__name__ == f"npcpu.{name}"
+
+
+def test_the_stamp_changes_with_any_file_of_the_folder(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    first = folder_stamp(tmp_path)
+    assert folder_stamp(tmp_path) == first
+    (tmp_path / "notes.txt").write_text("not code")
+    assert folder_stamp(tmp_path) == first
+    (tmp_path / "b.py").write_text("y = 3\n")
+    changed = folder_stamp(tmp_path)
+    assert changed != first
+    (tmp_path / "c.py").write_text("")
+    assert folder_stamp(tmp_path) != changed
+
+
+def test_a_change_to_another_kernel_file_recompiles_a_cached_kernel(tmp_path):
+    """ReLU's kernel (kernels/activations.py) is cached; an edit to kernels/fastexp.py alone must
+    make the next process compile it again (Numba's own stamp would keep the old machine code)."""
+    import shutil
+
+    copy = tmp_path / "src" / "npcpu"
+    shutil.copytree(PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), PYTHONPATH=str(copy.parent))
+
+    def relu_indexes() -> dict:
+        subprocess.run([sys.executable, "-c", RUN_A_KERNEL], check=True, env=env, cwd=tmp_path)
+        found = (tmp_path / "xdg" / "npcpu" / "numba").rglob("activations.*.nbi")
+        return {p: p.read_bytes() for p in found}
+
+    first = relu_indexes()
+    assert first
+    assert relu_indexes() == first  # unchanged sources: loaded, not written again
+    with open(copy / "kernels" / "fastexp.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert relu_indexes() != first
