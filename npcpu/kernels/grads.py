@@ -79,6 +79,29 @@ def _power_sum_range(values, p, start, stop):
 
 
 @njit(parallel=True, cache=True)
+def chunk_power_sums(values, p, partials, scale=None):
+    """``partials[c] = sum |values[i]| ** p`` over chunk c (elements c CHUNK .. (c + 1) CHUNK - 1),
+    each accumulated in float64 in index order; with `scale`, first ``values *= scale`` in place
+    in the same pass. `power_sum` adds the chunks' sums in chunk order; a tensor cut at multiples
+    of CHUNK (npcpu.dist.shard) has its pieces' chunk sums added in that order to the same total.
+
+    Parameters
+    ----------
+    values : (n,) float32 or float64
+    p : float
+    partials : (ceil(n / CHUNK),) float64, written
+    scale : float32 or float64 (the dtype of `values`), optional
+    """
+    n = values.shape[0]
+    for c in prange(partials.shape[0]):
+        start, stop = c * CHUNK, min(n, (c + 1) * CHUNK)
+        if scale is not None:
+            for i in range(start, stop):
+                values[i] *= scale
+        partials[c] = _power_sum_range(values, p, start, stop)
+
+
+@njit(cache=True)
 def power_sum(values, p, scale=None):
     """``sum_i |values[i]| ** p`` accumulated in float64: the p-th power of the p-norm. With
     `scale`, first ``values *= scale`` in place, in the same pass over memory (clipping and the
@@ -94,19 +117,12 @@ def power_sum(values, p, scale=None):
     Returns
     -------
     float
-        A NaN or Inf entry makes the sum NaN or Inf.
+        The sum of `chunk_power_sums` in chunk order. A NaN or Inf entry makes it NaN or Inf.
     """
-    n = values.shape[0]
-    n_chunks = (n + CHUNK - 1) // CHUNK
-    partials = np.zeros(n_chunks)
-    for c in prange(n_chunks):
-        start, stop = c * CHUNK, min(n, (c + 1) * CHUNK)
-        if scale is not None:
-            for i in range(start, stop):
-                values[i] *= scale
-        partials[c] = _power_sum_range(values, p, start, stop)
+    partials = np.zeros((values.shape[0] + CHUNK - 1) // CHUNK)
+    chunk_power_sums(values, p, partials, scale)
     total = 0.0
-    for c in range(n_chunks):
+    for c in range(partials.shape[0]):
         total += partials[c]
     return total
 
