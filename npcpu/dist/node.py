@@ -15,9 +15,9 @@ where they are, without a message copy:
 
 With `dist.shard_optimizer` the ranges are the ranks' shares of the optimizer step and the
 all-gather is left out: an owner alone reads its range's summed gradients (npcpu.dist.shard).
-The updated parameters come back the same way (`SharedParameters`): each owner writes its pieces'
-storage (bfloat16 in a bf16 run) into its part of a second window, and the other ranks copy them
-out.
+The updated parameters come back the same way (`SharedParameters`): every rank's parameters live
+in a second window, and after the step each rank copies the pieces others own straight from
+their owners' parameters (bfloat16 in a bf16 run).
 
 MPI's all-reduce over shared memory copies every byte through small buffers in turn, rank by
 rank; here each byte is read once by the rank that sums it, and the ranks work at once. The sum
@@ -130,37 +130,43 @@ class SharedMemorySum:
 
 
 class SharedParameters:
-    """The parameters' storage published by their owners through a window on this node: each
-    owner writes its updated pieces (npcpu.dist.shard: `pieces` maps id(p) to p's (owner, first,
-    stop) pieces) into its own part, and every other rank copies them out."""
+    """Every rank's parameters stored in a window on this node, each rank's its own copy that the
+    others can read: after an optimizer step sharded by pieces (npcpu.dist.shard: `pieces` maps
+    id(p) to p's (owner, first, stop) pieces), a barrier, then every rank copies the pieces it
+    does not own straight from their owners' parameters, then a barrier (no owner changes its
+    parameters before every copy is done)."""
+
+    ALIGNMENT = 64  # bytes: each parameter starts on a cache line (and is aligned for any dtype)
 
     def __init__(self, world: World, params: list, pieces: dict, timeout: float):
         self.world, self.timeout = world, timeout
         self.params, self.pieces = params, pieces
-        self.offsets = np.concatenate([[0], np.cumsum([p.data.nbytes for p in params])]).tolist()
+        sizes = [-(-p.data.nbytes // self.ALIGNMENT) * self.ALIGNMENT for p in params]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
         self.arrays = shared_arrays(world, "parameters", int(self.offsets[-1]), np.uint8)
+        mine = self.arrays[world.rank]
+        self.views = [mine[start:start + p.data.nbytes].view(p.data.dtype).reshape(p.shape)
+                      for p, start in zip(params, self.offsets)]
+        self.attach()
+
+    def attach(self) -> None:
+        """Make each parameter's storage its place in the window again, holding the values it
+        holds now: code that replaced a parameter's array (loading a state dict) loses nothing."""
+        for p, view in zip(self.params, self.views):
+            if p.data is not view:
+                view[...] = p.data
+                p.data = view
 
     def publish(self) -> None:
         """Every rank takes each unfrozen parameter's pieces (as bytes) from their owners."""
-        rank = self.world.rank
-        for p, start, owner, first, stop in self._pieces():
-            if owner == rank:
-                self.arrays[rank][start:start + stop - first] = _bytes(p)[first:stop]
-        barrier(self.world, self.timeout, "the owners writing their updated parameters")
-        for p, start, owner, first, stop in self._pieces():
-            if owner != rank:
-                _bytes(p)[first:stop] = self.arrays[owner][start:start + stop - first]
-        barrier(self.world, self.timeout, "the ranks copying the updated parameters")
-
-    def _pieces(self):
-        """(p, the piece's first byte in the window, owner, first byte, stop byte in p) of each
-        piece of each unfrozen parameter."""
+        self.attach()
+        barrier(self.world, self.timeout, "the owners updating their parameters")
         for i, p in enumerate(self.params):
             if not p.frozen:
-                size = p.data.itemsize
+                size, mine = p.data.itemsize, p.data.reshape(-1).view(np.uint8)
                 for owner, first, stop in self.pieces[id(p)]:
-                    yield p, self.offsets[i] + first * size, owner, first * size, stop * size
-
-
-def _bytes(p) -> np.ndarray:
-    return p.data.reshape(-1).view(np.uint8)
+                    if owner != self.world.rank:
+                        source = self.offsets[i] + first * size
+                        mine[first * size:stop * size] = \
+                            self.arrays[owner][source:source + (stop - first) * size]
+        barrier(self.world, self.timeout, "the ranks copying the updated parameters")
