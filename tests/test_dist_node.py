@@ -164,3 +164,15 @@ def test_a_run_whose_parameters_are_split_between_owners_is_bitwise_the_unsharde
     assert state["model"]["0.weight"].size == 60000
     assert_states_equal(final_state(tmp_path / "sharded"), state, "sharded")
     assert metrics(tmp_path / "sharded") == metrics(tmp_path / "plain")
+
+
+def test_an_elementwise_optimizer_split_between_owners_is_bitwise_the_unsharded_run(mpiexec,
+                                                                                   tmp_path):
+    """AdamW (no sum over a tensor: each owner updates its range alone), bf16, 3 ranks."""
+    options = [*TINY, *WIDE, "--train.precision", "bf16", "--optim.name", "adamw",
+               "--train.clip_grad_norm", "0.2"]
+    train(mpiexec, 3, tmp_path / "plain", *options)
+    done = train(mpiexec, 3, tmp_path / "sharded", *options, *SHARD)
+    assert "(1 split between ranks; " in done.stdout + done.stderr
+    assert_states_equal(final_state(tmp_path / "sharded"), final_state(tmp_path / "plain"),
+                        "sharded")

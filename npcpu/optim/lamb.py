@@ -150,13 +150,12 @@ class LAMB(Optimizer):
             first, stop = span
             grad = flat(self._checked_grad(p))[first:stop]
             index, group, state, weights = self._count_step(p)
-            arrays = [flat(a)[first:stop] for a in (weights, state["exp_avg"], state["exp_avg_sq"])]
+            w, m, v = (flat(a)[first:stop] for a in (weights, state["exp_avg"], state["exp_avg_sq"]))
             hyper = self._hyper(grad.dtype.type, state["step"], group)
             rounding = self._rounding(state, index, first)
             partial_sums = np.empty((2, kernels.block_count(stop - first)), dtype=np.float64)
-            norms = kernels.lamb_moments(*arrays[:1], grad, *arrays[1:], hyper, rounding,
-                                         partial_sums)
-            moved.append((p, span, weights, arrays, group, hyper, rounding, norms, partial_sums))
+            norms = kernels.lamb_moments(w, grad, m, v, hyper, rounding, partial_sums)
+            moved.append((p, span, weights, (w, m, v), group, hyper, rounding, norms, partial_sums))
         split = [p for p in self._params
                  if share.is_split(p) and not p.frozen and p.grad is not None]
         whole = {}
