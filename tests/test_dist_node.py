@@ -4,9 +4,12 @@ the runs through MPI's collectives, and sharded runs (each owner alone summing i
 that must be bitwise the unsharded ones. Skips like tests/test_dist_mpi.py without mpi4py or
 mpiexec (fails under NPCPU_REQUIRE_MPI=1)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
-from test_dist_mpi import FP32, TINY, final_state, metrics, train
+from test_dist_mpi import FP32, SECONDS, TINY, final_state, metrics, train
 from test_dist_shard import assert_states_equal
 
 from npcpu.dist.node import add_ranks, even_spans
@@ -176,3 +179,43 @@ def test_an_elementwise_optimizer_split_between_owners_is_bitwise_the_unsharded_
     assert "(1 split between ranks; " in done.stdout + done.stderr
     assert_states_equal(final_state(tmp_path / "sharded"), final_state(tmp_path / "plain"),
                         "sharded")
+
+
+# Two sharded fits in one process, of models of the same size: the second reuses the windows.
+TWO_FITS = """
+import sys
+import numpy as np
+from npcpu import backend
+from npcpu.config import build_config
+from npcpu.dist import init_world
+from npcpu.train.build import build_run
+
+backend.set_threads(1)
+world = init_world()
+runs = []
+for seed in (1, 2):
+    config = build_config(overrides={
+        "model": {"hidden": [16, 9]}, "data": {"train_size": 300, "eval_size": 100,
+                                              "input_dim": 12},
+        "train": {"batch_size": 30, "max_steps": 3, "eval_every": None, "checkpoint_every": None,
+                  "seed": seed},
+        "dist": {"timeout": 10.0, "shard_optimizer": True}})
+    runs.append(build_run(config, world=world))
+runs[0].fit(None, progress=False)
+first = [p.data.copy() for p in runs[0].trainer.model.parameters()]
+runs[1].fit(None, progress=False)
+same = all(np.array_equal(p.data.view(np.uint8), kept.view(np.uint8))
+           for p, kept in zip(runs[0].trainer.model.parameters(), first))
+with open(f"{sys.argv[1]}/rank-{world.rank}.txt", "w") as out:
+    out.write(f"first model unchanged: {same}")
+"""
+
+
+def test_a_second_sharded_fit_leaves_the_first_models_parameters_alone(mpiexec, tmp_path):
+    """The parameters leave the shared window at the end of a fit (SharedParameters.detach): a
+    later fit of a model of the same size, which reuses the window, does not write into them."""
+    done = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", TWO_FITS, str(tmp_path)],
+                          capture_output=True, text=True, timeout=SECONDS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(2):
+        assert (tmp_path / f"rank-{rank}.txt").read_text() == "first model unchanged: True"

@@ -164,6 +164,13 @@ class SharedParameters:
                 view[...] = p.data
                 p.data = view
 
+    def detach(self) -> None:
+        """Give each parameter a private copy of its values again (at the end of a fit: a later
+        fit of a model of the same size reuses the window; `publish` attaches them again)."""
+        for p, view in zip(self.params, self.views):
+            if p.data is view:
+                p.data = view.copy()
+
     def publish(self) -> None:
         """Every rank takes each unfrozen parameter's pieces (as bytes) from their owners."""
         self.attach()

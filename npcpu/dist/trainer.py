@@ -226,6 +226,14 @@ class DataParallelRunner(ReferenceRunner):
         self.dropouts = [m for m in trainer.model.modules() if isinstance(m, Dropout)]
         self._window_batches = range(0)
 
+    def close(self) -> None:
+        """Also the parameters out of this node's window, if they are in one (a later fit of a
+        model of the same size reuses it: npcpu.dist.node.SharedParameters.detach)."""
+        super().close()
+        shard = self.trainer.optimizer_shard
+        if shard is not None and shard.shared is not None:
+            shard.shared.detach()
+
     def rows_of_batch(self, n: int) -> tuple[int, int]:
         """This rank's rows of a global batch of n samples: its pieces' rows."""
         parts = self.trainer.parts
