@@ -13,7 +13,6 @@ from test_dist_mpi import FP32, SECONDS, TINY, final_state, metrics, train
 from test_dist_shard import assert_states_equal
 
 from npcpu.dist.node import add_ranks, even_spans
-from npcpu.kernels.grads import add_ranks_and_square_sums
 
 SHARD = ["--dist.shard_optimizer", "true"]
 MPI_COLLECTIVES = ["--dist.shared_memory", "false"]
@@ -35,28 +34,6 @@ def test_add_ranks_adds_in_rank_order_chunk_by_chunk(ranks, size, chunk):
         copies = [s.copy() for s in sources]
         add_ranks(copies, copies[into], np.empty(chunk, np.float32))
         np.testing.assert_array_equal(copies[into].view(np.uint32), want.view(np.uint32))
-
-
-@pytest.mark.parametrize("ranks", [2, 3])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_sum_with_its_squares_is_add_ranks_and_a_square_sum_per_chunk(num_threads, ranks,
-                                                                            dtype):
-    """The fused kernel against its twins: the sum bit for bit add_ranks's (written over one of
-    its sources), each chunk's sum of squares bit for bit a float64 sum in index order; the
-    elements outside the bounds untouched."""
-    rng = np.random.default_rng(ranks)
-    size = 5000
-    sources = [(rng.standard_normal(size) * 10.0 ** rng.integers(-6, 6, size)).astype(dtype)
-               for _ in range(ranks)]
-    bounds = np.array([7, 8, 1031, 1031, 3000, 4999], dtype=np.int64)  # odd and empty chunks
-    want = sources[-1].copy()
-    add_ranks([s[7:4999] for s in sources], want[7:4999], np.empty(64, dtype))
-    squares = [np.add.accumulate(np.concatenate([[0.0], want[a:b].astype(np.float64) ** 2]))[-1]
-               for a, b in zip(bounds[:-1], bounds[1:])]
-    partials = np.full(bounds.size - 1, np.nan)
-    add_ranks_and_square_sums(tuple(sources), sources[-1], bounds, partials)
-    np.testing.assert_array_equal(sources[-1], want)
-    np.testing.assert_array_equal(partials, squares)
 
 
 def test_unsharded_ranges_are_near_equal_pieces_of_the_buffer():

@@ -36,7 +36,6 @@ import numpy as np
 
 from npcpu.dist.reduce import GradientBuckets
 from npcpu.dist.world import World, wait
-from npcpu.kernels.grads import add_ranks_and_square_sums
 
 CHUNK = 1 << 16
 """Elements added at a time: the running sum of a chunk stays in the core's cache."""
@@ -107,19 +106,13 @@ class SharedMemorySum:
         self.ranges = spans or even_spans(total, world.size)
         self.scratch = np.empty(min(CHUNK, max(total, 1)), dtype)
 
-    def reduce_scatter(self, squares: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """This rank's range of its buffer becomes the sum over the ranks of that range. With
-        `squares` = (bounds, partials), the sum's sums of squares between consecutive bounds
-        (buffer offsets spanning the range) go to partials in the same pass
-        (npcpu.kernels.grads.add_ranks_and_square_sums)."""
+    def reduce_scatter(self) -> None:
+        """This rank's range of its buffer becomes the sum over the ranks of that range."""
         self.buckets.attach()
         barrier(self.world, self.timeout, "the ranks finishing their gradients")
         start, stop = self.ranges[self.world.rank]
-        if squares is None:
-            add_ranks([a[start:stop] for a in self.arrays],
-                      self.arrays[self.world.rank][start:stop], self.scratch)
-        else:
-            add_ranks_and_square_sums(tuple(self.arrays), self.arrays[self.world.rank], *squares)
+        add_ranks([a[start:stop] for a in self.arrays], self.arrays[self.world.rank][start:stop],
+                  self.scratch)
         barrier(self.world, self.timeout, "the ranks adding their ranges of the gradients")
 
     def allreduce(self) -> None:

@@ -110,31 +110,9 @@ class OptimizerShard:
         self.mine = {key: (first, stop) for key, own in self.pieces.items()
                      for rank, first, stop in own if rank == world.rank}
         self.squares: dict = {}  # id(param) -> its sum of squared gradients (gradient_norm)
-        self.chunk_bounds, self.chunk_squares, self.summed_squares = \
-            self._chunks_of_range(in_buffer)
-        self.squares_fresh = False  # chunk_squares hold the summed gradients' (npcpu.dist.node)
         self.shared = SharedParameters(world, self.params, self.pieces, timeout) \
             if shared_memory and one_node(world) else None
         self.drop_others_state()
-
-    def _chunks_of_range(self, in_buffer: list) -> tuple[np.ndarray, np.ndarray, dict]:
-        """(the buffer offsets that bound the CHUNK-element chunks of this rank's pieces, in
-        buffer order; an array for their sums of squares, which the gradient sum fills
-        (`squares_fresh`); id(p) -> the (1, chunks) view of it that holds p's piece's)."""
-        bounds, counts, start = [], [], 0
-        for p in in_buffer:
-            if id(p) in self.mine:
-                first, stop = self.mine[id(p)]
-                bounds.extend(range(start + first, start + stop, CHUNK))
-                counts.append((id(p), -(-(stop - first) // CHUNK)))
-            start += p.size
-        bounds.append(self.offsets[self.world.rank + 1])
-        partials = np.zeros(len(bounds) - 1)
-        views, at = {}, 0
-        for key, count in counts:
-            views[key] = partials[at:at + count].reshape(1, count)
-            at += count
-        return np.array(bounds, dtype=np.int64), partials, views
 
     def spans(self) -> list[tuple[int, int]]:
         """Each rank's (start, stop) in the gradient buffer (the model's parameters reversed)."""
@@ -181,16 +159,13 @@ class OptimizerShard:
         sum_in_order(self.world, slots, self.timeout)
         return [fold(slots[:, starts[k]:starts[k + 1]]) for k in range(len(params))]
 
-    def _sums_of_squares(self, params: list, scale=None, known: dict | None = None) -> list[float]:
+    def _sums_of_squares(self, params: list, scale=None) -> list[float]:
         """Each of `params`' sum of squared gradients (with `scale`, after scaling this rank's
-        ranges by it in the same pass), from its owners' chunks; `known`: id(p) -> this rank's
-        chunks' sums, already summed."""
+        ranges by it in the same pass), from its owners' chunks."""
         partials = {}
         for p in params:
             span = self.mine.get(id(p))
-            if known is not None and id(p) in known:
-                partials[id(p)] = known[id(p)]
-            elif span is not None:
+            if span is not None:
                 first, stop = span
                 partials[id(p)] = np.zeros((1, -(-(stop - first) // CHUNK)))
                 chunk_power_sums(p.grad.reshape(-1)[first:stop], 2.0, partials[id(p)][0], scale)
@@ -205,9 +180,7 @@ class OptimizerShard:
         norm, bit for bit. With `check`, a non-finite norm leaves every gradient as it is.
         `keep_squares`: keep each parameter's sum of squares after clipping for `norm_of` (the
         freezer's)."""
-        squares = self._sums_of_squares(params,
-                                        known=self.summed_squares if self.squares_fresh else None)
-        self.squares_fresh = False
+        squares = self._sums_of_squares(params)
         total = math.sqrt(sum(squares))
         if keep_squares:
             self.squares = dict(zip(map(id, params), squares))

@@ -297,10 +297,8 @@ class DataParallelRunner(ReferenceRunner):
         if self.ordered is not None:
             self.ordered.reduce(trainer.world, trainer.timeout)
         elif self.node_sum is not None:  # after a non-finite loss, every gradient for the error
-            if self.scatter and math.isfinite(loss):  # with the owners' sums of squares
-                shard = trainer.optimizer_shard
-                self.node_sum.reduce_scatter((shard.chunk_bounds, shard.chunk_squares))
-                shard.squares_fresh = True
+            if self.scatter and math.isfinite(loss):
+                self.node_sum.reduce_scatter()
             else:
                 self.node_sum.allreduce()
         elif self.reducer is not None:

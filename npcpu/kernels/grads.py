@@ -191,32 +191,3 @@ def max_abs(values):
     for c in range(n_chunks):
         result = _max_abs_update(result, partials[c])
     return result
-
-
-@njit(parallel=True, cache=True)
-def add_ranks_and_square_sums(sources, out, bounds, partials):
-    """The ranks' gradients summed and the sum's squares summed, in one pass over memory.
-
-    ``out[i] = sources[0][i] + sources[1][i] + ...`` added in that order (float32 rounding after
-    each addition, as NumPy adds them), for i from bounds[0] to bounds[-1] - 1; and
-    ``partials[c]`` = the sum of ``out[i] ** 2`` over bounds[c] <= i < bounds[c + 1], in float64
-    and index order: with `bounds` on a parameter's CHUNK boundaries, the `chunk_power_sums` of
-    the summed gradient (p = 2), bit for bit. (npcpu.dist.node: each rank's range.)
-
-    Parameters
-    ----------
-    sources : tuple of (n,) float32 or float64 arrays, one per rank (`out` may be one of them)
-    out : (n,) same dtype
-    bounds : (chunks + 1,) int64, increasing
-    partials : (chunks,) float64, written
-    """
-    for c in prange(partials.shape[0]):
-        total = 0.0
-        for i in range(bounds[c], bounds[c + 1]):
-            running = sources[0][i]
-            for r in range(1, len(sources)):
-                running += sources[r][i]
-            out[i] = running
-            v = np.float64(running)
-            total += v * v
-        partials[c] = total
