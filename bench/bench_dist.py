@@ -5,7 +5,7 @@ after round, and reads each step's samples/s from the run's metrics file (the me
 steps after the first `--skip`), and the peak resident memory of each of its processes (GNU time,
 when /usr/bin/time exists). Setups: one process with every core; N ranks with the cores divided
 among them, the reduction overlapped with backward, after it, in deterministic mode (fixed-order
-sum over pieces of the batch), and the optimizer step sharded by parameter (ZeRO stage 1) with
+sum over pieces of the batch), and the optimizer step sharded by ranges of elements (ZeRO stage 1) with
 and without overlap; ranks on one node sum through shared memory (npcpu.dist.node, where overlap
 does not apply), and the "-mpi" setups through MPI's collectives instead. Needs mpi4py and mpiexec (pip install 'npcpu[mpi]').
 

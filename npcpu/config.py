@@ -145,8 +145,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
                            min=0.001),
         "overlap": Field("bool", True, "start each bucket's all-reduce during backward, as soon "
                          "as its gradients are finished (MPI's all-reduce only)"),
-        "shard_optimizer": Field("bool", False, "each parameter's optimizer step and state on one "
-                                 "rank, the updated parameters broadcast (ZeRO stage 1)"),
+        "shard_optimizer": Field("bool", False, "each range of the parameters' optimizer step and "
+                                 "state on one rank, the updated parameters broadcast (ZeRO "
+                                 "stage 1)"),
         "shared_memory": Field("bool", True, "ranks all on one node sum the gradients (and "
                                "publish sharded parameters) through shared memory, not MPI's "
                                "collectives"),

@@ -4,7 +4,7 @@ import numba
 import numpy as np
 import pytest
 
-from npcpu.kernels.grads import CHUNK, max_abs, power_sum
+from npcpu.kernels.grads import CHUNK, LANES, chunk_power_sums, max_abs, power_sum
 from npcpu.nn.parameter import Parameter
 from npcpu.optim.clip import clip_grad_norm, clip_grad_value, get_total_norm
 
@@ -59,6 +59,37 @@ def test_power_sum_with_scale_is_scaling_then_power_sum(num_threads, dtype, size
         np.testing.assert_array_equal(fused, scaled)
         assert np.array_equal(total, power_sum(scaled, p), equal_nan=True)
         np.testing.assert_allclose(total, power_sum_twin(values * scale, p), rtol=1e-12, atol=0)
+
+
+def chunk_square_sums_twin(values):
+    """Each CHUNK-element chunk's sum of squares in float64, added strictly in index order."""
+    sums = []
+    for start in range(0, values.size, CHUNK):
+        squares = values[start:start + CHUNK].astype(np.float64) ** 2
+        sums.append(np.add.accumulate(squares)[-1])
+    return np.array(sums)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [0, 17, CHUNK, LANES * CHUNK, LANES * CHUNK + 1,
+                                  (2 * LANES + 1) * CHUNK + 17])
+def test_chunk_power_sums_sum_each_chunk_in_index_order(num_threads, dtype, size):
+    """Bit for bit the twin (whole chunks are summed LANES at a time, each chain in index
+    order), scaled or not; power_sum is their sum in chunk order."""
+    values = np.random.default_rng(size).standard_normal(size).astype(dtype)
+    values *= 10.0 ** np.random.default_rng(1).integers(-6, 6, size)  # rounding matters
+    chunks = -(-size // CHUNK)
+    partials = np.full(chunks, np.nan)
+    chunk_power_sums(values, 2.0, partials)
+    np.testing.assert_array_equal(partials, chunk_square_sums_twin(values))
+    assert power_sum(values, 2.0) == (np.add.accumulate(partials)[-1] if chunks else 0.0)
+    scale, scaled = dtype(0.37), values.copy()
+    chunk_power_sums(scaled, 2.0, partials, scale)
+    np.testing.assert_array_equal(scaled, values * scale)
+    np.testing.assert_array_equal(partials, chunk_square_sums_twin(values * scale))
+    chunk_power_sums(values, 3.5, partials)  # no side-by-side chunks for p != 2
+    np.testing.assert_allclose(partials, [power_sum_twin(values[c * CHUNK:(c + 1) * CHUNK], 3.5)
+                                          for c in range(chunks)], rtol=1e-12, atol=0)
 
 
 def test_norm_kernels_do_not_depend_on_thread_count():

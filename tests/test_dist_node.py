@@ -1,16 +1,18 @@
 """Gradients summed through a node's shared memory (npcpu.dist.node): the sum's order and the
-layout by owner, and runs under mpiexec (ranks oversubscribed on this machine) that must equal
+ranks' ranges, and runs under mpiexec (ranks oversubscribed on this machine) that must equal
 the runs through MPI's collectives, and sharded runs (each owner alone summing its gradients)
 that must be bitwise the unsharded ones. Skips like tests/test_dist_mpi.py without mpi4py or
 mpiexec (fails under NPCPU_REQUIRE_MPI=1)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
-from test_dist_mpi import FP32, TINY, final_state, metrics, train
+from test_dist_mpi import FP32, SECONDS, TINY, final_state, metrics, train
 from test_dist_shard import assert_states_equal
 
-from npcpu.dist.node import add_ranks, layout, ranges
-from npcpu.dist.shard import deal
+from npcpu.dist.node import add_ranks, even_spans
 
 SHARD = ["--dist.shard_optimizer", "true"]
 MPI_COLLECTIVES = ["--dist.shared_memory", "false"]
@@ -34,20 +36,10 @@ def test_add_ranks_adds_in_rank_order_chunk_by_chunk(ranks, size, chunk):
         np.testing.assert_array_equal(copies[into].view(np.uint32), want.view(np.uint32))
 
 
-def test_the_buffer_is_laid_out_owner_by_owner_in_backward_order():
-    sizes = [10, 1, 7, 3, 7, 2]
-    owners = deal(sizes, 2)
-    assert owners == [0, 1, 1, 0, 1, 0]  # 10 3 2 -> rank 0 (15), 7 7 1 -> rank 1 (15)
-    order = layout(list(range(len(sizes))), owners)
-    assert order == [5, 3, 0, 4, 2, 1]  # rank 0's reversed, then rank 1's reversed
-    spans = ranges(sizes, owners, 2)
-    assert spans == [(0, 15), (15, 30)]
-    start = 0
-    for i in order:  # each parameter lies inside its owner's range
-        assert spans[owners[i]][0] <= start and start + sizes[i] <= spans[owners[i]][1]
-        start += sizes[i]
-    assert ranges(sizes, None, 3) == [(0, 10), (10, 20), (20, 30)]
-    assert ranges([4], [0], 3) == [(0, 4), (4, 4), (4, 4)]  # ranks owning nothing
+def test_unsharded_ranges_are_near_equal_pieces_of_the_buffer():
+    assert even_spans(30, 3) == [(0, 10), (10, 20), (20, 30)]
+    assert even_spans(4, 3) == [(0, 1), (1, 2), (2, 4)]
+    assert even_spans(0, 2) == [(0, 0), (0, 0)]
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
@@ -125,3 +117,82 @@ def test_a_gradient_that_overflows_in_the_sum_is_named_and_skipped_alike(mpiexec
         assert final_state(tmp_path / name)["trainer"]["skipped_steps"] == 1, name
     assert_states_equal(final_state(tmp_path / "sharded"), final_state(tmp_path / "shared"),
                         "sharded")
+
+
+# A first weight of 200 x 300 = 60000 elements, most of the model: the ranks' ranges cut it
+# (at multiples of npcpu.dist.shard.SPLIT_UNIT) on 2 ranks in two, on 3 ranks in three.
+WIDE = ["--data.input_dim", "200", "--model.hidden", "300,9"]
+
+
+@pytest.mark.parametrize("ranks,split", [(2, 2), (3, 3)])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_run_whose_parameters_are_split_between_owners_is_bitwise_the_unsharded_run(
+        mpiexec, tmp_path, ranks, split, precision):
+    """A weight split between ranks: each owner runs LAMB's first pass on its range, the norms
+    for the trust ratio come from all the owners' block sums, the gradient norm (clipping below
+    the norms) and the freezer's layer norms from their chunk sums, Lookahead syncs each range;
+    with bf16 stochastic rounding, dropout and evaluation on the slow weights, every parameter,
+    optimizer state and metric bit for bit the unsharded run's."""
+    options = [*TINY, *WIDE, "--train.precision", precision, "--train.clip_grad_norm", "0.2",
+               "--freeze.threshold", "1e9", "--freeze.patience", "2", "--freeze.window", "2",
+               "--freeze.start_step", "4"]
+    train(mpiexec, ranks, tmp_path / "plain", *options)
+    done = train(mpiexec, ranks, tmp_path / "sharded", *options, *SHARD)
+    assert "(1 split between ranks; " in done.stdout + done.stderr
+    state = final_state(tmp_path / "plain")
+    assert state["freezer"]["frozen_at"] != {}
+    assert state["model"]["0.weight"].size == 60000
+    assert_states_equal(final_state(tmp_path / "sharded"), state, "sharded")
+    assert metrics(tmp_path / "sharded") == metrics(tmp_path / "plain")
+
+
+def test_an_elementwise_optimizer_split_between_owners_is_bitwise_the_unsharded_run(mpiexec,
+                                                                                   tmp_path):
+    """AdamW (no sum over a tensor: each owner updates its range alone), bf16, 3 ranks."""
+    options = [*TINY, *WIDE, "--train.precision", "bf16", "--optim.name", "adamw",
+               "--train.clip_grad_norm", "0.2"]
+    train(mpiexec, 3, tmp_path / "plain", *options)
+    done = train(mpiexec, 3, tmp_path / "sharded", *options, *SHARD)
+    assert "(1 split between ranks; " in done.stdout + done.stderr
+    assert_states_equal(final_state(tmp_path / "sharded"), final_state(tmp_path / "plain"),
+                        "sharded")
+
+
+# Two sharded fits in one process, of models of the same size: the second reuses the windows.
+TWO_FITS = """
+import sys
+import numpy as np
+from npcpu import backend
+from npcpu.config import build_config
+from npcpu.dist import init_world
+from npcpu.train.build import build_run
+
+backend.set_threads(1)
+world = init_world()
+runs = []
+for seed in (1, 2):
+    config = build_config(overrides={
+        "model": {"hidden": [16, 9]}, "data": {"train_size": 300, "eval_size": 100,
+                                              "input_dim": 12},
+        "train": {"batch_size": 30, "max_steps": 3, "eval_every": None, "checkpoint_every": None,
+                  "seed": seed},
+        "dist": {"timeout": 10.0, "shard_optimizer": True}})
+    runs.append(build_run(config, world=world))
+runs[0].fit(None, progress=False)
+first = [p.data.copy() for p in runs[0].trainer.model.parameters()]
+runs[1].fit(None, progress=False)
+same = all(np.array_equal(p.data.view(np.uint8), kept.view(np.uint8))
+           for p, kept in zip(runs[0].trainer.model.parameters(), first))
+with open(f"{sys.argv[1]}/rank-{world.rank}.txt", "w") as out:
+    out.write(f"first model unchanged: {same}")
+"""
+
+
+def test_a_second_sharded_fit_leaves_the_first_models_parameters_alone(mpiexec, tmp_path):
+    """The parameters leave the shared window at the end of a fit (SharedParameters.detach): a
+    later fit of a model of the same size, which reuses the window, does not write into them."""
+    done = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", TWO_FITS, str(tmp_path)],
+                          capture_output=True, text=True, timeout=SECONDS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(2):
+        assert (tmp_path / f"rank-{rank}.txt").read_text() == "first model unchanged: True"

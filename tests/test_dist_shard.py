@@ -1,5 +1,5 @@
 """The optimizer step sharded across the ranks (npcpu.dist.shard, `dist.shard_optimizer`): the
-dealing of parameters, and runs under mpiexec that must be bitwise the runs without sharding,
+ranks' ranges of the parameters, and runs under mpiexec that must be bitwise the runs without sharding,
 their checkpoints holding the whole optimizer state (resumed on another N). Skips like
 tests/test_dist_mpi.py without mpi4py or mpiexec (fails under NPCPU_REQUIRE_MPI=1)."""
 
@@ -9,20 +9,38 @@ import numpy as np
 import pytest
 from test_dist_mpi import DETERMINISTIC, TINY, final_state, metrics, train
 
-from npcpu.dist.shard import deal
+from npcpu.dist.shard import SPLIT_UNIT, cuts, pieces
+from npcpu.kernels.grads import CHUNK
+from npcpu.kernels.optim_io import BLOCK
 
 SHARD = ["--dist.shard_optimizer", "true"]
 
 
-def test_parameters_are_dealt_whole_largest_first_to_the_least_loaded_rank():
-    # 10 -> 0 (loads 10, 0), 7 -> 1 (10, 7), 7 -> 1 (10, 14), 3 -> 0 (13, 14), 1 -> 0 (14, 14)
-    assert deal([10, 1, 7, 3, 7], 2) == [0, 0, 1, 0, 1]
-    assert deal([5, 5, 5], 3) == [0, 1, 2]
-    assert deal([4, 2], 3) == [0, 1]  # a rank may own nothing
-    sizes = list(np.random.default_rng(0).integers(1, 1000, 40))
-    owners = deal(sizes, 3)
-    loads = [sum(s for s, o in zip(sizes, owners) if o == r) for r in range(3)]
-    assert max(loads) - min(loads) <= max(sizes)
+def test_the_ranks_ranges_are_near_equal_and_cut_parameters_only_at_multiples_of_the_unit():
+    # laid end to end: [0, 10) [10, 13) [13, 20); the even share of 2 ranks is 10
+    assert cuts([10, 3, 7], 2, unit=4) == [0, 10, 20]  # 10 is an edge
+    assert pieces([10, 3, 7], [0, 10, 20]) == [[(0, 0, 10)], [(1, 0, 3)], [(1, 0, 7)]]
+    assert cuts([20], 2, unit=4) == [0, 8, 20]  # 10 lies between 8 and 12: the lower
+    assert pieces([20], [0, 8, 20]) == [[(0, 0, 8), (1, 8, 20)]]
+    assert cuts([13, 13], 3, unit=4) == [0, 8, 17, 26]  # 8 = 0 + 2 * 4; 17 = 13 + 4
+    assert pieces([13, 13], [0, 8, 17, 26]) == [[(0, 0, 8), (1, 8, 13)], [(1, 0, 4), (2, 4, 13)]]
+    assert cuts([4], 3, unit=4) == [0, 0, 0, 4]  # 1 and 2 nearer 0 than 4: ranks owning nothing
+    assert pieces([4, 0], [0, 0, 0, 4]) == [[(2, 0, 4)], [(0, 0, 0)]]  # an empty parameter: rank 0
+    rng = np.random.default_rng(0)
+    for ranks in (2, 3, 5):
+        sizes = rng.integers(1, 5 * SPLIT_UNIT, 30).tolist()
+        offsets = cuts(sizes, ranks)
+        total = sum(sizes)
+        for r in range(1, ranks):  # within half a unit of the even share
+            assert abs(offsets[r] - r * total // ranks) <= SPLIT_UNIT // 2
+        for size, own in zip(sizes, pieces(sizes, offsets)):
+            assert own[0][1] == 0 and own[-1][2] == size  # the pieces cover the parameter
+            for (_, _, stop), (_, first, _) in zip(own, own[1:]):
+                assert stop == first and first % SPLIT_UNIT == 0
+
+
+def test_the_split_unit_is_a_multiple_of_every_chunk_a_sum_over_a_tensor_uses():
+    assert SPLIT_UNIT % CHUNK == 0 and SPLIT_UNIT % BLOCK == 0
 
 
 def flat_state(state, prefix=""):
@@ -83,3 +101,24 @@ def test_a_sharded_fp32_run_on_two_ranks_equals_one_process(mpiexec, tmp_path):
                                        atol=1e-6, err_msg=name)
     for name, value in one["model"].items():
         np.testing.assert_allclose(two["model"][name], value, rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+def test_split_parameters_through_mpi_are_bitwise_one_process_and_resume_on_another_n(
+        mpiexec, tmp_path):
+    """Deterministic sums (the MPI path: pieces broadcast by their owners): a weight split in
+    three on 3 ranks, then resumed from its step-3 checkpoint on 2 ranks (split in two), ends
+    bit for bit where one process does, the gathered optimizer state included."""
+    wide = ["--data.input_dim", "200", "--model.hidden", "300,9"]  # tests/test_dist_node.WIDE
+    options = [*TINY, *wide, *DETERMINISTIC, "--train.clip_grad_norm", "0.2"]
+    train(mpiexec, 1, tmp_path / "one", *options)
+    done = train(mpiexec, 3, tmp_path / "sharded", *options, *SHARD)
+    assert "(1 split between ranks; " in done.stderr
+    want = final_state(tmp_path / "one")
+    assert_states_equal(final_state(tmp_path / "sharded"), want, "sharded")
+    assert metrics(tmp_path / "sharded") == metrics(tmp_path / "one")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "sharded", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000006")
+    (resumed / "checkpoints" / "latest").write_text("step-000003\n")
+    train(mpiexec, 2, resumed, *SHARD, resume=True)
+    assert_states_equal(final_state(resumed), want, "resumed on 2 ranks")

@@ -13,11 +13,11 @@ where they are, without a message copy:
                     from that rank's buffer into its own, and a barrier: every rank holds the
                     same sums, bit for bit.
 
-With `dist.shard_optimizer` the ranges are the parameters each rank owns (the buffer is laid
-out by owner) and the all-gather is left out: an owner alone reads its parameters' summed
-gradients (npcpu.dist.shard). Its updated parameters come back the same way (`SharedParameters`):
-each owner writes their storage (bfloat16 in a bf16 run) into its part of a second window, and
-the other ranks copy them out.
+With `dist.shard_optimizer` the ranges are the ranks' shares of the optimizer step and the
+all-gather is left out: an owner alone reads its range's summed gradients (npcpu.dist.shard).
+The updated parameters come back the same way (`SharedParameters`): every rank's parameters live
+in a second window, and after the step each rank copies the pieces others own straight from
+their owners' parameters (bfloat16 in a bf16 run).
 
 MPI's all-reduce over shared memory copies every byte through small buffers in turn, rank by
 rank; here each byte is read once by the rank that sums it, and the ranks work at once. The sum
@@ -84,39 +84,27 @@ def add_ranks(sources: list[np.ndarray], out: np.ndarray, scratch: np.ndarray) -
         out[start:stop] = running
 
 
-def ranges(sizes: list[int], owners: list[int] | None, ranks: int) -> list[tuple[int, int]]:
-    """Each rank's (start, stop) in the flat buffer: the parameters it owns, laid out owner by
-    owner (`owners`, see `layout`); or without owners, N near-equal pieces."""
-    total = sum(sizes)
-    if owners is None:
-        return [(r * total // ranks, (r + 1) * total // ranks) for r in range(ranks)]
-    loads = [sum(s for s, o in zip(sizes, owners) if o == r) for r in range(ranks)]
-    starts = np.concatenate([[0], np.cumsum(loads)]).tolist()
-    return [(int(starts[r]), int(starts[r + 1])) for r in range(ranks)]
-
-
-def layout(params: list, owners: list[int] | None) -> list:
-    """The parameters in buffer order: reversed (the order backward finishes them), grouped by
-    owner when there are owners."""
-    order = list(reversed(range(len(params))))
-    if owners is not None:
-        order.sort(key=lambda i: owners[i])  # stable: reversed within each owner
-    return [params[i] for i in order]
+def even_spans(total: int, ranks: int) -> list[tuple[int, int]]:
+    """N near-equal (start, stop) ranges of a buffer of `total` elements, one per rank."""
+    return [(r * total // ranks, (r + 1) * total // ranks) for r in range(ranks)]
 
 
 class SharedMemorySum:
-    """The gradients of `params` in this node's shared memory, summed over the ranks as the module
-    docstring says; `owners` (npcpu.dist.shard.deal, by parameter) when the optimizer is sharded."""
+    """The gradients of `params` in this node's shared memory (reversed: the order backward
+    finishes them), summed over the ranks as the module docstring says; rank r sums
+    `spans[r]` of the buffer (npcpu.dist.shard's ranges when the optimizer is sharded; by
+    default near-equal ones)."""
 
-    def __init__(self, world: World, params: list, owners: list[int] | None, timeout: float):
+    def __init__(self, world: World, params: list, spans: list[tuple[int, int]] | None,
+                 timeout: float):
         self.world, self.timeout = world, timeout
-        sizes = [p.size for p in params]
+        total = sum(p.size for p in params)
         dtype = params[0].compute_dtype
-        self.arrays = shared_arrays(world, "gradients", sum(sizes), dtype)
-        self.buckets = GradientBuckets(params, math.inf, layout=layout(params, owners),
+        self.arrays = shared_arrays(world, "gradients", total, dtype)
+        self.buckets = GradientBuckets(params, math.inf,
                                        allocate=lambda size, _: self.arrays[world.rank])
-        self.ranges = ranges(sizes, owners, world.size)
-        self.scratch = np.empty(min(CHUNK, max(sum(sizes), 1)), dtype)
+        self.ranges = spans or even_spans(total, world.size)
+        self.scratch = np.empty(min(CHUNK, max(total, 1)), dtype)
 
     def reduce_scatter(self) -> None:
         """This rank's range of its buffer becomes the sum over the ranks of that range."""
@@ -142,27 +130,50 @@ class SharedMemorySum:
 
 
 class SharedParameters:
-    """The parameters' storage published by their owners through a window on this node: each
-    owner writes its updated parameters into its own part, and every other rank copies them out."""
+    """Every rank's parameters stored in a window on this node, each rank's its own copy that the
+    others can read: after an optimizer step sharded by pieces (npcpu.dist.shard: `pieces` maps
+    id(p) to p's (owner, first, stop) pieces), a barrier, then every rank copies the pieces it
+    does not own straight from their owners' parameters, then a barrier (no owner changes its
+    parameters before every copy is done)."""
 
-    def __init__(self, world: World, params: list, owners: list[int], timeout: float):
+    ALIGNMENT = 64  # bytes: each parameter starts on a cache line (and is aligned for any dtype)
+
+    def __init__(self, world: World, params: list, pieces: dict, timeout: float):
         self.world, self.timeout = world, timeout
-        self.params, self.owners = params, owners
-        self.offsets = np.concatenate([[0], np.cumsum([p.data.nbytes for p in params])]).tolist()
+        self.params, self.pieces = params, pieces
+        sizes = [-(-p.data.nbytes // self.ALIGNMENT) * self.ALIGNMENT for p in params]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
         self.arrays = shared_arrays(world, "parameters", int(self.offsets[-1]), np.uint8)
+        mine = self.arrays[world.rank]
+        self.views = [mine[start:start + p.data.nbytes].view(p.data.dtype).reshape(p.shape)
+                      for p, start in zip(params, self.offsets)]
+        self.attach()
+
+    def attach(self) -> None:
+        """Make each parameter's storage its place in the window again, holding the values it
+        holds now: code that replaced a parameter's array (loading a state dict) loses nothing."""
+        for p, view in zip(self.params, self.views):
+            if p.data is not view:
+                view[...] = p.data
+                p.data = view
+
+    def detach(self) -> None:
+        """Give each parameter a private copy of its values again (at the end of a fit: a later
+        fit of a model of the same size reuses the window; `publish` attaches them again)."""
+        for p, view in zip(self.params, self.views):
+            if p.data is view:
+                p.data = view.copy()
 
     def publish(self) -> None:
-        """Every rank takes each unfrozen parameter's bytes from its owner."""
-        rank = self.world.rank
-        for i, (p, owner) in enumerate(zip(self.params, self.owners)):
-            if owner == rank and not p.frozen:
-                self.arrays[rank][self.offsets[i]:self.offsets[i + 1]] = _bytes(p)
-        barrier(self.world, self.timeout, "the owners writing their updated parameters")
-        for i, (p, owner) in enumerate(zip(self.params, self.owners)):
-            if owner != rank and not p.frozen:
-                _bytes(p)[...] = self.arrays[owner][self.offsets[i]:self.offsets[i + 1]]
+        """Every rank takes each unfrozen parameter's pieces (as bytes) from their owners."""
+        self.attach()
+        barrier(self.world, self.timeout, "the owners updating their parameters")
+        for i, p in enumerate(self.params):
+            if not p.frozen:
+                size, mine = p.data.itemsize, p.data.reshape(-1).view(np.uint8)
+                for owner, first, stop in self.pieces[id(p)]:
+                    if owner != self.world.rank:
+                        source = self.offsets[i] + first * size
+                        mine[first * size:stop * size] = \
+                            self.arrays[owner][source:source + (stop - first) * size]
         barrier(self.world, self.timeout, "the ranks copying the updated parameters")
-
-
-def _bytes(p) -> np.ndarray:
-    return p.data.reshape(-1).view(np.uint8)

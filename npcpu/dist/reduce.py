@@ -35,18 +35,17 @@ from npcpu.dist.world import World, wait
 
 class GradientBuckets:
     """The gradient accumulators of `params`, as views into flat buckets of `bucket_bytes` or so,
-    laid out in the order of `layout` (default: the parameters reversed), each bucket made by
-    `allocate(elements, dtype)` (default: zeros of this process; npcpu.dist.node: shared memory)."""
+    the parameters reversed, each bucket made by `allocate(elements, dtype)` (default: zeros of
+    this process; npcpu.dist.node: shared memory)."""
 
-    def __init__(self, params: list, bucket_bytes: float, *, layout: list | None = None,
-                 allocate=np.zeros):
+    def __init__(self, params: list, bucket_bytes: float, *, allocate=np.zeros):
         dtypes = {p.compute_dtype for p in params}
         if len(dtypes) != 1:
             raise TypeError(f"GradientBuckets: the parameters' gradients must share one dtype, "
                             f"got {sorted(str(d) for d in dtypes)}")
         dtype = dtypes.pop()
         groups, sizes = [[]], [0]
-        for p in (reversed(params) if layout is None else layout):
+        for p in reversed(params):
             if sizes[-1] and (sizes[-1] + p.size) * dtype.itemsize > bucket_bytes:
                 groups.append([])
                 sizes.append(0)

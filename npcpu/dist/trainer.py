@@ -22,8 +22,8 @@ The configuration means the same run whatever N is:
 Only rank 0 prints, writes the metrics file and checkpoints (after every rank checked the
 parameter hashes, so a checkpoint is whole or absent); the other ranks then call on_checkpoint
 with the path it wrote. A checkpoint holds nothing about N: a run resumes with any number of
-processes. `shard_optimizer`: each parameter's optimizer step and state on one rank
-(npcpu.dist.shard).
+processes. `shard_optimizer`: each range of the parameters' optimizer step and state on one
+rank (npcpu.dist.shard).
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ class DataParallelTrainer(Trainer):
         (npcpu.dist.reduce.BackwardReducer); else after backward. Only for MPI's all-reduce (not
         in deterministic mode, nor with the shared-memory sum).
     shard_optimizer : bool
-        Each parameter's optimizer step and state on one rank only, the updated parameters
-        broadcast (npcpu.dist.shard: ZeRO stage 1 by whole parameters); bitwise the same run.
+        Each range of the parameters' elements stepped (and its optimizer state kept) by one rank
+        only, the updated parameters published (npcpu.dist.shard: ZeRO stage 1 by ranges of
+        elements); bitwise the same run.
     shared_memory : bool
         When every rank is on one node, sum the gradients (and publish sharded parameters)
         through the node's shared memory (npcpu.dist.node) instead of MPI's collectives.
@@ -202,8 +203,8 @@ class DataParallelRunner(ReferenceRunner):
                              f"{smallest} samples, fewer than the {parts} {what} it is split "
                              f"into: choose a batch size and data size whose every batch has "
                              f"at least {parts} samples")
-        trainer.optimizer_shard = OptimizerShard(trainer.optimizer, world, trainer.timeout,
-                                                 trainer.shared_memory) \
+        trainer.optimizer_shard = OptimizerShard(trainer.optimizer, trainer.model.parameters(),
+                                                 world, trainer.timeout, trainer.shared_memory) \
             if trainer.shard_optimizer else None
         if trainer.optimizer_shard is not None:
             note += f"; {trainer.optimizer_shard.describe()}"
@@ -211,7 +212,7 @@ class DataParallelRunner(ReferenceRunner):
         params = trainer.model.parameters()
         broadcast_parameters(world, params, trainer.timeout)
         shard = trainer.optimizer_shard
-        self.node_sum = SharedMemorySum(world, params, shard and shard.owner_of(params),
+        self.node_sum = SharedMemorySum(world, params, shard and shard.spans(),
                                         trainer.timeout) if trainer.shared_memory else None
         # each owner alone reads its summed gradients, unless the loss scaler checks them all
         self.scatter = shard is not None and self.node_sum is not None and \
@@ -224,6 +225,14 @@ class DataParallelRunner(ReferenceRunner):
             if trainer.overlap and self.node_sum is None else None
         self.dropouts = [m for m in trainer.model.modules() if isinstance(m, Dropout)]
         self._window_batches = range(0)
+
+    def close(self) -> None:
+        """Also the parameters out of this node's window, if they are in one (a later fit of a
+        model of the same size reuses it: npcpu.dist.node.SharedParameters.detach)."""
+        super().close()
+        shard = self.trainer.optimizer_shard
+        if shard is not None and shard.shared is not None:
+            shard.shared.detach()
 
     def rows_of_batch(self, n: int) -> tuple[int, int]:
         """This rank's rows of a global batch of n samples: its pieces' rows."""
@@ -319,11 +328,11 @@ class DataParallelRunner(ReferenceRunner):
         return trainer.freezer.observe(trainer.model, trainer.step + 1, shard.norm_of)
 
     def take_step(self) -> bool:
-        """The optimizer step; sharded, each rank's own parameters, then broadcast by their owners."""
+        """The optimizer step; sharded, each rank's own pieces, then published by their owners."""
         shard = self.trainer.optimizer_shard
         if shard is None:
             return super().take_step()
-        with shard.own_parameters_only():
+        with shard.own_share_only():
             stepped = super().take_step()
         if stepped:  # the same on every rank: the loss scaler saw the same summed gradients
             shard.publish_parameters()

@@ -8,6 +8,7 @@ import numpy as np
 
 from npcpu.kernels import optim as kernels
 from npcpu.checks import check_flag, check_real
+from npcpu.kernels.optim_io import BLOCK
 from npcpu.optim.optimizer import Optimizer, check_betas, flat
 
 
@@ -109,20 +110,58 @@ class LAMB(Optimizer):
         return weight_norm / update_norm
 
     def _update(self, weights, grad, state, group, rounding) -> None:
-        real = grad.dtype.type
-        (beta1, beta2), step, weight_decay = group["betas"], state["step"], group["weight_decay"]
+        exp_avg, exp_avg_sq = flat(state["exp_avg"]), flat(state["exp_avg_sq"])
+        hyper = self._hyper(grad.dtype.type, state["step"], group)
+        partial_sums = np.empty((2, kernels.block_count(weights.size)), dtype=np.float64)
+        weight_sq, update_sq = kernels.lamb_moments(weights, grad, exp_avg, exp_avg_sq, hyper,
+                                                    rounding, partial_sums)
+        self._apply(weights, exp_avg, exp_avg_sq, group, hyper, rounding, weight_sq, update_sq)
+
+    def _hyper(self, real, step: int, group: dict) -> kernels.LambHyper:
+        """The kernels' settings at `step`, floats of type `real` (the compute dtype)."""
+        (beta1, beta2), weight_decay = group["betas"], group["weight_decay"]
         if group["bias_correction"]:
             bias_correction1, bias_correction2 = 1 - beta1 ** step, 1 - beta2 ** step
         else:
             bias_correction1, bias_correction2 = 1.0, 1.0
-        exp_avg, exp_avg_sq = flat(state["exp_avg"]), flat(state["exp_avg_sq"])
-        partial_sums = np.empty((2, kernels.block_count(weights.size)), dtype=np.float64)
-        hyper = kernels.LambHyper(
+        return kernels.LambHyper(
             one_minus_beta1=real(1 - beta1), beta2=real(beta2), one_minus_beta2=real(1 - beta2),
             eps=real(group["eps"]), weight_decay=real(weight_decay),
             inverse_bias_correction1=real(1 / bias_correction1),
             inverse_bias_correction2=real(1 / bias_correction2), maximize=group["maximize"])
-        weight_sq, update_sq = kernels.lamb_moments(weights, grad, exp_avg, exp_avg_sq, hyper, rounding,
-                                                    partial_sums)
+
+    def _apply(self, weights, exp_avg, exp_avg_sq, group, hyper, rounding, weight_sq: float,
+               update_sq: float) -> None:
+        """Pass 2, with the trust ratio of the whole tensor's norms ||w||^2, ||u||^2."""
         trust = self.trust_ratio(math.sqrt(weight_sq), math.sqrt(update_sq), group)
+        real = type(hyper.eps)  # the compute dtype
         kernels.lamb_apply(weights, exp_avg, exp_avg_sq, real(group["lr"] * trust), hyper, rounding)
+
+    def _step_share(self) -> None:
+        """step() on this process's share (Optimizer.share): pass 1 on each of its ranges; the
+        norms of a tensor split between processes from the blocks' sums of all its owners (one
+        exchange for all such tensors; ranges start at multiples of BLOCK, so these are the whole
+        tensor's blocks and the norms the whole tensor's, bit for bit); then pass 2."""
+        share, moved = self.share, []
+        for p in self._params:
+            span = share.range_of(p)
+            if span is None or p.frozen or p.grad is None:
+                continue
+            first, stop = span
+            grad = flat(self._checked_grad(p))[first:stop]
+            index, group, state, weights = self._count_step(p)
+            w, m, v = (flat(a)[first:stop] for a in (weights, state["exp_avg"], state["exp_avg_sq"]))
+            hyper = self._hyper(grad.dtype.type, state["step"], group)
+            rounding = self._rounding(state, index, first)
+            partial_sums = np.empty((2, kernels.block_count(stop - first)), dtype=np.float64)
+            norms = kernels.lamb_moments(w, grad, m, v, hyper, rounding, partial_sums)
+            moved.append((p, span, weights, (w, m, v), group, hyper, rounding, norms, partial_sums))
+        split = [p for p in self._params
+                 if share.is_split(p) and not p.frozen and p.grad is not None]
+        whole = {}
+        if split:  # every process takes part, whether it has a piece of them or not
+            partials = {id(m[0]): m[-1] for m in moved if share.is_split(m[0])}
+            whole = dict(zip(map(id, split), share.fold_partial_sums(partials, BLOCK, split, 2)))
+        for p, (first, stop), weights, arrays, group, hyper, rounding, norms, _ in moved:
+            self._apply(*arrays, group, hyper, rounding, *whole.get(id(p), norms))
+            self._updated(p, weights, first, stop)

@@ -79,19 +79,25 @@ class Lookahead:
             self._sync()
 
     def _sync(self) -> None:
+        """The slow and fast weights of every unfrozen parameter; within a step shared among
+        processes (the inner optimizer's `share`), of this process's range of each (the update
+        is elementwise, its rounding bits keyed by element: the same bits)."""
         inner = self.optimizer
         sync_number = self.step_count // self.k
         random = random_scratch()
         for index, p in inner.indexed_params():
-            if p.frozen:
+            span = (0, p.size) if inner.share is None else inner.share.range_of(p)
+            if p.frozen or span is None:
                 continue
+            first, stop = span
             fast, slow = inner.weights_of(p), self.slow_weights[index]
             stream = np.uint64((1 << 63) | (sync_number << 32) | index)
             rounding = Rounding(stochastic=inner.stochastic_rounding and fast.dtype == bfloat16,
-                                seed=np.uint64(inner.seed), stream=stream, first=np.uint64(0),
+                                seed=np.uint64(inner.seed), stream=stream, first=np.uint64(first),
                                 random=random)
-            kernels.lookahead_sync(flat(fast), flat(slow), slow.dtype.type(self.alpha), rounding)
-            inner.publish_master(p)
+            kernels.lookahead_sync(flat(fast)[first:stop], flat(slow)[first:stop],
+                                   slow.dtype.type(self.alpha), rounding)
+            inner.publish_master(p, first, stop)
 
     @contextmanager
     def slow_weights_swapped(self):

@@ -110,7 +110,14 @@ class Optimizer:
     state : dict of int to dict
         Per-parameter state by the parameter's index (its position over all groups, as in torch's
         state dicts): "step" (int) and the arrays of the subclass, created at its first update.
+    share : None, or this process's share of a step shared among processes
+        Set by npcpu.dist.shard.OptimizerShard around a step: `step()` then updates only the
+        elements `share.range_of(p)` -> (first, stop) of each parameter (None: none of it), as
+        the whole tensor's update would update them; sums over a whole tensor that is split
+        between processes (LAMB's norms) come from `share.fold_partial_sums`.
     """
+
+    share = None
 
     elementwise = True
     element_alignment = ELEMENTS_PER_HASH
@@ -265,6 +272,9 @@ class Optimizer:
         if self.fused_into_backward:
             raise RuntimeError(f"{type(self).__name__}: the parameters are updated inside backward "
                                "(fuse_into_backward was called); step() must not be called")
+        if self.share is not None:
+            self._step_share()
+            return
         for p in self._params:
             if not p.frozen and p.grad is not None:
                 grad = flat(self._checked_grad(p))
@@ -296,11 +306,25 @@ class Optimizer:
             part = {**state, **{name: a[first:stop] for name, a in arrays.items()}}
             self._update(flat(weights)[first:stop], grad, part, group,
                          self._rounding(state, index, first))
-            if weights is p.data:
-                check_updated_in_place(type(self).__name__, p, first, stop)
-            else:
-                self.publish_master(p, first, stop)
+            self._updated(p, weights, first, stop)
         return update
+
+    def _updated(self, p: Parameter, weights: np.ndarray, first: int, stop: int) -> None:
+        """After elements first .. stop - 1 of `weights` (p.data or p's master copy) changed:
+        check that p.data stayed itself, or round the master copy into it."""
+        if weights is p.data:
+            check_updated_in_place(type(self).__name__, p, first, stop)
+        else:
+            self.publish_master(p, first, stop)
+
+    def _step_share(self) -> None:
+        """step() on this process's `share`: each parameter's range updated as the whole
+        tensor's update would update it (an elementwise rule: the same bits)."""
+        for p in self._params:
+            span = self.share.range_of(p)
+            if span is not None and not p.frozen and p.grad is not None:
+                first, stop = span
+                self.begin_update(p)(flat(self._checked_grad(p))[first:stop], first)
 
     def _count_step(self, p: Parameter) -> tuple[int, dict, dict, np.ndarray]:
         """Count one step of `p`, creating its state at the first (and any array an option switched
