@@ -157,10 +157,9 @@ def test_adam_update_matches_the_reference_optimizer(decoupled, weight_decay, ma
         weight.grad, model[0].bias.grad = grad.copy(), np.zeros(3, np.float32)
         reference.step()
         corrections = np.array([1 - 0.8 ** t, (1 - 0.99 ** t) ** 0.5])
-        compiled_update.update_parameter(thread_model, 0, param[:12], grad.reshape(-1)[:12], 0,
-                                         0.01, corrections, False)  # in two runs, as W_0's
-        compiled_update.update_parameter(thread_model, 0, param[12:], grad.reshape(-1)[12:], 12,
-                                         0.01, corrections, False)  # column blocks are
+        for first, stop in ((0, 4), (4, 7)):  # in two runs of columns, as W_0's column blocks
+            compiled_update.update_parameter(thread_model, 0, param.reshape(3, 7), grad, first,
+                                             stop, 0.01, corrections, False)
         np.testing.assert_array_equal(param, weight.data.reshape(-1))
         state = reference.state[reference.index_of(weight)]
         np.testing.assert_array_equal(exp_avg, state["exp_avg"].reshape(-1))

@@ -61,7 +61,9 @@ from npcpu.kernels.linear import add_row_sums
 from npcpu.kernels.softmax import cross_entropy_forward_backward_serial
 
 BATCH_TILE = 16  # rows per tile of layer 0's GEMMs; the next tile's rows are prefetched
-COLUMN_BLOCKS = 4  # layer 0's columns in blocks, summed in block order; threads divide it
+COLUMN_BLOCKS = 2  # layer 0's columns in blocks, summed in block order; threads divide it.
+# Each block more costs every tile of layer 0's GEMMs its loop starts and horizontal sums again: at
+# this size a step is too short for more than two threads to pay for their meetings anyway.
 NO_IGNORED_CLASS = -1  # targets are checked to be classes >= 0, so no row is ignored
 
 StepPlan = namedtuple("StepPlan", ["x", "x_scale", "y", "order", "batch_size", "first_batch",
@@ -238,7 +240,8 @@ def head_update(model, shared, lrs, corrections, first_step):
                 total += group_bias_grads[g * n_layers + l]
             squares += sum_of_squares(total)
             p = 2 * l + 1
-            update_parameter(model, p, biases[l], total, 0, lrs[p], corrections[p], first_step)
+            update_parameter(model, p, biases[l].reshape(1, -1), total.reshape(1, -1), 0,
+                             total.size, lrs[p], corrections[p], first_step)
         if l > 0:
             total = model.grad_weights[l]
             total[:] = group_weight_grads[l]
@@ -246,7 +249,7 @@ def head_update(model, shared, lrs, corrections, first_step):
                 total += group_weight_grads[g * n_layers + l]
             squares += sum_of_squares(total.reshape(-1))
             p = 2 * l
-            update_parameter(model, p, weights[l].reshape(-1), total.reshape(-1), 0, lrs[p],
+            update_parameter(model, p, weights[l], total, 0, total.shape[1], lrs[p],
                              corrections[p], first_step)
     return squares
 
@@ -273,12 +276,11 @@ def layer0_weight_update(model, x, x_scale, rows, next_rows, dz, thread, threads
         add_weight_grad(dz[i:i + BATCH_TILE], x, rows[i:i + BATCH_TILE], grad_weight, first, stop)
     grad_weight[:, first:stop] *= x_scale
     for block in range(first_block, stop_block):
-        first, stop = column_block(n_in, block)
+        block_first, block_stop = column_block(n_in, block)
         block_squares[block] = 0.0
         for m in range(n_out):
-            block_squares[block] += sum_of_squares(grad_weight[m, first:stop])
-            update_parameter(model, 0, weight[m, first:stop], grad_weight[m, first:stop],
-                             m * n_in + first, lr, corrections, first_step)
+            block_squares[block] += sum_of_squares(grad_weight[m, block_first:block_stop])
+    update_parameter(model, 0, weight, grad_weight, first, stop, lr, corrections, first_step)
 
 
 @njit(cache=True, nogil=True)

@@ -10,7 +10,7 @@ more than the arithmetic.
 epoch in one compiled call per thread, reading the batches straight from the (S, D) data array
 in the loader's order; two threads split layer 0 by its input columns. It gives the same
 parameters and per-step losses as the reference path, to float32 rounding (the GEMMs sum in
-another order than BLAS), and bit-identical results on 1, 2 or 4 threads (see the kernel
+another order than BLAS), and bit-identical results on 1 or 2 threads (see the kernel
 module for how).
 
 Supported, and checked (anything else raises with a message that says what is supported):
