@@ -75,7 +75,8 @@ def test_cross_entropy_matches_numpy():
     y = rng.integers(0, 7, 20)
     rows = rng.permutation(20)[:9]
     dlogits = np.full_like(logits, np.nan)
-    loss = kernels.cross_entropy_rows(logits, y, rows, 1 / 16, dlogits)
+    targets, losses = np.full(11, -5, np.int64), np.full(11, np.nan)  # workspaces, overwritten
+    loss = kernels.cross_entropy_rows(logits, y, rows, 1 / 16, dlogits, targets, losses)
     z = logits[:9].astype(np.float64)
     log_softmax = z - z.max(axis=1, keepdims=True)
     log_softmax -= np.log(np.exp(log_softmax).sum(axis=1, keepdims=True))
