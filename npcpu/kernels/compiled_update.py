@@ -22,26 +22,22 @@ from npcpu.kernels.optim import (AdamHyper, SGDHyper, adam_apply, adam_gradient,
                                  sgd_apply, sgd_direction, sgd_gradient, sgd_momentum)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True)
 def sgd_update(param, grad, momentum_buffer, hyper):
     """One torch.optim.SGD step on flat param (n,) from grad (n,); momentum_buffer (n,), or (0,)
     without momentum; `hyper` an SGDHyper. Element by element the rules of npcpu.kernels.optim's
-    sgd_step (float arrays, no rounding to do). Two loops, with and without momentum, so that
-    each is a plain loop that LLVM vectorizes."""
-    if momentum_buffer.size:
-        for j in range(param.size):
-            w = param[j]
-            g = sgd_gradient(grad[j], w, hyper)
+    sgd_step (float arrays, no rounding to do)."""
+    for j in range(param.size):
+        w = param[j]
+        g = sgd_gradient(grad[j], w, hyper)
+        if momentum_buffer.size:
             b = sgd_momentum(g, momentum_buffer[j], hyper)
             momentum_buffer[j] = b
-            param[j] = sgd_apply(w, sgd_direction(g, b, hyper), hyper)
-    else:
-        for j in range(param.size):
-            w = param[j]
-            param[j] = sgd_apply(w, sgd_gradient(grad[j], w, hyper), hyper)
+            g = sgd_direction(g, b, hyper)
+        param[j] = sgd_apply(w, g, hyper)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True)
 def adam_update(param, grad, exp_avg, exp_avg_sq, hyper):
     """One torch.optim.Adam / AdamW step (no AMSGrad) on flat param, exp_avg, exp_avg_sq (n,)
     from grad (n,); `hyper` an AdamHyper. Element by element the rules of npcpu.kernels.optim's
