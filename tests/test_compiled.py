@@ -75,7 +75,8 @@ def test_cross_entropy_matches_numpy():
     y = rng.integers(0, 7, 20)
     rows = rng.permutation(20)[:9]
     dlogits = np.full_like(logits, np.nan)
-    loss = kernels.cross_entropy_rows(logits, y, rows, 1 / 16, dlogits)
+    targets, losses = np.full(11, -5, np.int64), np.full(11, np.nan)  # workspaces, overwritten
+    loss = kernels.cross_entropy_rows(logits, y, rows, 1 / 16, dlogits, targets, losses)
     z = logits[:9].astype(np.float64)
     log_softmax = z - z.max(axis=1, keepdims=True)
     log_softmax -= np.log(np.exp(log_softmax).sum(axis=1, keepdims=True))
@@ -157,10 +158,9 @@ def test_adam_update_matches_the_reference_optimizer(decoupled, weight_decay, ma
         weight.grad, model[0].bias.grad = grad.copy(), np.zeros(3, np.float32)
         reference.step()
         corrections = np.array([1 - 0.8 ** t, (1 - 0.99 ** t) ** 0.5])
-        compiled_update.update_parameter(thread_model, 0, param[:12], grad.reshape(-1)[:12], 0,
-                                         0.01, corrections, False)  # in two runs, as W_0's
-        compiled_update.update_parameter(thread_model, 0, param[12:], grad.reshape(-1)[12:], 12,
-                                         0.01, corrections, False)  # column blocks are
+        for first, stop in ((0, 4), (4, 7)):  # in two runs of columns, as W_0's column blocks
+            compiled_update.update_parameter(thread_model, 0, param.reshape(3, 7), grad, first,
+                                             stop, 0.01, corrections, False)
         np.testing.assert_array_equal(param, weight.data.reshape(-1))
         state = reference.state[reference.index_of(weight)]
         np.testing.assert_array_equal(exp_avg, state["exp_avg"].reshape(-1))

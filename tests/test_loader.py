@@ -112,6 +112,32 @@ def test_order_is_a_pure_function_of_seed_and_epoch():
     np.testing.assert_array_equal(in_order, np.arange(50))
 
 
+def test_kept_orders_are_handed_out_as_copies_and_follow_the_seed():
+    ds = _indexed_dataset(50)
+    loader = DataLoader(ds, 8, seed=1)
+    first = loader.order(2)
+    first[:] = 0  # a caller writing into its order changes nobody else's
+    np.testing.assert_array_equal(loader.order(2), DataLoader(ds, 8, seed=1).order(2))
+    for epoch in (3, 4, 2, 5):  # more epochs than are kept: each drawn again as it was
+        np.testing.assert_array_equal(loader.order(epoch), DataLoader(ds, 8, seed=1).order(epoch))
+    assert len(loader._orders) == 2
+    loader.seed = 7  # the seed changed after the orders were kept
+    np.testing.assert_array_equal(loader.order(2), DataLoader(ds, 8, seed=7).order(2))
+
+
+@pytest.mark.parametrize("rows_of_batch", [None, lambda n: (n // 2, n)])
+def test_one_batch_is_the_batch_iteration_serves_without_a_thread(rows_of_batch):
+    loader = DataLoader(_indexed_dataset(45), 8, seed=3, prefetch=2, rows_of_batch=rows_of_batch)
+    served = list(loader.iter_from(4, 0))
+    for b in (0, 3, len(loader) - 1):
+        x, y = loader.batch(4, b)
+        assert not _prefetch_threads()
+        np.testing.assert_array_equal(x, served[b][0])
+        np.testing.assert_array_equal(y, served[b][1])
+    with pytest.raises(IndexError, match="batch_index 6 is out of range"):
+        loader.batch(4, 6)
+
+
 @pytest.mark.parametrize("prefetch", [0, 3])
 def test_resume_mid_epoch_equals_uninterrupted(prefetch):
     ds = SyntheticClassification(95, 6, 3, seed=9)

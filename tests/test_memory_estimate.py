@@ -178,3 +178,21 @@ def test_ranks_on_this_machine(monkeypatch):
     assert memory.ranks_on_this_machine(FakeTrainer()) == 2
     estimate = memory.MemoryEstimate(1 << 20, 1 << 20, 2 << 20, 4 << 20, 8, ranks=2)
     assert "per rank" in estimate.describe() and estimate.machine_total == 16 << 20
+
+
+def test_the_probe_batch_is_the_first_one_and_starts_no_thread(monkeypatch):
+    """A DataLoader's first micro-batch is made on the calling thread (its prefetch thread is
+    never started for it), and is the batch iteration serves first."""
+    import threading
+    run = tiny_run()
+    loader = run.trainer.make_loader(run.train_data, 64)
+    started, start = [], threading.Thread.start
+
+    def recorded_start(thread):
+        started.append(thread.name)
+        start(thread)
+    monkeypatch.setattr(threading.Thread, "start", recorded_start)
+    x = memory.first_micro_batch(loader)
+    assert started == []
+    monkeypatch.undo()
+    np.testing.assert_array_equal(x, next(loader.iter_from(0, 0))[0])

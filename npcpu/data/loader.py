@@ -5,7 +5,10 @@ np.random.Generator(np.random.PCG64([seed, e])). Resuming needs no replay: `iter
 yields exactly what iterating epoch e would from batch b on.
 
 As in PyTorch's DistributedSampler, the epoch advances only through `set_epoch` (or `iter_from`):
-iterating twice without it gives the same order twice.
+iterating twice without it gives the same order twice. The last two epochs' orders are kept
+(`order` hands out copies): a run asks for an epoch's order more than once (the first batch for
+the memory estimate, the compiled step's whole epoch), and drawing it costs about as much as a
+small model's epoch costs in steps.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class DataLoader:
         self.drop_last = bool(drop_last)
         self.rows_of_batch = rows_of_batch
         self.epoch = 0
+        self._orders: dict[tuple, np.ndarray] = {}  # (seed, epoch, samples) -> order, at most 2
         if len(dataset) == 0:
             raise ValueError("DataLoader: dataset is empty")
         if drop_last and len(dataset) < batch_size:
@@ -88,7 +92,13 @@ class DataLoader:
         n = len(self.dataset)
         if not self.shuffle:
             return np.arange(n, dtype=np.int64)
-        return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(n)
+        key = (self.seed, epoch, n)
+        if key not in self._orders:
+            if len(self._orders) == 2:
+                del self._orders[next(iter(self._orders))]  # the older one
+            self._orders[key] = np.random.Generator(np.random.PCG64([self.seed, epoch])
+                                                    ).permutation(n)
+        return self._orders[key].copy()  # a caller may write into its order
 
     def batch_size_of(self, batch_index: int) -> int:
         """Samples in batch `batch_index` of the whole data set (the last one may be smaller)."""
@@ -102,6 +112,11 @@ class DataLoader:
                              f"{len(self)} batches")
         start = batch_index * self.batch_size
         return self.order(epoch)[start:start + self.batch_size]
+
+    def batch(self, epoch: int, batch_index: int):
+        """Batch `batch_index` of epoch `epoch`, as iterating serves it, made on the calling
+        thread (for one batch, starting the prefetch thread costs more than it saves)."""
+        return self._make(self.batch_indices(epoch, batch_index))
 
     def __iter__(self):
         return self.iter_from(self.epoch, 0)
@@ -119,13 +134,16 @@ class DataLoader:
         return _prefetched(batches, self.prefetch)
 
     def _batches(self, order: np.ndarray, first: int):
-        make = getattr(self.dataset, "batch", None) or functools.partial(_stack_items, self.dataset)
         for b in range(first, len(self)):
-            indices = order[b * self.batch_size:(b + 1) * self.batch_size]
-            if self.rows_of_batch is not None:
-                start, stop = self.rows_of_batch(len(indices))
-                indices = indices[start:stop]
-            yield make(indices)
+            yield self._make(order[b * self.batch_size:(b + 1) * self.batch_size])
+
+    def _make(self, indices: np.ndarray):
+        """(x, y) of a batch of sample indices (this process's rows of it, with rows_of_batch)."""
+        if self.rows_of_batch is not None:
+            start, stop = self.rows_of_batch(len(indices))
+            indices = indices[start:stop]
+        make = getattr(self.dataset, "batch", None) or functools.partial(_stack_items, self.dataset)
+        return make(indices)
 
     def __repr__(self) -> str:
         return (f"DataLoader({self.dataset!r}, batch_size={self.batch_size}, "

@@ -61,7 +61,9 @@ from npcpu.kernels.linear import add_row_sums
 from npcpu.kernels.softmax import cross_entropy_forward_backward_serial
 
 BATCH_TILE = 16  # rows per tile of layer 0's GEMMs; the next tile's rows are prefetched
-COLUMN_BLOCKS = 4  # layer 0's columns in blocks, summed in block order; threads divide it
+COLUMN_BLOCKS = 2  # layer 0's columns in blocks, summed in block order; threads divide it.
+# Each block more costs every tile of layer 0's GEMMs its loop starts and horizontal sums again: at
+# this size a step is too short for more than two threads to pay for their meetings anyway.
 NO_IGNORED_CLASS = -1  # targets are checked to be classes >= 0, so no row is ignored
 
 StepPlan = namedtuple("StepPlan", ["x", "x_scale", "y", "order", "batch_size", "first_batch",
@@ -85,35 +87,36 @@ grad_biases[l]. Shared by all threads: weights[0] and the state of W_0 (each thr
 its columns of W_0); the rest are this thread's own (thread 0's are the model's)."""
 SharedBuffers = namedtuple("SharedBuffers", ["counter", "partials", "acts", "pre_acts", "dzs",
                                              "group_weight_grads", "group_bias_grads",
-                                             "group_losses", "block_squares", "losses",
-                                             "grad_norms"])
+                                             "group_losses", "block_squares", "batch_rows",
+                                             "targets", "row_losses", "losses", "grad_norms"])
 """What the threads share: counter (1,) int64 zero (the barrier), partials (2, C, B, M0),
 acts[l], pre_acts[l] (GELU's inputs; (0, 0) for other layers) and dzs[l] (B, M) (each thread
 writes its row groups), group_weight_grads[g * L + l],
-group_bias_grads[g * L + l], group_losses (C,), block_squares (2, C), and the outputs losses
-(steps,) and grad_norms (steps,) that thread 0 writes."""
+group_bias_grads[g * L + l], group_losses (C,), block_squares (2, C); batch_rows (B,) int64
+0 .. B - 1 (the rows of acts a row group reads), the workspaces targets (B,) int64 and row_losses
+(B,) float64 of the loss (each row group uses its rows' part: nothing is allocated per step);
+and the outputs losses (steps,) and grad_norms (steps,) that thread 0 writes."""
 
 
 # ---------------------------------------------------------------------------------------------
 # the loss, with the reference loss's formulas
 # ---------------------------------------------------------------------------------------------
 @njit(cache=True)
-def cross_entropy_rows(logits, y, rows, scale, dlogits):
+def cross_entropy_rows(logits, y, rows, scale, dlogits, targets, losses):
     """Cross-entropy of logits[i] against class y[rows[i]], summed over i < n = rows.size, and its
     gradient dlogits[i] = (softmax(logits[i]) - onehot) * scale (scale = 1 / batch rows); logits
-    and dlogits (>= n, C) C-contiguous. Returns the sum in float64 (times `scale` it is these
-    rows' part of the mean loss).
+    and dlogits (>= n, C) C-contiguous; targets (>= n,) int64 and losses (>= n,) float64 are
+    workspaces (overwritten). Returns the sum in float64 (times `scale` it is these rows' part of
+    the mean loss).
 
     The reference loss's own small-batch kernel (npcpu.kernels.softmax.
     cross_entropy_forward_backward_serial, no label smoothing, no ignored rows), on the group's
     targets gathered from y."""
     n = rows.size
-    targets = np.empty(n, np.int64)
     for i in range(n):
         targets[i] = y[rows[i]]
-    losses = np.empty(n, np.float64)
-    cross_entropy_forward_backward_serial(losses, dlogits[:n], logits[:n], targets, NO_IGNORED_CLASS,
-                                          0.0, scale, logits.shape[1])
+    cross_entropy_forward_backward_serial(losses[:n], dlogits[:n], logits[:n], targets[:n],
+                                          NO_IGNORED_CLASS, 0.0, scale, logits.shape[1])
     total = 0.0
     for i in range(n):
         total += losses[i]
@@ -197,7 +200,7 @@ def head_rows(model, shared, partials, x_scale, rows, y, first, stop, scale, bas
     acts, pre_acts, dzs = shared.acts, shared.pre_acts, shared.dzs
     n_layers = len(weights)
     count = stop - first
-    local = np.arange(first, stop)
+    local = shared.batch_rows[first:stop]
     layer0_output(partials, x_scale, biases[0], activations[0] == RELU, first, stop, acts[0])
     activation_forward(activations[0], acts[0][first:stop], pre_acts[0][first:stop], count)
     for l in range(1, n_layers):
@@ -205,7 +208,8 @@ def head_rows(model, shared, partials, x_scale, rows, y, first, stop, scale, bas
                        acts[l][first:stop], 0, weights[l].shape[1])
         activation_forward(activations[l], acts[l][first:stop], pre_acts[l][first:stop], count)
     loss = cross_entropy_rows(acts[n_layers - 1][first:stop], y, rows[first:stop], scale,
-                              dzs[n_layers - 1][first:stop])
+                              dzs[n_layers - 1][first:stop], shared.targets[first:stop],
+                              shared.row_losses[first:stop])
     for l in range(n_layers - 1, -1, -1):
         dz = dzs[l][first:stop]
         activation_backward(activations[l], dz, acts[l][first:stop], pre_acts[l][first:stop], count)
@@ -238,7 +242,8 @@ def head_update(model, shared, lrs, corrections, first_step):
                 total += group_bias_grads[g * n_layers + l]
             squares += sum_of_squares(total)
             p = 2 * l + 1
-            update_parameter(model, p, biases[l], total, 0, lrs[p], corrections[p], first_step)
+            update_parameter(model, p, biases[l].reshape(1, -1), total.reshape(1, -1), 0,
+                             total.size, lrs[p], corrections[p], first_step)
         if l > 0:
             total = model.grad_weights[l]
             total[:] = group_weight_grads[l]
@@ -246,7 +251,7 @@ def head_update(model, shared, lrs, corrections, first_step):
                 total += group_weight_grads[g * n_layers + l]
             squares += sum_of_squares(total.reshape(-1))
             p = 2 * l
-            update_parameter(model, p, weights[l].reshape(-1), total.reshape(-1), 0, lrs[p],
+            update_parameter(model, p, weights[l], total, 0, total.shape[1], lrs[p],
                              corrections[p], first_step)
     return squares
 
@@ -273,12 +278,11 @@ def layer0_weight_update(model, x, x_scale, rows, next_rows, dz, thread, threads
         add_weight_grad(dz[i:i + BATCH_TILE], x, rows[i:i + BATCH_TILE], grad_weight, first, stop)
     grad_weight[:, first:stop] *= x_scale
     for block in range(first_block, stop_block):
-        first, stop = column_block(n_in, block)
+        block_first, block_stop = column_block(n_in, block)
         block_squares[block] = 0.0
         for m in range(n_out):
-            block_squares[block] += sum_of_squares(grad_weight[m, first:stop])
-            update_parameter(model, 0, weight[m, first:stop], grad_weight[m, first:stop],
-                             m * n_in + first, lr, corrections, first_step)
+            block_squares[block] += sum_of_squares(grad_weight[m, block_first:block_stop])
+    update_parameter(model, 0, weight, grad_weight, first, stop, lr, corrections, first_step)
 
 
 @njit(cache=True, nogil=True)

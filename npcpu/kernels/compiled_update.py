@@ -74,17 +74,32 @@ def adam_settings(model, p, lr, corrections, real):
 
 
 @njit(cache=True)
-def update_parameter(model, p, param, grad, offset, lr, corrections, first_step):
-    """One optimizer step on elements offset .. offset + n - 1 of parameter p: param and grad are
-    flat (n,) views of them, the state arrays are sliced alike. lr and corrections (2,) are this
-    step's (see the module docstring); `first_step`: SGD creates its momentum buffer."""
+def update_parameter(model, p, param, grad, first_col, stop_col, lr, corrections, first_step):
+    """One optimizer step on columns first_col <= k < stop_col of every row of parameter p:
+    param and grad (R, N) (a weight, or a bias as one row (1, n)); the state arrays, flat, are
+    viewed in that shape. lr and corrections (2,) are this step's (see the module docstring);
+    `first_step`: SGD creates its momentum buffer.
+
+    The settings are built once per call, and each row's run of columns is a plain element loop
+    (sgd_update / adam_update): W_0 is updated in one call per thread and step, over the
+    thread's columns of all its rows."""
     real = param.dtype.type
     first_moment = model.first_moments[p]
-    if first_moment.size:
-        first_moment = first_moment[offset:offset + param.size]
     if model.adam:
-        adam_update(param, grad, first_moment,
-                    model.second_moments[p][offset:offset + param.size],
-                    adam_settings(model, p, lr, corrections, real))
+        hyper = adam_settings(model, p, lr, corrections, real)
+        exp_avg = first_moment.reshape(param.shape)
+        exp_avg_sq = model.second_moments[p].reshape(param.shape)
+        for r in range(param.shape[0]):
+            adam_update(param[r, first_col:stop_col], grad[r, first_col:stop_col],
+                        exp_avg[r, first_col:stop_col], exp_avg_sq[r, first_col:stop_col], hyper)
+        return
+    hyper = sgd_settings(model, p, lr, first_step, real)
+    if first_moment.size:
+        momentum_buffer = first_moment.reshape(param.shape)
+        for r in range(param.shape[0]):
+            sgd_update(param[r, first_col:stop_col], grad[r, first_col:stop_col],
+                       momentum_buffer[r, first_col:stop_col], hyper)
     else:
-        sgd_update(param, grad, first_moment, sgd_settings(model, p, lr, first_step, real))
+        for r in range(param.shape[0]):
+            sgd_update(param[r, first_col:stop_col], grad[r, first_col:stop_col], first_moment,
+                       hyper)

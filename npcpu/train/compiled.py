@@ -10,7 +10,7 @@ more than the arithmetic.
 epoch in one compiled call per thread, reading the batches straight from the (S, D) data array
 in the loader's order; two threads split layer 0 by its input columns. It gives the same
 parameters and per-step losses as the reference path, to float32 rounding (the GEMMs sum in
-another order than BLAS), and bit-identical results on 1, 2 or 4 threads (see the kernel
+another order than BLAS), and bit-identical results on 1 or 2 threads (see the kernel
 module for how).
 
 Supported, and checked (anything else raises with a message that says what is supported):
@@ -295,13 +295,14 @@ class CompiledClassifierStep:
         group_bias_grads = tuple(np.empty_like(b) for _ in range(COLUMN_BLOCKS) for b in biases)
         plan = StepPlan(x=x, x_scale=dtype.type(1 if x_scale is None else x_scale), y=y,
                         order=order, batch_size=batch_size, first_batch=first_batch, steps=steps,
-                        lrs=lrs, corrections=corrections,
-                        first_step=settings["steps_taken"] == 0)
+                        lrs=lrs, corrections=corrections, first_step=settings["steps_taken"] == 0)
         shared = SharedBuffers(counter=counter, partials=partials, acts=acts, pre_acts=pre_acts,
                                dzs=dzs, group_weight_grads=group_weight_grads,
                                group_bias_grads=group_bias_grads,
                                group_losses=np.zeros(COLUMN_BLOCKS), block_squares=block_squares,
-                               losses=losses, grad_norms=grad_norms)
+                               batch_rows=np.arange(batch_size),
+                               targets=np.empty(batch_size, np.int64),
+                               row_losses=np.empty(batch_size), losses=losses, grad_norms=grad_norms)
         arguments = []
         for thread in range(threads):
             if thread:  # own copies of everything above W_0 (they stay bitwise equal)

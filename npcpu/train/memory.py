@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from npcpu.data.loader import DataLoader
 from npcpu.nn import work
 from npcpu.nn.parameter import Parameter
 
@@ -184,7 +185,10 @@ def activation_bytes(model, x: np.ndarray) -> int:
 
 
 def first_micro_batch(loader) -> np.ndarray | None:
-    """The inputs of the loader's first micro-batch (None for an empty loader)."""
+    """The inputs of the loader's first micro-batch (None for an empty loader); a DataLoader's
+    made on this thread, without starting its prefetch thread."""
+    if isinstance(loader, DataLoader):
+        return np.asarray(loader.batch(0, 0)[0])  # a DataLoader is never empty
     batches = loader.iter_from(0, 0)
     try:
         x, _ = next(batches)
