@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from npcpu import backend
-from npcpu.nn import CausalSelfAttention
+from npcpu.nn import CausalSelfAttention, KVCache
 from npcpu.nn import attention as attention_module
 
 pytestmark = pytest.mark.skipif(backend.native_f32_gemm_unavailable() is not None,
@@ -47,49 +47,53 @@ def attention_numpy(q, k, v, dy, offset, scale):
             probs.swapaxes(-1, -2) @ dy)
 
 
+def heads_source(x):
+    """X (R, D) as head 1 of part 1 of a (1, R, 3, 2, D) array, the kernels' source layout."""
+    source = np.full((1, x.shape[0], 3, 2, x.shape[1]), np.nan, np.float32)
+    source[0, :, 1, 1] = x
+    return source
+
+
 @pytest.mark.parametrize("rows, depth", [(1, 1), (7, 5), (33, 32), (64, 45), (65, 70)])
 def test_packing_matches_numpy(rows, depth):
     from npcpu.kernels.attention_tiles import pack_rows, pack_transposed
 
     x = np.random.default_rng(rows * depth).standard_normal((rows, depth)).astype(np.float32)
-    strided = np.empty((rows, 2 * depth), np.float32)[:, ::2]  # a head's view: not contiguous
-    strided[...] = x
     out = np.full(-(-depth // COLUMNS) * rows * COLUMNS, np.nan, np.float32)
-    pack_rows(strided, out)
+    pack_rows(heads_source(x), 0, 1, 1, out)
     np.testing.assert_array_equal(out, pack_rows_numpy(x))
     out = np.full(-(-rows // COLUMNS) * -(-depth // COLUMNS) * COLUMNS ** 2, np.nan, np.float32)
-    pack_transposed(strided, out)
+    pack_transposed(heads_source(x), 0, 1, 1, out)
     np.testing.assert_array_equal(out, pack_transposed_numpy(x))
 
 
-@pytest.mark.parametrize("batch, heads, queries, keys, depth", [
-    (2, 3, 17, 17, 5),      # odd sizes, one partial tile of keys
-    (3, 4, 64, 64, 32),     # gpt-char's attention
-    (1, 2, 33, 33, 45),     # two panels of the head size, the second partial
-    (2, 1, 70, 70, 64),     # three panels of keys, row tiles straddling them
-    (1, 2, 5, 40, 33),      # a key/value cache: queries after 35 cached positions
-    (2, 2, 1, 9, 8),        # one new token (generation)
+@pytest.mark.parametrize("batch, heads, steps, depth", [
+    (2, 3, 17, 5),      # odd sizes, one partial tile of keys
+    (3, 4, 64, 32),     # gpt-char's attention
+    (1, 2, 33, 45),     # two panels of the head size, the second partial
+    (2, 1, 70, 64),     # three panels of keys, row tiles straddling them
+    (2, 2, 1, 8),       # one position
 ])
-def test_attention_tiles_match_numpy(num_threads, batch, heads, queries, keys, depth):
+def test_attention_tiles_match_numpy(num_threads, batch, heads, steps, depth):
     from npcpu.kernels.attention_tiles import attention_backward, attention_forward
 
-    rng = np.random.default_rng(batch * queries * keys + depth)
-    offset, scale = keys - queries, 1.0 / math.sqrt(depth)
-    # q, k, v and dy as heads of (B, T, .) arrays, strided as the layer passes them
-    qkv = rng.standard_normal((batch, keys, 3, heads, depth)).astype(np.float32)
-    q = qkv[:, offset:, 0].transpose(0, 2, 1, 3)
-    k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in (1, 2))
-    dy = rng.standard_normal((batch, queries, heads, depth)).astype(np.float32).transpose(0, 2, 1, 3)
-    probs = np.full((batch, heads, queries, keys), np.nan, np.float32)
-    y = np.full((batch, queries, heads, depth), np.nan, np.float32).transpose(0, 2, 1, 3)
-    attention_forward(q, k, v, probs, y, offset, scale)
-    grads = [np.full(a.shape, np.nan, np.float32) for a in (q, k, v)]
-    attention_backward(dy, q, k, v, probs, *grads, offset, scale)
+    rng = np.random.default_rng(batch * steps + depth)
+    scale = 1.0 / math.sqrt(depth)
+    qkv = rng.standard_normal((batch, steps, 3, heads, depth)).astype(np.float32)
+    dy = rng.standard_normal((batch, steps, heads, depth)).astype(np.float32)
+    probs = np.full((batch, heads, steps, steps), np.nan, np.float32)
+    y = np.full((batch, steps, heads, depth), np.nan, np.float32)
+    attention_forward(qkv, probs, y, scale)
+    dqkv = np.full_like(qkv, np.nan)
+    attention_backward(dy, qkv, probs, dqkv, scale)
 
-    expected = attention_numpy(q, k, v, dy, offset, scale)
+    by_head = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  (B, T, H, D) -> (B, H, T, D)
+    q, k, v = (by_head(qkv[:, :, i]) for i in range(3))
+    expected = attention_numpy(q, k, v, by_head(dy), 0, scale)
     assert np.all(probs[expected[0] == 0] == 0)  # masked keys are exact zeros
-    for name, got, want in zip(("probs", "y", "dq", "dk", "dv"), (probs, y, *grads), expected):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-6, err_msg=name)
+    got = (probs, by_head(y), *(by_head(dqkv[:, :, i]) for i in range(3)))
+    for name, one, want in zip(("probs", "y", "dq", "dk", "dv"), got, expected):
+        np.testing.assert_allclose(one, want, rtol=1e-4, atol=2e-6, err_msg=name)
 
 
 @pytest.fixture
@@ -127,7 +131,7 @@ def test_layer_on_tiles_equals_the_batched_gemms(layers, native_f32_gemm):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_dropout_float64_and_the_blas_setting_take_the_batched_gemms(native_f32_gemm):
+def test_dropout_float64_the_cache_and_the_blas_setting_take_the_batched_gemms(native_f32_gemm):
     x = np.random.default_rng(9).standard_normal((2, 6, 8)).astype(np.float32)
     dropping = CausalSelfAttention(8, 2, dropout=0.3)
     dropping.forward(x)
@@ -135,6 +139,8 @@ def test_dropout_float64_and_the_blas_setting_take_the_batched_gemms(native_f32_
     dropping.eval()
     dropping.forward(x)
     assert dropping._on_tiles  # eval mode drops nothing
+    dropping.forward(x, KVCache(1, 2, 2, 6, 4, np.float32), 0)
+    assert not dropping._on_tiles
     assert not attention_module.on_tiles(np.dtype(np.float64))
     assert attention_module.on_tiles(np.dtype(np.float32))
     backend.set_f32_gemm("blas")

@@ -24,13 +24,13 @@ backward, each line quoting the forward line it differentiates:
     `scores = q k^T / sqrt(D)`: dq = dscores k,   dk = dscores^T q
     `qkv = x W_attn^T + b_attn`: through c_attn, with dqkv = concat(dq, dk, dv)
 
-Kernel choice: in float32 where the native float32 tile runs (`on_tiles`), each direction is one
-parallel pass over the (b, h) pairs, every product, the softmax and its backward of a pair done
-in a row on npcpu.kernels.dpbf16's tile (npcpu.kernels.attention_tiles: no GEMM call, no thread
-hand-off and no (T, T) round trip through memory between the steps, and the masked half of the
-causal products skipped). A dropout on the probs (training with p > 0) and float64 (the gradient
-checks) take the batched GEMMs below, whose products the fused pass reproduces to float32
-rounding.
+Kernel choice: training and uncached evaluation in float32, where the native float32 tile runs
+(`on_tiles`), make each direction one parallel pass over the (b, h) pairs: every product, the
+softmax and its backward of a pair in a row on npcpu.kernels.dpbf16's tile
+(npcpu.kernels.attention_tiles: no GEMM call, no thread hand-off and no (T, T) round trip through
+memory between the steps, the masked half of the causal products skipped). A dropout on the
+probs (training with p > 0), float64 (the gradient checks) and generation's key/value cache take
+the batched GEMMs below, whose results the fused pass equals to float32 rounding.
 Batched GEMMs: the (T, T) scores are materialized and every product is a BLAS GEMM per (b, h),
 with one fused Numba pass (npcpu.kernels.attention) for the scaled, masked softmax in each
 direction. The products of many (b, h) pairs are one NumPy batched matmul (`np.matmul` on
@@ -231,11 +231,15 @@ class CausalSelfAttention(Module):
     def extra_repr(self) -> str:
         return f"n_embd={self.n_embd}, n_head={self.n_head}"
 
-    def _heads(self, rows: np.ndarray, parts: int) -> tuple[np.ndarray, ...]:
-        """(B, T, parts C) -> `parts` strided (B, H, T, D) views: c_attn's q, k, v (parts = 3) or
-        the merged heads (parts = 1), without copies."""
+    def _split(self, rows: np.ndarray, parts: int) -> np.ndarray:
+        """(B, T, parts C) -> (B, T, parts, H, D), a view: c_attn's q, k, v (parts = 3) or the
+        merged heads (parts = 1)."""
         batch, steps, _ = rows.shape
-        heads = rows.reshape(batch, steps, parts, self.n_head, self.head_size)
+        return rows.reshape(batch, steps, parts, self.n_head, self.head_size)
+
+    def _heads(self, rows: np.ndarray, parts: int) -> tuple[np.ndarray, ...]:
+        """(B, T, parts C) -> `parts` strided (B, H, T, D) views, without copies."""
+        heads = self._split(rows, parts)
         return tuple(heads[:, :, i].transpose(0, 2, 1, 3) for i in range(parts))
 
     def forward(self, x: np.ndarray, cache: KVCache | None = None, layer: int = 0) -> np.ndarray:
@@ -257,10 +261,11 @@ class CausalSelfAttention(Module):
         merged = np.empty_like(x, dtype=qkv.dtype)
         y = self._heads(merged, 1)[0]
         dropping = self.training and self.attn_dropout.p > 0.0
-        self._on_tiles = on_tiles(qkv.dtype) and not dropping
+        self._on_tiles = on_tiles(qkv.dtype) and not dropping and cache is None
         if self._on_tiles:
             probs = np.empty(q.shape[:3] + (k.shape[2],), dtype=qkv.dtype)
-            attention_forward(q, k, v, probs, y, offset, 1.0 / math.sqrt(self.head_size))
+            attention_forward(self._split(qkv, 3), probs, self._split(merged, 1)[:, :, 0],
+                              1.0 / math.sqrt(self.head_size))
         else:
             probs = attention_scores(q, k, offset)
             weighted_values(self.attn_dropout.forward(probs), v, y)
@@ -283,8 +288,9 @@ class CausalSelfAttention(Module):
         dqkv = np.empty_like(qkv)
         dy = self._heads(dmerged, 1)[0]
         if self._on_tiles:
-            attention_backward(dy, *self._heads(qkv, 3), np.ascontiguousarray(probs),
-                               *self._heads(dqkv, 3), 0, 1.0 / math.sqrt(self.head_size))
+            attention_backward(self._split(dmerged, 1)[:, :, 0], self._split(qkv, 3),
+                               np.ascontiguousarray(probs), self._split(dqkv, 3),
+                               1.0 / math.sqrt(self.head_size))
         else:
             attention_gradients(dy, *self._heads(qkv, 3), probs, self.attn_dropout,
                                 *self._heads(dqkv, 3))
