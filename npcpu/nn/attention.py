@@ -259,7 +259,6 @@ class CausalSelfAttention(Module):
             offset = cache.length
             k, v = cache.extend(layer, k, v)
         merged = np.empty_like(x, dtype=qkv.dtype)
-        y = self._heads(merged, 1)[0]
         dropping = self.training and self.attn_dropout.p > 0.0
         self._on_tiles = on_tiles(qkv.dtype) and not dropping and cache is None
         if self._on_tiles:
@@ -268,7 +267,7 @@ class CausalSelfAttention(Module):
                               1.0 / math.sqrt(self.head_size))
         else:
             probs = attention_scores(q, k, offset)
-            weighted_values(self.attn_dropout.forward(probs), v, y)
+            weighted_values(self.attn_dropout.forward(probs), v, self._heads(merged, 1)[0])
         out = self.resid_dropout.forward(self.c_proj.forward(merged))
         if self.training:
             self._qkv = to_storage(qkv, self.storage_dtype)
@@ -286,12 +285,11 @@ class CausalSelfAttention(Module):
         self._qkv = self._probs = None
         dmerged = np.ascontiguousarray(self.c_proj.backward(self.resid_dropout.backward(dout)))
         dqkv = np.empty_like(qkv)
-        dy = self._heads(dmerged, 1)[0]
         if self._on_tiles:
             attention_backward(self._split(dmerged, 1)[:, :, 0], self._split(qkv, 3),
                                np.ascontiguousarray(probs), self._split(dqkv, 3),
                                1.0 / math.sqrt(self.head_size))
         else:
-            attention_gradients(dy, *self._heads(qkv, 3), probs, self.attn_dropout,
-                                *self._heads(dqkv, 3))
+            attention_gradients(self._heads(dmerged, 1)[0], *self._heads(qkv, 3), probs,
+                                self.attn_dropout, *self._heads(dqkv, 3))
         return self.c_attn.backward(dqkv)
