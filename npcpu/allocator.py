@@ -13,25 +13,34 @@ and up to TRIM_THRESHOLD bytes of free heap stay in the process, so a step reuse
 previous step freed. The price: what a run frees is not returned to the system before it exits
 (its peak stays resident, which a training loop returns to every step anyway). Blocks above
 MMAP_THRESHOLD (glibc's largest allowed value on 64-bit systems) are still mapped and unmapped.
-Where the C library is not glibc (macOS, musl), nothing changes.
+Where the C library is not glibc (macOS, musl), or the environment sets glibc's malloc itself
+(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, or malloc tunables in GLIBC_TUNABLES: the
+user's choice, e.g. to measure memory), nothing changes.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 512 << 20
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                 "MALLOC_MMAP_MAX_")
 
 
 @functools.cache
 def retain_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds for the whole process (module docstring), once.
-    Returns whether they were set (False where the C library is not glibc)."""
+    Returns whether they were set (False where the C library is not glibc, or the environment
+    configures its malloc)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(name in os.environ for name in USER_SETTINGS) or \
+            "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
