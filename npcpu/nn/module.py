@@ -317,7 +317,7 @@ class Sequential(Module):
         layers = list(self)
         for i in reversed(range(len(layers))):
             layer = layers[i]
-            if not layer.input_requires_grad and not layer.trainable:  # trainable walks the params
+            if not layer.trainable and not layer.input_requires_grad:
                 return _skip_backward(layers[:i + 1])  # a frozen prefix: nothing here needs a gradient
             dy = layer.backward(dy)
             if not layer.input_requires_grad:
