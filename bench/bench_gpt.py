@@ -130,7 +130,8 @@ def _profile(step, model, optimizer, loss_fn, steps: int) -> dict:
             return _timed(totals, phase_of(args), original)(*args, **kwargs)
         setattr(owner, name, wrapper)
 
-    for name in ("attention_scores", "weighted_values", "attention_gradients"):
+    for name in ("attention_forward", "attention_backward",  # the fused float32 pass
+                 "attention_scores", "weighted_values", "attention_gradients"):  # batched GEMMs
         patch(attention, name, lambda args: "attention")
     for name in ("forward", "backward"):
         patch(linear.Linear, name,

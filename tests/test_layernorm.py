@@ -29,13 +29,24 @@ def layernorm_backward_numpy(dy, xhat, rstd, weight):
 
 @pytest.mark.parametrize("dtype, rtol", [(np.float32, 2e-5), (np.float64, 1e-12)])
 @pytest.mark.parametrize("rows, size", [(1, 5), (7, 13), (2 * ROWS_PER_BLOCK + 3, 129)])
-def test_kernels_match_numpy(num_threads, rows, size, dtype, rtol):
+@pytest.mark.parametrize("residual", [False, True])
+def test_kernels_match_numpy(num_threads, rows, size, dtype, rtol, residual):
+    """With `residual`, forward normalizes inp + addend (and writes the sum), backward adds the
+    residual gradient to dx."""
     rng = np.random.default_rng(rows * size)
     x = (rng.standard_normal((rows, size)) * 3 + 2).astype(dtype)
     weight, bias = rng.standard_normal(size).astype(dtype), rng.standard_normal(size).astype(dtype)
     dy = rng.standard_normal((rows, size)).astype(dtype)
+    nothing = np.empty((0, 0), dtype)
+    addend, total, inp = nothing, nothing, x
+    if residual:
+        addend = rng.standard_normal((rows, size)).astype(dtype)
+        inp, total = (x - addend).astype(dtype), np.full_like(x, np.nan)
+        x = inp + addend  # the sum the kernel forms, rounded as it rounds it
     out, xhat, rstd = np.empty_like(x), np.empty_like(x), np.empty(rows, dtype)
-    layernorm_forward(out, xhat, rstd, x, weight, bias, 1e-5, True)
+    layernorm_forward(out, xhat, rstd, inp, weight, bias, 1e-5, True, addend, total)
+    if residual:
+        np.testing.assert_array_equal(total, x)
     ref_out, ref_xhat, ref_rstd = layernorm_forward_numpy(x, weight, bias, 1e-5)
     np.testing.assert_allclose(out, ref_out, rtol=rtol, atol=rtol)
     np.testing.assert_allclose(xhat, ref_xhat, rtol=rtol, atol=rtol)
@@ -43,12 +54,33 @@ def test_kernels_match_numpy(num_threads, rows, size, dtype, rtol):
 
     dx = np.empty_like(x)
     dweight, dbias = np.full(size, 0.5, dtype), np.full(size, -0.5, dtype)  # backward adds
-    layernorm_backward(dx, dweight, dbias, dy, xhat, rstd, weight, True, True)
+    upstream_residual = rng.standard_normal((rows, size)).astype(dtype) if residual else nothing
+    layernorm_backward(dx, dweight, dbias, dy, xhat, rstd, weight, True, True, upstream_residual)
     ref_dx, ref_dweight, ref_dbias = layernorm_backward_numpy(dy.astype(np.float64), ref_xhat,
                                                               ref_rstd, weight)
+    if residual:
+        ref_dx = ref_dx + upstream_residual
     np.testing.assert_allclose(dx, ref_dx, rtol=rtol * 10, atol=rtol * 10)
     np.testing.assert_allclose(dweight, ref_dweight + 0.5, rtol=rtol * 10, atol=rtol * 10)
     np.testing.assert_allclose(dbias, ref_dbias - 0.5, rtol=rtol * 10, atol=rtol * 10)
+
+
+def test_forward_residual_equals_the_sum_then_forward():
+    rng = np.random.default_rng(5)
+    x, addend, dy, residual = rng.standard_normal((4, 3, 9, 10)).astype(np.float32)
+    fused, plain = LayerNorm(10), LayerNorm(10)
+    for layer in (fused, plain):
+        layer.input_requires_grad = True
+        layer.weight.data[...] = rng.standard_normal(10) if layer is fused else fused.weight.data
+    h, out = fused.forward_residual(x, addend)
+    np.testing.assert_array_equal(h, x + addend)
+    np.testing.assert_array_equal(out, plain.forward(x + addend))
+    np.testing.assert_allclose(fused.backward(dy, residual=residual),
+                               plain.backward(dy) + residual, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(fused.weight.grad, plain.weight.grad)
+    expected = r"LayerNorm.*forward_residual.*\(3, 9, 10\), got \(3, 9\)"
+    with pytest.raises(ValueError, match=expected):
+        fused.forward_residual(x, addend[..., 0])
 
 
 def test_parameter_gradients_do_not_depend_on_thread_count():
@@ -64,7 +96,7 @@ def test_parameter_gradients_do_not_depend_on_thread_count():
         numba.set_num_threads(threads)
         dweight, dbias = np.zeros(size, np.float32), np.zeros(size, np.float32)
         layernorm_backward(np.empty((0, 0), np.float32), dweight, dbias, dy, xhat, rstd, weight,
-                           False, True)
+                           False, True, np.empty((0, 0), np.float32))
         numba.set_num_threads(previous)
         results.append((dweight, dbias))
     for dweight, dbias in results[1:]:

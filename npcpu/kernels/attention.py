@@ -39,20 +39,27 @@ def causal_softmax_forward(scores, offset, scale):
     groups, queries, keys = scores.shape
     for row in prange(groups * queries):
         g, t = row // queries, row % queries
-        x = scores[g, t]
-        allowed = min(keys, offset + t + 1)
-        for s in range(allowed):
-            x[s] *= scale
-        row_max = x[0]
-        for s in range(1, allowed):
-            if x[s] > row_max:
-                row_max = x[s]
-        exp_shifted(x, x, allowed, row_max, np.empty(allowed, np.int32))
-        inv_total = 1.0 / row_sum(x, allowed)
-        for s in range(allowed):
-            x[s] *= inv_total
-        for s in range(allowed, keys):
-            x[s] = 0.0
+        softmax_row(scores[g, t], min(keys, offset + t + 1), scale, np.empty(keys, np.int32))
+
+
+@njit(cache=True)
+def softmax_row(x, allowed, scale, bits):
+    """One row of causal_softmax_forward, in place: x[:allowed] = softmax(scale * x[:allowed]),
+    x[allowed:] = 0 (written, not read); `bits` is exp_shifted's int32 scratch, at least `allowed`
+    long. Also called by npcpu.kernels.attention_tiles."""
+    keys = x.shape[0]
+    for s in range(allowed):
+        x[s] *= scale
+    row_max = x[0]
+    for s in range(1, allowed):
+        if x[s] > row_max:
+            row_max = x[s]
+    exp_shifted(x, x, allowed, row_max, bits)
+    inv_total = 1.0 / row_sum(x, allowed)
+    for s in range(allowed):
+        x[s] *= inv_total
+    for s in range(allowed, keys):
+        x[s] = 0.0
 
 
 @njit(parallel=True, cache=True)
@@ -68,12 +75,17 @@ def causal_softmax_backward(dprobs, probs, offset, scale):
     groups, queries, keys = dprobs.shape
     for row in prange(groups * queries):
         g, t = row // queries, row % queries
-        dp, p = dprobs[g, t], probs[g, t]
-        allowed = min(keys, offset + t + 1)
-        dot = 0.0
-        for s in range(allowed):
-            dot += dp[s] * p[s]
-        for s in range(allowed):
-            dp[s] = scale * p[s] * (dp[s] - dot)
-        for s in range(allowed, keys):
-            dp[s] = 0.0
+        softmax_row_backward(dprobs[g, t], probs[g, t], min(keys, offset + t + 1), scale)
+
+
+@njit(cache=True)
+def softmax_row_backward(dp, p, allowed, scale):
+    """One row of causal_softmax_backward, in place over dp (also called by
+    npcpu.kernels.attention_tiles)."""
+    dot = 0.0
+    for s in range(allowed):
+        dot += dp[s] * p[s]
+    for s in range(allowed):
+        dp[s] = scale * p[s] * (dp[s] - dot)
+    for s in range(allowed, dp.shape[0]):
+        dp[s] = 0.0

@@ -26,19 +26,25 @@ _SAFE_MATH = {"contract", "reassoc", "arcp"}
 
 
 @njit(parallel=True, cache=True, fastmath=_SAFE_MATH)
-def layernorm_forward(out, xhat, rstd, inp, weight, bias, eps, save_xhat):
+def layernorm_forward(out, xhat, rstd, inp, weight, bias, eps, save_xhat, addend, total):
     """Normalize each row of `inp` (R, C) and apply weight (C,) and bias (C,).
 
     Writes out (R, C) and rstd (R,); writes xhat (R, C) only when `save_xhat` (else pass any
-    array, e.g. shape (0, 0): it is not touched).
+    array, e.g. shape (0, 0): it is not touched). With a non-empty `addend` (R, C), the rows
+    normalized are those of total = inp + addend, written into `total` (R, C) in the same pass: a
+    residual connection's sum and the LayerNorm after it (pass empty (0, 0) arrays otherwise).
     """
     rows, size = inp.shape
+    adding = addend.size > 0
     for r in prange(rows):
-        x = inp[r]
-        total = 0.0  # float64 accumulators, whatever the input dtype
+        if adding:
+            for c in range(size):
+                total[r, c] = inp[r, c] + addend[r, c]
+        x = total[r] if adding else inp[r]
+        row_total = 0.0  # float64 accumulators, whatever the input dtype
         for c in range(size):
-            total += x[c]
-        mean = total / size
+            row_total += x[c]
+        mean = row_total / size
         squares = 0.0
         for c in range(size):
             deviation = x[c] - mean
@@ -53,10 +59,14 @@ def layernorm_forward(out, xhat, rstd, inp, weight, bias, eps, save_xhat):
 
 
 @njit(parallel=True, cache=True, fastmath=_SAFE_MATH)
-def layernorm_backward(dinp, dweight, dbias, dout, xhat, rstd, weight, need_dinp, need_dparams):
+def layernorm_backward(dinp, dweight, dbias, dout, xhat, rstd, weight, need_dinp, need_dparams,
+                       residual):
     """Gradients of `layernorm_forward` from dout (R, C), xhat (R, C), rstd (R,), weight (C,).
 
     Writes dinp (R, C) when `need_dinp`; ADDS into dweight (C,) and dbias (C,) when `need_dparams`.
+    With a non-empty `residual` (R, C), dinp is the formula below plus residual, in the same pass:
+    the gradient of a residual stream that feeds both this LayerNorm and the identity path
+    (pass an empty (0, 0) array otherwise).
 
     In the forward pass `out = xhat * weight + bias` and `xhat = (x - mean) * rstd`, so
 
@@ -93,6 +103,9 @@ def layernorm_backward(dinp, dweight, dbias, dout, xhat, rstd, weight, need_dinp
                 for c in range(size):
                     dxhat = dy[c] * weight[c]
                     dinp[r, c] = rstd[r] * (dxhat - dxhat_mean - xh[c] * dxhat_xhat_mean)
+                if residual.size > 0:
+                    for c in range(size):
+                        dinp[r, c] += residual[r, c]
     if need_dparams:
         for b in range(blocks):
             for c in range(size):

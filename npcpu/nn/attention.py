@@ -24,7 +24,14 @@ backward, each line quoting the forward line it differentiates:
     `scores = q k^T / sqrt(D)`: dq = dscores k,   dk = dscores^T q
     `qkv = x W_attn^T + b_attn`: through c_attn, with dqkv = concat(dq, dk, dv)
 
-Kernel choice: the (T, T) scores are materialized and every product is a BLAS GEMM per (b, h),
+Kernel choice: training and uncached evaluation in float32, where the native float32 tile runs
+(`on_tiles`), make each direction one parallel pass over the (b, h) pairs: every product, the
+softmax and its backward of a pair in a row on npcpu.kernels.dpbf16's tile
+(npcpu.kernels.attention_tiles: no GEMM call, no thread hand-off and no (T, T) round trip through
+memory between the steps, the masked half of the causal products skipped). A dropout on the
+probs (training with p > 0), float64 (the gradient checks) and generation's key/value cache take
+the batched GEMMs below, whose results the fused pass equals to float32 rounding.
+Batched GEMMs: the (T, T) scores are materialized and every product is a BLAS GEMM per (b, h),
 with one fused Numba pass (npcpu.kernels.attention) for the scaled, masked softmax in each
 direction. The products of many (b, h) pairs are one NumPy batched matmul (`np.matmul` on
 (pairs, T, D) stacks), which loops over the pairs in C: a Python call per pair and product cost
@@ -57,8 +64,9 @@ import math
 import numba
 import numpy as np
 
-from npcpu import blas
+from npcpu import backend, blas
 from npcpu.kernels.attention import causal_softmax_backward, causal_softmax_forward
+from npcpu.kernels.attention_tiles import attention_backward, attention_forward
 from npcpu.nn.dropout import Dropout
 from npcpu.nn.linear import Linear
 from npcpu.nn.module import Module
@@ -94,6 +102,14 @@ class KVCache:
         self.keys[layer][:, :, start:stop] = k
         self.values[layer][:, :, start:stop] = v
         return self.keys[layer][:, :, :stop], self.values[layer][:, :, :stop]
+
+
+def on_tiles(dtype: np.dtype) -> bool:
+    """Whether attention runs on npcpu.kernels.attention_tiles (one fused pass per direction on
+    the native float32 tile): float32 where the native float32 GEMM can run and is not turned off
+    (set_f32_gemm("blas") or NPCPU_F32_GEMM=blas send attention back to the batched GEMMs too)."""
+    return (dtype == np.float32 and backend.native_f32_gemm_unavailable() is None
+            and backend.F32_GEMM.setting() != backend.F32_GEMM.fallback)
 
 
 def _by_thread(batch: int, heads: int) -> list[tuple[slice, slice]]:
@@ -210,15 +226,20 @@ class CausalSelfAttention(Module):
             inner.input_requires_grad = True  # inside the layer; c_attn follows the layer's own
         self._qkv = None  # (B, T, 3C), storage dtype
         self._probs = None  # (B, H, T, T), storage dtype
+        self._on_tiles = False  # the forward pass's choice (on_tiles), which backward follows
 
     def extra_repr(self) -> str:
         return f"n_embd={self.n_embd}, n_head={self.n_head}"
 
-    def _heads(self, rows: np.ndarray, parts: int) -> tuple[np.ndarray, ...]:
-        """(B, T, parts C) -> `parts` strided (B, H, T, D) views: c_attn's q, k, v (parts = 3) or
-        the merged heads (parts = 1), without copies."""
+    def _split(self, rows: np.ndarray, parts: int) -> np.ndarray:
+        """(B, T, parts C) -> (B, T, parts, H, D), a view: c_attn's q, k, v (parts = 3) or the
+        merged heads (parts = 1)."""
         batch, steps, _ = rows.shape
-        heads = rows.reshape(batch, steps, parts, self.n_head, self.head_size)
+        return rows.reshape(batch, steps, parts, self.n_head, self.head_size)
+
+    def _heads(self, rows: np.ndarray, parts: int) -> tuple[np.ndarray, ...]:
+        """(B, T, parts C) -> `parts` strided (B, H, T, D) views, without copies."""
+        heads = self._split(rows, parts)
         return tuple(heads[:, :, i].transpose(0, 2, 1, 3) for i in range(parts))
 
     def forward(self, x: np.ndarray, cache: KVCache | None = None, layer: int = 0) -> np.ndarray:
@@ -237,9 +258,16 @@ class CausalSelfAttention(Module):
         if cache is not None:
             offset = cache.length
             k, v = cache.extend(layer, k, v)
-        probs = attention_scores(q, k, offset)
         merged = np.empty_like(x, dtype=qkv.dtype)
-        weighted_values(self.attn_dropout.forward(probs), v, self._heads(merged, 1)[0])
+        dropping = self.training and self.attn_dropout.p > 0.0
+        self._on_tiles = on_tiles(qkv.dtype) and not dropping and cache is None
+        if self._on_tiles:
+            probs = np.empty(q.shape[:3] + (k.shape[2],), dtype=qkv.dtype)
+            attention_forward(self._split(qkv, 3), probs, self._split(merged, 1)[:, :, 0],
+                              1.0 / math.sqrt(self.head_size))
+        else:
+            probs = attention_scores(q, k, offset)
+            weighted_values(self.attn_dropout.forward(probs), v, self._heads(merged, 1)[0])
         out = self.resid_dropout.forward(self.c_proj.forward(merged))
         if self.training:
             self._qkv = to_storage(qkv, self.storage_dtype)
@@ -257,6 +285,11 @@ class CausalSelfAttention(Module):
         self._qkv = self._probs = None
         dmerged = np.ascontiguousarray(self.c_proj.backward(self.resid_dropout.backward(dout)))
         dqkv = np.empty_like(qkv)
-        attention_gradients(self._heads(dmerged, 1)[0], *self._heads(qkv, 3), probs,
-                            self.attn_dropout, *self._heads(dqkv, 3))
+        if self._on_tiles:
+            attention_backward(self._split(dmerged, 1)[:, :, 0], self._split(qkv, 3),
+                               np.ascontiguousarray(probs), self._split(dqkv, 3),
+                               1.0 / math.sqrt(self.head_size))
+        else:
+            attention_gradients(self._heads(dmerged, 1)[0], *self._heads(qkv, 3), probs,
+                                self.attn_dropout, *self._heads(dqkv, 3))
         return self.c_attn.backward(dqkv)

@@ -80,34 +80,61 @@ class LayerNorm(Module):
         return weight.astype(dtype, copy=False), bias.astype(dtype, copy=False)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        return self._normalize(x, None)[1]
+
+    def forward_residual(self, x: np.ndarray, addend: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(h, y) = (x + addend, LayerNorm(x + addend)) in one pass over the rows: a residual
+        connection and the LayerNorm that reads its sum (a pre-LayerNorm transformer block's
+        `h = x + attn(...)`, then `ln_2(h)`). Backward as for forward(h); pass the gradient that
+        reaches h along the identity path as backward's `residual`."""
+        return self._normalize(x, addend)
+
+    def _normalize(self, x: np.ndarray, addend: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(the rows normalized, reshaped as x; the output), the first x itself without addend."""
         x = self.check_input(x, min_ndim=len(self.normalized_shape))
         if x.shape[x.ndim - len(self.normalized_shape):] != self.normalized_shape:
             raise ValueError(f"{self!r}: expected input of shape (..., "
                              f"{', '.join(map(str, self.normalized_shape))}), got {x.shape}")
         rows = x.reshape(-1, self._size)
+        nothing = np.empty((0, 0), dtype=x.dtype)
+        total = nothing
+        if addend is not None:
+            if not isinstance(addend, np.ndarray) or addend.shape != x.shape:
+                got = addend.shape if isinstance(addend, np.ndarray) else type(addend).__name__
+                raise ValueError(f"{self!r}: forward_residual expected an addend of the input's "
+                                 f"shape {x.shape}, got {got}")
+            addend = np.ascontiguousarray(to_compute(addend, x.dtype)).reshape(rows.shape)
+            total = np.empty_like(rows)
         weight, bias = self._affine(x.dtype)
         out = np.empty_like(rows)
         rstd = np.empty(rows.shape[0], dtype=x.dtype)
         keep = self.training
-        xhat = np.empty_like(rows) if keep else np.empty((0, 0), dtype=x.dtype)
-        layernorm_forward(out, xhat, rstd, rows, weight, bias, self.eps, keep)
+        xhat = np.empty_like(rows) if keep else nothing
+        layernorm_forward(out, xhat, rstd, rows, weight, bias, self.eps, keep,
+                          nothing if addend is None else addend, total)
         self._xhat = to_storage(xhat, self.storage_dtype) if keep else None
         self._rstd = rstd if keep else None
         self._input_shape = x.shape
-        return out.reshape(x.shape)
+        return (x if addend is None else total.reshape(x.shape)), out.reshape(x.shape)
 
-    def backward(self, dy: np.ndarray) -> np.ndarray | None:
+    def backward(self, dy: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray | None:
+        """dL/dx from dy; with `residual` (the shape of x), dL/dx + residual, added in the same
+        pass (the gradient of a residual stream that also reaches x along the identity path)."""
         if self._xhat is None:
             raise self.missing_forward()
         dy = self.check_grad_output(dy, self._input_shape).reshape(-1, self._size)
         xhat = to_compute(self._xhat, dy.dtype)
         weight, _ = self._affine(dy.dtype)
         need_dinp = self.input_requires_grad
-        dinp = np.empty_like(dy) if need_dinp else np.empty((0, 0), dtype=dy.dtype)
+        nothing = np.empty((0, 0), dtype=dy.dtype)
+        dinp = np.empty_like(dy) if need_dinp else nothing
+        if residual is not None:
+            residual = self.check_grad_output(residual, self._input_shape).reshape(dy.shape)
         dweight = self._grad_or_scratch(self.weight, dy.dtype)
         dbias = self._grad_or_scratch(self.bias, dy.dtype)
         need_dparams = any(p is not None and not p.frozen for p in (self.weight, self.bias))
-        layernorm_backward(dinp, dweight, dbias, dy, xhat, self._rstd, weight, need_dinp, need_dparams)
+        layernorm_backward(dinp, dweight, dbias, dy, xhat, self._rstd, weight, need_dinp,
+                           need_dparams, nothing if residual is None else residual)
         self._xhat = self._rstd = None  # one backward per forward: free the cache
         self.update_parameters_in_backward()
         return dinp.reshape(self._input_shape) if need_dinp else None

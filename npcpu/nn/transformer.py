@@ -75,7 +75,9 @@ class Block(Module):
                out = h + mlp(ln_2(h))
     backward:  `out = h + mlp(ln_2(h))`:  dh = dout + ln_2.backward(mlp.backward(dout))
                `h = x + attn(ln_1(x))`:   dx = dh + ln_1.backward(attn.backward(dh))
-    A residual adds its two paths' gradients: the identity's and the branch's.
+    A residual adds its two paths' gradients: the identity's and the branch's. The first
+    residual's sum and ln_2 are one pass (LayerNorm.forward_residual), and each LayerNorm's
+    backward adds the identity path's gradient as it writes its own (its `residual` argument).
     """
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True,
@@ -92,13 +94,10 @@ class Block(Module):
         """out (B, T, C); `cache` and `layer` go to the attention (generation, eval mode)."""
         x = self.check_input(x, min_ndim=3)
         self.ln_1.input_requires_grad = self.input_requires_grad
-        h = x + self.attn.forward(self.ln_1.forward(x), cache, layer)
-        return h + self.mlp.forward(self.ln_2.forward(h))
+        h, normed = self.ln_2.forward_residual(x, self.attn.forward(self.ln_1.forward(x), cache,
+                                                                      layer))
+        return h + self.mlp.forward(normed)
 
     def backward(self, dout: np.ndarray) -> np.ndarray | None:
-        dh = dout + self.ln_2.backward(self.mlp.backward(dout))
-        dx = self.ln_1.backward(self.attn.backward(dh))  # None when the block's input needs none
-        if dx is None:
-            return None
-        dx += dh
-        return dx
+        dh = self.ln_2.backward(self.mlp.backward(dout), residual=dout)
+        return self.ln_1.backward(self.attn.backward(dh), residual=dh)  # None: no input gradient

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from npcpu.allocator import retain_freed_memory
 from npcpu.checks import check_int
 from npcpu.train.callbacks import Callback
 from npcpu.train.runners import ReferenceRunner
@@ -81,6 +82,7 @@ class LanguageModelTrainer(Trainer):
     Trainer's; fit() takes the data set (or a LanguageModelBatches) as train_data and eval_data."""
 
     def __init__(self, model, loss_fn, optimizer, **kwargs):
+        retain_freed_memory()  # each step reuses the previous step's pages (npcpu.allocator)
         callbacks = [TokensPerSecond(), *kwargs.pop("callbacks", ())]
         super().__init__(model, loss_fn, optimizer, callbacks=callbacks, compiled="off", **kwargs)
         if not hasattr(loss_fn, "ignore_index"):
