@@ -43,7 +43,7 @@ import numpy as np
 from numba import njit, prange, types, uint32
 from numba.extending import overload
 
-from npcpu.kernels import dpbf16
+from npcpu.kernels import dpbf16, gemm_epilogue
 from npcpu.kernels.dpbf16 import COLUMNS, ROWS
 from npcpu.kernels.intrinsics import prefetch
 
@@ -200,33 +200,6 @@ def interleave_rows(source):
 
 
 @njit(cache=True)
-def _write_block(c, block, p_start, q_start, row_tiles, panels, accumulate):
-    """C (+)= a task's block of tiles, tile (t, j) of rows p_start + t ROWS and columns
-    q_start + j COLUMNS at block[(t * panels + j) * ROWS * COLUMNS], ROWS x COLUMNS row-major;
-    only the part inside C. Walks C along its memory (a transposed C, as y^T, column by column)."""
-    row_major = c.strides[0] >= c.strides[1]
-    for t in range(row_tiles):
-        p0 = p_start + t * ROWS
-        rows = min(ROWS, c.shape[0] - p0)
-        for j in range(panels):
-            q0 = q_start + j * COLUMNS
-            columns = min(COLUMNS, c.shape[1] - q0)
-            tile = block[(t * panels + j) * ROWS * COLUMNS:(t * panels + j + 1) * ROWS * COLUMNS]
-            if row_major:
-                for i in range(rows):
-                    c_row = c[p0 + i, q0:q0 + columns]
-                    tile_row = tile[i * COLUMNS:i * COLUMNS + columns]
-                    for k in range(columns):
-                        c_row[k] = c_row[k] + tile_row[k] if accumulate else tile_row[k]
-            else:
-                for k in range(columns):
-                    c_column = c[p0:p0 + rows, q0 + k]
-                    for i in range(rows):
-                        value = tile[i * COLUMNS + k]
-                        c_column[i] = c_column[i] + value if accumulate else value
-
-
-@njit(cache=True)
 def _prefetch_part(matrix, row_start, row_stop, column_start, column_stop, part, parts):
     """Start loading part `part` of `parts` of matrix[row_start:row_stop, column_start:column_stop]
     (split by rows) into the caches, for a row-major matrix (nothing for another layout): the
@@ -256,13 +229,15 @@ def _block_rows(n_rows, column_blocks, threads):
 
 @njit(parallel=True, cache=True)
 def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_source,
-         b_pairs_down_columns, threads):
-    """C (P, Q) = beta C + A B, float32 C (any layout), beta 0 or 1.
+         b_pairs_down_columns, threads, bias, bias_per_row, epilogue, aux):
+    """C (P, Q) = finish(beta C + A B), float32 C (any layout), beta 0 or 1.
 
     A: a_words as in the module docstring (flat, uint32 bfloat16 pairs or float32). B: `b_panels`
     (flat, of a_words' dtype, all of B packed, pack_panels) when it is not empty, else packed from
     `b_source` as pack_panels does (b_pairs_down_columns), a block at a time inside each task.
-    Each task sums its block of C over all of R in a block of its own, then adds it to C once.
+    Each task sums its block of C over all of R in a block of its own, then adds it to C once,
+    finished on the way (bias, epilogue, aux: npcpu.kernels.gemm_epilogue; an empty bias and
+    NO_ACTIVATION for the plain product).
     threads: Numba's thread count (the tasks are sized to give each thread at least two).
     """
     n_rows, n_columns = c.shape
@@ -287,7 +262,7 @@ def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_source,
             next_rows = _span(b_source) * (r_start + BLOCK_PAIRS)
             next_stop = min(next_rows + _span(b_source) * BLOCK_PAIRS, b_source.shape[0])
             for j in range(panels):  # a panel of B stays in L1 while the row tiles of A pass
-                if last_step:  # C's block, for _write_block
+                if last_step:  # C's block, for its write
                     _prefetch_part(c, p_start, p_stop, q_start, q_stop, j, panels)
                 elif not packed:  # the B rows the next step packs
                     _prefetch_part(b_source, next_rows, next_stop, q_start, q_stop, j, panels)
@@ -301,4 +276,5 @@ def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_source,
                     dpbf16.tile(a_words, p0 * a_row_step + r_start * a_pair_step, a_row_step,
                                 a_pair_step, min(ROWS, n_rows - p0), b_data, b_start, r_count,
                                 block, (t * panels + j) * ROWS * COLUMNS, r_start > 0)
-        _write_block(c, block, p_start, q_start, row_tiles, panels, beta != 0)
+        gemm_epilogue.write_block(c, block, p_start, q_start, row_tiles, panels, beta != 0, bias,
+                                  bias_per_row, epilogue, aux)
