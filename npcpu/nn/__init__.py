@@ -14,6 +14,6 @@ from npcpu.nn.transformer import MLP, Block
 
 __all__ = [
     "Block", "CausalSelfAttention", "CrossEntropyLoss", "Dropout", "Embedding", "Flatten",
-    "FusedLinearGELU", "FusedLinearReLU", "GELU", "KVCache", "LayerNorm", "Linear", "Loss", "MLP", "MSELoss", "Module",
-    "Parameter", "ReLU", "Sequential", "Tanh",
+    "FusedLinearGELU", "FusedLinearReLU", "GELU", "KVCache", "LayerNorm", "Linear", "Loss", "MLP",
+    "MSELoss", "Module", "Parameter", "ReLU", "Sequential", "Tanh",
 ]

@@ -101,7 +101,8 @@ class Linear(Module):
         work.record("gemm_skipped", 2)
         self._saved_input = self._input_shape = None
 
-    def backward(self, dy: np.ndarray, *, producer: FusedLinearGELU | None = None) -> np.ndarray | None:
+    def backward(self, dy: np.ndarray, *,
+                 producer: FusedLinearGELU | None = None) -> np.ndarray | None:
         """dL/dx from dy; with `producer`, the FusedLinearGELU whose output was this layer's input
         x = gelu(z), dL/dz instead: dx = dz W multiplied by gelu'(z) as the GEMM writes it (then
         `producer.backward(returned, preactivation=True)`)."""
@@ -202,7 +203,8 @@ class FusedLinearGELU(Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  approximate: str = "none", seed: int | None = None):
         if approximate not in self._ACTIVATIONS:
-            raise ValueError(f"FusedLinearGELU: approximate must be 'none' or 'tanh', got {approximate!r}")
+            raise ValueError(
+                f"FusedLinearGELU: approximate must be 'none' or 'tanh', got {approximate!r}")
         super().__init__(in_features, out_features, bias, seed=seed)
         self.approximate = approximate
         self._preactivation = None  # z (N, M) in the storage dtype
