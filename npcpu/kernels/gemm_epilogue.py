@@ -94,14 +94,77 @@ def _finish(value, epilogue, aux, p, q):
     return value
 
 
-@njit(cache=True)
+@njit(inline="always", cache=True)
+def _activate_row(c_row, aux_row, epilogue):
+    """_finish over a contiguous run of a row of C (biased sums in place), one loop per epilogue
+    so that each vectorizes."""
+    if epilogue == GELU_FORWARD:
+        for k in range(c_row.size):
+            aux_row[k] = gelu32(c_row[k])
+    elif epilogue == GELU_TANH_FORWARD:
+        for k in range(c_row.size):
+            aux_row[k] = gelu_tanh(c_row[k])
+    elif epilogue == GELU_BACKWARD:
+        for k in range(c_row.size):
+            c_row[k] = c_row[k] * gelu_slope32(_float32_of(aux_row[k]))
+    elif epilogue == GELU_TANH_BACKWARD:
+        for k in range(c_row.size):
+            c_row[k] = c_row[k] * gelu_tanh_slope(_float32_of(aux_row[k]))
+
+
+@njit(cache=True, error_model="numpy")
 def write_block(c, block, p_start, q_start, row_tiles, panels, accumulate, bias, bias_per_row,
                 epilogue, aux):
     """C (+)= a task's block of tiles, finished as in the module docstring. Tile (t, j), of rows
     p_start + t ROWS and columns q_start + j COLUMNS, is at block[(t * panels + j) * ROWS *
     COLUMNS], ROWS x COLUMNS row-major; only the part inside C is written. Walks C along its
-    memory (a transposed C, as y^T, column by column)."""
-    row_major = c.strides[0] >= c.strides[1]
+    memory (a transposed C, as y^T, column by column); a row-major C a row of the block at a
+    time, each pass over it a loop of its own (vectorized). NumPy's error model: Python's would
+    test GELU's division for zero, and the test keeps the loops from vectorizing (the parallel
+    GELU kernels, as every prange loop, run under NumPy's too: the same results)."""
+    if c.strides[0] >= c.strides[1]:
+        _write_rows(c, block, p_start, q_start, row_tiles, panels, accumulate, bias, bias_per_row,
+                    epilogue, aux)
+    else:
+        _write_columns(c, block, p_start, q_start, row_tiles, panels, accumulate, bias,
+                       bias_per_row, epilogue, aux)
+
+
+@njit(cache=True, error_model="numpy")
+def _write_rows(c, block, p_start, q_start, row_tiles, panels, accumulate, bias, bias_per_row,
+                epilogue, aux):
+    q_stop = min(c.shape[1], q_start + panels * COLUMNS)
+    for t in range(row_tiles):
+        p0 = p_start + t * ROWS
+        for i in range(min(ROWS, c.shape[0] - p0)):
+            p = p0 + i
+            for j in range(panels):
+                q0 = q_start + j * COLUMNS
+                c_part = c[p, q0:min(q_stop, q0 + COLUMNS)]
+                start = (t * panels + j) * ROWS * COLUMNS + i * COLUMNS
+                tile_row = block[start:start + c_part.size]
+                if accumulate:
+                    for k in range(c_part.size):
+                        c_part[k] = c_part[k] + tile_row[k]
+                else:
+                    for k in range(c_part.size):
+                        c_part[k] = tile_row[k]
+            c_row = c[p, q_start:q_stop]
+            if bias.size > 0 and bias_per_row:
+                row_bias = bias[p]
+                for k in range(c_row.size):
+                    c_row[k] += row_bias
+            elif bias.size > 0:
+                bias_part = bias[q_start:q_stop]
+                for k in range(c_row.size):
+                    c_row[k] += bias_part[k]
+            if epilogue != NO_ACTIVATION:
+                _activate_row(c_row, aux[p, q_start:q_stop], epilogue)
+
+
+@njit(cache=True, error_model="numpy")
+def _write_columns(c, block, p_start, q_start, row_tiles, panels, accumulate, bias, bias_per_row,
+                   epilogue, aux):
     biased = bias.size > 0
     zero = c.dtype.type(0)
     for t in range(row_tiles):
@@ -109,25 +172,13 @@ def write_block(c, block, p_start, q_start, row_tiles, panels, accumulate, bias,
         rows = min(ROWS, c.shape[0] - p0)
         for j in range(panels):
             q0 = q_start + j * COLUMNS
-            columns = min(COLUMNS, c.shape[1] - q0)
             tile = block[(t * panels + j) * ROWS * COLUMNS:(t * panels + j + 1) * ROWS * COLUMNS]
-            if row_major:
+            for k in range(min(COLUMNS, c.shape[1] - q0)):
+                c_column = c[p0:p0 + rows, q0 + k]
+                column_bias = bias[q0 + k] if biased and not bias_per_row else zero
                 for i in range(rows):
-                    c_row = c[p0 + i, q0:q0 + columns]
-                    tile_row = tile[i * COLUMNS:i * COLUMNS + columns]
-                    row_bias = bias[p0 + i] if biased and bias_per_row else zero
-                    for k in range(columns):
-                        value = c_row[k] + tile_row[k] if accumulate else tile_row[k]
-                        if biased:
-                            value += row_bias if bias_per_row else bias[q0 + k]
-                        c_row[k] = _finish(value, epilogue, aux, p0 + i, q0 + k)
-            else:
-                for k in range(columns):
-                    c_column = c[p0:p0 + rows, q0 + k]
-                    column_bias = bias[q0 + k] if biased and not bias_per_row else zero
-                    for i in range(rows):
-                        value = tile[i * COLUMNS + k]
-                        value = c_column[i] + value if accumulate else value
-                        if biased:
-                            value += bias[p0 + i] if bias_per_row else column_bias
-                        c_column[i] = _finish(value, epilogue, aux, p0 + i, q0 + k)
+                    value = tile[i * COLUMNS + k]
+                    value = c_column[i] + value if accumulate else value
+                    if biased:
+                        value += bias[p0 + i] if bias_per_row else column_bias
+                    c_column[i] = _finish(value, epilogue, aux, p0 + i, q0 + k)
