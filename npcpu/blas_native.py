@@ -19,6 +19,10 @@ so results equal BLAS sgemm's to float32 rounding of a sum taken in another orde
 copied except the packing of B. Only call these where npcpu.backend.native_f32_gemm_unavailable()
 is None; npcpu.blas sends float32 GEMMs here when npcpu.backend.use_native_f32_gemm() says so.
 
+y = x W^T takes an epilogue (npcpu.kernels.gemm_epilogue): the bias added, and GELU's output
+written beside its pre-activation, as y is written; dx = dz W one too: dx multiplied by GELU's
+derivative at a kept pre-activation. The results are those of the separate passes, bit for bit.
+
 The two differ only in how an operand becomes the kernels' 32-bit words (`_Bfloat16Words`,
 `_Float32Words`); the GEMMs themselves (`NativeGemms`) are one piece of code.
 """

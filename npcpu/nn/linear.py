@@ -9,6 +9,8 @@ under "bf16" on a CPU with AVX512_BF16, to the native bfloat16 GEMMs (npcpu.blas
 bfloat16 W and x, dz rounded to bfloat16; npcpu.backend.set_bf16_gemm chooses):
 dL/dW is accumulated in place by a GEMM with beta = 1, so gradient accumulation costs no temporary
 the size of W; the first GEMM after zero_grad() overwrites with beta = 0, so zeroing costs no pass.
+The bias add (and FusedLinearGELU's activation) happens in the GEMM's write of y on the native
+GEMMs (npcpu.kernels.gemm_epilogue), in a pass after it elsewhere, with the same result.
 A 16-bit weight is widened for its GEMMs a block of rows at a time, and an optimizer fused into
 backward gets dL/dW a block of rows at a time (npcpu.nn.weight_blocks). Work done and skipped is
 counted in npcpu.nn.work.
