@@ -44,7 +44,6 @@ from scipy.linalg.blas import dgemm, sgemm
 
 from npcpu import backend, blas_native
 from npcpu.kernels import compiled_gemm
-from npcpu.kernels.gemm_epilogue import check_activation, finish_separately
 
 SMALL_GEMM = 1 << 23  # multiply-adds: well under a millisecond on one core
 SKINNY_OUTPUTS = 16
@@ -102,51 +101,35 @@ def _no_bias(dtype: np.dtype) -> np.ndarray:
     return np.empty(0, dtype)
 
 
-def matmul_weight_transposed(x: np.ndarray, weight: np.ndarray, *, bias: np.ndarray | None = None,
-                             activation: str | None = None,
-                             activation_out: np.ndarray | None = None) -> np.ndarray:
-    """y = x W^T (+ bias), (N, K) @ (M, K)^T -> (N, M) C-order: BLAS computes y.T = W x^T in Fortran
-    order (the Numba loops compute it directly for a skinny W). With `activation` ("gelu",
-    "gelu_tanh"), y is the pre-activation z and act(z) goes to `activation_out` (N, M).
-
-    The native float32 GEMM adds the bias and applies the activation as it writes y
-    (npcpu.kernels.gemm_epilogue); the other paths do it in passes after, with the same result."""
-    check_activation("matmul_weight_transposed", activation)
+def matmul_weight_transposed(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """y = x W^T, (N, K) @ (M, K)^T -> (N, M) C-order: BLAS computes y.T = W x^T in Fortran order
+    (the Numba loops compute it directly for a skinny W)."""
     if _skinny(weight, x) and x.dtype == weight.dtype:
         y = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
         compiled_gemm.linear_forward(x, _all_rows(x.shape[0]), weight, _no_bias(x.dtype), False, y,
                                      0, x.shape[1])
-    elif _native_f32(x, weight):
+        return y
+    if _native_f32(x, weight):
         return _native(x.shape[0] * weight.size, blas_native.float32.matmul_weight_transposed, x,
-                       weight, bias=bias, activation=activation, activation_out=activation_out)
-    else:
-        y = _call(x.shape[0] * weight.size, _gemm(x.dtype), 1.0, weight.T, x.T, trans_a=1).T
-    finish_separately(y, bias, activation, activation_out, False)
-    return y
+                       weight)
+    return _call(x.shape[0] * weight.size, _gemm(x.dtype), 1.0, weight.T, x.T, trans_a=1).T
 
 
 def matmul_weight(dz: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None,
-                  beta: float = 0.0, *, activation: str | None = None,
-                  activation_input: np.ndarray | None = None) -> np.ndarray:
+                  beta: float = 0.0) -> np.ndarray:
     """dx = dz W, (N, M) @ (M, K) -> (N, K) C-order: BLAS computes dx.T = W^T dz^T in Fortran order.
 
     With `out` (C-contiguous (N, K)): out = beta * out + dz W in place, and out is returned
-    (beta = 0 does not read out). With `activation`, dx is the gradient of act's output and is
-    multiplied by act'(activation_input), activation_input (N, K) the pre-activation (in the
-    native float32 GEMM's write of dx, else in a pass after)."""
+    (beta = 0 does not read out)."""
     gemm = _gemm(dz.dtype)
     macs = dz.shape[0] * weight.size
     if _native_f32(dz, weight, dz if out is None else out):
-        return _native(macs, blas_native.float32.matmul_weight, dz, weight, out, beta,
-                       activation=activation, activation_input=activation_input)
-    check_activation("matmul_weight", activation)
+        return _native(macs, blas_native.float32.matmul_weight, dz, weight, out, beta)
     if out is None:
-        out = np.ascontiguousarray(_call(macs, gemm, 1.0, weight.T, dz.T).T)
-    else:
-        result = _call(macs, gemm, 1.0, weight.T, dz.T, beta=beta, c=out.T, overwrite_c=1)
-        if not np.shares_memory(result, out):  # the wrapper worked on a copy of out: copy it back
-            out[...] = result.T
-    finish_separately(out, None, activation, activation_input, True)
+        return _call(macs, gemm, 1.0, weight.T, dz.T).T
+    result = _call(macs, gemm, 1.0, weight.T, dz.T, beta=beta, c=out.T, overwrite_c=1)
+    if not np.shares_memory(result, out):  # the wrapper worked on a copy of out: copy it back
+        out[...] = result.T
     return out
 
 

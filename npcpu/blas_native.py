@@ -19,10 +19,6 @@ so results equal BLAS sgemm's to float32 rounding of a sum taken in another orde
 copied except the packing of B. Only call these where npcpu.backend.native_f32_gemm_unavailable()
 is None; npcpu.blas sends float32 GEMMs here when npcpu.backend.use_native_f32_gemm() says so.
 
-y = x W^T takes an epilogue (npcpu.kernels.gemm_epilogue): the bias added, and GELU's output
-written beside its pre-activation, as y is written; dx = dz W one too: dx multiplied by GELU's
-derivative at a kept pre-activation. The results are those of the separate passes, bit for bit.
-
 The two differ only in how an operand becomes the kernels' 32-bit words (`_Bfloat16Words`,
 `_Float32Words`); the GEMMs themselves (`NativeGemms`) are one piece of code.
 """
@@ -35,12 +31,6 @@ import numpy as np
 from npcpu.dtypes import bfloat16
 from npcpu.kernels import convert
 from npcpu.kernels import gemm_bf16 as kernels
-from npcpu.kernels.gemm_epilogue import (ACTIVATIONS, NO_ACTIVATION, check_activation,
-                                         finish_separately)
-
-_NO_BIAS = np.empty(0, np.float32)
-_NO_AUX = np.empty((0, 0), np.float32)
-_PLAIN = (_NO_BIAS, False, NO_ACTIVATION, _NO_AUX)  # gemm's epilogue arguments: the product alone
 
 
 def _check(gemm: str, name: str, shape: tuple, expected: tuple) -> None:
@@ -138,30 +128,6 @@ class NativeGemms:
             c *= np.float32(beta)
         return True
 
-    def _epilogue(self, bias, activation, aux, shape, backward):
-        """gemm's (bias, epilogue, aux) for the write of a result of `shape` (float32 bias (M,) or
-        empty; aux float32, or bfloat16 bits in backward, of `shape`, or an empty placeholder)."""
-        gemm = self._words.gemm
-        check_activation(gemm, activation)
-        if bias is None:
-            bias = _NO_BIAS
-        else:
-            _check(gemm, "bias", bias.shape, shape[1:])
-            if bias.dtype != np.float32:
-                raise TypeError(f"{gemm}: bias must be float32, got {bias.dtype}")
-        if activation is None:
-            return bias, NO_ACTIVATION, _NO_AUX
-        name = "activation_input" if backward else "activation_out"
-        if aux is None:
-            raise ValueError(f"{gemm}: activation {activation!r} needs {name}")
-        _check(gemm, name, aux.shape, shape)
-        allowed = (np.float32, bfloat16) if backward else (np.float32,)
-        if aux.dtype not in allowed or not aux.flags.c_contiguous:
-            raise TypeError(f"{gemm}: {name} must be C-contiguous "
-                            f"{' or '.join(np.dtype(d).name for d in allowed)}, got {aux.dtype}")
-        aux = aux.view(np.uint16) if aux.dtype == bfloat16 else aux
-        return bias, ACTIVATIONS[activation][1 if backward else 0], aux
-
     def _b_operand(self, source: np.ndarray, pairs_down_columns: bool, rows_of_c: int):
         """gemm's (b_panels, b_source): B packed whole up front when C has several blocks of rows
         (each would otherwise pack all of B again), else packed a block at a time inside the tasks
@@ -171,12 +137,8 @@ class NativeGemms:
         return self._words.no_panels, source
 
     def matmul_weight_transposed(self, x: np.ndarray, weight: np.ndarray,
-                                 out: np.ndarray | None = None, *, bias: np.ndarray | None = None,
-                                 activation: str | None = None,
-                                 activation_out: np.ndarray | None = None) -> np.ndarray:
-        """y = x W^T (+ bias) (N, M) float32, written once (npcpu.kernels.gemm_epilogue): with
-        `activation` ("gelu", "gelu_tanh"), y is the pre-activation z and `activation_out` (N, M)
-        float32 receives act(z).
+                                 out: np.ndarray | None = None) -> np.ndarray:
+        """y = x W^T (N, M) float32.
 
         Few rows (N < K, as at batch 128): computed as y^T = W x^T, W's rows read in place, only x
         packed. Else as y = x W^T, x's rows read in place and W packed: the result is then written
@@ -187,41 +149,32 @@ class NativeGemms:
         (rows, length), out_features = x.shape, weight.shape[0]
         _check(words.gemm, "W", weight.shape, (out_features, length))
         y = self._output(out, (rows, out_features), "y")
-        bias, epilogue, aux = self._epilogue(bias, activation, activation_out, y.shape, False)
         if self._empty_product(y, 0.0, length):
-            finish_separately(y, None if bias.size == 0 else bias, activation, activation_out, False)
             return y
         pairs = words.words(length)
         if rows < length:
             kernels.gemm(y.T, 0.0, words.row_words(weight), pairs, 1, pairs,
                          kernels.pack_panels(x, False), words.no_source, False,
-                         numba.get_num_threads(), bias, True, epilogue, aux.T)
+                         numba.get_num_threads())
         else:
             kernels.gemm(y, 0.0, words.row_words(x), pairs, 1, pairs,
-                         *self._b_operand(weight, False, rows), False, numba.get_num_threads(),
-                         bias, False, epilogue, aux)
+                         *self._b_operand(weight, False, rows), False, numba.get_num_threads())
         return y
 
     def matmul_weight(self, dz: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None,
-                      beta: float = 0.0, *, activation: str | None = None,
-                      activation_input: np.ndarray | None = None) -> np.ndarray:
+                      beta: float = 0.0) -> np.ndarray:
         """dx = beta * out + dz W (N, K) float32 (beta = 0 does not read out); W packed down its
-        columns (for bfloat16, rows 2r, 2r + 1 interleaved). With `activation`, dx is the
-        gradient of act's output and is multiplied by act'(activation_input) as it is written
-        (activation_input (N, K): the pre-activation z, float32 or bfloat16)."""
+        columns (for bfloat16, rows 2r, 2r + 1 interleaved)."""
         words = self._words
         dz, weight = words.operand(dz, "dz"), words.operand(weight, "W")
         rows, out_features = dz.shape
         _check(words.gemm, "W", weight.shape[:1], (out_features,))
         dx = self._output(out, (rows, weight.shape[1]), "dx")
-        bias, epilogue, aux = self._epilogue(None, activation, activation_input, dx.shape, True)
         if self._empty_product(dx, beta, out_features):
-            finish_separately(dx, None, activation, activation_input, True)
             return dx
         pairs = words.words(out_features)
         kernels.gemm(dx, float(beta), words.row_words(dz), pairs, 1, pairs,
-                     *self._b_operand(weight, True, rows), True, numba.get_num_threads(),
-                     bias, False, epilogue, aux)
+                     *self._b_operand(weight, True, rows), True, numba.get_num_threads())
         return dx
 
     def accumulate_weight_grad(self, grad: np.ndarray, dz: np.ndarray, x: np.ndarray,
@@ -235,7 +188,7 @@ class NativeGemms:
         if self._empty_product(grad, beta, rows):
             return
         kernels.gemm(grad, float(beta), *words.transposed(dz), kernels.pack_panels(x, True),
-                     words.no_source, True, numba.get_num_threads(), *_PLAIN)
+                     words.no_source, True, numba.get_num_threads())
 
 
 bf16 = NativeGemms(_Bfloat16Words())

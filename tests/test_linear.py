@@ -1,4 +1,4 @@
-"""Linear, FusedLinearReLU and FusedLinearGELU: kernels vs NumPy twins, float64 gradient checks, torch parity, precision,
+"""Linear and FusedLinearReLU: kernels vs NumPy twins, float64 gradient checks, torch parity, precision,
 freezing and errors."""
 
 import numba
@@ -10,11 +10,11 @@ from torchcheck import assert_forward_backward_match_torch
 from npcpu.kernels import linear as kernels
 from npcpu.nn import work
 from npcpu.blas import accumulate_weight_grad, matmul_weight, matmul_weight_transposed
-from npcpu.nn.linear import FusedLinearGELU, FusedLinearReLU, Linear
+from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.module import Sequential
 from npcpu.precision import bfloat16
 
-LAYERS = [Linear, FusedLinearReLU, FusedLinearGELU]
+LAYERS = [Linear, FusedLinearReLU]
 ODD_SHAPES = [(1, 3), (7, 13), (5, 1029), (3, 8)]  # 1029: three column blocks, a partial mask byte
 
 
@@ -137,11 +137,7 @@ def test_gradients_match_finite_differences(layer_class, in_shape, out_features,
 # -- torch parity ----------------------------------------------------------------------------------
 def torch_layer(torch, layer):
     linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-    modules = [linear]
-    if isinstance(layer, FusedLinearReLU):
-        modules.append(torch.nn.ReLU())
-    if isinstance(layer, FusedLinearGELU):
-        modules.append(torch.nn.GELU(approximate=layer.approximate))
+    modules = [linear, torch.nn.ReLU()] if isinstance(layer, FusedLinearReLU) else [linear]
     return torch.nn.Sequential(*modules)
 
 
@@ -173,8 +169,6 @@ def test_torch_state_dict_loads_into_npcpu(torch, layer_class):
     expected = reference(torch.from_numpy(x)).detach().numpy()
     if layer_class is FusedLinearReLU:
         expected = np.maximum(expected, 0)
-    if layer_class is FusedLinearGELU:
-        expected = torch.nn.functional.gelu(torch.from_numpy(expected)).numpy()
     np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-5, atol=1e-6)
 
 

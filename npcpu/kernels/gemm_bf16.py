@@ -32,8 +32,7 @@ through `_word_down` / `_word_along`, which Numba specializes by the source's dt
 bfloat16 bits make pairs, float32 values are their own words. Numba compiles each caller once per
 word type.
 
-Blocking: each task of the parallel loop owns a block of at most BLOCK_ROWS x BLOCK_COLUMNS of C
-(`_block_shape`: blocks as even as the tiles allow, so that both threads finish together) and walks
+Blocking: each task of the parallel loop owns a block of BLOCK_ROWS x BLOCK_COLUMNS of C and walks
 R in steps of BLOCK_PAIRS. The B block of a step (BLOCK_PAIRS x BLOCK_COLUMNS words, in L2) is taken
 a panel at a time (BLOCK_PAIRS x COLUMNS words, in L1), each panel serving every row tile of A of
 the task. While the tiles compute, C's rows (last step) or the next step's B rows (packed per task)
@@ -44,7 +43,7 @@ import numpy as np
 from numba import njit, prange, types, uint32
 from numba.extending import overload
 
-from npcpu.kernels import dpbf16, gemm_epilogue
+from npcpu.kernels import dpbf16
 from npcpu.kernels.dpbf16 import COLUMNS, ROWS
 from npcpu.kernels.intrinsics import prefetch
 
@@ -201,6 +200,33 @@ def interleave_rows(source):
 
 
 @njit(cache=True)
+def _write_block(c, block, p_start, q_start, row_tiles, panels, accumulate):
+    """C (+)= a task's block of tiles, tile (t, j) of rows p_start + t ROWS and columns
+    q_start + j COLUMNS at block[(t * panels + j) * ROWS * COLUMNS], ROWS x COLUMNS row-major;
+    only the part inside C. Walks C along its memory (a transposed C, as y^T, column by column)."""
+    row_major = c.strides[0] >= c.strides[1]
+    for t in range(row_tiles):
+        p0 = p_start + t * ROWS
+        rows = min(ROWS, c.shape[0] - p0)
+        for j in range(panels):
+            q0 = q_start + j * COLUMNS
+            columns = min(COLUMNS, c.shape[1] - q0)
+            tile = block[(t * panels + j) * ROWS * COLUMNS:(t * panels + j + 1) * ROWS * COLUMNS]
+            if row_major:
+                for i in range(rows):
+                    c_row = c[p0 + i, q0:q0 + columns]
+                    tile_row = tile[i * COLUMNS:i * COLUMNS + columns]
+                    for k in range(columns):
+                        c_row[k] = c_row[k] + tile_row[k] if accumulate else tile_row[k]
+            else:
+                for k in range(columns):
+                    c_column = c[p0:p0 + rows, q0 + k]
+                    for i in range(rows):
+                        value = tile[i * COLUMNS + k]
+                        c_column[i] = c_column[i] + value if accumulate else value
+
+
+@njit(cache=True)
 def _prefetch_part(matrix, row_start, row_stop, column_start, column_stop, part, parts):
     """Start loading part `part` of `parts` of matrix[row_start:row_stop, column_start:column_stop]
     (split by rows) into the caches, for a row-major matrix (nothing for another layout): the
@@ -219,52 +245,35 @@ def _prefetch_part(matrix, row_start, row_stop, column_start, column_stop, part,
 
 
 @njit(cache=True)
-def _ceil_div(a, b):
-    return (a + b - 1) // b
-
-
-@njit(cache=True)
-def _block_shape(n_rows, n_columns, threads):
-    """(rows, columns) of C per task, multiples of ROWS and COLUMNS, at most BLOCK_ROWS x
-    BLOCK_COLUMNS, splitting C into blocks as even as the tiles allow: at least two tasks per
-    thread, and a task count that is a multiple of the thread count where C has the rows for it.
-    The parallel loop hands each thread an equal share of the tasks, so uneven blocks (a last
-    block of a few rows) would leave one thread waiting for the other."""
-    panels = _ceil_div(n_columns, COLUMNS)
-    column_blocks = _ceil_div(panels, BLOCK_COLUMNS // COLUMNS)
-    row_tiles = _ceil_div(n_rows, ROWS)
-    wanted = min(row_tiles, max(_ceil_div(row_tiles, BLOCK_ROWS // ROWS),
-                                _ceil_div(2 * threads, column_blocks)))
-    tiles_per_block = _ceil_div(row_tiles, wanted)
-    for row_blocks in range(wanted, row_tiles + 1):  # the fewest blocks that the threads share
-        per_block = _ceil_div(row_tiles, row_blocks)
-        if (_ceil_div(row_tiles, per_block) * column_blocks) % threads == 0:
-            tiles_per_block = per_block
-            break
-    return ROWS * tiles_per_block, COLUMNS * _ceil_div(panels, column_blocks)
+def _block_rows(n_rows, column_blocks, threads):
+    """Rows of C per task: BLOCK_ROWS, or fewer (a multiple of ROWS) when C is too narrow to give
+    every thread two tasks otherwise (y^T = W x^T of a small layer is one block of columns)."""
+    row_tiles = (n_rows + ROWS - 1) // ROWS
+    wanted_row_blocks = (2 * threads + column_blocks - 1) // column_blocks
+    tiles_per_block = (row_tiles + wanted_row_blocks - 1) // wanted_row_blocks
+    return ROWS * max(1, min(BLOCK_ROWS // ROWS, tiles_per_block))
 
 
 @njit(parallel=True, cache=True)
 def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_source,
-         b_pairs_down_columns, threads, bias, bias_per_row, epilogue, aux):
-    """C (P, Q) = finish(beta C + A B), float32 C (any layout), beta 0 or 1.
+         b_pairs_down_columns, threads):
+    """C (P, Q) = beta C + A B, float32 C (any layout), beta 0 or 1.
 
     A: a_words as in the module docstring (flat, uint32 bfloat16 pairs or float32). B: `b_panels`
     (flat, of a_words' dtype, all of B packed, pack_panels) when it is not empty, else packed from
     `b_source` as pack_panels does (b_pairs_down_columns), a block at a time inside each task.
-    Each task sums its block of C over all of R in a block of its own, then adds it to C once,
-    finished on the way (bias, epilogue, aux: npcpu.kernels.gemm_epilogue; an empty bias and
-    NO_ACTIVATION for the plain product).
+    Each task sums its block of C over all of R in a block of its own, then adds it to C once.
     threads: Numba's thread count (the tasks are sized to give each thread at least two).
     """
     n_rows, n_columns = c.shape
-    block_rows, block_columns = _block_shape(n_rows, n_columns, threads)
-    row_blocks, column_blocks = _ceil_div(n_rows, block_rows), _ceil_div(n_columns, block_columns)
+    column_blocks = (n_columns + BLOCK_COLUMNS - 1) // BLOCK_COLUMNS
+    block_rows = _block_rows(n_rows, column_blocks, threads)
+    row_blocks = (n_rows + block_rows - 1) // block_rows
     packed = b_panels.size > 0
     for task in prange(row_blocks * column_blocks):
         p_start = (task // column_blocks) * block_rows
-        q_start = (task % column_blocks) * block_columns
-        p_stop, q_stop = min(n_rows, p_start + block_rows), min(n_columns, q_start + block_columns)
+        q_start = (task % column_blocks) * BLOCK_COLUMNS
+        p_stop, q_stop = min(n_rows, p_start + block_rows), min(n_columns, q_start + BLOCK_COLUMNS)
         panels = (q_stop - q_start + COLUMNS - 1) // COLUMNS
         row_tiles = (p_stop - p_start + ROWS - 1) // ROWS
         block = np.empty(row_tiles * panels * ROWS * COLUMNS, np.float32)
@@ -278,7 +287,7 @@ def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_source,
             next_rows = _span(b_source) * (r_start + BLOCK_PAIRS)
             next_stop = min(next_rows + _span(b_source) * BLOCK_PAIRS, b_source.shape[0])
             for j in range(panels):  # a panel of B stays in L1 while the row tiles of A pass
-                if last_step:  # C's block, for its write
+                if last_step:  # C's block, for _write_block
                     _prefetch_part(c, p_start, p_stop, q_start, q_stop, j, panels)
                 elif not packed:  # the B rows the next step packs
                     _prefetch_part(b_source, next_rows, next_stop, q_start, q_stop, j, panels)
@@ -292,5 +301,4 @@ def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_source,
                     dpbf16.tile(a_words, p0 * a_row_step + r_start * a_pair_step, a_row_step,
                                 a_pair_step, min(ROWS, n_rows - p0), b_data, b_start, r_count,
                                 block, (t * panels + j) * ROWS * COLUMNS, r_start > 0)
-        gemm_epilogue.write_block(c, block, p_start, q_start, row_tiles, panels, beta != 0, bias,
-                                  bias_per_row, epilogue, aux)
+        _write_block(c, block, p_start, q_start, row_tiles, panels, beta != 0)

@@ -5,7 +5,7 @@ from npcpu.nn.attention import CausalSelfAttention, KVCache
 from npcpu.nn.dropout import Dropout
 from npcpu.nn.embedding import Embedding
 from npcpu.nn.flatten import Flatten
-from npcpu.nn.linear import FusedLinearGELU, FusedLinearReLU, Linear
+from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.losses import CrossEntropyLoss, Loss, MSELoss
 from npcpu.nn.module import Module, Sequential
 from npcpu.nn.norm import LayerNorm
@@ -14,6 +14,6 @@ from npcpu.nn.transformer import MLP, Block
 
 __all__ = [
     "Block", "CausalSelfAttention", "CrossEntropyLoss", "Dropout", "Embedding", "Flatten",
-    "FusedLinearGELU", "FusedLinearReLU", "GELU", "KVCache", "LayerNorm", "Linear", "Loss", "MLP",
-    "MSELoss", "Module", "Parameter", "ReLU", "Sequential", "Tanh",
+    "FusedLinearReLU", "GELU", "KVCache", "LayerNorm", "Linear", "Loss", "MLP", "MSELoss", "Module",
+    "Parameter", "ReLU", "Sequential", "Tanh",
 ]

@@ -1,5 +1,4 @@
-"""Linear, FusedLinearReLU, FusedLinearGELU: y = x W^T + b (then max(., 0) or gelu), with hand-derived
-backward passes.
+"""Linear and FusedLinearReLU: y = x W^T + b (then max(., 0)), with hand-derived backward passes.
 
 Legend: N rows (all leading dimensions of the input flattened), K = in_features, M = out_features.
     x (N, K) input, W (M, K) weight (torch layout), b (M,) bias, y (N, M) output, dy = dL/dy (N, M).
@@ -9,8 +8,6 @@ under "bf16" on a CPU with AVX512_BF16, to the native bfloat16 GEMMs (npcpu.blas
 bfloat16 W and x, dz rounded to bfloat16; npcpu.backend.set_bf16_gemm chooses):
 dL/dW is accumulated in place by a GEMM with beta = 1, so gradient accumulation costs no temporary
 the size of W; the first GEMM after zero_grad() overwrites with beta = 0, so zeroing costs no pass.
-The bias add (and FusedLinearGELU's activation) happens in the GEMM's write of y on the native
-GEMMs (npcpu.kernels.gemm_epilogue), in a pass after it elsewhere, with the same result.
 A 16-bit weight is widened for its GEMMs a block of rows at a time, and an optimizer fused into
 backward gets dL/dW a block of rows at a time (npcpu.nn.weight_blocks). Work done and skipped is
 counted in npcpu.nn.work.
@@ -24,7 +21,6 @@ import numpy as np
 
 from npcpu.checks import check_int
 from npcpu.kernels import linear as kernels
-from npcpu.kernels.gemm_epilogue import finish_separately
 from npcpu.kernels.launch import for_size
 from npcpu.nn import weight_blocks, work
 from npcpu.nn.module import Module
@@ -74,12 +70,11 @@ class Linear(Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
-    # -- what differs between Linear and the fused layers: the pass after and before the GEMMs ----
-    def _forward_rows(self, x_rows: np.ndarray, x_stored: np.ndarray | None) -> np.ndarray:
-        """The layer's output (N, M) for x (N, K): x W^T + b, the bias added as the GEMM writes y
-        where it can (npcpu.blas.matmul_weight_transposed)."""
-        bias = None if self.bias is None else self.bias.values()
-        return weight_blocks.forward(x_rows, self.weight, x_stored, bias=bias)
+    # -- what differs between Linear and FusedLinearReLU: the pass after and before the GEMMs ------
+    def _finish_output(self, y: np.ndarray) -> None:
+        """y (N, M) holds x W^T: add the bias in place."""
+        if self.bias is not None:
+            for_size(kernels.add_bias, kernels.add_bias_serial, y.size)(y, self.bias.values())
 
     def _output_grad(self, dy: np.ndarray) -> np.ndarray:
         """dL/d(x W^T + b) from dy (N, M), with dL/db accumulated on the way."""
@@ -92,8 +87,9 @@ class Linear(Module):
         x = self.check_input(x, features=self.in_features)
         x_rows = x.reshape(-1, self.in_features)
         x_stored = to_storage(x_rows, self.storage_dtype) if self.training else None
-        y = self._forward_rows(x_rows, x_stored)
+        y = weight_blocks.forward(x_rows, self.weight, x_stored)
         work.record("gemm")
+        self._finish_output(y)
         self._saved_input = x_stored
         self._input_shape = x.shape if self.training else None
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -103,19 +99,13 @@ class Linear(Module):
         work.record("gemm_skipped", 2)
         self._saved_input = self._input_shape = None
 
-    def backward(self, dy: np.ndarray, *,
-                 producer: FusedLinearGELU | None = None) -> np.ndarray | None:
-        """dL/dx from dy; with `producer`, the FusedLinearGELU whose output was this layer's input
-        x = gelu(z), dL/dz instead: dx = dz W multiplied by gelu'(z) as the GEMM writes it (then
-        `producer.backward(returned, preactivation=True)`)."""
+    def backward(self, dy: np.ndarray) -> np.ndarray | None:
         if self._saved_input is None:
             raise self.missing_forward()
         out_shape = (*self._input_shape[:-1], self.out_features)
         dy = self.check_grad_output(dy, out_shape).reshape(-1, self.out_features)
         dz = self._output_grad(dy)  # dL/d(x W^T + b), (N, M)
-        activation, activation_input = (None, None) if producer is None else producer.activation()
-        dx = weight_blocks.backward(dz, self._saved_input, self.weight, self.input_requires_grad,
-                                    activation=activation, activation_input=activation_input)
+        dx = weight_blocks.backward(dz, self._saved_input, self.weight, self.input_requires_grad)
         work.record("gemm_skipped" if self.weight.frozen else "gemm")
         work.record("gemm" if self.input_requires_grad else "gemm_skipped")
         if dx is not None:
@@ -156,8 +146,7 @@ class FusedLinearReLU(Linear):
         super().skip_backward()
         self._mask = None
 
-    def _forward_rows(self, x_rows: np.ndarray, x_stored: np.ndarray | None) -> np.ndarray:
-        y = weight_blocks.forward(x_rows, self.weight, x_stored)
+    def _finish_output(self, y: np.ndarray) -> None:
         if self.bias is not None:
             bias = self.bias.values()
         else:
@@ -165,7 +154,6 @@ class FusedLinearReLU(Linear):
         mask = np.empty(kernels.mask_shape(*y.shape), dtype=np.uint8)
         kernels.add_bias_relu(y, bias, mask)
         self._mask = mask if self.training else None
-        return y
 
     def _output_grad(self, dy: np.ndarray) -> np.ndarray:
         if self.bias is not None and not self.bias.frozen:
@@ -176,73 +164,3 @@ class FusedLinearReLU(Linear):
         kernels.relu_mask_grad_and_bias_grad(dy, self._mask, dz, bias_grad)
         self._mask = None
         return dz
-
-
-class FusedLinearGELU(Linear):
-    """y = gelu(x W^T + b): a Linear and a GELU whose passes ride on the GEMMs' writes.
-
-    Parameters are those of `Linear`, and
-    approximate : {"none", "tanh"}
-        The GELU form, as npcpu.nn.GELU's.
-
-    The state dict {"weight", "bias"} is the Linear's (torch: a `torch.nn.Linear` followed by
-    `torch.nn.GELU(approximate)`).
-
-    Notes
-    -----
-    forward:  z = x W^T + b,  y = gelu(z)          one GEMM whose write of C adds b, stores z and
-                                                   y = gelu(z) (npcpu.kernels.gemm_epilogue)
-    backward: dz = dy * gelu'(z)                   one pass; or, with the layer that reads y
-              dL/db += sum_n dz[n, :]              calling `backward(dy, producer=this layer)`,
-              dL/dW += dz^T x,  dL/dx = dz W       in that layer's dx GEMM's write, dy never
-                                                   stored: then `backward(dz, preactivation=True)`
-    gelu'(z) is in npcpu.nn.GELU's docstring. What is kept for backward: the input (as in
-    `Linear`) and z (N, M) in the storage dtype.
-    """
-
-    _ACTIVATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 approximate: str = "none", seed: int | None = None):
-        if approximate not in self._ACTIVATIONS:
-            raise ValueError(
-                f"FusedLinearGELU: approximate must be 'none' or 'tanh', got {approximate!r}")
-        super().__init__(in_features, out_features, bias, seed=seed)
-        self.approximate = approximate
-        self._preactivation = None  # z (N, M) in the storage dtype
-        self._dy_is_preactivation = False
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, approximate={self.approximate!r}"
-
-    def activation(self) -> tuple[str, np.ndarray]:
-        """(the activation's name for npcpu.blas, z (N, M) as kept): for the layer reading y."""
-        if self._preactivation is None:
-            raise self.missing_forward()
-        return self._ACTIVATIONS[self.approximate], self._preactivation
-
-    def skip_backward(self) -> None:
-        super().skip_backward()
-        self._preactivation = None
-
-    def _forward_rows(self, x_rows: np.ndarray, x_stored: np.ndarray | None) -> np.ndarray:
-        bias = None if self.bias is None else self.bias.values()
-        y = np.empty((x_rows.shape[0], self.out_features), self.compute_dtype)
-        z = weight_blocks.forward(x_rows, self.weight, x_stored, bias=bias,
-                                  activation=self._ACTIVATIONS[self.approximate], activation_out=y)
-        self._preactivation = to_storage(z, self.storage_dtype) if self.training else None
-        return y
-
-    def _output_grad(self, dy: np.ndarray) -> np.ndarray:
-        if not self._dy_is_preactivation:
-            dy = dy.copy()
-            finish_separately(dy, None, *self.activation(), True)
-        self._preactivation = None
-        return super()._output_grad(dy)
-
-    def backward(self, dy: np.ndarray, *, producer: FusedLinearGELU | None = None,
-                 preactivation: bool = False) -> np.ndarray | None:
-        """dL/dx from dy = dL/dy; with `preactivation`, from dy = dL/dz (gelu' applied already,
-        by the next layer's `backward(..., producer=self)`)."""
-        self._dy_is_preactivation = preactivation
-        return super().backward(dy, producer=producer)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from npcpu.nn.activations import GELU
 from npcpu.nn.attention import CausalSelfAttention, KVCache
 from npcpu.nn.dropout import Dropout
-from npcpu.nn.linear import FusedLinearGELU, Linear
+from npcpu.nn.linear import Linear
 from npcpu.nn.module import Module
 from npcpu.nn.norm import LayerNorm
 
@@ -31,30 +32,27 @@ class MLP(Module):
 
     Notes
     -----
-    c_fc is a FusedLinearGELU: h = gelu(z), z = x W_fc^T + b_fc, written together by its GEMM.
-    backward: dz  = c_proj.backward(dropout.backward(dout), producer=c_fc)
-                  = (dL/dh W_proj) * gelu'(z), the product taken as c_proj's dx GEMM writes it,
-              dL/dx = c_fc.backward(dz, preactivation=True)
-    so the (B, T, 4C) hidden's gradient is written once. The state dict is nanoGPT's
-    (c_fc.weight, c_fc.bias, c_proj.weight, c_proj.bias).
+    backward runs the four layers in reverse, each through its own backward:
+    dL/dx = c_fc.backward(gelu.backward(c_proj.backward(dropout.backward(dout)))).
     """
 
     def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True,
                  approximate: str = "none", *, seed: int = 0):
         super().__init__()
-        self.c_fc = FusedLinearGELU(n_embd, 4 * n_embd, bias, approximate=approximate)
+        self.c_fc = Linear(n_embd, 4 * n_embd, bias)
+        self.gelu = GELU(approximate)
         self.c_proj = Linear(4 * n_embd, n_embd, bias)
         self.dropout = Dropout(dropout, seed=seed)
-        for inner in (self.c_proj, self.dropout):
+        for inner in (self.gelu, self.c_proj, self.dropout):
             inner.input_requires_grad = True  # inside the layer; c_fc follows the layer's own
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.c_fc.input_requires_grad = self.input_requires_grad
-        return self.dropout.forward(self.c_proj.forward(self.c_fc.forward(x)))
+        return self.dropout.forward(self.c_proj.forward(self.gelu.forward(self.c_fc.forward(x))))
 
     def backward(self, dout: np.ndarray) -> np.ndarray | None:
-        dz = self.c_proj.backward(self.dropout.backward(dout), producer=self.c_fc)
-        return self.c_fc.backward(dz, preactivation=True)
+        dhidden = self.gelu.backward(self.c_proj.backward(self.dropout.backward(dout)))
+        return self.c_fc.backward(dhidden)
 
 
 class Block(Module):

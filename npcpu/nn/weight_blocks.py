@@ -43,7 +43,6 @@ import numpy as np
 from npcpu import backend, blas, blas_native
 from npcpu.dtypes import HALF_DTYPES, bfloat16
 from npcpu.kernels import convert
-from npcpu.kernels.gemm_epilogue import finish_separately
 from npcpu.nn.parameter import Parameter
 from npcpu.precision import to_compute, to_storage
 
@@ -98,33 +97,21 @@ def _blocks(weight: Parameter, alignment: int = 1):
         yield start, stop, scratch[:stop - start]
 
 
-def forward(x: np.ndarray, weight: Parameter, x_stored: np.ndarray | None = None, *,
-            bias: np.ndarray | None = None, activation: str | None = None,
-            activation_out: np.ndarray | None = None) -> np.ndarray:
-    """y = x W^T (+ bias), (N, K) -> (N, M): one GEMM for a float weight or the native bf16 path
-    (on `x_stored`, x in W's storage dtype, when the caller has it), one per block for a widened
-    one. With `activation`, y is the pre-activation z and act(z) is written to `activation_out`.
-    The GEMM adds the bias and applies the activation as it writes y where it can
-    (npcpu.blas.matmul_weight_transposed), else they follow in passes of their own."""
-    epilogue = dict(bias=bias, activation=activation, activation_out=activation_out)
+def forward(x: np.ndarray, weight: Parameter, x_stored: np.ndarray | None = None) -> np.ndarray:
+    """y = x W^T, (N, K) -> (N, M): one GEMM for a float weight or the native bf16 path (on
+    `x_stored`, x in W's storage dtype, when the caller has it), one per block for a widened one."""
     if native(weight):
-        return blas_native.bf16.matmul_weight_transposed(x if x_stored is None else x_stored,
-                                                         weight.data, **epilogue)
+        return blas_native.bf16.matmul_weight_transposed(x if x_stored is None else x_stored, weight.data)
     if weight.data.dtype not in HALF_DTYPES:
-        return blas.matmul_weight_transposed(x, weight.data, **epilogue)
+        return blas.matmul_weight_transposed(x, weight.data)
     y = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
     for start, stop, scratch in _blocks(weight):
         y[:, start:stop] = blas.matmul_weight_transposed(x, _rows(weight, start, stop, scratch, False))
-    finish_separately(y, bias, activation, activation_out, False)
     return y
 
 
-def backward(dz: np.ndarray, x: np.ndarray, weight: Parameter, need_dx: bool, *,
-             activation: str | None = None,
-             activation_input: np.ndarray | None = None) -> np.ndarray | None:
-    """dL/dW for an unfrozen W, and dx = dz W (N, K) when `need_dx` (else None is returned); with
-    `activation`, dx is multiplied by act'(activation_input) (x is then act's output, and dx the
-    gradient of its input), in the GEMM's write of dx where one GEMM makes dx.
+def backward(dz: np.ndarray, x: np.ndarray, weight: Parameter, need_dx: bool) -> np.ndarray | None:
+    """dL/dW for an unfrozen W, and dx = dz W (N, K) when `need_dx` (else None is returned).
 
     x is the layer's input as kept for backward (W's storage dtype), dz in the compute dtype.
     dL/dW is added into W.grad (one GEMM, beta 0 after zero_grad); or, when this is the use of W
@@ -143,9 +130,8 @@ def backward(dz: np.ndarray, x: np.ndarray, weight: Parameter, need_dx: bool, *,
     if not weight.frozen and not in_backward:
         grad, beta = weight.grad_for_gemm()  # beta 0 right after zero_grad()
         gemms.accumulate_weight_grad(grad, dz, x, beta)
-    epilogue = dict(activation=activation, activation_input=activation_input)
     if not in_backward and (use_native or weight.data.dtype not in HALF_DTYPES):
-        return gemms.matmul_weight(dz, weight.data, **epilogue) if need_dx else None
+        return gemms.matmul_weight(dz, weight.data) if need_dx else None
     dx = np.empty((dz.shape[0], weight.shape[1]), dtype=dz_output.dtype) if need_dx else None
     update = weight.updater.begin_update(weight) if in_backward else None
     earlier = weight.grad if in_backward else None  # the sum of W's earlier uses (a tied weight)
@@ -162,6 +148,4 @@ def backward(dz: np.ndarray, x: np.ndarray, weight: Parameter, need_dx: bool, *,
             update(scratch.reshape(-1), start * weight.shape[1])  # dW[r] (over W[r] widened)
     if in_backward:
         weight.grad = None
-    if need_dx:
-        finish_separately(dx, None, activation, activation_input, True)
     return dx
