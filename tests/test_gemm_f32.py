@@ -225,3 +225,43 @@ def test_settings_environment_and_info(fresh_f32_choice, monkeypatch):
     assert f"fp32 GEMM    {backend.f32_gemm_path()} (auto: {backend.f32_gemm_reason()})" in text
     assert backend.set_f32_gemm("blas") == "blas sgemm"
     assert "(blas by set_f32_gemm;" in info.format_info(info.system_info())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("rows, columns", [(1, 1), (13, 31), (768, 384), (768, 512), (768, 65),
+                                           (225, 257), (4096, 1000), (128, 4096)])
+def test_blocks_are_even_and_cover_c(threads, rows, columns):
+    """_block_shape: multiples of the tile within the block limits, covering C, the last block of
+    rows and of columns short of the others by less than one tile per block (an even split), and
+    at 2 threads an even task count."""
+    block_rows, block_columns = gemm_bf16._block_shape(rows, columns, threads)
+    assert block_rows % ROWS == 0 and 0 < block_rows <= gemm_bf16.BLOCK_ROWS
+    assert block_columns % COLUMNS == 0 and 0 < block_columns <= gemm_bf16.BLOCK_COLUMNS
+    row_tiles, panels = -(-rows // ROWS), -(-columns // COLUMNS)
+    row_blocks = -(-row_tiles // (block_rows // ROWS))
+    column_blocks = -(-panels // (block_columns // COLUMNS))
+    assert row_blocks * block_rows >= rows and column_blocks * block_columns >= columns
+    # the last block of each kind is at most one tile short of the others
+    assert row_tiles - (row_blocks - 1) * (block_rows // ROWS) >= block_rows // ROWS - row_blocks
+    last_panels = panels - (column_blocks - 1) * (block_columns // COLUMNS)
+    assert last_panels >= block_columns // COLUMNS - column_blocks
+    if threads == 2 and row_tiles >= 2:
+        assert (row_blocks * column_blocks) % threads == 0
+
+
+def test_results_do_not_depend_on_the_thread_count(native_f32_gemm):
+    """Each element of C is summed over all of R by one task in one order, however C is split."""
+    rng = np.random.default_rng(5)
+    x, w, dz = f32(rng, 768, 128), f32(rng, 384, 128), f32(rng, 768, 384)
+    results = []
+    for threads in (1, 2):
+        previous = numba.get_num_threads()
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        try:
+            grad = np.zeros((384, 128), np.float32)
+            native.accumulate_weight_grad(grad, dz, x, 0.0)
+            results.append((native.matmul_weight_transposed(x, w), native.matmul_weight(dz, w), grad))
+        finally:
+            numba.set_num_threads(previous)
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)

@@ -32,7 +32,8 @@ through `_word_down` / `_word_along`, which Numba specializes by the source's dt
 bfloat16 bits make pairs, float32 values are their own words. Numba compiles each caller once per
 word type.
 
-Blocking: each task of the parallel loop owns a block of BLOCK_ROWS x BLOCK_COLUMNS of C and walks
+Blocking: each task of the parallel loop owns a block of at most BLOCK_ROWS x BLOCK_COLUMNS of C
+(`_block_shape`: blocks as even as the tiles allow, so that both threads finish together) and walks
 R in steps of BLOCK_PAIRS. The B block of a step (BLOCK_PAIRS x BLOCK_COLUMNS words, in L2) is taken
 a panel at a time (BLOCK_PAIRS x COLUMNS words, in L1), each panel serving every row tile of A of
 the task. While the tiles compute, C's rows (last step) or the next step's B rows (packed per task)
@@ -245,13 +246,29 @@ def _prefetch_part(matrix, row_start, row_stop, column_start, column_stop, part,
 
 
 @njit(cache=True)
-def _block_rows(n_rows, column_blocks, threads):
-    """Rows of C per task: BLOCK_ROWS, or fewer (a multiple of ROWS) when C is too narrow to give
-    every thread two tasks otherwise (y^T = W x^T of a small layer is one block of columns)."""
-    row_tiles = (n_rows + ROWS - 1) // ROWS
-    wanted_row_blocks = (2 * threads + column_blocks - 1) // column_blocks
-    tiles_per_block = (row_tiles + wanted_row_blocks - 1) // wanted_row_blocks
-    return ROWS * max(1, min(BLOCK_ROWS // ROWS, tiles_per_block))
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+@njit(cache=True)
+def _block_shape(n_rows, n_columns, threads):
+    """(rows, columns) of C per task, multiples of ROWS and COLUMNS, at most BLOCK_ROWS x
+    BLOCK_COLUMNS, splitting C into blocks as even as the tiles allow: at least two tasks per
+    thread, and a task count that is a multiple of the thread count where C has the rows for it.
+    The parallel loop hands each thread an equal share of the tasks, so uneven blocks (a last
+    block of a few rows) would leave one thread waiting for the other."""
+    panels = _ceil_div(n_columns, COLUMNS)
+    column_blocks = _ceil_div(panels, BLOCK_COLUMNS // COLUMNS)
+    row_tiles = _ceil_div(n_rows, ROWS)
+    wanted = min(row_tiles, max(_ceil_div(row_tiles, BLOCK_ROWS // ROWS),
+                                _ceil_div(2 * threads, column_blocks)))
+    tiles_per_block = _ceil_div(row_tiles, wanted)
+    for row_blocks in range(wanted, row_tiles + 1):  # the fewest blocks that the threads share
+        per_block = _ceil_div(row_tiles, row_blocks)
+        if (_ceil_div(row_tiles, per_block) * column_blocks) % threads == 0:
+            tiles_per_block = per_block
+            break
+    return ROWS * tiles_per_block, COLUMNS * _ceil_div(panels, column_blocks)
 
 
 @njit(parallel=True, cache=True)
@@ -266,14 +283,13 @@ def gemm(c, beta, a_words, a_row_step, a_pair_step, n_pairs, b_panels, b_source,
     threads: Numba's thread count (the tasks are sized to give each thread at least two).
     """
     n_rows, n_columns = c.shape
-    column_blocks = (n_columns + BLOCK_COLUMNS - 1) // BLOCK_COLUMNS
-    block_rows = _block_rows(n_rows, column_blocks, threads)
-    row_blocks = (n_rows + block_rows - 1) // block_rows
+    block_rows, block_columns = _block_shape(n_rows, n_columns, threads)
+    row_blocks, column_blocks = _ceil_div(n_rows, block_rows), _ceil_div(n_columns, block_columns)
     packed = b_panels.size > 0
     for task in prange(row_blocks * column_blocks):
         p_start = (task // column_blocks) * block_rows
-        q_start = (task % column_blocks) * BLOCK_COLUMNS
-        p_stop, q_stop = min(n_rows, p_start + block_rows), min(n_columns, q_start + BLOCK_COLUMNS)
+        q_start = (task % column_blocks) * block_columns
+        p_stop, q_stop = min(n_rows, p_start + block_rows), min(n_columns, q_start + block_columns)
         panels = (q_stop - q_start + COLUMNS - 1) // COLUMNS
         row_tiles = (p_stop - p_start + ROWS - 1) // ROWS
         block = np.empty(row_tiles * panels * ROWS * COLUMNS, np.float32)
