@@ -4,6 +4,7 @@ their checkpoints holding the whole optimizer state (resumed on another N). Skip
 tests/test_dist_mpi.py without mpi4py or mpiexec (fails under NPCPU_REQUIRE_MPI=1)."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,12 +80,19 @@ def test_a_sharded_run_is_bitwise_the_unsharded_run_and_its_checkpoints_resume_a
     for run in ("plain", "sharded"):
         assert_states_equal(final_state(tmp_path / run), want, run)
         assert metrics(tmp_path / run) == want_metrics, run
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "sharded", resumed)
+    assert_states_equal(resume_from_step_3_on_two_ranks(mpiexec, tmp_path / "sharded"), want,
+                        "resumed on 2 ranks")
+
+
+def resume_from_step_3_on_two_ranks(mpiexec, run: Path) -> dict:
+    """A copy of `run` resumed on 2 sharded ranks from its step-3 checkpoint (the step-6 one
+    removed); its final state."""
+    resumed = run.parent / f"{run.name}-resumed"
+    shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000006")
     (resumed / "checkpoints" / "latest").write_text("step-000003\n")
     train(mpiexec, 2, resumed, *SHARD, resume=True)
-    assert_states_equal(final_state(resumed), want, "resumed on 2 ranks")
+    return final_state(resumed)
 
 
 def test_a_sharded_fp32_run_on_two_ranks_equals_one_process(mpiexec, tmp_path):
@@ -116,9 +124,5 @@ def test_split_parameters_through_mpi_are_bitwise_one_process_and_resume_on_anot
     want = final_state(tmp_path / "one")
     assert_states_equal(final_state(tmp_path / "sharded"), want, "sharded")
     assert metrics(tmp_path / "sharded") == metrics(tmp_path / "one")
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "sharded", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-000006")
-    (resumed / "checkpoints" / "latest").write_text("step-000003\n")
-    train(mpiexec, 2, resumed, *SHARD, resume=True)
-    assert_states_equal(final_state(resumed), want, "resumed on 2 ranks")
+    assert_states_equal(resume_from_step_3_on_two_ranks(mpiexec, tmp_path / "sharded"), want,
+                        "resumed on 2 ranks")
