@@ -85,14 +85,14 @@ class Linear(Module):
     # -- forward and backward -------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = self.check_input(x, features=self.in_features)
-        x_rows = x.reshape(-1, self.in_features)
-        x_stored = to_storage(x_rows, self.storage_dtype) if self.training else None
+        x_rows = x if x.ndim == 2 else x.reshape(-1, self.in_features)
+        x_stored = to_storage(x_rows, self._dtypes[1]) if self.training else None
         y = weight_blocks.forward(x_rows, self.weight, x_stored)
         work.record("gemm")
         self._finish_output(y)
         self._saved_input = x_stored
         self._input_shape = x.shape if self.training else None
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y if x.ndim == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def skip_backward(self) -> None:
         """A frozen prefix: no dW and no dx GEMM."""
@@ -102,14 +102,21 @@ class Linear(Module):
     def backward(self, dy: np.ndarray) -> np.ndarray | None:
         if self._saved_input is None:
             raise self.missing_forward()
-        out_shape = (*self._input_shape[:-1], self.out_features)
-        dy = self.check_grad_output(dy, out_shape).reshape(-1, self.out_features)
+        input_shape = self._input_shape
+        out_shape = (*input_shape[:-1], self.out_features)
+        dy = self.check_grad_output(dy, out_shape)
+        if dy.ndim != 2:
+            dy = dy.reshape(-1, self.out_features)
         dz = self._output_grad(dy)  # dL/d(x W^T + b), (N, M)
         dx = weight_blocks.backward(dz, self._saved_input, self.weight, self.input_requires_grad)
-        work.record("gemm_skipped" if self.weight.frozen else "gemm")
-        work.record("gemm" if self.input_requires_grad else "gemm_skipped")
-        if dx is not None:
-            dx = dx.reshape(self._input_shape)
+        weight_gemm, dx_gemm = not self.weight.frozen, self.input_requires_grad
+        if weight_gemm == dx_gemm:
+            work.record("gemm" if dx_gemm else "gemm_skipped", 2)
+        else:
+            work.record("gemm")
+            work.record("gemm_skipped")
+        if dx is not None and len(input_shape) != 2:
+            dx = dx.reshape(input_shape)
         if self.bias is not None:  # W took its update (if any) by blocks in weight_blocks.backward
             self.bias.update_in_backward()
         self._saved_input = self._input_shape = None

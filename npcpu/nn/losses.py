@@ -154,6 +154,7 @@ class CrossEntropyLoss(Loss):
         self.label_smoothing = float(label_smoothing)
         self.classes = None if classes is None else int(classes)
         self.in_place = bool(in_place)
+        self._losses: np.ndarray | None = None  # _row_losses
 
     def forward(self, logits: np.ndarray, targets: np.ndarray, normalizer: float | None = None
                 ) -> float:
@@ -161,19 +162,29 @@ class CrossEntropyLoss(Loss):
         targets, count = self._check_targets(logits, targets)
         columns = logits.shape[-1]
         divisor = self._divisor(count, normalizer)
-        losses = np.empty(targets.size, dtype=np.float64)
+        losses = self._row_losses(targets.size)
         if self.in_place:
             dlogits = self._grad = logits
         else:
             dlogits = self._gradient_buffer(logits.shape, logits.dtype)
         kernel = for_size(cross_entropy_forward_backward, cross_entropy_forward_backward_serial,
                           logits.size)
-        kernel(losses, dlogits.reshape(-1, columns), logits.reshape(-1, columns),
-               targets.reshape(-1), self.ignore_index, self.label_smoothing,
+        if logits.ndim != 2:  # the kernel takes rows of logits
+            dlogits, logits, targets = (dlogits.reshape(-1, columns), logits.reshape(-1, columns),
+                                        targets.reshape(-1))
+        kernel(losses, dlogits, logits, targets, self.ignore_index, self.label_smoothing,
                1.0 / divisor if divisor > 0 else 0.0, self._classes(columns))
         if divisor == 0:  # every target ignored: torch's 0 / 0
             return float("nan")
-        return float(losses.sum() / divisor)
+        return float(np.add.reduce(losses)) / divisor
+
+    def _row_losses(self, rows: int) -> np.ndarray:
+        """The kernel's per-row losses (rows,) float64: a workspace reused while the row count is
+        the same (read only inside forward)."""
+        losses = self._losses
+        if losses is None or losses.size != rows:
+            losses = self._losses = np.empty(rows, dtype=np.float64)
+        return losses
 
     def backward(self) -> np.ndarray:
         """As Loss.backward; with `in_place`, the gradient (written over the logits) is returned
