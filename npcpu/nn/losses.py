@@ -21,6 +21,7 @@ import numpy as np
 from npcpu.checks import check_real
 from npcpu.dtypes import HALF_DTYPES
 from npcpu.kernels.launch import for_size
+from npcpu.kernels.pairwise_sum import BLOCK as SUM_BLOCK, block_sum
 from npcpu.kernels.softmax import (cross_entropy_forward_backward,
                                    cross_entropy_forward_backward_serial, target_bounds)
 from npcpu.precision import to_compute
@@ -176,7 +177,8 @@ class CrossEntropyLoss(Loss):
                1.0 / divisor if divisor > 0 else 0.0, self._classes(columns))
         if divisor == 0:  # every target ignored: torch's 0 / 0
             return float("nan")
-        return float(np.add.reduce(losses)) / divisor
+        total = block_sum(losses) if losses.size <= SUM_BLOCK else float(np.add.reduce(losses))
+        return total / divisor
 
     def _row_losses(self, rows: int) -> np.ndarray:
         """The kernel's per-row losses (rows,) float64: a workspace reused while the row count is
