@@ -70,10 +70,12 @@ class Linear(Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
     # -- what differs between Linear and FusedLinearReLU: the pass after and before the GEMMs ------
+    def _gemm_bias(self) -> np.ndarray | None:
+        """The bias the forward GEMM adds (npcpu.blas.matmul_weight_transposed): b, or None."""
+        return None if self.bias is None else self.bias.values()
+
     def _finish_output(self, y: np.ndarray) -> None:
-        """y (N, M) holds x W^T: add the bias in place."""
-        if self.bias is not None:
-            for_size(kernels.add_bias, kernels.add_bias_serial, y.size)(y, self.bias.values())
+        """y (N, M) holds x W^T + b: nothing left to do."""
 
     def _output_grad(self, dy: np.ndarray) -> np.ndarray:
         """dL/d(x W^T + b) from dy (N, M), with dL/db accumulated on the way."""
@@ -86,7 +88,7 @@ class Linear(Module):
         x = self.check_input(x, features=self.in_features)
         x_rows = x if x.ndim == 2 else x.reshape(-1, self.in_features)
         x_stored = to_storage(x_rows, self._dtypes[1]) if self.training else None
-        y = weight_blocks.forward(x_rows, self.weight, x_stored)
+        y = weight_blocks.forward(x_rows, self.weight, x_stored, self._gemm_bias())
         work.record("gemm")
         self._finish_output(y)
         self._saved = (x_stored, x.shape) if self.training else None
@@ -150,6 +152,9 @@ class FusedLinearReLU(Linear):
     def skip_backward(self) -> None:
         super().skip_backward()
         self._mask = None
+
+    def _gemm_bias(self) -> None:
+        return None  # added in the ReLU's pass
 
     def _finish_output(self, y: np.ndarray) -> None:
         if self.bias is not None:
