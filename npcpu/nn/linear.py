@@ -64,7 +64,7 @@ class Linear(Module):
         bound = 1.0 / math.sqrt(in_features)
         self.weight = Parameter(rng.uniform(-bound, bound, (out_features, in_features)).astype(np.float32))
         self.bias = Parameter(rng.uniform(-bound, bound, out_features).astype(np.float32)) if bias else None
-        self._saved = None  # (x (N, K) in the storage dtype, x's shape) in training, else None
+        self._saved = None  # in training (x (N, K) in the storage dtype, x's shape, y's shape)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -91,8 +91,10 @@ class Linear(Module):
         y = weight_blocks.forward(x_rows, self.weight, x_stored, self._gemm_bias())
         work.record("gemm")
         self._finish_output(y)
-        self._saved = (x_stored, x.shape) if self.training else None
-        return y if x.ndim == 2 else y.reshape(*x.shape[:-1], self.out_features)
+        if x.ndim != 2:
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        self._saved = (x_stored, x.shape, y.shape) if self.training else None
+        return y
 
     def skip_backward(self) -> None:
         """A frozen prefix: no dW and no dx GEMM."""
@@ -102,19 +104,14 @@ class Linear(Module):
     def backward(self, dy: np.ndarray) -> np.ndarray | None:
         if self._saved is None:
             raise self.missing_forward()
-        x_stored, input_shape = self._saved
-        out_shape = (*input_shape[:-1], self.out_features)
+        x_stored, input_shape, out_shape = self._saved
         dy = self.check_grad_output(dy, out_shape)
         if dy.ndim != 2:
             dy = dy.reshape(-1, self.out_features)
         dz = self._output_grad(dy)  # dL/d(x W^T + b), (N, M)
         dx = weight_blocks.backward(dz, x_stored, self.weight, self.input_requires_grad)
-        weight_gemm, dx_gemm = not self.weight.frozen, self.input_requires_grad
-        if weight_gemm == dx_gemm:
-            work.record("gemm" if dx_gemm else "gemm_skipped", 2)
-        else:
-            work.record("gemm")
-            work.record("gemm_skipped")
+        done = (not self.weight.frozen) + self.input_requires_grad  # of the dW and dx GEMMs
+        work.record_gemms(done, 2 - done)
         if dx is not None and len(input_shape) != 2:
             dx = dx.reshape(input_shape)
         if self.bias is not None:  # W took its update (if any) by blocks in weight_blocks.backward

@@ -27,6 +27,7 @@ from npcpu.kernels.softmax import (cross_entropy_forward_backward,
 from npcpu.precision import to_compute
 
 REDUCTIONS = ("mean", "sum")
+_FLOAT64, _FLOAT32 = np.dtype(np.float64), np.dtype(np.float32)  # made once: read on every call
 
 
 class Loss:
@@ -76,7 +77,7 @@ class Loss:
             raise TypeError(f"{self!r}: expected a NumPy array of outputs, got {type(outputs).__name__}")
         if outputs.dtype.kind != "f" and outputs.dtype not in HALF_DTYPES:
             raise TypeError(f"{self!r}: expected floating-point outputs, got dtype {outputs.dtype}")
-        dtype = np.dtype(np.float64) if outputs.dtype == np.float64 else np.dtype(np.float32)
+        dtype = _FLOAT64 if outputs.dtype == _FLOAT64 else _FLOAT32
         return np.ascontiguousarray(to_compute(outputs, dtype))
 
     def _divisor(self, count: int, normalizer: float | None, per_unit: int = 1) -> float:
@@ -226,7 +227,7 @@ class CrossEntropyLoss(Loss):
         # the usual batch is checked in one pass; the mask below only when it fails
         in_range = False
         if targets.size:
-            low, high = target_bounds(targets.reshape(-1))
+            low, high = target_bounds(targets if targets.ndim == 1 else targets.reshape(-1))
             in_range = 0 <= low and high < classes
         if not in_range:
             bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= classes))
