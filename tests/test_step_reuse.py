@@ -92,6 +92,9 @@ def test_step_reuses_a_parameters_update_only_while_it_fits():
     optimizer.step()
     assert optimizer._tensor_steps[0] is not first  # another gradient array: made afresh
     assert optimizer.state[0]["step"] == 3
+    p.grad = None
+    optimizer.step()
+    assert 0 not in optimizer._tensor_steps  # a parameter not updated: none of its arrays kept
 
 
 @pytest.mark.parametrize("bad, error, match", [

@@ -5,8 +5,9 @@ several times the additions, and a Numba call costs little. The order of the add
 for n <= BLOCK elements (the test compares bit for bit over every such length):
 
     n < 8          0 + a[0] + a[1] + ... in index order
-    8 <= n         0 plus eight running sums r[j] = a[j] + a[j + 8] + a[j + 16] + ... over the first
-                   n - n mod 8 elements, combined as ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)),
+    8 <= n         0 plus eight running sums r[j] = a[j] + a[j + 8] + a[j + 16] + ... over the
+                   first n - n mod 8 elements, combined as
+                   ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)),
                    then the last n mod 8 elements added one by one
 
 NumPy halves a longer vector and adds the halves' sums; callers sum those with NumPy itself (a

@@ -212,14 +212,14 @@ class Optimizer(ParameterStorage):
             self._step_share()
             return
         for index, p in enumerate(self._params):
-            if p.frozen:
-                continue
-            grad = p.grad
-            if grad is None:
+            grad = None if p.frozen else p.grad
+            if grad is None:  # not updated: keep none of its arrays alive
+                self._tensor_steps.pop(index, None)
                 continue
             tensor = self._tensor_step(index, p, grad)  # the checks, where anything changed
             rounding = tensor.rounding or self._rounding(tensor.state, index, 0)
-            self._update(tensor.flat_weights, tensor.flat_grad, tensor.state, tensor.group, rounding)
+            self._update(tensor.flat_weights, tensor.flat_grad, tensor.state, tensor.group,
+                         rounding)
             if not tensor.in_place:
                 self._updated(p, tensor.weights, 0, p.size)
 

@@ -51,8 +51,9 @@ class TensorStep:
         self.data, self.grad, self.shape, self.dtype = p.data, grad, grad.shape, grad.dtype
         self.state, self.group, self.moments, self.weights = state, group, moments, weights
         self.flat_weights, self.flat_grad = flat(weights), flat_grad
-        arrays = [self.flat_weights] + [flat(a) for a in state.values() if isinstance(a, np.ndarray)]
-        self.rounding = None if any(a.dtype == np.uint16 for a in arrays) else rounding
+        arrays = [flat(a) for a in state.values() if isinstance(a, np.ndarray)]
+        rounded = any(a.dtype == np.uint16 for a in [self.flat_weights, *arrays])  # bf16 bits
+        self.rounding = None if rounded else rounding
         self.in_place = weights is p.data and weights.dtype in (np.float32, np.float64)
 
     def fits(self, p: Parameter, grad: np.ndarray, state: dict | None, moments: tuple) -> bool:
