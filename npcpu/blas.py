@@ -58,10 +58,18 @@ def _gemm(dtype: np.dtype):
 
 
 def _call(macs: int, gemm, *args, **kwargs):
-    if macs < SMALL_GEMM:
-        with backend.single_blas_thread():
-            return gemm(*args, **kwargs)
-    return gemm(*args, **kwargs)
+    """gemm(*args, **kwargs), one of SciPy's BLAS wrappers, on one BLAS thread when small. Only
+    the library that runs it (SciPy's) is switched, and only when it is not on one thread already:
+    each switch is a call into the library, which a small model's step would pay per GEMM."""
+    library = backend._gemm_blas_controller() if macs < SMALL_GEMM else None
+    threads = library.get_num_threads() if library is not None else 1
+    if threads == 1:
+        return gemm(*args, **kwargs)
+    library.set_num_threads(1)
+    try:
+        return gemm(*args, **kwargs)
+    finally:
+        library.set_num_threads(threads)
 
 
 def _skinny(weight: np.ndarray, other: np.ndarray) -> bool:
@@ -80,9 +88,9 @@ def _native_f32(*operands: np.ndarray) -> bool:
 def _native(macs: int, gemm, *args, **kwargs):
     """gemm(*args, **kwargs), one of npcpu.blas_native.float32's, on one Numba thread when small
     (as _call does for BLAS)."""
-    if macs >= SMALL_GEMM:
-        return gemm(*args, **kwargs)
     threads = numba.get_num_threads()
+    if macs >= SMALL_GEMM or threads == 1:
+        return gemm(*args, **kwargs)
     numba.set_num_threads(1)
     try:
         return gemm(*args, **kwargs)
