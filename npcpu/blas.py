@@ -44,6 +44,8 @@ from scipy.linalg.blas import dgemm, sgemm
 
 from npcpu import backend, blas_native
 from npcpu.kernels import compiled_gemm
+from npcpu.kernels import linear as linear_kernels
+from npcpu.kernels.launch import for_size
 
 SMALL_GEMM = 1 << 23  # multiply-adds: well under a millisecond on one core
 SKINNY_OUTPUTS = 16
@@ -56,10 +58,18 @@ def _gemm(dtype: np.dtype):
 
 
 def _call(macs: int, gemm, *args, **kwargs):
-    if macs < SMALL_GEMM:
-        with backend.single_blas_thread():
-            return gemm(*args, **kwargs)
-    return gemm(*args, **kwargs)
+    """gemm(*args, **kwargs), one of SciPy's BLAS wrappers, on one BLAS thread when small. Only
+    the library that runs it (SciPy's) is switched, and only when it is not on one thread already:
+    each switch is a call into the library, which a small model's step would pay per GEMM."""
+    library = backend._gemm_blas_controller() if macs < SMALL_GEMM else None
+    threads = library.get_num_threads() if library is not None else 1
+    if threads == 1:
+        return gemm(*args, **kwargs)
+    library.set_num_threads(1)
+    try:
+        return gemm(*args, **kwargs)
+    finally:
+        library.set_num_threads(threads)
 
 
 def _skinny(weight: np.ndarray, other: np.ndarray) -> bool:
@@ -78,9 +88,9 @@ def _native_f32(*operands: np.ndarray) -> bool:
 def _native(macs: int, gemm, *args, **kwargs):
     """gemm(*args, **kwargs), one of npcpu.blas_native.float32's, on one Numba thread when small
     (as _call does for BLAS)."""
-    if macs >= SMALL_GEMM:
-        return gemm(*args, **kwargs)
     threads = numba.get_num_threads()
+    if macs >= SMALL_GEMM or threads == 1:
+        return gemm(*args, **kwargs)
     numba.set_num_threads(1)
     try:
         return gemm(*args, **kwargs)
@@ -101,18 +111,31 @@ def _no_bias(dtype: np.dtype) -> np.ndarray:
     return np.empty(0, dtype)
 
 
-def matmul_weight_transposed(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """y = x W^T, (N, K) @ (M, K)^T -> (N, M) C-order: BLAS computes y.T = W x^T in Fortran order
-    (the Numba loops compute it directly for a skinny W)."""
-    if _skinny(weight, x) and x.dtype == weight.dtype:
+def matmul_weight_transposed(x: np.ndarray, weight: np.ndarray,
+                             bias: np.ndarray | None = None) -> np.ndarray:
+    """y = x W^T, (N, K) @ (M, K)^T -> (N, M) C-order, plus b (M,) on every row when given: BLAS
+    computes y.T = W x^T in Fortran order and b is added in a pass after it; the Numba loops
+    compute y directly for a skinny W and add b as they write it (the same sums, the same bits)."""
+    if _skinny(weight, x) and x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype):
         y = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
-        compiled_gemm.linear_forward(x, _all_rows(x.shape[0]), weight, _no_bias(x.dtype), False, y,
-                                     0, x.shape[1])
+        compiled_gemm.linear_forward(x, _all_rows(x.shape[0]), weight,
+                                     _no_bias(x.dtype) if bias is None else bias, False, y, 0,
+                                     x.shape[1])
         return y
     if _native_f32(x, weight):
-        return _native(x.shape[0] * weight.size, blas_native.float32.matmul_weight_transposed, x,
-                       weight)
-    return _call(x.shape[0] * weight.size, _gemm(x.dtype), 1.0, weight.T, x.T, trans_a=1).T
+        y = _native(x.shape[0] * weight.size, blas_native.float32.matmul_weight_transposed, x,
+                    weight)
+    else:
+        y = _call(x.shape[0] * weight.size, _gemm(x.dtype), 1.0, weight.T, x.T, trans_a=1).T
+    if bias is not None:
+        add_bias(y, bias)
+    return y
+
+
+def add_bias(y: np.ndarray, bias: np.ndarray) -> None:
+    """y[i, :] += b for every row, in place: y (N, M) C-contiguous, b (M,); on this thread when
+    y is small (npcpu.kernels.launch)."""
+    for_size(linear_kernels.add_bias, linear_kernels.add_bias_serial, y.size)(y, bias)
 
 
 def matmul_weight(dz: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None,

@@ -202,7 +202,7 @@ def test_fp32_keeps_a_reference_to_the_input_not_a_copy():
     layer = Linear(6, 4, seed=0)
     x = np.ones((3, 6), np.float32)
     layer.forward(x)
-    assert np.shares_memory(layer._saved_input, x)
+    assert np.shares_memory(layer._saved[0], x)
 
 
 @pytest.mark.parametrize("layer_class", LAYERS)
@@ -219,7 +219,7 @@ def test_half_precision_step_stashes_storage_dtype_and_stays_close(layer_class, 
     for model in (reference, layer):
         y = model.forward(x)
         if model is layer:
-            assert layer._saved_input.dtype == storage
+            assert layer._saved[0].dtype == storage
             assert y.dtype == np.float32
         dx = model.backward(dy)
         results.append((y, dx, model.weight.grad, model.bias.grad))
@@ -263,7 +263,7 @@ def test_sequential_with_a_frozen_prefix_stops_early():
 def test_eval_mode_keeps_nothing(layer_class):
     layer = layer_class(6, 4, seed=0).eval()
     layer.forward(np.ones((2, 6), np.float32))
-    assert layer._saved_input is None
+    assert layer._saved is None
     with pytest.raises(RuntimeError, match="before forward"):
         layer.backward(np.ones((2, 4), np.float32))
 

@@ -24,12 +24,12 @@ def mask_shape(rows: int, columns: int) -> tuple[int, int]:
     return rows, (columns + 7) // 8
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _add_bias_row(y, bias, i):
-    """y[i, j] += bias[j] for every j (a loop: a serial `y[i, :] += bias` would allocate)."""
-    row = y[i]
-    for j in range(row.size):
-        row[j] += bias[j]
+    """y[i, j] += bias[j] for every j (a loop: a serial `y[i, :] += bias` would allocate).
+    Inlined into its callers: a call per row costs more than a short row's additions."""
+    for j in range(y.shape[1]):
+        y[i, j] += bias[j]
 
 
 @njit(parallel=True, cache=True)

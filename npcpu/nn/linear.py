@@ -64,17 +64,18 @@ class Linear(Module):
         bound = 1.0 / math.sqrt(in_features)
         self.weight = Parameter(rng.uniform(-bound, bound, (out_features, in_features)).astype(np.float32))
         self.bias = Parameter(rng.uniform(-bound, bound, out_features).astype(np.float32)) if bias else None
-        self._saved_input = None  # x (N, K) in the storage dtype, or None outside of training
-        self._input_shape = None
+        self._saved = None  # in training (x (N, K) in the storage dtype, x's shape, y's shape)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
     # -- what differs between Linear and FusedLinearReLU: the pass after and before the GEMMs ------
+    def _gemm_bias(self) -> np.ndarray | None:
+        """The bias the forward GEMM adds (npcpu.blas.matmul_weight_transposed): b, or None."""
+        return None if self.bias is None else self.bias.values()
+
     def _finish_output(self, y: np.ndarray) -> None:
-        """y (N, M) holds x W^T: add the bias in place."""
-        if self.bias is not None:
-            for_size(kernels.add_bias, kernels.add_bias_serial, y.size)(y, self.bias.values())
+        """y (N, M) holds x W^T + b: nothing left to do."""
 
     def _output_grad(self, dy: np.ndarray) -> np.ndarray:
         """dL/d(x W^T + b) from dy (N, M), with dL/db accumulated on the way."""
@@ -85,34 +86,37 @@ class Linear(Module):
     # -- forward and backward -------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = self.check_input(x, features=self.in_features)
-        x_rows = x.reshape(-1, self.in_features)
-        x_stored = to_storage(x_rows, self.storage_dtype) if self.training else None
-        y = weight_blocks.forward(x_rows, self.weight, x_stored)
+        x_rows = x if x.ndim == 2 else x.reshape(-1, self.in_features)
+        x_stored = to_storage(x_rows, self._dtypes[1]) if self.training else None
+        y = weight_blocks.forward(x_rows, self.weight, x_stored, self._gemm_bias())
         work.record("gemm")
         self._finish_output(y)
-        self._saved_input = x_stored
-        self._input_shape = x.shape if self.training else None
-        return y.reshape(*x.shape[:-1], self.out_features)
+        if x.ndim != 2:
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        self._saved = (x_stored, x.shape, y.shape) if self.training else None
+        return y
 
     def skip_backward(self) -> None:
         """A frozen prefix: no dW and no dx GEMM."""
         work.record("gemm_skipped", 2)
-        self._saved_input = self._input_shape = None
+        self._saved = None
 
     def backward(self, dy: np.ndarray) -> np.ndarray | None:
-        if self._saved_input is None:
+        if self._saved is None:
             raise self.missing_forward()
-        out_shape = (*self._input_shape[:-1], self.out_features)
-        dy = self.check_grad_output(dy, out_shape).reshape(-1, self.out_features)
+        x_stored, input_shape, out_shape = self._saved
+        dy = self.check_grad_output(dy, out_shape)
+        if dy.ndim != 2:
+            dy = dy.reshape(-1, self.out_features)
         dz = self._output_grad(dy)  # dL/d(x W^T + b), (N, M)
-        dx = weight_blocks.backward(dz, self._saved_input, self.weight, self.input_requires_grad)
-        work.record("gemm_skipped" if self.weight.frozen else "gemm")
-        work.record("gemm" if self.input_requires_grad else "gemm_skipped")
-        if dx is not None:
-            dx = dx.reshape(self._input_shape)
+        dx = weight_blocks.backward(dz, x_stored, self.weight, self.input_requires_grad)
+        done = (not self.weight.frozen) + self.input_requires_grad  # of the dW and dx GEMMs
+        work.record_gemms(done, 2 - done)
+        if dx is not None and len(input_shape) != 2:
+            dx = dx.reshape(input_shape)
         if self.bias is not None:  # W took its update (if any) by blocks in weight_blocks.backward
             self.bias.update_in_backward()
-        self._saved_input = self._input_shape = None
+        self._saved = None
         return dx
 
 
@@ -145,6 +149,9 @@ class FusedLinearReLU(Linear):
     def skip_backward(self) -> None:
         super().skip_backward()
         self._mask = None
+
+    def _gemm_bias(self) -> None:
+        return None  # added in the ReLU's pass
 
     def _finish_output(self, y: np.ndarray) -> None:
         if self.bias is not None:

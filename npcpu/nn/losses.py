@@ -21,11 +21,13 @@ import numpy as np
 from npcpu.checks import check_real
 from npcpu.dtypes import HALF_DTYPES
 from npcpu.kernels.launch import for_size
+from npcpu.kernels.pairwise_sum import BLOCK as SUM_BLOCK, block_sum
 from npcpu.kernels.softmax import (cross_entropy_forward_backward,
                                    cross_entropy_forward_backward_serial, target_bounds)
 from npcpu.precision import to_compute
 
 REDUCTIONS = ("mean", "sum")
+_FLOAT64, _FLOAT32 = np.dtype(np.float64), np.dtype(np.float32)  # made once: read on every call
 
 
 class Loss:
@@ -75,7 +77,7 @@ class Loss:
             raise TypeError(f"{self!r}: expected a NumPy array of outputs, got {type(outputs).__name__}")
         if outputs.dtype.kind != "f" and outputs.dtype not in HALF_DTYPES:
             raise TypeError(f"{self!r}: expected floating-point outputs, got dtype {outputs.dtype}")
-        dtype = np.dtype(np.float64) if outputs.dtype == np.float64 else np.dtype(np.float32)
+        dtype = _FLOAT64 if outputs.dtype == _FLOAT64 else _FLOAT32
         return np.ascontiguousarray(to_compute(outputs, dtype))
 
     def _divisor(self, count: int, normalizer: float | None, per_unit: int = 1) -> float:
@@ -154,6 +156,7 @@ class CrossEntropyLoss(Loss):
         self.label_smoothing = float(label_smoothing)
         self.classes = None if classes is None else int(classes)
         self.in_place = bool(in_place)
+        self._losses: np.ndarray | None = None  # _row_losses
 
     def forward(self, logits: np.ndarray, targets: np.ndarray, normalizer: float | None = None
                 ) -> float:
@@ -161,19 +164,30 @@ class CrossEntropyLoss(Loss):
         targets, count = self._check_targets(logits, targets)
         columns = logits.shape[-1]
         divisor = self._divisor(count, normalizer)
-        losses = np.empty(targets.size, dtype=np.float64)
+        losses = self._row_losses(targets.size)
         if self.in_place:
             dlogits = self._grad = logits
         else:
             dlogits = self._gradient_buffer(logits.shape, logits.dtype)
         kernel = for_size(cross_entropy_forward_backward, cross_entropy_forward_backward_serial,
                           logits.size)
-        kernel(losses, dlogits.reshape(-1, columns), logits.reshape(-1, columns),
-               targets.reshape(-1), self.ignore_index, self.label_smoothing,
+        if logits.ndim != 2:  # the kernel takes rows of logits
+            dlogits, logits, targets = (dlogits.reshape(-1, columns), logits.reshape(-1, columns),
+                                        targets.reshape(-1))
+        kernel(losses, dlogits, logits, targets, self.ignore_index, self.label_smoothing,
                1.0 / divisor if divisor > 0 else 0.0, self._classes(columns))
         if divisor == 0:  # every target ignored: torch's 0 / 0
             return float("nan")
-        return float(losses.sum() / divisor)
+        total = block_sum(losses) if losses.size <= SUM_BLOCK else float(np.add.reduce(losses))
+        return total / divisor
+
+    def _row_losses(self, rows: int) -> np.ndarray:
+        """The kernel's per-row losses (rows,) float64: a workspace reused while the row count is
+        the same (read only inside forward)."""
+        losses = self._losses
+        if losses is None or losses.size != rows:
+            losses = self._losses = np.empty(rows, dtype=np.float64)
+        return losses
 
     def backward(self) -> np.ndarray:
         """As Loss.backward; with `in_place`, the gradient (written over the logits) is returned
@@ -213,7 +227,7 @@ class CrossEntropyLoss(Loss):
         # the usual batch is checked in one pass; the mask below only when it fails
         in_range = False
         if targets.size:
-            low, high = target_bounds(targets.reshape(-1))
+            low, high = target_bounds(targets if targets.ndim == 1 else targets.reshape(-1))
             in_range = 0 <= low and high < classes
         if not in_range:
             bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= classes))

@@ -26,6 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
+from npcpu.dtypes import bfloat16
 from npcpu.nn.parameter import Parameter
 from npcpu.precision import (check_precision, compute_dtype, storage_dtype, to_compute,
                              to_storage)
@@ -57,10 +58,11 @@ class Module:
 
     # -- registration (attribute assignment, as in torch) ---------------------------------------
     def __setattr__(self, name, value):
-        if isinstance(value, Parameter):
-            self._parameters[name] = value
-        elif isinstance(value, Module):
-            self._modules[name] = value
+        if isinstance(value, (Parameter, Module)):  # one test for the caches set on every call
+            if isinstance(value, Parameter):
+                self._parameters[name] = value
+            else:
+                self._modules[name] = value
         object.__setattr__(self, name, value)
 
     # -- the contract ---------------------------------------------------------------------------
@@ -81,12 +83,22 @@ class Module:
 
     # -- helpers for layers ---------------------------------------------------------------------
     @property
+    def precision(self) -> str:
+        return self._precision
+
+    @precision.setter
+    def precision(self, precision: str) -> None:
+        # the two dtypes are read on every forward and backward: looked up here, once
+        object.__setattr__(self, "_dtypes", (compute_dtype(precision), storage_dtype(precision)))
+        object.__setattr__(self, "_precision", precision)
+
+    @property
     def compute_dtype(self) -> np.dtype:
-        return compute_dtype(self.precision)
+        return self._dtypes[0]
 
     @property
     def storage_dtype(self) -> np.dtype:
-        return storage_dtype(self.precision)
+        return self._dtypes[1]
 
     @property
     def trainable(self) -> bool:
@@ -101,14 +113,14 @@ class Module:
         """
         if not isinstance(x, np.ndarray):
             raise TypeError(f"{self!r}: expected a NumPy array, got {type(x).__name__}")
-        if x.dtype.kind != "f" and x.dtype not in (storage_dtype("bf16"),):
+        if x.dtype.kind != "f" and x.dtype != bfloat16:
             raise TypeError(f"{self!r}: expected a floating-point input, got dtype {x.dtype}")
         if x.ndim < min_ndim:
             raise ValueError(f"{self!r}: expected an input with at least {min_ndim} dimension(s), "
                              f"got shape {x.shape}")
         if features is not None and x.shape[-1] != features:
             raise ValueError(f"{self!r}: expected input of shape (..., {features}), got {x.shape}")
-        return np.ascontiguousarray(to_compute(x, self.compute_dtype))
+        return np.ascontiguousarray(to_compute(x, self._dtypes[0]))
 
     def check_grad_output(self, dy, expected_shape: tuple) -> np.ndarray:
         """Validate the upstream gradient against the shape `forward` returned."""
@@ -116,7 +128,7 @@ class Module:
             got = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
             raise ValueError(f"{self!r}: backward expected a gradient of shape {tuple(expected_shape)},"
                              f" got {got}")
-        return np.ascontiguousarray(to_compute(dy, self.compute_dtype))
+        return np.ascontiguousarray(to_compute(dy, self._dtypes[0]))
 
     def update_parameters_in_backward(self) -> None:
         """Hand this layer's own parameters to their updater when it updates inside backward

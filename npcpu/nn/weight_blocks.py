@@ -97,16 +97,23 @@ def _blocks(weight: Parameter, alignment: int = 1):
         yield start, stop, scratch[:stop - start]
 
 
-def forward(x: np.ndarray, weight: Parameter, x_stored: np.ndarray | None = None) -> np.ndarray:
-    """y = x W^T, (N, K) -> (N, M): one GEMM for a float weight or the native bf16 path (on
-    `x_stored`, x in W's storage dtype, when the caller has it), one per block for a widened one."""
-    if native(weight):
-        return blas_native.bf16.matmul_weight_transposed(x if x_stored is None else x_stored, weight.data)
-    if weight.data.dtype not in HALF_DTYPES:
-        return blas.matmul_weight_transposed(x, weight.data)
-    y = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
-    for start, stop, scratch in _blocks(weight):
-        y[:, start:stop] = blas.matmul_weight_transposed(x, _rows(weight, start, stop, scratch, False))
+def forward(x: np.ndarray, weight: Parameter, x_stored: np.ndarray | None = None,
+            bias: np.ndarray | None = None) -> np.ndarray:
+    """y = x W^T (+ b when `bias` is given, in x's dtype), (N, K) -> (N, M): one GEMM for a float
+    weight or the native bf16 path (on `x_stored`, x in W's storage dtype, when the caller has
+    it), one per block for a widened one."""
+    use_native = native(weight)
+    if not use_native and weight.data.dtype not in HALF_DTYPES:
+        return blas.matmul_weight_transposed(x, weight.data, bias)  # b added as y is written
+    if use_native:
+        y = blas_native.bf16.matmul_weight_transposed(x if x_stored is None else x_stored, weight.data)
+    else:
+        y = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
+        for start, stop, scratch in _blocks(weight):
+            y[:, start:stop] = blas.matmul_weight_transposed(
+                x, _rows(weight, start, stop, scratch, False))
+    if bias is not None:
+        blas.add_bias(y, bias)
     return y
 
 

@@ -22,7 +22,20 @@ def _counts() -> Counter:
 
 
 def record(kind: str, n: int = 1) -> None:
-    _counts()[kind] += n
+    try:  # the thread's counts (a call per GEMM: the common case without a second call)
+        _local.counts[kind] += n
+    except AttributeError:
+        _counts()[kind] += n
+
+
+def record_gemms(done: int, skipped: int) -> None:
+    """record("gemm", done) and record("gemm_skipped", skipped) in one call (a layer's backward),
+    each only when not zero."""
+    counts = _counts()
+    if done:
+        counts["gemm"] += done
+    if skipped:
+        counts["gemm_skipped"] += skipped
 
 
 def reset() -> None:

@@ -34,7 +34,9 @@ Linear layer does it a block of weight rows at a time (npcpu.nn.weight_blocks), 
 holds its whole gradient: for mlp52m in bf16 that is 216 MB of float32 gradients not allocated.
 Both paths run the same code: `begin_update(p)` counts the step (`_count_step`) and returns a
 function that updates a contiguous range of p's elements (`_update`); `step()` counts and updates
-each whole tensor directly (no function made per parameter and step, which small models notice).
+each whole tensor directly (no function made per parameter and step, which small models notice),
+through the parameter's TensorStep of its last step where nothing has changed
+(npcpu.optim.parameter_storage).
 For the elementwise optimizers (SGD, Adam, AdamW) the result does not depend on how the elements
 are split (the stochastic-rounding bits included); LAMB's trust ratio needs the norm of the whole
 update, so LAMB cannot be fused.
@@ -48,11 +50,11 @@ from typing import ContextManager
 import numpy as np
 
 from npcpu.checks import check_flag, check_int, check_real
-from npcpu.kernels.optim_io import ELEMENTS_PER_HASH, Rounding, random_scratch
+from npcpu.kernels.optim_io import ELEMENTS_PER_HASH
 from npcpu.nn.parameter import Parameter
 from npcpu.optim.optimizer_state import checked_state
-from npcpu.optim.storage_checks import check_storable, check_updated_in_place
-from npcpu.precision import bfloat16, to_storage
+from npcpu.optim.parameter_storage import ParameterStorage, TensorStep, flat  # noqa: F401 (flat:
+# the optimizers import it from here)
 
 STATE_DTYPES = ("fp32", "bf16")
 
@@ -67,16 +69,7 @@ def check_betas(owner: str, betas) -> tuple[float, float]:
                  for i, b in enumerate(betas))
 
 
-def flat(array: np.ndarray) -> np.ndarray:
-    """A flat view for the kernels: bfloat16 as its uint16 bits. Never a copy."""
-    if not array.flags.c_contiguous:
-        raise ValueError(f"optimizer: arrays must be C-contiguous to be updated in place, "
-                         f"got one of shape {array.shape} with strides {array.strides}")
-    view = array.reshape(-1)
-    return view.view(np.uint16) if view.dtype == bfloat16 else view
-
-
-class Optimizer:
+class Optimizer(ParameterStorage):
     """Base class: parameter groups, per-parameter state, state dicts and the step loop.
 
     Parameters
@@ -140,6 +133,7 @@ class Optimizer:
         self._group_index: dict[int, int] = {}  # id(Parameter) -> position of its group
         self.fused_into_backward = False
         self._random = None  # the kernels' random scratch (random_scratch), made at the first step
+        self._tensor_steps: dict[int, TensorStep] = {}  # by parameter index: see step()
 
         if isinstance(params, (Parameter, np.ndarray, dict)):
             raise TypeError(f"{owner}: params must be an iterable of Parameters or of dicts, got a "
@@ -207,64 +201,6 @@ class Optimizer:
         for p in self._params:
             p.zero_grad()
 
-    # -- storage of one parameter ----------------------------------------------------------------
-    def _state_dtype(self, p: Parameter) -> np.dtype:
-        return bfloat16 if self.state_dtype == "bf16" else p.compute_dtype
-
-    def _has_master(self, p: Parameter) -> bool:
-        return p.data.dtype == np.float16 or (p.data.dtype == bfloat16 and self.master_weights)
-
-    def _state_spec(self, p: Parameter, group: dict) -> dict[str, np.dtype]:
-        """Array name -> dtype of the state this optimizer keeps for `p` (all of shape p.shape)."""
-        spec = {name: self._state_dtype(p) for name in self._moment_names(group)}
-        if self._has_master(p):
-            spec["master_param"] = np.dtype(np.float32)
-        return spec
-
-    def initial_state(self, p: Parameter) -> dict:
-        """The state `p` gets at its first step (step 0, zero moments, its master copy): for a
-        process that holds another's state (npcpu.dist.shard)."""
-        return self._init_state(p, self.param_groups[self._group_index[id(p)]])
-
-    def _init_state(self, p: Parameter, group: dict) -> dict:
-        state = {"step": 0}
-        for name, dtype in self._state_spec(p, group).items():
-            state[name] = np.zeros(p.shape, dtype=dtype)
-        if "master_param" in state:
-            state["master_param"][...] = p.values()
-        return state
-
-    def weights_of(self, p: Parameter) -> np.ndarray:
-        """The array the updates go into: the float32 master copy when there is one, else p.data."""
-        state = self.state.get(self._index[id(p)])
-        return state["master_param"] if state is not None and "master_param" in state else p.data
-
-    def publish_master(self, p: Parameter, first: int = 0, stop: int | None = None) -> None:
-        """Round the master copy (if any) to nearest into the parameter's own storage (elements
-        first .. stop - 1 in C order; all by default)."""
-        weights = self.weights_of(p)
-        if weights is not p.data:
-            source = weights.reshape(-1)[first:stop]
-            check_storable(type(self).__name__, p, source)
-            target = p.data.reshape(-1)[first:stop]
-            target[...] = to_storage(source, p.data.dtype)
-
-    def param_values(self, p: Parameter) -> np.ndarray:
-        """The parameter's values in its compute dtype, from the master copy when there is one."""
-        weights = self.weights_of(p)
-        return weights.copy() if weights is not p.data else np.array(p.values(), copy=True)
-
-    def _checked_grad(self, p: Parameter) -> np.ndarray:
-        grad = p.grad
-        if not isinstance(grad, np.ndarray) or grad.shape != p.shape:
-            got = grad.shape if isinstance(grad, np.ndarray) else type(grad).__name__
-            raise ValueError(f"{type(self).__name__}: {p!r} has a gradient of shape {got}, "
-                             f"expected {p.shape}")
-        if grad.dtype != p.compute_dtype:
-            raise TypeError(f"{type(self).__name__}: {p!r} has a {grad.dtype} gradient, expected "
-                            f"{p.compute_dtype}")
-        return np.ascontiguousarray(grad)
-
     # -- the step --------------------------------------------------------------------------------
     def step(self) -> None:
         """Update every parameter that is not frozen and has a gradient; the others are untouched
@@ -275,15 +211,17 @@ class Optimizer:
         if self.share is not None:
             self._step_share()
             return
-        for p in self._params:
-            if not p.frozen and p.grad is not None:
-                grad = flat(self._checked_grad(p))
-                index, group, state, weights = self._count_step(p)
-                self._update(flat(weights), grad, state, group, self._rounding(state, index, 0))
-                if weights is p.data:
-                    check_updated_in_place(type(self).__name__, p, 0, p.size)
-                else:
-                    self.publish_master(p)
+        for index, p in enumerate(self._params):
+            grad = None if p.frozen else p.grad
+            if grad is None:  # not updated: keep none of its arrays alive
+                self._tensor_steps.pop(index, None)
+                continue
+            tensor = self._tensor_step(index, p, grad)  # the checks, where anything changed
+            rounding = tensor.rounding or self._rounding(tensor.state, index, 0)
+            self._update(tensor.flat_weights, tensor.flat_grad, tensor.state, tensor.group,
+                         rounding)
+            if not tensor.in_place:
+                self._updated(p, tensor.weights, 0, p.size)
 
     def begin_update(self, p: Parameter):
         """Count one step of `p` (creating its state at the first) and return `update(grad, first=0)`,
@@ -309,14 +247,6 @@ class Optimizer:
             self._updated(p, weights, first, stop)
         return update
 
-    def _updated(self, p: Parameter, weights: np.ndarray, first: int, stop: int) -> None:
-        """After elements first .. stop - 1 of `weights` (p.data or p's master copy) changed:
-        check that p.data stayed itself, or round the master copy into it."""
-        if weights is p.data:
-            check_updated_in_place(type(self).__name__, p, first, stop)
-        else:
-            self.publish_master(p, first, stop)
-
     def _step_share(self) -> None:
         """step() on this process's `share`: each parameter's range updated as the whole
         tensor's update would update it (an elementwise rule: the same bits)."""
@@ -325,31 +255,6 @@ class Optimizer:
             if span is not None and not p.frozen and p.grad is not None:
                 first, stop = span
                 self.begin_update(p)(flat(self._checked_grad(p))[first:stop], first)
-
-    def _count_step(self, p: Parameter) -> tuple[int, dict, dict, np.ndarray]:
-        """Count one step of `p`, creating its state at the first (and any array an option switched
-        on mid-run needs: momentum, amsgrad); return (its index, its group, its state, the array
-        its updates go into)."""
-        index = self._index[id(p)]
-        group = self.param_groups[self._group_index[id(p)]]
-        state = self.state.get(index)
-        if state is None:
-            state = self.state[index] = self._init_state(p, group)
-        elif any(name not in state for name in self._moment_names(group)):
-            for name, dtype in self._state_spec(p, group).items():
-                if name not in state:
-                    state[name] = np.zeros(p.shape, dtype=dtype)
-        state["step"] += 1
-        return index, group, state, state.get("master_param", p.data)
-
-    def _rounding(self, state: dict, index: int, first: int) -> Rounding:
-        """The kernels' Rounding for elements first.. of parameter `index` at this step. Only the
-        bf16 arrays a kernel stores into are rounded, so `stochastic` is the optimizer's setting;
-        the random scratch (for any thread count) is made once."""
-        if self._random is None:
-            self._random = random_scratch()
-        return Rounding(self.stochastic_rounding, np.uint64(self.seed),  # by position: faster
-                        np.uint64((state["step"] << 32) | index), np.uint64(first), self._random)
 
     # -- updates inside backward -----------------------------------------------------------------
     def fuse_into_backward(self) -> None:

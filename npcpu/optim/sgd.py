@@ -57,16 +57,16 @@ class SGD(Optimizer):
                        float(group["weight_decay"]), group["nesterov"], group["maximize"],
                        state["step"] == 1, grad.dtype.type)
         step = kernels.for_size(kernels.sgd_step, kernels.sgd_step_serial, weights.size)
-        step(weights, grad, buffer, tuple(hyper), tuple(rounding))  # plain: see kernels.optim
+        step(weights, grad, buffer, hyper, tuple(rounding))  # plain tuples: see kernels.optim
 
 
 @functools.lru_cache(maxsize=256)
-def _hyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, real
-           ) -> kernels.SGDHyper:
-    """The kernels' SGDHyper for a group's settings, in the compute dtype `real`: made once per
-    distinct setting (a small model's step is a few microseconds per tensor, and building the
-    tuple was a good part of it; a schedule that changes lr every step just misses the cache)."""
-    return kernels.SGDHyper(lr=real(lr), momentum=real(momentum),
-                            one_minus_dampening=real(1 - dampening),
-                            weight_decay=real(weight_decay), nesterov=nesterov, maximize=maximize,
-                            first_step=first_step)
+def _hyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, real) -> tuple:
+    """The kernels' SGDHyper for a group's settings, in the compute dtype `real`, as the plain
+    tuple the kernels take: made once per distinct setting (a small model's step is a few
+    microseconds per tensor, and building the tuple was a good part of it; a schedule that changes
+    lr every step just misses the cache)."""
+    return tuple(kernels.SGDHyper(lr=real(lr), momentum=real(momentum),
+                                  one_minus_dampening=real(1 - dampening),
+                                  weight_decay=real(weight_decay), nesterov=nesterov,
+                                  maximize=maximize, first_step=first_step))
