@@ -53,8 +53,7 @@ from npcpu.checks import check_flag, check_int, check_real
 from npcpu.kernels.optim_io import ELEMENTS_PER_HASH
 from npcpu.nn.parameter import Parameter
 from npcpu.optim.optimizer_state import checked_state
-from npcpu.optim.parameter_storage import ParameterStorage, TensorStep, flat  # noqa: F401 (flat:
-# the optimizers import it from here)
+from npcpu.optim.parameter_storage import ParameterStorage, TensorStep, flat
 
 STATE_DTYPES = ("fp32", "bf16")
 
