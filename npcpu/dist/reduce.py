@@ -16,6 +16,9 @@ Three ways to add the ranks' gradients:
                     In both, the order in which
                     MPI adds the ranks' partial sums depends on N (and on the algorithm MPI
                     picks), so the result equals one process's to float32 rounding, not bitwise.
+                    With the optimizer sharded (npcpu.dist.shard), each rank needs only its own
+                    span's sums: MPI_Ireduce_scatter instead, overlapped or after backward,
+                    half the bytes of an all-reduce over each link.
     fixed order     the global batch is cut into `parts` equal pieces whatever N is; each rank
                     keeps one gradient sum per piece it owns, and the pieces are added strictly in
                     order, part 0 + part 1 + ..., each rank continuing the running sum of the rank
@@ -52,6 +55,7 @@ class GradientBuckets:
             groups[-1].append(p)
             sizes[-1] += p.size
         self.buffers = [allocate(size, dtype) for size in sizes]
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()[:-1]
         self.views = []
         for group, buffer in zip(groups, self.buffers):
             offset = 0
@@ -77,18 +81,65 @@ class GradientBuckets:
                     for buffer in self.buffers]
         wait(world, requests, timeout, "the gradient all-reduce")
 
+    def shares(self, spans: list[tuple[int, int]]) -> list[tuple[list[int], list[int]]]:
+        """For each bucket, (counts, displacements): where each rank's span (start, stop) of the
+        buckets laid end to end falls in it (spans in rank order, tiling the buffer)."""
+        result = []
+        for start, buffer in zip(self.starts, self.buffers):
+            stop = start + buffer.size
+            result.append(([max(0, min(stop, b) - max(start, a)) for a, b in spans],
+                           [min(max(a, start), stop) - start for a, _ in spans]))
+        return result
+
+    def reduce_scatter(self, world: World, spans: list, timeout: float) -> None:
+        """Sum over the ranks each rank's span of the buckets, on that rank only (one
+        MPI_Ireduce_scatter per bucket, all in flight): half the bytes of an all-reduce on each
+        link; the rest of this rank's buckets is left undefined."""
+        self.attach()
+        shares = self.shares(spans)
+        wait(world, [start_reduce_scatter(world, buffer, counts)
+                     for buffer, (counts, _) in zip(self.buffers, shares)],
+             timeout, "the gradient reduce-scatter")
+        for buffer, share in zip(self.buffers, shares):
+            move_own_sum(buffer, *share, world.rank)
+
+    def allgather(self, world: World, spans: list, timeout: float) -> None:
+        """After `reduce_scatter`: every rank's buckets whole, each span from its rank."""
+        from mpi4py import MPI
+        requests = [world.comm.Iallgatherv(MPI.IN_PLACE, [buffer, (counts, displacements)])
+                    for buffer, (counts, displacements) in zip(self.buffers, self.shares(spans))]
+        wait(world, requests, timeout, "the all-gather of the summed gradients")
+
+
+def start_reduce_scatter(world: World, buffer: np.ndarray, counts: list[int]):
+    """MPI_Ireduce_scatter(SUM) of `buffer` in place: rank r's sum of its `counts[r]` elements
+    lands at the start of its `buffer` (`move_own_sum` puts it where it belongs)."""
+    from mpi4py import MPI
+    return world.comm.Ireduce_scatter(MPI.IN_PLACE, buffer, counts, op=MPI.SUM)
+
+
+def move_own_sum(buffer: np.ndarray, counts: list[int], displacements: list[int],
+                 rank: int) -> None:
+    """Move this rank's sum from the start of `buffer` (where an in-place reduce-scatter writes
+    it) to its displacement (the ranges may overlap: NumPy copies through a buffer then)."""
+    count, displacement = counts[rank], displacements[rank]
+    if count and displacement:
+        buffer[displacement:displacement + count] = buffer[:count]
+
 
 class BackwardReducer:
     """The overlapped reduction of the module docstring: an InBackwardUpdater (npcpu.nn.parameter)
     that copies each parameter's finished gradient into its bucket view and starts a bucket's
-    Iallreduce when all its parameters arrived. `arm` before the backward of a window's last
-    micro-batch, `finish` after it. Non-blocking collectives must start in the same order on
-    every rank: they do, since every rank runs the same backward pass."""
+    Iallreduce when all its parameters arrived (with `spans`, each rank's span of the buckets
+    only: an Ireduce_scatter, as GradientBuckets.reduce_scatter). `arm` before the backward of a
+    window's last micro-batch, `finish` after it. Non-blocking collectives must start in the
+    same order on every rank: they do, since every rank runs the same backward pass."""
 
     element_alignment = 1
 
-    def __init__(self, buckets: GradientBuckets, world: World):
+    def __init__(self, buckets: GradientBuckets, world: World, spans: list | None = None):
         self.buckets, self.world = buckets, world
+        self.shares = buckets.shares(spans) if spans is not None else None
         self.place = {}  # id(param) -> (bucket index, flat view)
         for p, view in buckets.views:
             self.place[id(p)] = (next(i for i, b in enumerate(buckets.buffers)
@@ -128,8 +179,10 @@ class BackwardReducer:
 
     def _start(self, bucket: int) -> None:
         from mpi4py import MPI
-        self.requests[bucket] = self.world.comm.Iallreduce(
-            MPI.IN_PLACE, self.buckets.buffers[bucket], op=MPI.SUM)
+        buffer = self.buckets.buffers[bucket]
+        self.requests[bucket] = \
+            start_reduce_scatter(self.world, buffer, self.shares[bucket][0]) if self.shares \
+            else self.world.comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
 
     def _progress(self) -> None:
         from mpi4py import MPI
@@ -151,6 +204,8 @@ class BackwardReducer:
             if request is None:
                 self._start(bucket)
         wait(self.world, self.requests, timeout, "the gradient all-reduce")
+        for buffer, share in zip(self.buckets.buffers, self.shares or ()):
+            move_own_sum(buffer, *share, self.world.rank)
 
 
 class OrderedSum:

@@ -21,10 +21,11 @@ SPLIT_UNIT is a multiple of both, so each owner computes the partials of its own
 slot written by one rank, so the message's sum is exact) and every rank adds them in chunk
 order: the one-process sum, bit for bit.
 
-So when every rank is on one node and there is no loss scaler, a rank needs only its own ranges'
-summed gradients: the gradients are reduce-scattered to their owners (npcpu.dist.node), half the
-work of an all-reduce on 2 ranks. (The loss scaler's check reads every gradient: with one, they
-are all-reduced whole; a non-finite norm has them gathered whole too, for the error that names the
+So without a loss scaler (and without deterministic sums) a rank needs only its own range's
+summed gradients: the gradients are reduce-scattered to their owners (on one node through shared
+memory, npcpu.dist.node; between nodes by MPI_Ireduce_scatter, npcpu.dist.reduce), half the work
+and bytes of an all-reduce. (The loss scaler's check reads every gradient: with one, they are
+all-reduced whole; a non-finite norm has them gathered whole too, for the error that names the
 first non-finite layer.) Before a checkpoint the owners send their ranges of the optimizer state
 and slow weights to rank 0 (which writes all of it, then drops the state of parameters it owns no
 piece of), and before an evaluation they publish Lookahead's slow weights (each owner synced its
