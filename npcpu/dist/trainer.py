@@ -164,8 +164,15 @@ class DataParallelTrainer(Trainer):
         return self.evaluation_metrics(per_batch, len(loader.dataset))
 
     def _evaluate_and_report(self, eval_data, batch_size, callbacks) -> None:
-        if self.optimizer_shard is not None:  # the slow weights evaluated on, synced by owners
-            self.optimizer_shard.publish_slow_weights()
+        """Sharded: the slow weights evaluated on published by their owners first; and on one
+        node each rank evaluates on its own copy of the parameters (Lookahead swaps the slow
+        weights into them in place, each rank at its own pace; the next step attaches them to
+        the shared copy again: npcpu.dist.node.SharedParameters)."""
+        shard = self.optimizer_shard
+        if shard is not None:
+            shard.publish_slow_weights()
+            if shard.shared is not None:
+                shard.shared.detach()
         super()._evaluate_and_report(eval_data, batch_size, callbacks)
 
     # -- checkpoints: hashes compared, then rank 0 writes while the others wait ---------------------
@@ -218,8 +225,10 @@ class DataParallelRunner(ReferenceRunner):
             note += f"; {trainer.optimizer_shard.describe()}"
         super().__init__(trainer, self.shard(loader), note=f"{note}: {world.describe()}")
         params = trainer.model.parameters()
-        broadcast_parameters(world, params, trainer.timeout)
         shard = trainer.optimizer_shard
+        shared = shard.shared if shard is not None else None  # rank 0's values already
+        broadcast_parameters(world, [p for p in params if shared is None or not shared.holds(p)],
+                             trainer.timeout)
         self.node_sum = SharedMemorySum(world, params, shard and shard.spans(),
                                         trainer.timeout) if trainer.shared_memory else None
         # each owner alone reads its summed gradients, unless the loss scaler checks them all
