@@ -78,15 +78,21 @@ def barrier(world: World, timeout: float, what: str) -> None:
 
 
 def add_ranks(sources: list[np.ndarray], out: np.ndarray, scratch: np.ndarray) -> None:
-    """out = sources[0] + sources[1] + ... + sources[-1], added in that order, a chunk of
-    `scratch`'s size at a time (`out` may be one of `sources`)."""
-    for start in range(0, out.size, scratch.size):
-        stop = min(start + scratch.size, out.size)
-        running = scratch[:stop - start]
+    """out = sources[0] + sources[1] + ... + sources[-1], added in that order (`out` may be one
+    of `sources`). The running sum is kept in `out` itself, in one pass for two sources, a
+    chunk of `scratch`'s size at a time for more (the chunk's running sum stays in the cache);
+    in `scratch` when `out` is one of the sources added after the first two (the running sum
+    would overwrite it before it is read)."""
+    direct = not any(np.may_share_memory(out, source) for source in sources[2:])
+    step = out.size if direct and len(sources) == 2 else scratch.size
+    for start in range(0, out.size, max(step, 1)):
+        stop = min(start + step, out.size)
+        running = out[start:stop] if direct else scratch[:stop - start]
         np.add(sources[0][start:stop], sources[1][start:stop], out=running)
         for source in sources[2:]:
             running += source[start:stop]
-        out[start:stop] = running
+        if not direct:
+            out[start:stop] = running
 
 
 def even_spans(total: int, ranks: int) -> list[tuple[int, int]]:
