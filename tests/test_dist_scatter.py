@@ -1,7 +1,7 @@
 """The sharded optimizer's gradients reduce-scattered to their owners through MPI's collectives
-(npcpu.dist.reduce: between nodes; `--dist.shared_memory false` takes that path on this
-machine): each rank's span of the buckets summed on that rank only, overlapped with backward or
-after it. Skips like tests/test_dist_mpi.py without mpi4py or mpiexec."""
+(npcpu.dist.reduce.SpanSums: between nodes; `--dist.shared_memory false` takes that path on
+this machine): each rank's span of the buckets summed on that rank only, overlapped with
+backward or after it. Skips like tests/test_dist_mpi.py without mpi4py or mpiexec."""
 
 import subprocess
 import sys
@@ -21,7 +21,7 @@ MPI_COLLECTIVES = ["--dist.shared_memory", "false"]
 BUCKETS = """
 import sys
 import numpy as np
-from npcpu.dist.reduce import GradientBuckets
+from npcpu.dist.reduce import GradientBuckets, SpanSums
 from npcpu.dist.world import init_world
 
 class Param:
@@ -40,11 +40,13 @@ mine = world.rank + 1 + np.arange(total, dtype=np.float32) / 8
 want = sum(r + 1 + np.arange(total, dtype=np.float32) / 8 for r in range(world.size))
 for buffer, start in zip(buckets.buffers, buckets.starts):
     buffer[...] = mine[start:start + buffer.size]
-buckets.reduce_scatter(world, spans, 30.0)
+sums = SpanSums(buckets, spans, world.rank)
+assert [sums.split(counts) for counts, _ in sums.shares] == [False, True, False, False]
+sums.reduce(world, 30.0)
 start, stop = spans[world.rank]
 got = np.concatenate(buckets.buffers)
 np.testing.assert_array_equal(got[start:stop], want[start:stop])
-buckets.allgather(world, spans, 30.0)
+sums.gather(world, 30.0)
 np.testing.assert_array_equal(np.concatenate(buckets.buffers), want)
 print("rank", world.rank, "ok", flush=True)
 """
@@ -94,8 +96,7 @@ def test_an_overflow_in_a_reduce_scattered_sum_is_named_from_the_gathered_gradie
     """on_nonfinite = skip (tests/test_dist_node.py's overflow at step 2), 3 ranks: the owner's
     Inf sum gathered by every rank, the layer named, the step skipped, as through shared memory.
     (After backward: the overflow is added to a gradient after the micro-batch, which an
-    overlapped reduction would already have sent. On 2 ranks MPICH happens to leave the whole
-    sum in rank 0's buffer, so that a missing gather would go unseen.)"""
+    overlapped reduction would already have sent. On 3 ranks a missing gather fails it.)"""
     options = [*TINY, *FP32, "--train.on_nonfinite", "skip", "--dist.overlap", "false"]
     for name, extra in {"shared": SHARD, "mpi": [*SHARD, *MPI_COLLECTIVES]}.items():
         done = train(mpiexec, 3, tmp_path / name, *options, *extra, wrapper=OVERFLOW_AT_STEP_2)

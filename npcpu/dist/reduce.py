@@ -17,7 +17,7 @@ Three ways to add the ranks' gradients:
                     MPI adds the ranks' partial sums depends on N (and on the algorithm MPI
                     picks), so the result equals one process's to float32 rounding, not bitwise.
                     With the optimizer sharded (npcpu.dist.shard), each rank needs only its own
-                    span's sums: MPI_Ireduce_scatter instead, overlapped or after backward,
+                    span's sums (`SpanSums`: a reduce-scatter), overlapped or after backward,
                     half the bytes of an all-reduce over each link.
     fixed order     the global batch is cut into `parts` equal pieces whatever N is; each rank
                     keeps one gradient sum per piece it owns, and the pieces are added strictly in
@@ -81,65 +81,76 @@ class GradientBuckets:
                     for buffer in self.buffers]
         wait(world, requests, timeout, "the gradient all-reduce")
 
-    def shares(self, spans: list[tuple[int, int]]) -> list[tuple[list[int], list[int]]]:
-        """For each bucket, (counts, displacements): where each rank's span (start, stop) of the
-        buckets laid end to end falls in it (spans in rank order, tiling the buffer)."""
-        result = []
-        for start, buffer in zip(self.starts, self.buffers):
+
+class SpanSums:
+    """The sum over the ranks of each rank's span (start, stop) of `buckets` laid end to end,
+    onto that rank only (`spans` in rank order, tiling the buffer; the rest of a rank's buckets
+    is left undefined): for each bucket, an MPI_Ireduce to the one rank whose span holds all of
+    it, else an MPI_Ireduce_scatter into a scratch array that `settle` copies into place. Half
+    the bytes of an all-reduce over each link. (Not a reduce-scatter in place: MPICH's TCP path
+    then copies a rank's own block onto itself and aborts.)"""
+
+    def __init__(self, buckets: GradientBuckets, spans: list[tuple[int, int]], rank: int):
+        self.buckets, self.rank = buckets, rank
+        self.shares = []  # per bucket: (each rank's count, each rank's displacement)
+        for start, buffer in zip(buckets.starts, buckets.buffers):
             stop = start + buffer.size
-            result.append(([max(0, min(stop, b) - max(start, a)) for a, b in spans],
-                           [min(max(a, start), stop) - start for a, _ in spans]))
-        return result
+            self.shares.append(([max(0, min(stop, b) - max(start, a)) for a, b in spans],
+                                [min(max(a, start), stop) - start for a, _ in spans]))
+        self.scratch = [np.empty(counts[rank], buffer.dtype) if self.split(counts) else None
+                        for buffer, (counts, _) in zip(buckets.buffers, self.shares)]
 
-    def reduce_scatter(self, world: World, spans: list, timeout: float) -> None:
-        """Sum over the ranks each rank's span of the buckets, on that rank only (one
-        MPI_Ireduce_scatter per bucket, all in flight): half the bytes of an all-reduce on each
-        link; the rest of this rank's buckets is left undefined."""
-        self.attach()
-        shares = self.shares(spans)
-        wait(world, [start_reduce_scatter(world, buffer, counts)
-                     for buffer, (counts, _) in zip(self.buffers, shares)],
-             timeout, "the gradient reduce-scatter")
-        for buffer, share in zip(self.buffers, shares):
-            move_own_sum(buffer, *share, world.rank)
+    @staticmethod
+    def split(counts: list[int]) -> bool:
+        return sum(count > 0 for count in counts) > 1
 
-    def allgather(self, world: World, spans: list, timeout: float) -> None:
-        """After `reduce_scatter`: every rank's buckets whole, each span from its rank."""
+    def start(self, world: World, bucket: int):
+        """Start the sums of bucket `bucket`; the request."""
         from mpi4py import MPI
-        requests = [world.comm.Iallgatherv(MPI.IN_PLACE, [buffer, (counts, displacements)])
-                    for buffer, (counts, displacements) in zip(self.buffers, self.shares(spans))]
+        buffer, (counts, _) = self.buckets.buffers[bucket], self.shares[bucket]
+        if self.split(counts):
+            return world.comm.Ireduce_scatter(buffer, self.scratch[bucket], counts, op=MPI.SUM)
+        root = next((r for r, count in enumerate(counts) if count), 0)
+        mine = world.rank == root
+        return world.comm.Ireduce(MPI.IN_PLACE if mine else buffer, buffer if mine else None,
+                                  op=MPI.SUM, root=root)
+
+    def settle(self, bucket: int) -> None:
+        """After `start`'s request completed: this rank's sum in its place in the bucket."""
+        scratch = self.scratch[bucket]
+        if scratch is not None and scratch.size:
+            first = self.shares[bucket][1][self.rank]
+            self.buckets.buffers[bucket][first:first + scratch.size] = scratch
+
+    def reduce(self, world: World, timeout: float) -> None:
+        """The whole of it after backward: every bucket in flight at once."""
+        self.buckets.attach()
+        wait(world, [self.start(world, b) for b in range(len(self.buckets.buffers))], timeout,
+             "the gradient reduce-scatter")
+        for bucket in range(len(self.buckets.buffers)):
+            self.settle(bucket)
+
+    def gather(self, world: World, timeout: float) -> None:
+        """After `reduce`: every rank's buckets whole, each span's piece broadcast by its rank."""
+        requests = [world.comm.Ibcast(buffer[first:first + count], root=r)
+                    for buffer, (counts, firsts) in zip(self.buckets.buffers, self.shares)
+                    for r, (count, first) in enumerate(zip(counts, firsts)) if count]
         wait(world, requests, timeout, "the all-gather of the summed gradients")
-
-
-def start_reduce_scatter(world: World, buffer: np.ndarray, counts: list[int]):
-    """MPI_Ireduce_scatter(SUM) of `buffer` in place: rank r's sum of its `counts[r]` elements
-    lands at the start of its `buffer` (`move_own_sum` puts it where it belongs)."""
-    from mpi4py import MPI
-    return world.comm.Ireduce_scatter(MPI.IN_PLACE, buffer, counts, op=MPI.SUM)
-
-
-def move_own_sum(buffer: np.ndarray, counts: list[int], displacements: list[int],
-                 rank: int) -> None:
-    """Move this rank's sum from the start of `buffer` (where an in-place reduce-scatter writes
-    it) to its displacement (the ranges may overlap: NumPy copies through a buffer then)."""
-    count, displacement = counts[rank], displacements[rank]
-    if count and displacement:
-        buffer[displacement:displacement + count] = buffer[:count]
 
 
 class BackwardReducer:
     """The overlapped reduction of the module docstring: an InBackwardUpdater (npcpu.nn.parameter)
     that copies each parameter's finished gradient into its bucket view and starts a bucket's
-    Iallreduce when all its parameters arrived (with `spans`, each rank's span of the buckets
-    only: an Ireduce_scatter, as GradientBuckets.reduce_scatter). `arm` before the backward of a
+    Iallreduce when all its parameters arrived (with `span_sums`, each rank's span of the
+    buckets onto that rank only: SpanSums). `arm` before the backward of a
     window's last micro-batch, `finish` after it. Non-blocking collectives must start in the
     same order on every rank: they do, since every rank runs the same backward pass."""
 
     element_alignment = 1
 
-    def __init__(self, buckets: GradientBuckets, world: World, spans: list | None = None):
-        self.buckets, self.world = buckets, world
-        self.shares = buckets.shares(spans) if spans is not None else None
+    def __init__(self, buckets: GradientBuckets, world: World,
+                 span_sums: SpanSums | None = None):
+        self.buckets, self.world, self.span_sums = buckets, world, span_sums
         self.place = {}  # id(param) -> (bucket index, flat view)
         for p, view in buckets.views:
             self.place[id(p)] = (next(i for i, b in enumerate(buckets.buffers)
@@ -179,10 +190,8 @@ class BackwardReducer:
 
     def _start(self, bucket: int) -> None:
         from mpi4py import MPI
-        buffer = self.buckets.buffers[bucket]
-        self.requests[bucket] = \
-            start_reduce_scatter(self.world, buffer, self.shares[bucket][0]) if self.shares \
-            else self.world.comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+        self.requests[bucket] = self.span_sums.start(self.world, bucket) if self.span_sums \
+            else self.world.comm.Iallreduce(MPI.IN_PLACE, self.buckets.buffers[bucket], op=MPI.SUM)
 
     def _progress(self) -> None:
         from mpi4py import MPI
@@ -204,8 +213,9 @@ class BackwardReducer:
             if request is None:
                 self._start(bucket)
         wait(self.world, self.requests, timeout, "the gradient all-reduce")
-        for buffer, share in zip(self.buckets.buffers, self.shares or ()):
-            move_own_sum(buffer, *share, self.world.rank)
+        if self.span_sums is not None:
+            for bucket in range(len(self.buckets.buffers)):
+                self.span_sums.settle(bucket)
 
 
 class OrderedSum:

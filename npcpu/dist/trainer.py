@@ -36,7 +36,7 @@ import numpy as np
 
 from npcpu.data.loader import DataLoader
 from npcpu.dist.node import SharedMemorySum, one_node
-from npcpu.dist.reduce import (BackwardReducer, GradientBuckets, OrderedSum,
+from npcpu.dist.reduce import (BackwardReducer, GradientBuckets, OrderedSum, SpanSums,
                                broadcast_parameters, check_parameters_equal, sum_in_order)
 from npcpu.dist.shard import OptimizerShard
 from npcpu.dist.world import World, wait
@@ -233,12 +233,13 @@ class DataParallelRunner(ReferenceRunner):
                                         trainer.timeout) if trainer.shared_memory else None
         # each owner alone reads its summed gradients, unless the loss scaler checks them all
         self.scatter = shard is not None and trainer.sums_to_owners()
-        self.spans = shard.spans() if self.scatter else None
         self.buckets = self.node_sum.buckets if self.node_sum is not None else \
             GradientBuckets(params, trainer.bucket_bytes)
+        self.span_sums = SpanSums(self.buckets, shard.spans(), world.rank) \
+            if self.scatter and self.node_sum is None else None
         self.ordered = OrderedSum(self.buckets, self.stop_part - self.first_part) \
             if trainer.deterministic else None
-        self.reducer = BackwardReducer(self.buckets, world, self.spans) \
+        self.reducer = BackwardReducer(self.buckets, world, self.span_sums) \
             if trainer.overlap and self.node_sum is None else None
         self.dropouts = [m for m in trainer.model.modules() if isinstance(m, Dropout)]
         self._window_batches = range(0)
@@ -317,8 +318,8 @@ class DataParallelRunner(ReferenceRunner):
             self.node_sum.reduce_scatter() if self.scatter else self.node_sum.allreduce()
         elif self.reducer is not None:
             self.reducer.finish(trainer.timeout)
-        elif self.scatter:
-            self.buckets.reduce_scatter(trainer.world, self.spans, trainer.timeout)
+        elif self.span_sums is not None:
+            self.span_sums.reduce(trainer.world, trainer.timeout)
         elif trainer.world.size > 1:
             self.buckets.allreduce(trainer.world, trainer.timeout)
         if self.scatter and not math.isfinite(loss):  # every gradient, for the error
@@ -331,7 +332,7 @@ class DataParallelRunner(ReferenceRunner):
         if self.node_sum is not None:
             self.node_sum.allgather()
         else:
-            self.buckets.allgather(self.trainer.world, self.spans, self.trainer.timeout)
+            self.span_sums.gather(self.trainer.world, self.trainer.timeout)
 
     def _grad_norm(self, params: list, check: bool) -> float:
         """Sharded: the norm summed by the owners, only this rank's own gradients clipped
