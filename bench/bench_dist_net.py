@@ -12,8 +12,8 @@ For each link speed it measures
 - the training throughput of `--preset` on 2 ranks x 1 thread, the reduction overlapped with
   backward ("overlap"), after it ("after"), and with the optimizer step sharded ("shard": each
   host receives only its half of the summed gradients, a reduce-scatter overlapped with
-  backward, and sends its half of the updated parameters), against 1 process x 1 thread (one
-  "host"): the scaling efficiency is (2-rank samples/s) / (2 x 1-process samples/s).
+  backward, and sends its half of the updated parameters; "shard-after": after backward, every
+  bucket in flight at once), against 1 process x 1 thread (one "host"): the scaling efficiency is (2-rank samples/s) / (2 x 1-process samples/s).
 
 Needs root (ip netns, tc), mpi4py and MPICH's mpiexec. Example:
 
@@ -41,7 +41,8 @@ NAMESPACES = ("npcpu-host0", "npcpu-host1")
 ADDRESSES = ("10.231.0.1/24", "10.231.0.2/24")
 DEVICE = "npcpu0"  # the veth end's name inside each namespace
 SETUPS = {"overlap": ["--dist.overlap", "true"], "after": ["--dist.overlap", "false"],
-          "shard": ["--dist.overlap", "true", "--dist.shard_optimizer", "true"]}
+          "shard": ["--dist.overlap", "true", "--dist.shard_optimizer", "true"],
+          "shard-after": ["--dist.overlap", "false", "--dist.shard_optimizer", "true"]}
 MPI_ENV = {"MPIR_CVAR_NOLOCAL": "1", "MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp",
            "FI_TCP_IFACE": DEVICE}
 
