@@ -314,8 +314,10 @@ class DataParallelRunner(ReferenceRunner):
             loss += float(value)
         if self.ordered is not None:
             self.ordered.reduce(trainer.world, trainer.timeout)
+        elif self.node_sum is not None and self.scatter:
+            self.node_sum.reduce_scatter()
         elif self.node_sum is not None:
-            self.node_sum.reduce_scatter() if self.scatter else self.node_sum.allreduce()
+            self.node_sum.allreduce()
         elif self.reducer is not None:
             self.reducer.finish(trainer.timeout)
         elif self.span_sums is not None:
