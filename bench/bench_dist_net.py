@@ -10,12 +10,15 @@ For each link speed it measures
 - the all-reduce of 2 ranks for message sizes from 4 KB to 64 MB, and fits the alpha-beta model
   of a ring all-reduce, t(S) = 2 (N-1) alpha + 2 (N-1)/N S beta, by least squares;
 - the training throughput of `--preset` on 2 ranks x 1 thread, the reduction overlapped with
-  backward and after it, against 1 process x 1 thread (one "host"): the scaling efficiency is
-  (2-rank samples/s) / (2 x 1-process samples/s).
+  backward ("overlap"), after it ("after"), and with the optimizer step sharded ("shard": each
+  host receives only its half of the summed gradients, a reduce-scatter overlapped with
+  backward, and sends its half of the updated parameters; "shard-after": after backward, every
+  bucket in flight at once), against 1 process x 1 thread (one "host"): the scaling efficiency is (2-rank samples/s) / (2 x 1-process samples/s).
 
 Needs root (ip netns, tc), mpi4py and MPICH's mpiexec. Example:
 
     python bench/bench_dist_net.py --rates 1gbit,10gbit,none --steps 10
+    python bench/bench_dist_net.py --rates 10gbit --setups overlap,shard
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from common import write_json
 NAMESPACES = ("npcpu-host0", "npcpu-host1")
 ADDRESSES = ("10.231.0.1/24", "10.231.0.2/24")
 DEVICE = "npcpu0"  # the veth end's name inside each namespace
+SETUPS = {"overlap": ["--dist.overlap", "true"], "after": ["--dist.overlap", "false"],
+          "shard": ["--dist.overlap", "true", "--dist.shard_optimizer", "true"],
+          "shard-after": ["--dist.overlap", "false", "--dist.shard_optimizer", "true"]}
 MPI_ENV = {"MPIR_CVAR_NOLOCAL": "1", "MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp",
            "FI_TCP_IFACE": DEVICE}
 
@@ -137,7 +143,13 @@ def main() -> None:
     parser.add_argument("--preset", default="mlp52m")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--skip", type=int, default=3)
+    parser.add_argument("--setups", default="overlap,after,shard",
+                        help=f"comma-separated subset of {','.join(SETUPS)}")
     args = parser.parse_args()
+    setups = args.setups.split(",")
+    unknown = sorted(set(setups) - set(SETUPS))
+    if unknown:
+        sys.exit(f"bench_dist_net: unknown setup(s) {unknown}; choose from {sorted(SETUPS)}")
     if os.geteuid() != 0 or shutil.which("mpiexec") is None:
         sys.exit("bench_dist_net: needs root (ip netns, tc) and mpiexec (pip install 'npcpu[mpi]')")
     remove_hosts()  # what an interrupted earlier run may have left
@@ -148,16 +160,17 @@ def main() -> None:
             limit_links(rate)
             model = alpha_beta(rate)
             single = throughput(1, args.preset, args.steps, args.skip, [])
-            for overlap in ("true", "false"):
-                pair = throughput(2, args.preset, args.steps, args.skip,
-                                  ["--dist.overlap", overlap])
-                model[f"efficiency_overlap_{overlap}"] = pair / (2 * single)
+            for setup in setups:
+                pair = throughput(2, args.preset, args.steps, args.skip, SETUPS[setup])
+                model[f"efficiency_{setup}"] = pair / (2 * single)
             model["single_samples_per_s"] = single
             results.append(model)
+            bandwidth = model["bandwidth_GBps"]
             print(f"{rate}: alpha {1e6 * model['alpha_s']:.0f} us, "
-                  f"{model['bandwidth_GBps']:.2f} GB/s, 1 host {single:.0f} samples/s, "
-                  f"2 hosts efficiency {model['efficiency_overlap_true']:.2f} overlapped, "
-                  f"{model['efficiency_overlap_false']:.2f} after backward", flush=True)
+                  f"{bandwidth if bandwidth is None else round(bandwidth, 2)} GB/s, 1 host "
+                  f"{single:.0f} samples/s, 2 hosts efficiency " +
+                  ", ".join(f"{setup} {model[f'efficiency_{setup}']:.2f}" for setup in setups),
+                  flush=True)
     finally:
         remove_hosts()
     write_json("dist_net", {"args": vars(args), "links": results})

@@ -15,9 +15,9 @@ where they are, without a message copy:
 
 With `dist.shard_optimizer` the ranges are the ranks' shares of the optimizer step and the
 all-gather is left out: an owner alone reads its range's summed gradients (npcpu.dist.shard).
-The updated parameters come back the same way (`SharedParameters`): every rank's parameters live
-in a second window, and after the step each rank copies the pieces others own straight from
-their owners' parameters (bfloat16 in a bf16 run).
+The parameters are one copy on the node (`SharedParameters`), in a second window that every
+rank's Parameters view: an owner's update is written where every rank reads it, and nothing
+is copied back.
 
 MPI's all-reduce over shared memory copies every byte through small buffers in turn, rank by
 rank; here each byte is read once by the rank that sums it, and the ranks work at once. The sum
@@ -49,21 +49,26 @@ def one_node(world: World) -> bool:
     return world.size > 1 and world.local_size == world.size
 
 
-def shared_arrays(world: World, purpose: str, elements: int, dtype) -> list[np.ndarray]:
+def shared_arrays(world: World, purpose: str, elements: int, dtype,
+                  one: bool = False) -> list[np.ndarray]:
     """One array of `elements` of `dtype` per rank, all in one window on this node: entry k is
-    rank k's (this process writes its own and reads the others'). Zeros when new."""
+    rank k's (this process writes its own and reads the others'). Zeros when new. `one`: a
+    single array, in rank 0's memory, that every rank maps."""
     dtype = np.dtype(dtype)
-    key = (purpose, elements, dtype.str)
+    key = (purpose, elements, dtype.str, one)
     if key not in _WINDOWS:
         from mpi4py import MPI
         if "comm" not in _NODE:
             _NODE["comm"] = world.comm.Split_type(MPI.COMM_TYPE_SHARED)
         node = _NODE["comm"]
-        window = MPI.Win.Allocate_shared(max(elements, 1) * dtype.itemsize, dtype.itemsize,
-                                         comm=node)
+        owners = 1 if one else node.Get_size()
+        mine = node.Get_rank() < owners
+        window = MPI.Win.Allocate_shared(max(elements, 1) * dtype.itemsize if mine else 0,
+                                         dtype.itemsize, comm=node)
         arrays = [np.frombuffer(window.Shared_query(k)[0], dtype, elements)
-                  for k in range(node.Get_size())]
-        arrays[node.Get_rank()].fill(0)
+                  for k in range(owners)]
+        if mine:
+            arrays[node.Get_rank()].fill(0)
         _WINDOWS[key] = window, arrays
     return _WINDOWS[key][1]
 
@@ -73,15 +78,21 @@ def barrier(world: World, timeout: float, what: str) -> None:
 
 
 def add_ranks(sources: list[np.ndarray], out: np.ndarray, scratch: np.ndarray) -> None:
-    """out = sources[0] + sources[1] + ... + sources[-1], added in that order, a chunk of
-    `scratch`'s size at a time (`out` may be one of `sources`)."""
-    for start in range(0, out.size, scratch.size):
-        stop = min(start + scratch.size, out.size)
-        running = scratch[:stop - start]
+    """out = sources[0] + sources[1] + ... + sources[-1], added in that order (`out` may be one
+    of `sources`). The running sum is kept in `out` itself, in one pass for two sources, a
+    chunk of `scratch`'s size at a time for more (the chunk's running sum stays in the cache);
+    in `scratch` when `out` is one of the sources added after the first two (the running sum
+    would overwrite it before it is read)."""
+    direct = not any(np.may_share_memory(out, source) for source in sources[2:])
+    step = out.size if direct and len(sources) == 2 else scratch.size
+    for start in range(0, out.size, max(step, 1)):
+        stop = min(start + step, out.size)
+        running = out[start:stop] if direct else scratch[:stop - start]
         np.add(sources[0][start:stop], sources[1][start:stop], out=running)
         for source in sources[2:]:
             running += source[start:stop]
-        out[start:stop] = running
+        if not direct:
+            out[start:stop] = running
 
 
 def even_spans(total: int, ranks: int) -> list[tuple[int, int]]:
@@ -130,50 +141,58 @@ class SharedMemorySum:
 
 
 class SharedParameters:
-    """Every rank's parameters stored in a window on this node, each rank's its own copy that the
-    others can read: after an optimizer step sharded by pieces (npcpu.dist.shard: `pieces` maps
-    id(p) to p's (owner, first, stop) pieces), a barrier, then every rank copies the pieces it
-    does not own straight from their owners' parameters, then a barrier (no owner changes its
-    parameters before every copy is done)."""
+    """The parameters of `params` stored once on this node, in a window every rank maps, and
+    every rank's Parameters viewing that one copy: after an optimizer step sharded by pieces
+    (npcpu.dist.shard), each owner has written its pieces where every rank reads them, and
+    `publish` is a barrier (no rank reads the parameters of the next step before every owner has
+    written its pieces). No rank writes parameters while another reads them: an owner updates
+    only after the gradient sum's first barrier (every rank's backward finished), and the
+    forward of the next step starts after `publish`'s barrier."""
 
     ALIGNMENT = 64  # bytes: each parameter starts on a cache line (and is aligned for any dtype)
 
-    def __init__(self, world: World, params: list, pieces: dict, timeout: float):
-        self.world, self.timeout = world, timeout
-        self.params, self.pieces = params, pieces
+    def __init__(self, world: World, params: list, timeout: float):
+        self.world, self.timeout, self.params = world, timeout, params
+        self.ids = {id(p) for p in params}
         sizes = [-(-p.data.nbytes // self.ALIGNMENT) * self.ALIGNMENT for p in params]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
-        self.arrays = shared_arrays(world, "parameters", int(self.offsets[-1]), np.uint8)
-        mine = self.arrays[world.rank]
-        self.views = [mine[start:start + p.data.nbytes].view(p.data.dtype).reshape(p.shape)
-                      for p, start in zip(params, self.offsets)]
+        offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+        window = shared_arrays(world, "parameters", int(offsets[-1]), np.uint8, one=True)[0]
+        self.views = [window[start:start + p.data.nbytes].view(p.data.dtype).reshape(p.shape)
+                      for p, start in zip(params, offsets)]
         self.attach()
 
+    def holds(self, p) -> bool:
+        """`p` is one of the parameters in the window."""
+        return id(p) in self.ids
+
     def attach(self) -> None:
-        """Make each parameter's storage its place in the window again, holding the values it
-        holds now: code that replaced a parameter's array (loading a state dict) loses nothing."""
+        """Every rank: make each parameter's storage its place in the window again, if some rank
+        replaced it (loading a state dict; a new fit), with rank 0's values (the ranks' parameters
+        are equal: broadcast at the start, hashed at each checkpoint). Collective: one small
+        all-reduce, and barriers when something was replaced."""
+        from mpi4py import MPI
+        replaced = np.array([any(p.data is not view for p, view in zip(self.params, self.views))],
+                            dtype=np.int64)
+        wait(self.world, [self.world.comm.Iallreduce(MPI.IN_PLACE, replaced, op=MPI.MAX)],
+             self.timeout, "the ranks checking their parameters are in the window")
+        if not replaced[0]:
+            return
+        barrier(self.world, self.timeout, "the ranks done reading the window's parameters")
+        if self.world.rank == 0:
+            for p, view in zip(self.params, self.views):
+                if p.data is not view:
+                    view[...] = p.data
+        barrier(self.world, self.timeout, "rank 0 writing the parameters into the window")
         for p, view in zip(self.params, self.views):
-            if p.data is not view:
-                view[...] = p.data
-                p.data = view
+            p.data = view
 
     def detach(self) -> None:
         """Give each parameter a private copy of its values again (at the end of a fit: a later
-        fit of a model of the same size reuses the window; `publish` attaches them again)."""
+        fit of a model of the same size reuses the window; `attach` brings them back)."""
         for p, view in zip(self.params, self.views):
             if p.data is view:
                 p.data = view.copy()
 
     def publish(self) -> None:
-        """Every rank takes each unfrozen parameter's pieces (as bytes) from their owners."""
-        self.attach()
+        """After the owners' step: every owner's pieces written (the parameters are one copy)."""
         barrier(self.world, self.timeout, "the owners updating their parameters")
-        for i, p in enumerate(self.params):
-            if not p.frozen:
-                size, mine = p.data.itemsize, p.data.reshape(-1).view(np.uint8)
-                for owner, first, stop in self.pieces[id(p)]:
-                    if owner != self.world.rank:
-                        source = self.offsets[i] + first * size
-                        mine[first * size:stop * size] = \
-                            self.arrays[owner][source:source + (stop - first) * size]
-        barrier(self.world, self.timeout, "the ranks copying the updated parameters")

@@ -16,6 +16,9 @@ Three ways to add the ranks' gradients:
                     In both, the order in which
                     MPI adds the ranks' partial sums depends on N (and on the algorithm MPI
                     picks), so the result equals one process's to float32 rounding, not bitwise.
+                    With the optimizer sharded (npcpu.dist.shard), each rank needs only its own
+                    span's sums (`SpanSums`: a reduce-scatter), overlapped or after backward,
+                    half the bytes of an all-reduce over each link.
     fixed order     the global batch is cut into `parts` equal pieces whatever N is; each rank
                     keeps one gradient sum per piece it owns, and the pieces are added strictly in
                     order, part 0 + part 1 + ..., each rank continuing the running sum of the rank
@@ -52,6 +55,7 @@ class GradientBuckets:
             groups[-1].append(p)
             sizes[-1] += p.size
         self.buffers = [allocate(size, dtype) for size in sizes]
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()[:-1]
         self.views = []
         for group, buffer in zip(groups, self.buffers):
             offset = 0
@@ -78,17 +82,75 @@ class GradientBuckets:
         wait(world, requests, timeout, "the gradient all-reduce")
 
 
+class SpanSums:
+    """The sum over the ranks of each rank's span (start, stop) of `buckets` laid end to end,
+    onto that rank only (`spans` in rank order, tiling the buffer; the rest of a rank's buckets
+    is left undefined): for each bucket, an MPI_Ireduce to the one rank whose span holds all of
+    it, else an MPI_Ireduce_scatter into a scratch array that `settle` copies into place. Half
+    the bytes of an all-reduce over each link. (Not a reduce-scatter in place: MPICH's TCP path
+    then copies a rank's own block onto itself and aborts.)"""
+
+    def __init__(self, buckets: GradientBuckets, spans: list[tuple[int, int]], rank: int):
+        self.buckets, self.rank = buckets, rank
+        self.shares = []  # per bucket: (each rank's count, each rank's displacement)
+        for start, buffer in zip(buckets.starts, buckets.buffers):
+            stop = start + buffer.size
+            self.shares.append(([max(0, min(stop, b) - max(start, a)) for a, b in spans],
+                                [min(max(a, start), stop) - start for a, _ in spans]))
+        self.scratch = [np.empty(counts[rank], buffer.dtype) if self.split(counts) else None
+                        for buffer, (counts, _) in zip(buckets.buffers, self.shares)]
+
+    @staticmethod
+    def split(counts: list[int]) -> bool:
+        return sum(count > 0 for count in counts) > 1
+
+    def start(self, world: World, bucket: int):
+        """Start the sums of bucket `bucket`; the request."""
+        from mpi4py import MPI
+        buffer, (counts, _) = self.buckets.buffers[bucket], self.shares[bucket]
+        if self.split(counts):
+            return world.comm.Ireduce_scatter(buffer, self.scratch[bucket], counts, op=MPI.SUM)
+        root = next((r for r, count in enumerate(counts) if count), 0)
+        mine = world.rank == root
+        return world.comm.Ireduce(MPI.IN_PLACE if mine else buffer, buffer if mine else None,
+                                  op=MPI.SUM, root=root)
+
+    def settle(self, bucket: int) -> None:
+        """After `start`'s request completed: this rank's sum in its place in the bucket."""
+        scratch = self.scratch[bucket]
+        if scratch is not None and scratch.size:
+            first = self.shares[bucket][1][self.rank]
+            self.buckets.buffers[bucket][first:first + scratch.size] = scratch
+
+    def reduce(self, world: World, timeout: float) -> None:
+        """The whole of it after backward: every bucket in flight at once."""
+        self.buckets.attach()
+        wait(world, [self.start(world, b) for b in range(len(self.buckets.buffers))], timeout,
+             "the gradient reduce-scatter")
+        for bucket in range(len(self.buckets.buffers)):
+            self.settle(bucket)
+
+    def gather(self, world: World, timeout: float) -> None:
+        """After `reduce`: every rank's buckets whole, each span's piece broadcast by its rank."""
+        requests = [world.comm.Ibcast(buffer[first:first + count], root=r)
+                    for buffer, (counts, firsts) in zip(self.buckets.buffers, self.shares)
+                    for r, (count, first) in enumerate(zip(counts, firsts)) if count]
+        wait(world, requests, timeout, "the all-gather of the summed gradients")
+
+
 class BackwardReducer:
     """The overlapped reduction of the module docstring: an InBackwardUpdater (npcpu.nn.parameter)
     that copies each parameter's finished gradient into its bucket view and starts a bucket's
-    Iallreduce when all its parameters arrived. `arm` before the backward of a window's last
-    micro-batch, `finish` after it. Non-blocking collectives must start in the same order on
-    every rank: they do, since every rank runs the same backward pass."""
+    Iallreduce when all its parameters arrived (with `span_sums`, each rank's span of the
+    buckets onto that rank only: SpanSums). `arm` before the backward of a
+    window's last micro-batch, `finish` after it. Non-blocking collectives must start in the
+    same order on every rank: they do, since every rank runs the same backward pass."""
 
     element_alignment = 1
 
-    def __init__(self, buckets: GradientBuckets, world: World):
-        self.buckets, self.world = buckets, world
+    def __init__(self, buckets: GradientBuckets, world: World,
+                 span_sums: SpanSums | None = None):
+        self.buckets, self.world, self.span_sums = buckets, world, span_sums
         self.place = {}  # id(param) -> (bucket index, flat view)
         for p, view in buckets.views:
             self.place[id(p)] = (next(i for i, b in enumerate(buckets.buffers)
@@ -128,8 +190,8 @@ class BackwardReducer:
 
     def _start(self, bucket: int) -> None:
         from mpi4py import MPI
-        self.requests[bucket] = self.world.comm.Iallreduce(
-            MPI.IN_PLACE, self.buckets.buffers[bucket], op=MPI.SUM)
+        self.requests[bucket] = self.span_sums.start(self.world, bucket) if self.span_sums \
+            else self.world.comm.Iallreduce(MPI.IN_PLACE, self.buckets.buffers[bucket], op=MPI.SUM)
 
     def _progress(self) -> None:
         from mpi4py import MPI
@@ -151,6 +213,9 @@ class BackwardReducer:
             if request is None:
                 self._start(bucket)
         wait(self.world, self.requests, timeout, "the gradient all-reduce")
+        if self.span_sums is not None:
+            for bucket in range(len(self.buckets.buffers)):
+                self.span_sums.settle(bucket)
 
 
 class OrderedSum:

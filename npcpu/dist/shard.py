@@ -7,10 +7,11 @@ parameter only at a multiple of SPLIT_UNIT elements from its first, so a paramet
 or a few consecutive pieces, each with one owner. An owner alone runs the optimizer on its pieces
 and keeps their optimizer state (a split parameter's state arrays are whole on each of its owners,
 each reading and writing only its range); after the step the owners publish the elements they
-updated (on one node, through shared memory: npcpu.dist.node). An owner's update is the one every
-rank would have made (the same gradient, state and stochastic-rounding bits, which are keyed by
-element), so a sharded run is bitwise the run without sharding, for the optimizer work of about
-1/N of the model per rank.
+updated (on one node by writing them into the one copy of the parameters every rank views,
+npcpu.dist.node; else by broadcasts). An owner's update is the one every rank would have made
+(the same gradient, state and stochastic-rounding bits, which are keyed by element), so a
+sharded run is bitwise the run without sharding, for the optimizer work of about 1/N of the
+model per rank.
 
 What needs more than one piece of a parameter is a sum over the whole tensor: the gradient norm
 (clipping, the freezer's layer norms) and LAMB's trust ratio (the norms of the weights and of the
@@ -21,10 +22,11 @@ SPLIT_UNIT is a multiple of both, so each owner computes the partials of its own
 slot written by one rank, so the message's sum is exact) and every rank adds them in chunk
 order: the one-process sum, bit for bit.
 
-So when every rank is on one node and there is no loss scaler, a rank needs only its own ranges'
-summed gradients: the gradients are reduce-scattered to their owners (npcpu.dist.node), half the
-work of an all-reduce on 2 ranks. (The loss scaler's check reads every gradient: with one, they
-are all-reduced whole; a non-finite norm has them gathered whole too, for the error that names the
+So without a loss scaler (and without deterministic sums) a rank needs only its own range's
+summed gradients: the gradients are reduce-scattered to their owners (on one node through shared
+memory, npcpu.dist.node; between nodes by MPI_Ireduce_scatter, npcpu.dist.reduce), half the work
+and bytes of an all-reduce. (The loss scaler's check reads every gradient: with one, they are
+all-reduced whole; a non-finite norm has them gathered whole too, for the error that names the
 first non-finite layer.) Before a checkpoint the owners send their ranges of the optimizer state
 and slow weights to rank 0 (which writes all of it, then drops the state of parameters it owns no
 piece of), and before an evaluation they publish Lookahead's slow weights (each owner synced its
@@ -110,7 +112,7 @@ class OptimizerShard:
         self.mine = {key: (first, stop) for key, own in self.pieces.items()
                      for rank, first, stop in own if rank == world.rank}
         self.squares: dict = {}  # id(param) -> its sum of squared gradients (gradient_norm)
-        self.shared = SharedParameters(world, self.params, self.pieces, timeout) \
+        self.shared = SharedParameters(world, self.params, timeout) \
             if shared_memory and one_node(world) else None
         self.drop_others_state()
 
@@ -136,7 +138,11 @@ class OptimizerShard:
     @contextlib.contextmanager
     def own_share_only(self):
         """Within it, an optimizer step (and Lookahead's sync) updates only this rank's pieces
-        and leaves the rest of the parameters and their state alone."""
+        and leaves the rest of the parameters and their state alone (on one node, in the
+        parameters' one copy that every rank views: attached first, if some rank's were
+        replaced)."""
+        if self.shared is not None:
+            self.shared.attach()
         self.inner.share = self
         try:
             yield
@@ -208,8 +214,9 @@ class OptimizerShard:
                              if not p.frozen and p.grad is not None))
 
     def publish_parameters(self) -> None:
-        """Every rank takes each piece of each parameter (as bytes) from its owner: through this
-        node's shared memory when every rank is on it (npcpu.dist.node), else by MPI broadcasts."""
+        """Every rank takes each piece of each parameter (as bytes) from its owner: on one node
+        the owners wrote them into the one copy every rank views (npcpu.dist.node), else by MPI
+        broadcasts."""
         if self.shared is not None:
             self.shared.publish()
             return

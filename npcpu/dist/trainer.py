@@ -36,7 +36,7 @@ import numpy as np
 
 from npcpu.data.loader import DataLoader
 from npcpu.dist.node import SharedMemorySum, one_node
-from npcpu.dist.reduce import (BackwardReducer, GradientBuckets, OrderedSum,
+from npcpu.dist.reduce import (BackwardReducer, GradientBuckets, OrderedSum, SpanSums,
                                broadcast_parameters, check_parameters_equal, sum_in_order)
 from npcpu.dist.shard import OptimizerShard
 from npcpu.dist.world import World, wait
@@ -69,7 +69,8 @@ class DataParallelTrainer(Trainer):
     shard_optimizer : bool
         Each range of the parameters' elements stepped (and its optimizer state kept) by one rank
         only, the updated parameters published (npcpu.dist.shard: ZeRO stage 1 by ranges of
-        elements); bitwise the same run.
+        elements); bitwise the same run. Without deterministic sums or a loss scaler, each rank
+        then receives only its range's summed gradients (a reduce-scatter).
     shared_memory : bool
         When every rank is on one node, sum the gradients (and publish sharded parameters)
         through the node's shared memory (npcpu.dist.node) instead of MPI's collectives.
@@ -125,12 +126,19 @@ class DataParallelTrainer(Trainer):
         if self._agreed_interrupt is None:
             self._agreed_interrupt = self._pending_interrupt or "a signal to another rank"
 
+    def sums_to_owners(self) -> bool:
+        """Sharded, each rank receives only its own range's summed gradients: not with
+        deterministic sums, nor with a loss scaler (its check reads every gradient)."""
+        return self.shard_optimizer and not self.deterministic and \
+            (self.loss_scaler is None or not self.loss_scaler.enabled)
+
     def header(self) -> str:
         import numba
+        collective = "reduce-scatter to the owners" if self.sums_to_owners() else "all-reduce"
         how = (f"deterministic: a fixed-order sum over {self.parts} pieces of each batch"
                if self.deterministic else "this node's shared memory after backward"
-               if self.shared_memory else "all-reduce" + (" overlapped with backward"
-                                                          if self.overlap else " after backward"))
+               if self.shared_memory else collective + (" overlapped with backward"
+                                                        if self.overlap else " after backward"))
         return (super().header() + f"\ndata parallel: world size {self.world.size} | threads per "
                 f"rank {numba.get_num_threads()} | gradients summed by {how}")
 
@@ -156,8 +164,15 @@ class DataParallelTrainer(Trainer):
         return self.evaluation_metrics(per_batch, len(loader.dataset))
 
     def _evaluate_and_report(self, eval_data, batch_size, callbacks) -> None:
-        if self.optimizer_shard is not None:  # the slow weights evaluated on, synced by owners
-            self.optimizer_shard.publish_slow_weights()
+        """Sharded: the slow weights evaluated on published by their owners first; and on one
+        node each rank evaluates on its own copy of the parameters (Lookahead swaps the slow
+        weights into them in place, each rank at its own pace; the next step attaches them to
+        the shared copy again: npcpu.dist.node.SharedParameters)."""
+        shard = self.optimizer_shard
+        if shard is not None:
+            shard.publish_slow_weights()
+            if shard.shared is not None:
+                shard.shared.detach()
         super()._evaluate_and_report(eval_data, batch_size, callbacks)
 
     # -- checkpoints: hashes compared, then rank 0 writes while the others wait ---------------------
@@ -210,18 +225,21 @@ class DataParallelRunner(ReferenceRunner):
             note += f"; {trainer.optimizer_shard.describe()}"
         super().__init__(trainer, self.shard(loader), note=f"{note}: {world.describe()}")
         params = trainer.model.parameters()
-        broadcast_parameters(world, params, trainer.timeout)
         shard = trainer.optimizer_shard
+        shared = shard.shared if shard is not None else None  # rank 0's values already
+        broadcast_parameters(world, [p for p in params if shared is None or not shared.holds(p)],
+                             trainer.timeout)
         self.node_sum = SharedMemorySum(world, params, shard and shard.spans(),
                                         trainer.timeout) if trainer.shared_memory else None
         # each owner alone reads its summed gradients, unless the loss scaler checks them all
-        self.scatter = shard is not None and self.node_sum is not None and \
-            (trainer.loss_scaler is None or not trainer.loss_scaler.enabled)
+        self.scatter = shard is not None and trainer.sums_to_owners()
         self.buckets = self.node_sum.buckets if self.node_sum is not None else \
             GradientBuckets(params, trainer.bucket_bytes)
+        self.span_sums = SpanSums(self.buckets, shard.spans(), world.rank) \
+            if self.scatter and self.node_sum is None else None
         self.ordered = OrderedSum(self.buckets, self.stop_part - self.first_part) \
             if trainer.deterministic else None
-        self.reducer = BackwardReducer(self.buckets, world) \
+        self.reducer = BackwardReducer(self.buckets, world, self.span_sums) \
             if trainer.overlap and self.node_sum is None else None
         self.dropouts = [m for m in trainer.model.modules() if isinstance(m, Dropout)]
         self._window_batches = range(0)
@@ -296,16 +314,27 @@ class DataParallelRunner(ReferenceRunner):
             loss += float(value)
         if self.ordered is not None:
             self.ordered.reduce(trainer.world, trainer.timeout)
-        elif self.node_sum is not None:  # after a non-finite loss, every gradient for the error
-            if self.scatter and math.isfinite(loss):
-                self.node_sum.reduce_scatter()
-            else:
-                self.node_sum.allreduce()
+        elif self.node_sum is not None and self.scatter:
+            self.node_sum.reduce_scatter()
+        elif self.node_sum is not None:
+            self.node_sum.allreduce()
         elif self.reducer is not None:
             self.reducer.finish(trainer.timeout)
+        elif self.span_sums is not None:
+            self.span_sums.reduce(trainer.world, trainer.timeout)
         elif trainer.world.size > 1:
             self.buckets.allreduce(trainer.world, trainer.timeout)
+        if self.scatter and not math.isfinite(loss):  # every gradient, for the error
+            self.gather()
         return loss, items
+
+    def gather(self) -> None:
+        """After a reduce-scatter to the owners: every rank's gradients whole (the summed spans
+        from their owners)."""
+        if self.node_sum is not None:
+            self.node_sum.allgather()
+        else:
+            self.span_sums.gather(self.trainer.world, self.trainer.timeout)
 
     def _grad_norm(self, params: list, check: bool) -> float:
         """Sharded: the norm summed by the owners, only this rank's own gradients clipped
@@ -317,7 +346,7 @@ class DataParallelRunner(ReferenceRunner):
         norm = shard.gradient_norm(params, self.trainer.clip_grad_norm, check,
                                    keep_squares=self.trainer.freezer is not None)
         if self.scatter and not math.isfinite(norm):
-            self.node_sum.allgather()
+            self.gather()
         return norm
 
     def observe_for_freezing(self) -> list:

@@ -119,10 +119,12 @@ def abort_on_error(world: World):
         raise
 
 
-PAUSE_SECONDS = (1e-5, 1e-4)
-"""The first and the longest sleep between two tests of the requests `wait` waits for: MPI moves
-a non-blocking collective on only inside MPI calls (a test), so that a long sleep stalls a large
-transfer; a sleep at all leaves the core to a rank that shares it."""
+PAUSE_SECONDS = 1e-5
+"""The sleep between two tests of the requests `wait` waits for: MPI moves a non-blocking
+collective on only inside MPI calls (a test), so that a longer sleep stalls a large transfer
+(over TCP between hosts, sleeps doubling up to 0.1 ms or 1 ms made the step slower, not faster:
+the tests do not compete with the kernel's TCP work); a sleep at all leaves the core to a rank
+that shares it."""
 
 TIMEOUT_TAG = 31_415
 """The tag of the notices a rank sends to the others when one of its waits times out."""
@@ -136,7 +138,6 @@ def wait(world: World, requests: list, timeout: float, what: str) -> None:
     took another path)."""
     from mpi4py import MPI
     deadline = time.monotonic() + timeout
-    pause = PAUSE_SECONDS[0]
     while not MPI.Request.Testall(requests):
         if time.monotonic() > deadline:
             silent = silent_ranks(world, min(timeout, NOTICE_SECONDS))
@@ -144,8 +145,7 @@ def wait(world: World, requests: list, timeout: float, what: str) -> None:
                                f"rank(s) {silent} did not time out too within "
                                f"{min(timeout, NOTICE_SECONDS):g} s more: they hang, died, or "
                                "are at another step")
-        time.sleep(pause)
-        pause = min(2 * pause, PAUSE_SECONDS[1])
+        time.sleep(PAUSE_SECONDS)
 
 
 def silent_ranks(world: World, seconds: float) -> list[int]:
