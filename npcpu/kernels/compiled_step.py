@@ -190,6 +190,14 @@ def sum_of_squares(a):
 
 
 @njit(cache=True)
+def scale_in_place(a, scale):
+    """a[k] *= scale over a 1-D array, as an index loop (Numba's `*=` on a strided 2-D slice goes
+    through a generic element iterator, many times slower)."""
+    for k in range(a.size):
+        a[k] *= scale
+
+
+@njit(cache=True)
 def head_rows(model, shared, partials, x_scale, rows, y, first, stop, scale, base):
     """Everything of a step after layer 0's GEMM for the batch rows first .. stop - 1 (a row
     group; their samples are rows[first:stop]): layer 0's bias and activation, the layers above
@@ -276,7 +284,8 @@ def layer0_weight_update(model, x, x_scale, rows, next_rows, dz, thread, threads
     for t, i in enumerate(range(0, rows.size, BATCH_TILE)):
         prefetch_rows(x[:, first:stop], next_rows, t * per_tile, (t + 1) * per_tile)
         add_weight_grad(dz[i:i + BATCH_TILE], x, rows[i:i + BATCH_TILE], grad_weight, first, stop)
-    grad_weight[:, first:stop] *= x_scale
+    for m in range(n_out):
+        scale_in_place(grad_weight[m, first:stop], x_scale)
     for block in range(first_block, stop_block):
         block_first, block_stop = column_block(n_in, block)
         block_squares[block] = 0.0
