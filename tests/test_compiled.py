@@ -69,6 +69,18 @@ def test_backward_kernels_match_numpy(n, k, m):
     np.testing.assert_array_equal(masked[n:], dz[n:])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scale_in_place_matches_numpy_on_a_strided_slice(dtype):
+    """g_W0's scaling by x_scale, one row of a column block at a time: a * scale rounded once,
+    as NumPy's product; the columns outside the slice are left alone."""
+    rng = np.random.default_rng(4)
+    grad = rng.standard_normal((3, 37)).astype(dtype)
+    expected = grad.copy()
+    expected[1, 5:28] = grad[1, 5:28] * dtype(1 / 255)
+    kernels.scale_in_place(grad[1, 5:28], dtype(1 / 255))
+    np.testing.assert_array_equal(grad, expected)
+
+
 def test_cross_entropy_matches_numpy():
     rng = np.random.default_rng(1)
     logits = (5 * rng.standard_normal((11, 7))).astype(np.float32)
