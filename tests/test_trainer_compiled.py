@@ -23,6 +23,7 @@ from npcpu.optim.schedules import warmup_cosine_decay_schedule
 from npcpu.optim.sgd import SGD
 from npcpu.train.build import build_run
 from npcpu.train.callbacks import Callback, EarlyStopping
+from npcpu.train.compiled import CompiledClassifierStep
 from npcpu.train.freezing import DynamicFreezer
 from npcpu.train import runner_compiled
 from npcpu.train.trainer import Trainer
@@ -214,6 +215,33 @@ def test_chunks_grow_to_about_compiled_chunk_seconds_of_steps(monkeypatch, secon
                          epochs=1, log_every=10)
     assert sorted({at for at, _ in calls.steps}) == chunk_ends
     assert [m["step"] for _, m in calls.steps] == list(range(1, 521))
+
+
+@pytest.mark.parametrize("late, threads", [(6, [2] * 6), (7, [2] + [1] * 5)])
+def test_a_chunk_with_many_late_meetings_moves_the_rest_of_the_fit_to_one_thread(monkeypatch, late,
+                                                                                 threads):
+    """Chunks of 100 steps (200 meetings) on two threads; a chunk with more than
+    LATE_MEETINGS_ALLOWED + LATE_MEETING_SHARE * 200 = 6 late meetings (as a busy machine makes
+    them: set here after each call) sends the rest of the fit to one thread, with the same
+    results bit for bit as a fit whose meetings are counted as they happen."""
+    assert runner_compiled.LATE_MEETINGS_ALLOWED + runner_compiled.LATE_MEETING_SHARE * 200 == 6
+    monkeypatch.setattr(runner_compiled, "COMPILED_CHUNK_SECONDS", 0.0)
+    monkeypatch.setattr(CompiledClassifierStep, "default_threads", lambda self, batch_size: 2)
+    data = make_data(n=520 * 4)
+    counted, _ = fit("auto", "logreg", "plain", data=data, batch_size=4, epochs=1, log_every=10)
+    train_steps, calls = CompiledClassifierStep.train_steps, []
+
+    def busy_machine(self, *args, **kwargs):
+        calls.append(kwargs["threads"])
+        losses = train_steps(self, *args, **kwargs)
+        self.late_meetings = late
+        return losses
+    monkeypatch.setattr(CompiledClassifierStep, "train_steps", busy_machine)
+    busy, _ = fit("auto", "logreg", "plain", data=data, batch_size=4, epochs=1, log_every=10)
+    assert calls == threads
+    for (name, a), (_, b) in zip(busy.model.state_dict().items(),
+                                 counted.model.state_dict().items()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 def test_early_stopping_stops_both_paths_at_the_same_evaluation():

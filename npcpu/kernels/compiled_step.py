@@ -88,14 +88,17 @@ its columns of W_0); the rest are this thread's own (thread 0's are the model's)
 SharedBuffers = namedtuple("SharedBuffers", ["counter", "partials", "acts", "pre_acts", "dzs",
                                              "group_weight_grads", "group_bias_grads",
                                              "group_losses", "block_squares", "batch_rows",
-                                             "targets", "row_losses", "losses", "grad_norms"])
+                                             "targets", "row_losses", "losses", "grad_norms",
+                                             "late_meetings"])
 """What the threads share: counter (1,) int64 zero (the barrier), partials (2, C, B, M0),
 acts[l], pre_acts[l] (GELU's inputs; (0, 0) for other layers) and dzs[l] (B, M) (each thread
 writes its row groups), group_weight_grads[g * L + l],
 group_bias_grads[g * L + l], group_losses (C,), block_squares (2, C); batch_rows (B,) int64
 0 .. B - 1 (the rows of acts a row group reads), the workspaces targets (B,) int64 and row_losses
 (B,) float64 of the loss (each row group uses its rows' part: nothing is allocated per step);
-and the outputs losses (steps,) and grad_norms (steps,) that thread 0 writes."""
+and the outputs losses (steps,) and grad_norms (steps,) that thread 0 writes, and late_meetings
+(T,) int64: at how many of its meetings thread t waited long enough to yield its core (another
+thread was not running: the machine is busy with other work)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,13 +316,14 @@ def train_worker(thread, threads, plan, model, shared):
 
     Parameter p (weight of layer l is p = 2 l, its bias p = 2 l + 1) uses plan.lrs[s, p],
     plan.corrections[s, p] and the settings model.hyper[p], model.flags[p]. Thread 0 writes
-    shared.losses[s] and shared.grad_norms[s]. Stops before updating anything in the first step
-    whose loss is not finite; returns the number of steps taken.
+    shared.losses[s] and shared.grad_norms[s]; each thread its shared.late_meetings. Stops before
+    updating anything in the first step whose loss is not finite; returns the number of steps
+    taken.
     """
     order, batch_size, n_steps = plan.order, plan.batch_size, plan.steps
     counter, partials, block_squares = shared.counter, shared.partials, shared.block_squares
     n_layers = len(model.weights)
-    head_squares = 0.0
+    head_squares, late = 0.0, 0
     for s in range(n_steps):
         start = (plan.first_batch + s) * batch_size
         rows = order[start:min(start + batch_size, order.size)]
@@ -328,24 +332,25 @@ def train_worker(thread, threads, plan, model, shared):
         n = rows.size
         first_step = plan.first_step and s == 0
         layer0_partial_sums(plan.x, rows, model.weights[0], thread, threads, partials[s % 2])
-        barrier_wait(counter, threads, 2 * s)  # every thread has also finished step s - 1
+        late += barrier_wait(counter, threads, 2 * s)  # all have also finished step s - 1
         if thread == 0 and s > 0:
             shared.grad_norms[s - 1] = np.sqrt(head_squares + block_squares[(s - 1) % 2].sum())
         for g in range(thread, COLUMN_BLOCKS, threads):
             shared.group_losses[g] = head_rows(model, shared, partials[s % 2], plan.x_scale, rows,
                                                plan.y, n * g // COLUMN_BLOCKS,
                                                n * (g + 1) // COLUMN_BLOCKS, 1.0 / n, g * n_layers)
-        barrier_wait(counter, threads, 2 * s + 1)  # dz_0 and the groups' gradients are complete
+        late += barrier_wait(counter, threads, 2 * s + 1)  # dz_0, the groups' gradients done
         loss = shared.group_losses.sum() / n
         if thread == 0:
             shared.losses[s] = loss
         if not np.isfinite(loss):
+            shared.late_meetings[thread] = late
             return s
         head_squares = head_update(model, shared, plan.lrs[s], plan.corrections[s], first_step)
         layer0_weight_update(model, plan.x, plan.x_scale, rows, next_rows, shared.dzs[0], thread,
                              threads, plan.lrs[s, 0], plan.corrections[s, 0], first_step,
                              block_squares[s % 2])
-    barrier_wait(counter, threads, 2 * n_steps)
+    shared.late_meetings[thread] = late + barrier_wait(counter, threads, 2 * n_steps)
     if thread == 0:
         shared.grad_norms[n_steps - 1] = np.sqrt(head_squares
                                                  + block_squares[(n_steps - 1) % 2].sum())

@@ -98,6 +98,7 @@ class CompiledClassifierStep:
         self._check_loss(loss_fn, self.layers[-1].out_features)
         self._check_optimizer(optimizer, model)
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.late_meetings = 0  # of the last train_steps call (see there)
 
     # -- what is supported ----------------------------------------------------------------------
     @staticmethod
@@ -184,7 +185,9 @@ class CompiledClassifierStep:
         order (n,) int64 sample indices. `lrs` (steps, groups): the learning rate of each
         parameter group at each step (default: the groups' "lr" throughout; the groups' "lr"
         is left as it was). `grad_norms` (steps,) float64, optional: receives each step's total
-        gradient 2-norm. `threads`: default `default_threads(batch_size)`.
+        gradient 2-norm. `threads`: default `default_threads(batch_size)`; afterwards
+        `late_meetings` counts the threads' meetings at which one waited for another that was not
+        running (the cores were busy with other work).
 
         Returns the mean loss of each step taken, (steps,) float64. A step whose loss is not
         finite is not taken: the parameters stay as the step before left them, and the returned
@@ -220,6 +223,7 @@ class CompiledClassifierStep:
         taken = train_worker(*arguments[0])
         for helper in helpers:
             helper.join()
+        self.late_meetings = int(arguments[0][-1].late_meetings.sum())
         for _, p in self.optimizer.indexed_params():
             self.optimizer.state[self.optimizer.index_of(p)]["step"] += taken
         return losses[:taken + 1] if taken < steps else losses
@@ -302,7 +306,8 @@ class CompiledClassifierStep:
                                group_losses=np.zeros(COLUMN_BLOCKS), block_squares=block_squares,
                                batch_rows=np.arange(batch_size),
                                targets=np.empty(batch_size, np.int64),
-                               row_losses=np.empty(batch_size), losses=losses, grad_norms=grad_norms)
+                               row_losses=np.empty(batch_size), losses=losses, grad_norms=grad_norms,
+                               late_meetings=np.zeros(threads, np.int64))
         arguments = []
         for thread in range(threads):
             if thread:  # own copies of everything above W_0 (they stay bitwise equal)
