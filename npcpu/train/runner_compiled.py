@@ -17,10 +17,11 @@ their arguments), so chunks must be long; and callbacks and log lines wait for a
 so they must not be too long.
 
 The call runs on CompiledClassifierStep.default_threads threads (two for the models it is for),
-whose meetings twice a step need both cores at once. When another program keeps a core busy, a
-thread often waits for one that is not running, and one thread is then faster: after a chunk in
-which more than LATE_MEETING_SHARE of the meetings (plus a few: starting the second thread takes
-time) were late, the rest of the fit() runs on one thread. The results are the same bit for bit.
+whose meetings twice a step need both cores at once. When other programs keep the cores busy, a
+thread often waits for one that is not running, and one thread is then faster: a call whose
+threads found too many of their meetings late goes on with one thread (npcpu.kernels.
+compiled_step.train_worker), and the rest of the fit() then runs on one thread. The results are
+the same bit for bit.
 
 The call gets each step's learning rates from a dry run of the scheduler (stepped, then
 restored); the loop then really steps the scheduler once per step yielded, as after reference
@@ -41,8 +42,6 @@ from npcpu.train.runners import StepResult, non_finite_message, window_gradients
 
 COMPILED_CHUNK_STEPS = 100
 COMPILED_CHUNK_SECONDS = 0.25
-LATE_MEETING_SHARE = 0.02
-LATE_MEETINGS_ALLOWED = 2  # per chunk: the first meeting waits for the second thread to start
 
 
 class CompiledRunner:
@@ -88,7 +87,7 @@ class CompiledRunner:
         started = time.perf_counter()
         losses = self._train_steps(order, batch_size, first_batch=first, steps=limit, lrs=lrs,
                                    grad_norms=grad_norms, threads=self._threads)
-        if self._step.late_meetings > LATE_MEETINGS_ALLOWED + LATE_MEETING_SHARE * 2 * len(losses):
+        if self._step.alone_from < limit:
             self._threads = 1
         taken = len(losses) if math.isfinite(losses[-1]) else len(losses) - 1
         per_step = (time.perf_counter() - started) / max(taken, 1)
