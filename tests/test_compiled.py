@@ -69,6 +69,18 @@ def test_backward_kernels_match_numpy(n, k, m):
     np.testing.assert_array_equal(masked[n:], dz[n:])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scale_in_place_matches_numpy_on_a_strided_slice(dtype):
+    """g_W0's scaling by x_scale, one row of a column block at a time: a * scale rounded once,
+    as NumPy's product; the columns outside the slice are left alone."""
+    rng = np.random.default_rng(4)
+    grad = rng.standard_normal((3, 37)).astype(dtype)
+    expected = grad.copy()
+    expected[1, 5:28] = grad[1, 5:28] * dtype(1 / 255)
+    kernels.scale_in_place(grad[1, 5:28], dtype(1 / 255))
+    np.testing.assert_array_equal(grad, expected)
+
+
 def test_cross_entropy_matches_numpy():
     rng = np.random.default_rng(1)
     logits = (5 * rng.standard_normal((11, 7))).astype(np.float32)
@@ -367,6 +379,32 @@ def test_results_do_not_depend_on_the_thread_count(model_name, optimizer_name):
         np.testing.assert_array_equal(losses, results[0][0])
         for got, want in zip(params, results[0][1]):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("late_limit, alone_from", [((1e9, 0.0), 5), ((-1.0, 0.0), 0),
+                                                   ((10.0, -3.0), 2)])
+def test_going_on_alone_mid_call_changes_no_result(late_limit, alone_from):
+    """Two threads that leave the steps to thread 0 at the first meeting of step `alone_from`
+    (late_limit (allowed, share): more late meetings than allowed + share * 2 s at step s; here
+    passed at step 2 whatever the real ones: at most 4 s by then, and 10 - 6 s < 0 first at s = 2)
+    give the same losses, gradient norms and parameters bit for bit as two threads throughout;
+    5 steps of 32 rows (the last one 22)."""
+    x, y = _mlp_data()
+    order = np.random.default_rng(0).permutation(len(x))
+    results = []
+    for limit in [(1e9, 0.0), late_limit]:
+        model, loss_fn, optimizer = _problem(MODELS["gelu_tanh"](), OPTIMIZERS["adam_decay"])
+        step = CompiledClassifierStep(model, loss_fn, optimizer)
+        step.late_limit = limit
+        grad_norms = np.empty(5)
+        losses = step.train_steps(x, y, order, 32, threads=2, grad_norms=grad_norms)
+        results.append((losses, grad_norms, [p.data.copy() for p in model.parameters()]))
+    assert step.alone_from == alone_from
+    (losses, grad_norms, params), (want_losses, want_norms, want_params) = results[1], results[0]
+    np.testing.assert_array_equal(losses, want_losses)
+    np.testing.assert_array_equal(grad_norms, want_norms)
+    for got, want in zip(params, want_params):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_per_step_learning_rates_and_gradient_norms_match_the_reference_loop():

@@ -1,6 +1,7 @@
 """npcpu.kernels.intrinsics: atomics and the spin barrier, run by real threads at once."""
 
 import threading
+import time
 
 import numpy as np
 from numba import njit
@@ -62,6 +63,24 @@ def test_barrier_makes_every_write_visible_to_every_thread():
         stale = _run_together(_rounds, lambda t: (t, threads, counter, seen, 20_000), threads)
         assert stale == [0] * threads
         assert counter[0] == (threads * 2 * 20_000 if threads > 1 else 0)
+
+
+@njit(nogil=True)
+def _meet(counter, threads):
+    return barrier_wait(counter, threads, 0)
+
+
+def _meet_after(delay, counter, threads):
+    time.sleep(delay)
+    return _meet(counter, threads)
+
+
+def test_barrier_says_which_thread_waited_for_one_that_was_not_running():
+    """The thread that arrives first and waits past its spins (the other sleeps 0.2 s, far longer
+    than the spins) reports it; the late one does not; one thread never waits."""
+    assert _meet(np.zeros(1, np.int64), 1) is False
+    counter = np.zeros(1, np.int64)
+    assert _run_together(_meet_after, lambda t: (0.2 * t, counter, 2), 2) == [True, False]
 
 
 def test_prefetch_is_a_hint_and_atomic_load_reads():

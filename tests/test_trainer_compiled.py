@@ -23,6 +23,7 @@ from npcpu.optim.schedules import warmup_cosine_decay_schedule
 from npcpu.optim.sgd import SGD
 from npcpu.train.build import build_run
 from npcpu.train.callbacks import Callback, EarlyStopping
+from npcpu.train.compiled import CompiledClassifierStep
 from npcpu.train.freezing import DynamicFreezer
 from npcpu.train import runner_compiled
 from npcpu.train.trainer import Trainer
@@ -214,6 +215,32 @@ def test_chunks_grow_to_about_compiled_chunk_seconds_of_steps(monkeypatch, secon
                          epochs=1, log_every=10)
     assert sorted({at for at, _ in calls.steps}) == chunk_ends
     assert [m["step"] for _, m in calls.steps] == list(range(1, 521))
+
+
+def test_a_call_that_goes_on_alone_moves_the_rest_of_the_fit_to_one_thread(monkeypatch):
+    """Chunks of 100 steps on two threads. A late_limit passed from step 50 on whatever the real
+    late meetings (allowed 9998, share -100: at most 4 s late by step s, and 9998 - 200 s < 0
+    first at s = 50), as a busy machine's would pass it, makes the first call go on alone from its
+    step 50 and the later calls run on one thread; the results are the same bit for bit as on
+    two threads throughout."""
+    monkeypatch.setattr(runner_compiled, "COMPILED_CHUNK_SECONDS", 0.0)
+    monkeypatch.setattr(CompiledClassifierStep, "default_threads", lambda self, batch_size: 2)
+    data = make_data(n=520 * 4)
+    monkeypatch.setattr(CompiledClassifierStep, "late_limit", (1e9, 0.0))
+    together, _ = fit("auto", "logreg", "plain", data=data, batch_size=4, epochs=1, log_every=10)
+    train_steps, calls = CompiledClassifierStep.train_steps, []
+
+    def recorded(self, *args, **kwargs):
+        losses = train_steps(self, *args, **kwargs)
+        calls.append((kwargs["threads"], self.alone_from))
+        return losses
+    monkeypatch.setattr(CompiledClassifierStep, "train_steps", recorded)
+    monkeypatch.setattr(CompiledClassifierStep, "late_limit", (9998.0, -100.0))
+    alone, _ = fit("auto", "logreg", "plain", data=data, batch_size=4, epochs=1, log_every=10)
+    assert calls == [(2, 50)] + [(1, 100)] * 4 + [(1, 20)]
+    for (name, a), (_, b) in zip(alone.model.state_dict().items(),
+                                 together.model.state_dict().items()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 def test_early_stopping_stops_both_paths_at_the_same_evaluation():

@@ -65,9 +65,10 @@ COLUMN_BLOCKS = 2  # layer 0's columns in blocks, summed in block order; threads
 # Each block more costs every tile of layer 0's GEMMs its loop starts and horizontal sums again: at
 # this size a step is too short for more than two threads to pay for their meetings anyway.
 NO_IGNORED_CLASS = -1  # targets are checked to be classes >= 0, so no row is ignored
+LATE_LIMIT = (2.0, 0.02)  # late meetings allowed: a few (the second thread starts later), then 2%
 
 StepPlan = namedtuple("StepPlan", ["x", "x_scale", "y", "order", "batch_size", "first_batch",
-                                   "steps", "lrs", "corrections", "first_step"])
+                                   "steps", "lrs", "corrections", "first_step", "late_limit"])
 """What `train_worker` runs: `steps` steps from batch `first_batch` of `order` (S,) int64, batch b
 being order[b * batch_size : (b + 1) * batch_size] (the last one may be shorter), over features x
 (S, D) * x_scale and labels y (S,) int64; lrs (steps, P) float64 the learning rate of each step and
@@ -75,7 +76,9 @@ parameter, corrections (steps, P, 2) float64 Adam's bias corrections at each ste
 npcpu.kernels.compiled_update; unused by SGD); `first_step`: SGD has taken no step yet. x is in the
 parameters' dtype with x_scale 1 (multiplying by 1 is exact), or uint8 pixels with x_scale in that
 dtype (1 / 255 for MNIST): the GEMMs then read a quarter of the bytes, and the scale is applied to
-their sums (layer0_output, layer0_weight_update)."""
+their sums (layer0_output, layer0_weight_update). late_limit (2,) float64 (allowed, share): thread 0
+goes on alone once more than allowed + share * m of the first m meetings were late (see
+train_worker; LATE_LIMIT by default)."""
 ThreadModel = namedtuple("ThreadModel", ["weights", "biases", "activations", "adam",
                                          "first_moments", "second_moments", "hyper", "flags",
                                          "grad_weights", "grad_biases"])
@@ -88,14 +91,18 @@ its columns of W_0); the rest are this thread's own (thread 0's are the model's)
 SharedBuffers = namedtuple("SharedBuffers", ["counter", "partials", "acts", "pre_acts", "dzs",
                                              "group_weight_grads", "group_bias_grads",
                                              "group_losses", "block_squares", "batch_rows",
-                                             "targets", "row_losses", "losses", "grad_norms"])
+                                             "targets", "row_losses", "losses", "grad_norms",
+                                             "late_meetings", "alone_from"])
 """What the threads share: counter (1,) int64 zero (the barrier), partials (2, C, B, M0),
 acts[l], pre_acts[l] (GELU's inputs; (0, 0) for other layers) and dzs[l] (B, M) (each thread
 writes its row groups), group_weight_grads[g * L + l],
 group_bias_grads[g * L + l], group_losses (C,), block_squares (2, C); batch_rows (B,) int64
 0 .. B - 1 (the rows of acts a row group reads), the workspaces targets (B,) int64 and row_losses
 (B,) float64 of the loss (each row group uses its rows' part: nothing is allocated per step);
-and the outputs losses (steps,) and grad_norms (steps,) that thread 0 writes."""
+and the outputs losses (steps,) and grad_norms (steps,) that thread 0 writes; late_meetings (T,)
+int64: at how many of its meetings thread t waited long enough to yield its core (another thread
+was not running: the machine is busy with other work); alone_from (1,) int64: the step from which
+thread 0 went on alone (steps when it never did)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +197,14 @@ def sum_of_squares(a):
 
 
 @njit(cache=True)
+def scale_in_place(a, scale):
+    """a[k] *= scale over a 1-D array, as an index loop (Numba's `*=` on a strided 2-D slice goes
+    through a generic element iterator, many times slower)."""
+    for k in range(a.size):
+        a[k] *= scale
+
+
+@njit(cache=True)
 def head_rows(model, shared, partials, x_scale, rows, y, first, stop, scale, base):
     """Everything of a step after layer 0's GEMM for the batch rows first .. stop - 1 (a row
     group; their samples are rows[first:stop]): layer 0's bias and activation, the layers above
@@ -276,7 +291,8 @@ def layer0_weight_update(model, x, x_scale, rows, next_rows, dz, thread, threads
     for t, i in enumerate(range(0, rows.size, BATCH_TILE)):
         prefetch_rows(x[:, first:stop], next_rows, t * per_tile, (t + 1) * per_tile)
         add_weight_grad(dz[i:i + BATCH_TILE], x, rows[i:i + BATCH_TILE], grad_weight, first, stop)
-    grad_weight[:, first:stop] *= x_scale
+    for m in range(n_out):
+        scale_in_place(grad_weight[m, first:stop], x_scale)
     for block in range(first_block, stop_block):
         block_first, block_stop = column_block(n_in, block)
         block_squares[block] = 0.0
@@ -302,15 +318,23 @@ def train_worker(thread, threads, plan, model, shared):
     that a thread may start (1) of step s + 1 while another is still in (3) of step s; the first
     meeting of step s + 1 waits for everybody to finish step s.
 
+    On a busy machine a thread often waits for one that is not running, and one thread is faster.
+    Each thread posts its count of late meetings before the first meeting of a step; after it,
+    all read the same total, and when it is above plan.late_limit's bound the other threads stop
+    there (their part of the step's partial sums is done) and thread 0 runs the rest as the only
+    thread. Every sum keeps its order, so the results stay the same bit for bit.
+
     Parameter p (weight of layer l is p = 2 l, its bias p = 2 l + 1) uses plan.lrs[s, p],
     plan.corrections[s, p] and the settings model.hyper[p], model.flags[p]. Thread 0 writes
-    shared.losses[s] and shared.grad_norms[s]. Stops before updating anything in the first step
-    whose loss is not finite; returns the number of steps taken.
+    shared.losses[s] and shared.grad_norms[s]; each thread its shared.late_meetings. Stops before
+    updating anything in the first step whose loss is not finite; returns the number of steps
+    taken.
     """
     order, batch_size, n_steps = plan.order, plan.batch_size, plan.steps
     counter, partials, block_squares = shared.counter, shared.partials, shared.block_squares
     n_layers = len(model.weights)
-    head_squares = 0.0
+    head_squares, late = 0.0, 0
+    allowed, share = plan.late_limit[0], plan.late_limit[1]
     for s in range(n_steps):
         start = (plan.first_batch + s) * batch_size
         rows = order[start:min(start + batch_size, order.size)]
@@ -319,24 +343,30 @@ def train_worker(thread, threads, plan, model, shared):
         n = rows.size
         first_step = plan.first_step and s == 0
         layer0_partial_sums(plan.x, rows, model.weights[0], thread, threads, partials[s % 2])
-        barrier_wait(counter, threads, 2 * s)  # every thread has also finished step s - 1
+        shared.late_meetings[thread] = late
+        late += barrier_wait(counter, threads, 2 * s)  # all have also finished step s - 1
+        if threads > 1 and shared.late_meetings.sum() > allowed + share * 2 * s:
+            if thread > 0:
+                return s
+            threads, shared.alone_from[0] = 1, s
         if thread == 0 and s > 0:
             shared.grad_norms[s - 1] = np.sqrt(head_squares + block_squares[(s - 1) % 2].sum())
         for g in range(thread, COLUMN_BLOCKS, threads):
             shared.group_losses[g] = head_rows(model, shared, partials[s % 2], plan.x_scale, rows,
                                                plan.y, n * g // COLUMN_BLOCKS,
                                                n * (g + 1) // COLUMN_BLOCKS, 1.0 / n, g * n_layers)
-        barrier_wait(counter, threads, 2 * s + 1)  # dz_0 and the groups' gradients are complete
+        late += barrier_wait(counter, threads, 2 * s + 1)  # dz_0, the groups' gradients done
         loss = shared.group_losses.sum() / n
         if thread == 0:
             shared.losses[s] = loss
         if not np.isfinite(loss):
+            shared.late_meetings[thread] = late
             return s
         head_squares = head_update(model, shared, plan.lrs[s], plan.corrections[s], first_step)
         layer0_weight_update(model, plan.x, plan.x_scale, rows, next_rows, shared.dzs[0], thread,
                              threads, plan.lrs[s, 0], plan.corrections[s, 0], first_step,
                              block_squares[s % 2])
-    barrier_wait(counter, threads, 2 * n_steps)
+    shared.late_meetings[thread] = late + barrier_wait(counter, threads, 2 * n_steps)
     if thread == 0:
         shared.grad_norms[n_steps - 1] = np.sqrt(head_squares
                                                  + block_squares[(n_steps - 1) % 2].sum())

@@ -116,9 +116,11 @@ def barrier_wait(counter, threads, generation):
     reaches threads * (g + 1). Everything a thread wrote before arriving is visible to every thread
     after it passes (the add is sequentially consistent, the loads acquire). Spins with `pause`,
     then yields the core between checks, so a waiting thread does not starve a descheduled one.
+    Returns True when it had to yield: a thread it waited for was late by more than the spins,
+    which on a shared machine means it was not running.
     """
     if threads == 1:
-        return
+        return False
     target = threads * (generation + 1)
     atomic_add(counter, 0, 1)
     spins = 0
@@ -128,3 +130,4 @@ def barrier_wait(counter, threads, generation):
             spins += 1
         else:
             _give_way()
+    return spins == SPINS_BEFORE_YIELD

@@ -47,8 +47,8 @@ import numpy as np
 from npcpu.checks import check_int
 from npcpu.data.loader import DataLoader
 from npcpu.kernels.compiled_gemm import GELU, GELU_TANH, IDENTITY, RELU, TANH
-from npcpu.kernels.compiled_step import (COLUMN_BLOCKS, SharedBuffers, StepPlan, ThreadModel,
-                                         train_worker)
+from npcpu.kernels.compiled_step import (COLUMN_BLOCKS, LATE_LIMIT, SharedBuffers, StepPlan,
+                                         ThreadModel, train_worker)
 from npcpu.nn import activations
 from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.losses import CrossEntropyLoss
@@ -93,11 +93,14 @@ class CompiledClassifierStep:
     an unsupported setting of a supported one; both say what is supported.
     """
 
+    late_limit = LATE_LIMIT  # when the threads of a call leave it to one (compiled_step.StepPlan)
+
     def __init__(self, model, loss_fn, optimizer):
         self.layers, self.activations = self._check_model(model)
         self._check_loss(loss_fn, self.layers[-1].out_features)
         self._check_optimizer(optimizer, model)
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.late_meetings, self.alone_from = 0, 0  # of the last train_steps call (see there)
 
     # -- what is supported ----------------------------------------------------------------------
     @staticmethod
@@ -184,7 +187,10 @@ class CompiledClassifierStep:
         order (n,) int64 sample indices. `lrs` (steps, groups): the learning rate of each
         parameter group at each step (default: the groups' "lr" throughout; the groups' "lr"
         is left as it was). `grad_norms` (steps,) float64, optional: receives each step's total
-        gradient 2-norm. `threads`: default `default_threads(batch_size)`.
+        gradient 2-norm. `threads`: default `default_threads(batch_size)`; afterwards
+        `late_meetings` counts the threads' meetings at which one waited for another that was not
+        running (the cores were busy with other work), and from step `alone_from` of the call
+        (`steps`: never) one thread ran the steps, having found too many of them late.
 
         Returns the mean loss of each step taken, (steps,) float64. A step whose loss is not
         finite is not taken: the parameters stay as the step before left them, and the returned
@@ -220,6 +226,9 @@ class CompiledClassifierStep:
         taken = train_worker(*arguments[0])
         for helper in helpers:
             helper.join()
+        shared = arguments[0][-1]
+        self.late_meetings = int(shared.late_meetings.sum())
+        self.alone_from = int(shared.alone_from[0])
         for _, p in self.optimizer.indexed_params():
             self.optimizer.state[self.optimizer.index_of(p)]["step"] += taken
         return losses[:taken + 1] if taken < steps else losses
@@ -295,14 +304,17 @@ class CompiledClassifierStep:
         group_bias_grads = tuple(np.empty_like(b) for _ in range(COLUMN_BLOCKS) for b in biases)
         plan = StepPlan(x=x, x_scale=dtype.type(1 if x_scale is None else x_scale), y=y,
                         order=order, batch_size=batch_size, first_batch=first_batch, steps=steps,
-                        lrs=lrs, corrections=corrections, first_step=settings["steps_taken"] == 0)
+                        lrs=lrs, corrections=corrections, first_step=settings["steps_taken"] == 0,
+                        late_limit=np.array(self.late_limit, dtype=np.float64))
         shared = SharedBuffers(counter=counter, partials=partials, acts=acts, pre_acts=pre_acts,
                                dzs=dzs, group_weight_grads=group_weight_grads,
                                group_bias_grads=group_bias_grads,
                                group_losses=np.zeros(COLUMN_BLOCKS), block_squares=block_squares,
                                batch_rows=np.arange(batch_size),
                                targets=np.empty(batch_size, np.int64),
-                               row_losses=np.empty(batch_size), losses=losses, grad_norms=grad_norms)
+                               row_losses=np.empty(batch_size), losses=losses, grad_norms=grad_norms,
+                               late_meetings=np.zeros(threads, np.int64),
+                               alone_from=np.full(1, steps, np.int64))
         arguments = []
         for thread in range(threads):
             if thread:  # own copies of everything above W_0 (they stay bitwise equal)

@@ -16,6 +16,13 @@ max(log_every, COMPILED_CHUNK_STEPS). Each compiled call costs a fixed start (it
 their arguments), so chunks must be long; and callbacks and log lines wait for a chunk's end,
 so they must not be too long.
 
+The call runs on CompiledClassifierStep.default_threads threads (two for the models it is for),
+whose meetings twice a step need both cores at once. When other programs keep the cores busy, a
+thread often waits for one that is not running, and one thread is then faster: a call whose
+threads found too many of their meetings late goes on with one thread (npcpu.kernels.
+compiled_step.train_worker), and the rest of the fit() then runs on one thread. The results are
+the same bit for bit.
+
 The call gets each step's learning rates from a dry run of the scheduler (stepped, then
 restored); the loop then really steps the scheduler once per step yielded, as after reference
 steps. Both runners leave the same state at every step boundary, so checkpoints resume in either.
@@ -47,13 +54,14 @@ class CompiledRunner:
     def __init__(self, trainer, loader, log_every: int):
         step, x, y = _compiled_step(trainer, loader)
         self.trainer, self.loader = trainer, loader
+        self._step = step
         self._train_steps = functools.partial(step.train_steps, x, y,
                                               x_scale=loader.dataset.scale)
+        self._threads = step.default_threads(loader.batch_size)
         self._min_chunk = max(log_every, COMPILED_CHUNK_STEPS)
         self._chunk_steps = self._min_chunk
         self._order = None  # (epoch, loader.order(epoch)) of the current epoch
-        self.note = (f"compiled step: on (CompiledClassifierStep, "
-                     f"{step.default_threads(loader.batch_size)} threads)")
+        self.note = f"compiled step: on (CompiledClassifierStep, {self._threads} threads)"
 
     def preferred_steps(self) -> int:
         return self._chunk_steps
@@ -78,7 +86,9 @@ class CompiledRunner:
         grad_norms = np.empty(limit, dtype=np.float64)
         started = time.perf_counter()
         losses = self._train_steps(order, batch_size, first_batch=first, steps=limit, lrs=lrs,
-                                   grad_norms=grad_norms)
+                                   grad_norms=grad_norms, threads=self._threads)
+        if self._step.alone_from < limit:
+            self._threads = 1
         taken = len(losses) if math.isfinite(losses[-1]) else len(losses) - 1
         per_step = (time.perf_counter() - started) / max(taken, 1)
         self._chunk_steps = max(self._min_chunk,
