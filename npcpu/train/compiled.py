@@ -53,14 +53,13 @@ from npcpu.nn import activations
 from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.losses import CrossEntropyLoss
 from npcpu.nn.module import Sequential
-from npcpu.optim.adam import Adam, AdamW, bias_corrections
+from npcpu.optim.adam import Adam, AdamW
 from npcpu.optim.sgd import SGD
+from npcpu.train.compiled_optim import (SUPPORTED, corrections_per_step, optimizer_settings,
+                                         unsupported)
 
 OWNER = "CompiledClassifierStep"
 MIN_WORK_PER_THREAD = 1 << 18  # multiply-adds per thread and step: far above a barrier's cost
-SUPPORTED = ("a Sequential of Linear/FusedLinearReLU layers (a Linear may be followed by ReLU, "
-             "GELU or Tanh) with trainable fp32 parameters, CrossEntropyLoss(reduction='mean', "
-             "label_smoothing=0) and SGD, Adam or AdamW (amsgrad=False) with state_dtype='fp32'")
 
 
 def _activation_code(module):
@@ -72,10 +71,6 @@ def _activation_code(module):
     if type(module) is activations.GELU:
         return GELU if module.approximate == "none" else GELU_TANH
     return None
-
-
-def _unsupported(what: str) -> ValueError:
-    return ValueError(f"CompiledClassifierStep: {what}; supported: {SUPPORTED}")
 
 
 class CompiledClassifierStep:
@@ -108,7 +103,7 @@ class CompiledClassifierStep:
         """(the Linear layers, their activation codes (L,) int64)."""
         modules = list(model) if isinstance(model, Sequential) else [model]
         if not modules:
-            raise _unsupported("got an empty Sequential")
+            raise unsupported("got an empty Sequential")
         layers, codes = [], []
         for i, module in enumerate(modules):
             code = _activation_code(module)
@@ -128,10 +123,10 @@ class CompiledClassifierStep:
         dtype = layers[0].weight.data.dtype
         for p in model.parameters():
             if p.data.dtype not in (np.float32, np.float64) or p.data.dtype != dtype:
-                raise _unsupported(f"parameter {p.name!r} is {p.data.dtype} (all must be float32, "
+                raise unsupported(f"parameter {p.name!r} is {p.data.dtype} (all must be float32, "
                                    f"or all float64)")
             if p.frozen:
-                raise _unsupported(f"parameter {p.name!r} is frozen")
+                raise unsupported(f"parameter {p.name!r} is frozen")
         return layers, np.array(codes, dtype=np.int64)
 
     @staticmethod
@@ -140,9 +135,9 @@ class CompiledClassifierStep:
             raise TypeError(f"CompiledClassifierStep: loss_fn is a {type(loss_fn).__name__}; "
                             f"supported: {SUPPORTED}")
         if loss_fn.reduction != "mean" or loss_fn.label_smoothing != 0:
-            raise _unsupported(f"got {loss_fn!r}")
+            raise unsupported(f"got {loss_fn!r}")
         if 0 <= loss_fn.ignore_index < classes:
-            raise _unsupported(f"ignore_index={loss_fn.ignore_index} is one of the {classes} classes")
+            raise unsupported(f"ignore_index={loss_fn.ignore_index} is one of the {classes} classes")
 
     @staticmethod
     def _check_optimizer(optimizer, model) -> None:
@@ -151,13 +146,13 @@ class CompiledClassifierStep:
             raise TypeError(f"CompiledClassifierStep: optimizer is a {kind}; "
                             f"supported: {SUPPORTED}")
         if optimizer.state_dtype != "fp32":
-            raise _unsupported(f"{kind} has state_dtype={optimizer.state_dtype!r}")
+            raise unsupported(f"{kind} has state_dtype={optimizer.state_dtype!r}")
         if any(group.get("amsgrad", False) for group in optimizer.param_groups):
-            raise _unsupported(f"{kind} has amsgrad=True")
+            raise unsupported(f"{kind} has amsgrad=True")
         model_ids = [id(p) for p in model.parameters()]
         optimizer_ids = [id(p) for _, p in optimizer.indexed_params()]
         if sorted(model_ids) != sorted(optimizer_ids):
-            raise _unsupported("the optimizer's parameters are not exactly the model's")
+            raise unsupported("the optimizer's parameters are not exactly the model's")
 
     # -- running --------------------------------------------------------------------------------
     def train_epoch(self, loader: DataLoader, epoch: int) -> np.ndarray:
@@ -284,13 +279,14 @@ class CompiledClassifierStep:
         thread 0 works on the model's own arrays; every other thread on copies of all but W_0
         and its optimizer state, which the threads share by columns. The activations, dz and
         the row groups' gradients are shared: each thread writes its own row groups."""
-        settings = self._optimizer_settings()
+        settings = optimizer_settings(self.optimizer, self.layers)
         weights, biases = settings["weights"], settings["biases"]
         first_moments, second_moments = settings["first_moments"], settings["second_moments"]
         dtype = weights[0].dtype
         group_index = settings["group_index"]
         lrs = np.ascontiguousarray(lrs[:, group_index])
-        corrections = self._bias_corrections(steps, settings["steps_taken"], group_index)
+        corrections = corrections_per_step(self.optimizer, steps, settings["steps_taken"],
+                                           group_index)
         partials = _cache_line_aligned((2, COLUMN_BLOCKS, batch_size, weights[0].shape[0]), dtype)
         counter, block_squares = _cache_line_aligned(1, np.int64), np.zeros((2, COLUMN_BLOCKS))
         acts = tuple(np.empty((batch_size, w.shape[0]), dtype) for w in weights)
@@ -332,75 +328,6 @@ class CompiledClassifierStep:
                                 grad_biases=tuple(np.empty_like(b) for b in biases))
             arguments.append((thread, threads, plan, model, shared))
         return arguments
-
-    def _optimizer_settings(self) -> dict:
-        """Tuples of the layers' arrays, the optimizer's per-parameter settings and its state
-        (created or completed as the optimizer's step would: zero moments, "step" counted after
-        the run), in the kernels' parameter order (weight of layer l = 2 l, its bias 2 l + 1)."""
-        optimizer = self.optimizer
-        adam = isinstance(optimizer, Adam)
-        group_of = {id(p): k for k, group in enumerate(optimizer.param_groups)
-                    for p in group["params"]}
-        empty = np.empty(0, dtype=self.layers[0].weight.data.dtype)
-        weights, biases, first, second, hyper, flags, group_index, steps_taken = \
-            [], [], [], [], [], [], [], set()
-        for layer in self.layers:
-            weights.append(layer.weight.data)
-            biases.append(layer.bias.data if layer.bias is not None else empty)
-            for p in (layer.weight, layer.bias):
-                if p is None:  # an empty parameter: never updated
-                    first.append(empty)
-                    second.append(empty)
-                    hyper.append((0.0, 0.0, 0.0, 0.0))
-                    flags.append((False, False))
-                    group_index.append(0)
-                    continue
-                group_index.append(group_of[id(p)])
-                group = optimizer.param_groups[group_index[-1]]
-                index = optimizer.index_of(p)
-                if adam:
-                    if index not in optimizer.state:
-                        optimizer.state[index] = optimizer.initial_state(p)
-                    state = optimizer.state[index]
-                    first.append(state["exp_avg"].reshape(-1))
-                    second.append(state["exp_avg_sq"].reshape(-1))
-                    hyper.append((*group["betas"], group["eps"], group["weight_decay"]))
-                    flags.append((optimizer.decoupled_weight_decay, group["maximize"]))
-                else:
-                    state = optimizer.state.setdefault(index, {"step": 0})
-                    if group["momentum"] != 0:
-                        buffer = state.setdefault("momentum_buffer", np.zeros_like(p.data))
-                        first.append(buffer.reshape(-1))
-                    else:
-                        first.append(empty)
-                    second.append(empty)
-                    hyper.append((group["lr"], group["momentum"], group["dampening"],
-                                  group["weight_decay"]))
-                    flags.append((group["nesterov"], group["maximize"]))
-                steps_taken.add(state["step"])
-        kind = type(optimizer).__name__
-        if len(steps_taken) != 1:
-            raise _unsupported(f"the parameters have taken different numbers of {kind} steps "
-                               f"{sorted(steps_taken)}")
-        return dict(weights=tuple(weights), biases=tuple(biases), first_moments=tuple(first),
-                    second_moments=tuple(second), hyper=np.array(hyper, dtype=np.float64),
-                    flags=np.array(flags, dtype=np.bool_), group_index=group_index, adam=adam,
-                    steps_taken=steps_taken.pop())
-
-    def _bias_corrections(self, steps: int, steps_taken: int, group_index: list) -> np.ndarray:
-        """(steps, P, 2) float64: Adam's (1 - beta1^t, sqrt(1 - beta2^t)) of each parameter's
-        group at the steps t = steps_taken + 1, ... (npcpu.optim.adam.bias_corrections, as Adam
-        itself takes them; zeros for SGD, which does not read them)."""
-        corrections = np.zeros((steps, len(group_index), 2))
-        if not isinstance(self.optimizer, Adam):
-            return corrections
-        groups = self.optimizer.param_groups
-        for k, group in enumerate(groups):
-            per_step = [bias_corrections(group["betas"], t)
-                        for t in range(steps_taken + 1, steps_taken + steps + 1)]
-            corrections[:, [p for p, g in enumerate(group_index) if g == k]] = \
-                np.array(per_step)[:, None, :]
-        return corrections
 
 
 def _cache_line_aligned(shape, dtype) -> np.ndarray:
