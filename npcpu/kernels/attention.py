@@ -85,13 +85,21 @@ def causal_softmax_backward(dprobs, probs, offset, scale):
         softmax_row_backward(dprobs[g, t], probs[g, t], min(keys, offset + t + 1), scale)
 
 
+@njit(cache=True, fastmath={"reassoc"})
+def row_dot(a, b, n):
+    """sum(a[:n] * b[:n]) in float64, in any order (so that it vectorizes; NaN and Inf still
+    propagate, as in fastexp.row_sum)."""
+    total = 0.0
+    for i in range(n):
+        total += a[i] * b[i]
+    return total
+
+
 @njit(cache=True)
 def softmax_row_backward(dp, p, allowed, scale):
     """One row of causal_softmax_backward, in place over dp (also called by
     npcpu.kernels.attention_tiles)."""
-    dot = 0.0
-    for s in range(allowed):
-        dot += dp[s] * p[s]
+    dot = row_dot(dp, p, allowed)
     for s in range(allowed):
         dp[s] = scale * p[s] * (dp[s] - dot)
     for s in range(allowed, dp.shape[0]):
