@@ -21,6 +21,7 @@ The three GEMMs of a linear layer, x (N, K), W (M, K), dz (N, M) (npcpu.blas_nat
                   (N < K), else as y = x W^T  A = x's rows as words, B = W's words, packed
     dx  = dz W    (N, K)                    A = dz's rows as words, B = W's rows 2r, 2r+1, packed
     dW += dz^T x  (M, K)                    A = dz's rows interleaved, B = x's rows interleaved, packed
+                  (K <= M), else as dW^T += x^T dz: A = x's rows interleaved, B = dz's, packed
 W is packed a block at a time inside each task where C has one block of rows (batch 128): never
 all of W at once.
 
