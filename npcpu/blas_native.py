@@ -179,7 +179,11 @@ class NativeGemms:
 
     def accumulate_weight_grad(self, grad: np.ndarray, dz: np.ndarray, x: np.ndarray,
                                beta: float = 1.0) -> None:
-        """grad = beta * grad + dz^T x in place (M, K) float32; beta = 0 does not read grad."""
+        """grad = beta * grad + dz^T x in place (M, K) float32; beta = 0 does not read grad.
+
+        The narrower of dz and x is packed as B (packing is the dearer way to prepare an
+        operand): grad = dz^T x when x has no more columns than dz, else grad^T = x^T dz,
+        written through grad's transposed view."""
         words = self._words
         dz, x = words.operand(dz, "dz"), words.operand(x, "x")
         rows = dz.shape[0]
@@ -187,7 +191,8 @@ class NativeGemms:
         self._output(grad, (dz.shape[1], x.shape[1]), "dW")
         if self._empty_product(grad, beta, rows):
             return
-        kernels.gemm(grad, float(beta), *words.transposed(dz), kernels.pack_panels(x, True),
+        c, a, b = (grad, dz, x) if x.shape[1] <= dz.shape[1] else (grad.T, x, dz)
+        kernels.gemm(c, float(beta), *words.transposed(a), kernels.pack_panels(b, True),
                      words.no_source, True, numba.get_num_threads())
 
 

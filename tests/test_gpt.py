@@ -103,6 +103,26 @@ def test_matches_torch_nanogpt(torch, tied, bias):
     assert ours[-1] < ours[0] - 0.1  # it trains
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_forward_sums_each_block_output_where_it_is_normalized(precision):
+    """GPT.forward (each block's output summed in the next LayerNorm's pass) gives the bits of
+    the layers run one after the other: transformer.h's forward, then ln_f and the head; and
+    the same gradients after backward."""
+    fused, plain = (GPT(GPTConfig(**TINY, dropout=0.0), seed=3).set_precision(precision)
+                    for _ in range(2))
+    idx = np.random.default_rng(4).integers(0, TINY["vocab_size"], (3, 7))
+    logits = fused.forward(idx)
+    t = plain.transformer
+    x = t.drop.forward(t.wte.forward(idx) + t.wpe.forward(np.arange(idx.shape[1])))
+    expected = plain.lm_head.forward(t.ln_f.forward(t.h.forward(x)))
+    np.testing.assert_array_equal(logits, expected)
+    dlogits = np.random.default_rng(5).standard_normal(logits.shape).astype(np.float32)
+    fused.backward(dlogits)
+    plain.backward(dlogits)
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        np.testing.assert_array_equal(p.grad, q.grad, err_msg=name)
+
+
 def test_tied_head_is_one_parameter_with_both_gradients():
     model = GPT(GPTConfig(**TINY), seed=0)
     assert model.lm_head.weight is model.transformer.wte.weight

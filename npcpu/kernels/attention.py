@@ -19,7 +19,7 @@ allowed key (the masked part is written with zeros without being read).
 import numpy as np
 from numba import njit, prange
 
-from npcpu.kernels.fastexp import exp_shifted, row_sum
+from npcpu.kernels.fastexp import exp32, row_sum
 
 
 @njit(parallel=True, cache=True)
@@ -39,14 +39,16 @@ def causal_softmax_forward(scores, offset, scale):
     groups, queries, keys = scores.shape
     for row in prange(groups * queries):
         g, t = row // queries, row % queries
-        softmax_row(scores[g, t], min(keys, offset + t + 1), scale, np.empty(keys, np.int32))
+        softmax_row(scores[g, t], min(keys, offset + t + 1), scale)
 
 
 @njit(cache=True)
-def softmax_row(x, allowed, scale, bits):
+def softmax_row(x, allowed, scale):
     """One row of causal_softmax_forward, in place: x[:allowed] = softmax(scale * x[:allowed]),
-    x[allowed:] = 0 (written, not read); `bits` is exp_shifted's int32 scratch, at least `allowed`
-    long. Also called by npcpu.kernels.attention_tiles."""
+    x[allowed:] = 0 (written, not read). Also called by npcpu.kernels.attention_tiles.
+
+    The exponentials are fastexp's exp32 element by element (np.exp for float64): a row holds at
+    most T values, too few for a separate pass through a scratch array of 2^k to pay."""
     keys = x.shape[0]
     for s in range(allowed):
         x[s] *= scale
@@ -54,7 +56,12 @@ def softmax_row(x, allowed, scale, bits):
     for s in range(1, allowed):
         if x[s] > row_max:
             row_max = x[s]
-    exp_shifted(x, x, allowed, row_max, bits)
+    if x.itemsize == 4:
+        for s in range(allowed):
+            x[s] = exp32(x[s] - row_max)
+    else:
+        for s in range(allowed):
+            x[s] = np.exp(x[s] - row_max)
     inv_total = 1.0 / row_sum(x, allowed)
     for s in range(allowed):
         x[s] *= inv_total
@@ -78,13 +85,21 @@ def causal_softmax_backward(dprobs, probs, offset, scale):
         softmax_row_backward(dprobs[g, t], probs[g, t], min(keys, offset + t + 1), scale)
 
 
+@njit(cache=True, fastmath={"reassoc"})
+def row_dot(a, b, n):
+    """sum(a[:n] * b[:n]) in float64, in any order (so that it vectorizes; NaN and Inf still
+    propagate, as in fastexp.row_sum)."""
+    total = 0.0
+    for i in range(n):
+        total += a[i] * b[i]
+    return total
+
+
 @njit(cache=True)
 def softmax_row_backward(dp, p, allowed, scale):
     """One row of causal_softmax_backward, in place over dp (also called by
     npcpu.kernels.attention_tiles)."""
-    dot = 0.0
-    for s in range(allowed):
-        dot += dp[s] * p[s]
+    dot = row_dot(dp, p, allowed)
     for s in range(allowed):
         dp[s] = scale * p[s] * (dp[s] - dot)
     for s in range(allowed, dp.shape[0]):

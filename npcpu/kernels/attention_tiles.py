@@ -149,13 +149,12 @@ def attention_forward(qkv, probs, y, scale):
         k_transposed = np.empty(t_panels * d_panels * COLUMNS * COLUMNS, np.float32)
         v_rows = np.empty(d_panels * steps * COLUMNS, np.float32)
         tile_out = np.empty(ROWS * COLUMNS, np.float32)
-        bits = np.empty(steps, np.int32)
         pack_rows(qkv, b, 0, h, q_rows)
         pack_transposed(qkv, b, 1, h, k_transposed)
         pack_rows(qkv, b, 2, h, v_rows)
         _rows_times_transposed(q_rows, k_transposed, depth, steps, tile_out, probs_rows, g)
         for t in range(steps):
-            softmax_row(probs[b, h, t], t + 1, scale, bits)
+            softmax_row(probs[b, h, t], t + 1, scale)
         _masked_times_rows(flat_probs, g * steps * steps, steps, 1, False, v_rows, tile_out,
                            y_heads, b, 0, h)
 

@@ -21,6 +21,7 @@ The three GEMMs of a linear layer, x (N, K), W (M, K), dz (N, M) (npcpu.blas_nat
                   (N < K), else as y = x W^T  A = x's rows as words, B = W's words, packed
     dx  = dz W    (N, K)                    A = dz's rows as words, B = W's rows 2r, 2r+1, packed
     dW += dz^T x  (M, K)                    A = dz's rows interleaved, B = x's rows interleaved, packed
+                  (K <= M), else as dW^T += x^T dz: A = x's rows interleaved, B = dz's, packed
 W is packed a block at a time inside each task where C has one block of rows (batch 128): never
 all of W at once.
 
@@ -166,12 +167,28 @@ def pack_panels(source: np.ndarray, pairs_down_columns: bool) -> np.ndarray:
     float32 source: B = source (R, Q) with `pairs_down_columns` (for bfloat16, rows 2r, 2r + 1
     interleaved), else B = source^T, source (Q, R) holding the words in its rows (a transpose of
     32-bit words)."""
-    n_rows, n_columns = source.shape if pairs_down_columns else source.shape[::-1]
+    if pairs_down_columns:
+        return _panels_of_words(interleave_rows(source) if source.dtype == np.uint16 else source)
+    n_rows, n_columns = source.shape[::-1]
     span = 2 if source.dtype == np.uint16 else 1
     n_pairs, n_panels = (n_rows + span - 1) // span, (n_columns + COLUMNS - 1) // COLUMNS
     out = np.empty(n_panels * n_pairs * COLUMNS, word_dtype(source))
     _pack_panels(source, pairs_down_columns, n_pairs, n_panels, out)
     return out
+
+
+def _panels_of_words(words: np.ndarray) -> np.ndarray:
+    """words (pairs, Q) -> panels (ceil(Q / COLUMNS), pairs, COLUMNS), flat, zero past Q: one
+    strided NumPy copy, which moves each row's COLUMNS words as one piece (it measured faster
+    than the Numba loops of _pack_row_pairs_block, whose rows are too short to vectorize well)."""
+    n_pairs, n_columns = words.shape
+    full, n_panels = n_columns // COLUMNS, (n_columns + COLUMNS - 1) // COLUMNS
+    out = np.empty((n_panels, n_pairs, COLUMNS), words.dtype)
+    out[:full] = words[:, :full * COLUMNS].reshape(n_pairs, full, COLUMNS).transpose(1, 0, 2)
+    if full < n_panels:
+        out[full, :, :n_columns - full * COLUMNS] = words[:, full * COLUMNS:]
+        out[full, :, n_columns - full * COLUMNS:] = 0
+    return out.reshape(-1)
 
 
 @njit(parallel=True, cache=True)

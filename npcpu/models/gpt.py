@@ -98,8 +98,8 @@ class GPT(Module):
         if c.tied:
             self.lm_head.weight = self.transformer.wte.weight
             self.lm_head.weight.uses_per_backward = 2  # updated in backward after both uses
-        for inner in (self.transformer.drop, self.transformer.h, self.transformer.ln_f,
-                      self.lm_head):
+        for inner in (self.transformer.drop, self.transformer.h, *self.transformer.h,
+                      self.transformer.ln_f, self.lm_head):
             inner.input_requires_grad = True  # the embeddings below need the residual's gradient
         self._initialize(np.random.default_rng(seed))
         self._batch_shape = None
@@ -145,11 +145,21 @@ class GPT(Module):
         return self.transformer.wte.forward(idx) + self.transformer.wpe.forward(positions)
 
     def forward(self, idx: np.ndarray) -> np.ndarray:
-        """logits (B, T, V) for token ids idx (B, T), T <= block_size."""
+        """logits (B, T, V) for token ids idx (B, T), T <= block_size.
+
+        The Blocks run as transformer.h would run them, except that each block's output sum
+        h + mlp(...) is formed in the pass of the LayerNorm that reads it (the next block's ln_1,
+        then ln_f): Block.normalize_input and Block.forward_residuals."""
         idx = self.check_tokens(idx)
-        x = self.transformer.drop.forward(self._embed(idx, 0))
-        x = self.transformer.ln_f.forward(self.transformer.h.forward(x))
-        return self.lm_head.forward(x)
+        blocks = list(self.transformer.h)
+        x, normed = blocks[0].normalize_input(self.transformer.drop.forward(self._embed(idx, 0)))
+        for i, block in enumerate(blocks):
+            h, branch = block.forward_residuals(x, normed)
+            if i + 1 < len(blocks):
+                x, normed = blocks[i + 1].normalize_input(h, branch)
+            else:
+                normed = self.transformer.ln_f.forward_residual(h, branch)[1]
+        return self.lm_head.forward(normed)
 
     def backward(self, dlogits: np.ndarray) -> None:
         """Adds dL/dparameter into every parameter's gradient from dlogits (B, T, V); returns None

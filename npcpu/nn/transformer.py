@@ -78,6 +78,9 @@ class Block(Module):
     A residual adds its two paths' gradients: the identity's and the branch's. The first
     residual's sum and ln_2 are one pass (LayerNorm.forward_residual), and each LayerNorm's
     backward adds the identity path's gradient as it writes its own (its `residual` argument).
+    GPT's forward also sums the second residual in the pass of the LayerNorm that reads it (the
+    next block's ln_1, or ln_f) through normalize_input and forward_residuals; backward is the
+    same either way, since ln_1's backward gives dL/d(its input) whichever pass summed it.
     """
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True,
@@ -92,11 +95,27 @@ class Block(Module):
 
     def forward(self, x: np.ndarray, cache: KVCache | None = None, layer: int = 0) -> np.ndarray:
         """out (B, T, C); `cache` and `layer` go to the attention (generation, eval mode)."""
+        x, normed = self.normalize_input(x)
+        h, branch = self.forward_residuals(x, normed, cache, layer)
+        return h + branch
+
+    def normalize_input(self, x: np.ndarray,
+                        addend: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(x, ln_1(x)), the block's input and its first step; with `addend`, x + addend and its
+        ln_1 in one pass (LayerNorm.forward_residual): the previous block's two residual terms,
+        summed where they are normalized (GPT's forward)."""
         x = self.check_input(x, min_ndim=3)
         self.ln_1.input_requires_grad = self.input_requires_grad
-        h, normed = self.ln_2.forward_residual(x, self.attn.forward(self.ln_1.forward(x), cache,
-                                                                      layer))
-        return h + self.mlp.forward(normed)
+        if addend is None:
+            return x, self.ln_1.forward(x)
+        return self.ln_1.forward_residual(x, addend)
+
+    def forward_residuals(self, x: np.ndarray, normed: np.ndarray, cache: KVCache | None = None,
+                          layer: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(h, mlp(ln_2(h))) from x and normed = ln_1(x): the two terms of the block's output,
+        left for the caller to add where it normalizes the sum (the next block's ln_1, or ln_f)."""
+        h, normed = self.ln_2.forward_residual(x, self.attn.forward(normed, cache, layer))
+        return h, self.mlp.forward(normed)
 
     def backward(self, dout: np.ndarray) -> np.ndarray | None:
         dh = self.ln_2.backward(self.mlp.backward(dout), residual=dout)
