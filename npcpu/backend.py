@@ -102,7 +102,7 @@ def _blas_libraries() -> list:
         os.path.dirname(lib.filepath or "")))
 
 
-def _gemm_blas_controller():
+def gemm_blas_controller():
     """threadpoolctl's controller of the BLAS library npcpu.blas calls (SciPy's), or None."""
     libraries = _blas_libraries()
     return libraries[0] if libraries else None

@@ -59,17 +59,25 @@ def _gemm(dtype: np.dtype):
 
 def _call(macs: int, gemm, *args, **kwargs):
     """gemm(*args, **kwargs), one of SciPy's BLAS wrappers, on one BLAS thread when small. Only
-    the library that runs it (SciPy's) is switched, and only when it is not on one thread already:
-    each switch is a call into the library, which a small model's step would pay per GEMM."""
-    library = backend._gemm_blas_controller() if macs < SMALL_GEMM else None
-    threads = library.get_num_threads() if library is not None else 1
+    the library that runs it (SciPy's) is switched: each switch is a call into the library, which
+    a small model's step would pay per GEMM."""
+    library = backend.gemm_blas_controller() if macs < SMALL_GEMM else None
+    if library is None:
+        return gemm(*args, **kwargs)
+    return _on_one_thread(library.get_num_threads, library.set_num_threads, gemm, *args, **kwargs)
+
+
+def _on_one_thread(get_threads, set_threads, gemm, *args, **kwargs):
+    """gemm(*args, **kwargs) with the thread count of its library (get_threads/set_threads) at
+    one, switched only when it is not one already, and back afterwards."""
+    threads = get_threads()
     if threads == 1:
         return gemm(*args, **kwargs)
-    library.set_num_threads(1)
+    set_threads(1)
     try:
         return gemm(*args, **kwargs)
     finally:
-        library.set_num_threads(threads)
+        set_threads(threads)
 
 
 def _skinny(weight: np.ndarray, other: np.ndarray) -> bool:
@@ -88,14 +96,9 @@ def _native_f32(*operands: np.ndarray) -> bool:
 def _native(macs: int, gemm, *args, **kwargs):
     """gemm(*args, **kwargs), one of npcpu.blas_native.float32's, on one Numba thread when small
     (as _call does for BLAS)."""
-    threads = numba.get_num_threads()
-    if macs >= SMALL_GEMM or threads == 1:
+    if macs >= SMALL_GEMM:
         return gemm(*args, **kwargs)
-    numba.set_num_threads(1)
-    try:
-        return gemm(*args, **kwargs)
-    finally:
-        numba.set_num_threads(threads)
+    return _on_one_thread(numba.get_num_threads, numba.set_num_threads, gemm, *args, **kwargs)
 
 
 @functools.cache
