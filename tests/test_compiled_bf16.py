@@ -114,9 +114,9 @@ MODELS = {
 # The compiled GEMMs sum in another order than the native bf16 kernels: float32 rounding apart,
 # until an update or an activation lands on the other side of a bf16 rounding boundary, which
 # then moves that value by one bf16 unit (2^-8 relative) and the losses by less.
-LOSS_RTOL = 2e-3
+LOSS_RTOL = 1e-3
 WEIGHT_RTOL, WEIGHT_ATOL = 2 ** -7, 1e-3
-MOST = 0.9  # of the weights stored bit for bit the reference's
+MOST = 0.95  # of the weights stored bit for bit the reference's
 
 
 def _reference_epoch(model, loss_fn, optimizer, loader, epoch):
