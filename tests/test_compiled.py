@@ -164,6 +164,8 @@ def test_adam_update_matches_the_reference_optimizer(decoupled, weight_decay, ma
         weights=(), biases=(), activations=np.zeros(0, np.int64), adam=True,
         first_moments=(exp_avg,), second_moments=(exp_avg_sq,),
         hyper=np.array([[0.8, 0.99, 1e-6, weight_decay]]), flags=np.array([[decoupled, maximize]]),
+        storage=np.array([compiled_update.KEEP]), masters=(np.empty(0, np.float32),),
+        tensor_index=np.zeros(1, np.int64), seed=np.uint64(0), bf16_inputs=False,
         grad_weights=(), grad_biases=())
     for t in (1, 2, 3):
         grad = rng.standard_normal(weight.shape).astype(np.float32)
@@ -172,7 +174,7 @@ def test_adam_update_matches_the_reference_optimizer(decoupled, weight_decay, ma
         corrections = np.array([1 - 0.8 ** t, (1 - 0.99 ** t) ** 0.5])
         for first, stop in ((0, 4), (4, 7)):  # in two runs of columns, as W_0's column blocks
             compiled_update.update_parameter(thread_model, 0, param.reshape(3, 7), grad, first,
-                                             stop, 0.01, corrections, False)
+                                             stop, 0.01, corrections, t)
         np.testing.assert_array_equal(param, weight.data.reshape(-1))
         state = reference.state[reference.index_of(weight)]
         np.testing.assert_array_equal(exp_avg, state["exp_avg"].reshape(-1))
@@ -335,9 +337,10 @@ def test_refuses_unsupported_models_losses_and_optimizers():
     model[0].bias.frozen = True
     with pytest.raises(ValueError, match="'0.bias' is frozen"):
         CompiledClassifierStep(model, loss_fn, optimizer)
-    bf16_model, _, _ = _problem([Linear(6, 3)], dict(lr=0.1), precision="bf16")
-    with pytest.raises(ValueError, match="bfloat16"):
-        CompiledClassifierStep(bf16_model, loss_fn, SGD(bf16_model.parameters(), lr=0.1))
+    fp16_model, _, _ = _problem([Linear(6, 3)], dict(lr=0.1), precision="fp16")
+    with pytest.raises(ValueError, match="is float16 .all must be float32, all float64 or all "
+                                         "bfloat16"):
+        CompiledClassifierStep(fp16_model, loss_fn, SGD(fp16_model.parameters(), lr=0.1))
 
 
 def test_refuses_bad_data():

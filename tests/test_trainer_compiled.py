@@ -288,7 +288,7 @@ UNSUPPORTED = {  # name: (trainer for a model, training data, what the reason sa
     "accumulation": (_with(accumulation_steps=2), make_data, "accumulation_steps is 2, not 1"),
     "clipping": (_with(clip_grad_norm=1.0), make_data, "clip_grad_norm is 1.0"),
     "freezer": (_with(freezer=DynamicFreezer(0.1)), make_data, "a freezer is set"),
-    "bf16": (_with(precision="bf16"), make_data, "precision is 'bf16', not 'fp32' or 'fp64'"),
+    "fp16": (_with(precision="fp16"), make_data, "a loss scaler is set (precision 'fp16' sets one)"),
     "fp64_with_fp32_data": (_with(precision="fp64"), make_data,
                             "the training data's x is float32 (203, 12); the compiled step takes "
                             "float64"),

@@ -56,6 +56,7 @@ from npcpu.kernels.compiled_gemm import (CACHE_LINE, FAST, RELU, activation_back
                                          activation_forward, add_weight_grad, input_grad,
                                          linear_forward, prefetch_rows)
 from npcpu.kernels.compiled_update import update_parameter
+from npcpu.kernels.convert import bf16_bits_to_f32, round_bf16_nearest_bits
 from npcpu.kernels.intrinsics import barrier_wait
 from npcpu.kernels.linear import add_row_sums
 from npcpu.kernels.softmax import cross_entropy_forward_backward_serial
@@ -68,25 +69,30 @@ NO_IGNORED_CLASS = -1  # targets are checked to be classes >= 0, so no row is ig
 LATE_LIMIT = (2.0, 0.02)  # late meetings allowed: a few (the second thread starts later), then 2%
 
 StepPlan = namedtuple("StepPlan", ["x", "x_scale", "y", "order", "batch_size", "first_batch",
-                                   "steps", "lrs", "corrections", "first_step", "late_limit"])
+                                   "steps", "lrs", "corrections", "steps_taken", "late_limit"])
 """What `train_worker` runs: `steps` steps from batch `first_batch` of `order` (S,) int64, batch b
 being order[b * batch_size : (b + 1) * batch_size] (the last one may be shorter), over features x
 (S, D) * x_scale and labels y (S,) int64; lrs (steps, P) float64 the learning rate of each step and
 parameter, corrections (steps, P, 2) float64 Adam's bias corrections at each step (see
-npcpu.kernels.compiled_update; unused by SGD); `first_step`: SGD has taken no step yet. x is in the
-parameters' dtype with x_scale 1 (multiplying by 1 is exact), or uint8 pixels with x_scale in that
+npcpu.kernels.compiled_update; unused by SGD); `steps_taken`: the optimizer's steps before the
+first (the same for every parameter). x is in the compute dtype with x_scale 1 (multiplying by 1 is exact), or uint8 pixels with x_scale in that
 dtype (1 / 255 for MNIST): the GEMMs then read a quarter of the bytes, and the scale is applied to
 their sums (layer0_output, layer0_weight_update). late_limit (2,) float64 (allowed, share): thread 0
 goes on alone once more than allowed + share * m of the first m meetings were late (see
 train_worker; LATE_LIMIT by default)."""
 ThreadModel = namedtuple("ThreadModel", ["weights", "biases", "activations", "adam",
                                          "first_moments", "second_moments", "hyper", "flags",
-                                         "grad_weights", "grad_biases"])
+                                         "storage", "masters", "tensor_index", "seed",
+                                         "bf16_inputs", "grad_weights", "grad_biases"])
 """One thread's parameters and optimizer: weights[l] (M, K), biases[l] (M,) or (0,), activations
 (L,) int64 (npcpu.kernels.compiled_gemm's codes: IDENTITY, RELU, GELU, GELU_TANH, TANH); the
 optimizer's state and settings adam, first_moments[p], second_moments[p], hyper (P, 4), flags
-(P, 2) as npcpu.kernels.compiled_update describes them; the scratch gradients grad_weights[l],
-grad_biases[l]. Shared by all threads: weights[0] and the state of W_0 (each thread writes only
+(P, 2), storage (P,), masters[p], tensor_index (P,), seed as npcpu.kernels.compiled_update
+describes them; bf16_inputs: the GEMMs read bfloat16 inputs, as the reference's native bf16 GEMMs
+do (npcpu.nn.weight_blocks): every layer's input act[l - 1] (x itself comes rounded) and, for
+backward, GELU's kept input, and dz rounded after the bias gradient took it (round_rows_bf16);
+the scratch gradients grad_weights[l], grad_biases[l]. Under bf16 the weights and biases are
+float32 arrays holding bf16 values. Shared by all threads: weights[0] and the state of W_0 (each thread writes only
 its columns of W_0); the rest are this thread's own (thread 0's are the model's)."""
 SharedBuffers = namedtuple("SharedBuffers", ["counter", "partials", "acts", "pre_acts", "dzs",
                                              "group_weight_grads", "group_bias_grads",
@@ -205,6 +211,15 @@ def scale_in_place(a, scale):
 
 
 @njit(cache=True)
+def round_rows_bf16(a, first, stop):
+    """a[i] rounded to the nearest bfloat16 (ties to even), in place, for first <= i < stop: the
+    value a bf16 GEMM input has (npcpu.precision.to_storage)."""
+    for i in range(first, stop):
+        for m in range(a.shape[1]):
+            a[i, m] = bf16_bits_to_f32(round_bf16_nearest_bits(a[i, m]))
+
+
+@njit(cache=True)
 def head_rows(model, shared, partials, x_scale, rows, y, first, stop, scale, base):
     """Everything of a step after layer 0's GEMM for the batch rows first .. stop - 1 (a row
     group; their samples are rows[first:stop]): layer 0's bias and activation, the layers above
@@ -217,11 +232,14 @@ def head_rows(model, shared, partials, x_scale, rows, y, first, stop, scale, bas
     count = stop - first
     local = shared.batch_rows[first:stop]
     layer0_output(partials, x_scale, biases[0], activations[0] == RELU, first, stop, acts[0])
-    activation_forward(activations[0], acts[0][first:stop], pre_acts[0][first:stop], count)
-    for l in range(1, n_layers):
-        linear_forward(acts[l - 1], local, weights[l], biases[l], activations[l] == RELU,
-                       acts[l][first:stop], 0, weights[l].shape[1])
+    for l in range(n_layers):
+        if l > 0:
+            linear_forward(acts[l - 1], local, weights[l], biases[l], activations[l] == RELU,
+                           acts[l][first:stop], 0, weights[l].shape[1])
         activation_forward(activations[l], acts[l][first:stop], pre_acts[l][first:stop], count)
+        if model.bf16_inputs:  # the next layer's input, GELU's and tanh's kept values in bf16
+            round_rows_bf16(pre_acts[l], first, stop if pre_acts[l].size else first)
+            round_rows_bf16(acts[l], first, stop if l + 1 < n_layers else first)
     loss = cross_entropy_rows(acts[n_layers - 1][first:stop], y, rows[first:stop], scale,
                               dzs[n_layers - 1][first:stop], shared.targets[first:stop],
                               shared.row_losses[first:stop])
@@ -231,6 +249,8 @@ def head_rows(model, shared, partials, x_scale, rows, y, first, stop, scale, bas
         if biases[l].size:
             shared.group_bias_grads[base + l][:] = 0
             add_row_sums(dz, shared.group_bias_grads[base + l])
+        if model.bf16_inputs:
+            round_rows_bf16(dzs[l], first, stop)
         if l > 0:
             shared.group_weight_grads[base + l][:] = 0
             add_weight_grad(dz, acts[l - 1], local, shared.group_weight_grads[base + l], 0,
@@ -240,7 +260,7 @@ def head_rows(model, shared, partials, x_scale, rows, y, first, stop, scale, bas
 
 
 @njit(cache=True)
-def head_update(model, shared, lrs, corrections, first_step):
+def head_update(model, shared, lrs, corrections, step):
     """The optimizer's step on this thread's copies of every parameter but W_0, with the gradient
     summed over the row groups in group order (so every thread, and any thread count, gets the
     same sum). Returns the sum of squared gradients of these parameters."""
@@ -258,7 +278,7 @@ def head_update(model, shared, lrs, corrections, first_step):
             squares += sum_of_squares(total)
             p = 2 * l + 1
             update_parameter(model, p, biases[l].reshape(1, -1), total.reshape(1, -1), 0,
-                             total.size, lrs[p], corrections[p], first_step)
+                             total.size, lrs[p], corrections[p], step)
         if l > 0:
             total = model.grad_weights[l]
             total[:] = group_weight_grads[l]
@@ -267,16 +287,16 @@ def head_update(model, shared, lrs, corrections, first_step):
             squares += sum_of_squares(total.reshape(-1))
             p = 2 * l
             update_parameter(model, p, weights[l], total, 0, total.shape[1], lrs[p],
-                             corrections[p], first_step)
+                             corrections[p], step)
     return squares
 
 
 @njit(cache=True)
 def layer0_weight_update(model, x, x_scale, rows, next_rows, dz, thread, threads, lr, corrections,
-                         first_step, block_squares):
+                         step, block_squares):
     """g_W0 = (dz_0^T x[rows]) * x_scale for the columns of this thread's blocks (tile by tile of
     rows, as in layer0_partial_sums), then the optimizer's step on those columns of W_0 (lr,
-    corrections, first_step: as update_parameter takes them); block_squares[c] = the sum of
+    corrections, step: as update_parameter takes them); block_squares[c] = the sum of
     squared gradients of block c.
 
     x[rows] is in this core's cache by now, so the memory bus would be idle: each tile prefetches
@@ -298,7 +318,7 @@ def layer0_weight_update(model, x, x_scale, rows, next_rows, dz, thread, threads
         block_squares[block] = 0.0
         for m in range(n_out):
             block_squares[block] += sum_of_squares(grad_weight[m, block_first:block_stop])
-    update_parameter(model, 0, weight, grad_weight, first, stop, lr, corrections, first_step)
+    update_parameter(model, 0, weight, grad_weight, first, stop, lr, corrections, step)
 
 
 @njit(cache=True, nogil=True)
@@ -341,7 +361,7 @@ def train_worker(thread, threads, plan, model, shared):
         next_rows = order[start + batch_size:min(start + 2 * batch_size, order.size)] \
             if s + 1 < n_steps else order[:0]
         n = rows.size
-        first_step = plan.first_step and s == 0
+        step = plan.steps_taken + s + 1  # the optimizer's count with this step
         layer0_partial_sums(plan.x, rows, model.weights[0], thread, threads, partials[s % 2])
         shared.late_meetings[thread] = late
         late += barrier_wait(counter, threads, 2 * s)  # all have also finished step s - 1
@@ -362,9 +382,9 @@ def train_worker(thread, threads, plan, model, shared):
         if not np.isfinite(loss):
             shared.late_meetings[thread] = late
             return s
-        head_squares = head_update(model, shared, plan.lrs[s], plan.corrections[s], first_step)
+        head_squares = head_update(model, shared, plan.lrs[s], plan.corrections[s], step)
         layer0_weight_update(model, plan.x, plan.x_scale, rows, next_rows, shared.dzs[0], thread,
-                             threads, plan.lrs[s, 0], plan.corrections[s, 0], first_step,
+                             threads, plan.lrs[s, 0], plan.corrections[s, 0], step,
                              block_squares[s % 2])
     shared.late_meetings[thread] = late + barrier_wait(counter, threads, 2 * n_steps)
     if thread == 0:

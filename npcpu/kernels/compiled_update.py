@@ -10,16 +10,33 @@ Legend: P parameters (the weight of layer l is p = 2 l, its bias p = 2 l + 1). A
     hyper[p]          float64: SGD (lr unused, momentum, dampening, weight_decay);
                       Adam (beta1, beta2, eps, weight_decay)
     flags[p]          bool: SGD (nesterov, maximize); Adam (decoupled weight decay: AdamW, maximize)
+    storage[p]        int64: how the parameter is stored (KEEP: float32/float64, updated as it is;
+                      NEAREST / STOCHASTIC: bfloat16, the update rounded to nearest even or
+                      stochastically, as npcpu.optim.Optimizer stores into a bf16 parameter)
+    masters[p]        flat float32: the optimizer's fp32 master copy ("master_param"), updated
+                      in its place and rounded to nearest into the parameter; (0,) without one
+    tensor_index[p]   int64: the parameter's index in the optimizer (its state-dict position)
+    seed              uint64: the optimizer's stochastic-rounding seed
+Under bf16 the kernels' parameter arrays are float32 copies holding the bf16 values (widened);
+an update computes in float32 as the reference does and stores back the bf16 value it rounds
+to: the reference's stochastic bits are keyed by (seed, step, tensor index, element) alone
+(npcpu.kernels.optim_io), so the compiled step draws the very same ones.
 A step's per-parameter values come with the call: lr, and for Adam `corrections` = (1 - beta1^t,
 sqrt(1 - beta2^t)) at the step t being taken, computed in Python by the formulas of
 npcpu.optim.Adam (so the step sizes are the same float64 numbers before their rounding to the
 compute dtype).
 """
 
-from numba import njit
+from numba import njit, uint32, uint64
 
+from npcpu.kernels.convert import (bf16_bits_to_f32, round_bf16_nearest_bits,
+                                   round_bf16_stochastic_with_bits)
 from npcpu.kernels.optim import (AdamHyper, SGDHyper, adam_apply, adam_gradient, adam_moments,
                                  sgd_apply, sgd_direction, sgd_gradient, sgd_momentum)
+from npcpu.kernels.optim_io import ELEMENTS_PER_HASH, PARAM_SLOT
+from npcpu.kernels.rng import hash_index
+
+KEEP, NEAREST, STOCHASTIC = 0, 1, 2  # ThreadModel.storage: how a parameter stores its update
 
 
 @njit(cache=True)
@@ -74,15 +91,52 @@ def adam_settings(model, p, lr, corrections, real):
 
 
 @njit(cache=True)
-def update_parameter(model, p, param, grad, first_col, stop_col, lr, corrections, first_step):
+def stored_bf16(value, storage, seed, stream, element):
+    """`value` as a bfloat16 parameter stores it, widened back to float32: rounded to nearest
+    even (NEAREST), or stochastically (STOCHASTIC) with the 16 random bits the reference
+    optimizer's kernels draw for element `element` of the tensor in `stream` (field element mod 4
+    of hash_index(seed, stream, 4 (element // 4) + PARAM_SLOT), npcpu.kernels.optim_io)."""
+    if storage == NEAREST:
+        return bf16_bits_to_f32(round_bf16_nearest_bits(value))
+    first = uint64(element - element % ELEMENTS_PER_HASH)
+    random = hash_index(seed, stream, first + uint64(PARAM_SLOT))
+    field = uint32((random >> uint64(16 * (element % ELEMENTS_PER_HASH))) & uint64(0xFFFF))
+    return bf16_bits_to_f32(round_bf16_stochastic_with_bits(value, field))
+
+
+@njit(cache=True)
+def store_rows_bf16(values, param, first_col, stop_col, storage, seed, stream):
+    """param[r, k] = stored_bf16(values[r, k]) for columns first_col <= k < stop_col of every row
+    (values and param (R, N) float32, the same array when the parameter is updated in place);
+    element r N + k of the tensor draws its own random bits."""
+    n_cols = param.shape[1]
+    for r in range(param.shape[0]):
+        for k in range(first_col, stop_col):
+            param[r, k] = stored_bf16(values[r, k], storage, seed, stream, r * n_cols + k)
+
+
+@njit(cache=True)
+def update_parameter(model, p, param, grad, first_col, stop_col, lr, corrections, step):
     """One optimizer step on columns first_col <= k < stop_col of every row of parameter p:
     param and grad (R, N) (a weight, or a bias as one row (1, n)); the state arrays, flat, are
     viewed in that shape. lr and corrections (2,) are this step's (see the module docstring);
-    `first_step`: SGD creates its momentum buffer.
+    `step` the optimizer's count of p's steps with this one (1: SGD creates its momentum buffer).
 
     The settings are built once per call, and each row's run of columns is a plain element loop
     (sgd_update / adam_update): W_0 is updated in one call per thread and step, over the
-    thread's columns of all its rows."""
+    thread's columns of all its rows. A bf16 parameter (model.storage[p]) is updated in its
+    master copy, or in param itself, and then stored back rounded (store_rows_bf16)."""
+    storage, master = model.storage[p], model.masters[p]
+    weights = master.reshape(param.shape) if master.size else param
+    _update_rows(model, p, weights, grad, first_col, stop_col, lr, corrections, step == 1)
+    if storage != KEEP:
+        stream = (uint64(step) << uint64(32)) | uint64(model.tensor_index[p])
+        store_rows_bf16(weights, param, first_col, stop_col, storage, model.seed, stream)
+
+
+@njit(cache=True)
+def _update_rows(model, p, param, grad, first_col, stop_col, lr, corrections, first_step):
+    """update_parameter's optimizer step on the float array `param` (the parameter or its master)."""
     real = param.dtype.type
     first_moment = model.first_moments[p]
     if model.adam:

@@ -16,13 +16,24 @@ module for how).
 Supported, and checked (anything else raises with a message that says what is supported):
     model      a Sequential of Linear / FusedLinearReLU layers (or one such layer), a Linear
                optionally followed by a ReLU, GELU (either form) or Tanh module; every parameter
-               trainable, precision "fp32" (or "fp64", for checks)
+               trainable, precision "fp32" (or "fp64", for checks), or "bf16" where the bf16
+               GEMMs run natively (npcpu.backend.use_native_bf16_gemm), no Tanh after the last
+               Linear, and float32 features (not uint8 with a scale)
     loss_fn    CrossEntropyLoss(reduction="mean", label_smoothing=0), ignore_index not a class
     optimizer  over exactly the model's parameters (any parameter groups), state_dtype "fp32":
                SGD (momentum, dampening, nesterov, weight_decay, maximize as torch.optim.SGD),
-               Adam or AdamW (betas, eps, weight_decay, maximize as torch; amsgrad=False)
-Not supported (the reference path runs them): bf16/fp16 storage, AMSGrad, other layers, losses
-and optimizers.
+               Adam or AdamW (betas, eps, weight_decay, maximize as torch; amsgrad=False); bf16
+               parameters with stochastic rounding, rounding to nearest or an fp32 master copy
+Not supported (the reference path runs them): fp16 storage, bf16 with widened GEMMs, bf16
+optimizer states, AMSGrad, other layers, losses and optimizers.
+
+Under bf16 the step rounds where the reference's native bf16 GEMMs do (every layer's input, and
+dz once its bias gradient is taken; GELU's kept input and tanh's kept output as the layers keep
+them), computes in float32 (the bf16 weights widened into float32 copies for the call), and
+stores each update as the reference optimizer does: the same stochastic-rounding bits (keyed by
+seed, step, parameter index and element), or rounded to nearest from the fp32 master copy. The
+GEMMs sum in another order than the native kernels, so results agree to float32 rounding until an
+update lands on the other side of a bf16 rounding boundary (then by one bf16 unit in that weight).
 
 The parameters are updated in place (the Parameter arrays themselves), and the optimizer's state
 ("step", "momentum_buffer" or "exp_avg", "exp_avg_sq") is kept as the optimizer keeps it, so the
@@ -44,8 +55,10 @@ import threading
 import numba
 import numpy as np
 
+from npcpu import backend
 from npcpu.checks import check_int
 from npcpu.data.loader import DataLoader
+from npcpu.dtypes import bfloat16
 from npcpu.kernels.compiled_gemm import GELU, GELU_TANH, IDENTITY, RELU, TANH
 from npcpu.kernels.compiled_step import (COLUMN_BLOCKS, LATE_LIMIT, SharedBuffers, StepPlan,
                                          ThreadModel, train_worker)
@@ -55,6 +68,7 @@ from npcpu.nn.losses import CrossEntropyLoss
 from npcpu.nn.module import Sequential
 from npcpu.optim.adam import Adam, AdamW
 from npcpu.optim.sgd import SGD
+from npcpu.precision import to_compute, to_storage
 from npcpu.train.compiled_optim import (SUPPORTED, corrections_per_step, optimizer_settings,
                                          unsupported)
 
@@ -95,6 +109,8 @@ class CompiledClassifierStep:
         self._check_loss(loss_fn, self.layers[-1].out_features)
         self._check_optimizer(optimizer, model)
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.bf16 = self.layers[0].weight.data.dtype == bfloat16
+        self.compute_dtype = self.layers[0].weight.compute_dtype  # of x, the GEMMs, the states
         self.late_meetings, self.alone_from = 0, 0  # of the last train_steps call (see there)
 
     # -- what is supported ----------------------------------------------------------------------
@@ -122,11 +138,18 @@ class CompiledClassifierStep:
             codes.append(RELU if type(module) is FusedLinearReLU else IDENTITY)
         dtype = layers[0].weight.data.dtype
         for p in model.parameters():
-            if p.data.dtype not in (np.float32, np.float64) or p.data.dtype != dtype:
+            if p.data.dtype not in (np.float32, np.float64, bfloat16) or p.data.dtype != dtype:
                 raise unsupported(f"parameter {p.name!r} is {p.data.dtype} (all must be float32, "
-                                   f"or all float64)")
+                                   f"all float64 or all bfloat16)")
             if p.frozen:
                 raise unsupported(f"parameter {p.name!r} is frozen")
+        if dtype == bfloat16:
+            if not backend.use_native_bf16_gemm():
+                raise unsupported(f"the bf16 GEMMs are {backend.bf16_gemm_path()}, and the "
+                                   "compiled step rounds as the native bf16 GEMMs do only")
+            if codes[-1] == TANH:
+                raise unsupported("under bf16 the last Linear is followed by a Tanh (its kept "
+                                   "output is rounded, the loss reads it unrounded)")
         return layers, np.array(codes, dtype=np.int64)
 
     @staticmethod
@@ -166,9 +189,17 @@ class CompiledClassifierStep:
                 and isinstance(getattr(dataset, "y", None), np.ndarray)):
             raise TypeError(f"CompiledClassifierStep.train_epoch: the loader's data set must hold "
                             f"arrays x and y (ArrayDataset), got {type(dataset).__name__}")
-        return self.train_steps(dataset.x.reshape(len(dataset.x), -1), dataset.y,
-                                loader.order(epoch), loader.batch_size, steps=len(loader),
-                                x_scale=getattr(dataset, "scale", None))
+        return self.train_steps(self.gemm_input(dataset.x.reshape(len(dataset.x), -1)),
+                                dataset.y, loader.order(epoch), loader.batch_size,
+                                steps=len(loader), x_scale=getattr(dataset, "scale", None))
+
+    def gemm_input(self, x: np.ndarray) -> np.ndarray:
+        """The features x (S, D) as layer 0's GEMMs read them: under bf16 a float32 copy of x
+        rounded to the nearest bfloat16 (as npcpu.nn.linear keeps its input and the native bf16
+        GEMMs read it), else x itself. train_steps takes this; make it once per data set."""
+        if not self.bf16 or not isinstance(x, np.ndarray) or x.dtype != np.float32:
+            return x  # train_steps names what is wrong with another x
+        return to_compute(to_storage(x, bfloat16))
 
     def train_steps(self, x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: int, *,
                     first_batch: int = 0, steps: int | None = None, lrs=None, grad_norms=None,
@@ -176,8 +207,9 @@ class CompiledClassifierStep:
         """Optimizer steps on batches order[b * batch_size : (b + 1) * batch_size] for
         b = first_batch, first_batch + 1, ... (`steps` of them; default: to the end of `order`).
 
-        x (S, D) features in the parameters' dtype, or uint8 with `x_scale` (the features are
-        x * x_scale: MNIST's pixels with 1 / 255, as ArrayDataset keeps them), y (S,) integer
+        x (S, D) features in the compute dtype (under bf16: float32 holding bfloat16 values, as
+        `gemm_input` makes them), or uint8 with `x_scale` (the features are x * x_scale: MNIST's
+        pixels with 1 / 255, as ArrayDataset keeps them; not under bf16), y (S,) integer
         labels in [0, classes),
         order (n,) int64 sample indices. `lrs` (steps, groups): the learning rate of each
         parameter group at each step (default: the groups' "lr" throughout; the groups' "lr"
@@ -221,6 +253,12 @@ class CompiledClassifierStep:
         taken = train_worker(*arguments[0])
         for helper in helpers:
             helper.join()
+        if self.bf16:  # thread 0's float32 copies hold the new bf16 values: stored exactly
+            model = arguments[0][3]
+            for layer, weight, bias in zip(self.layers, model.weights, model.biases):
+                layer.weight.data[...] = to_storage(weight, bfloat16)
+                if layer.bias is not None:
+                    layer.bias.data[...] = to_storage(bias, bfloat16)
         shared = arguments[0][-1]
         self.late_meetings = int(shared.late_meetings.sum())
         self.alone_from = int(shared.alone_from[0])
@@ -250,9 +288,11 @@ class CompiledClassifierStep:
         return lrs
 
     def _check_data(self, x, y, order, x_scale):
-        dtype = self.layers[0].weight.data.dtype
         features, classes = self.layers[0].in_features, self.layers[-1].out_features
-        expected = np.uint8 if x_scale is not None else dtype
+        if self.bf16 and x_scale is not None:
+            raise unsupported("uint8 features with a scale under bf16 (the reference rounds "
+                               "x * scale to bfloat16; the compiled step scales layer 0's sums)")
+        expected = np.uint8 if x_scale is not None else self.compute_dtype
         if not isinstance(x, np.ndarray) or x.dtype != expected:
             got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
             hint = "uint8 pixels need an x_scale" if x_scale is None else "x_scale is for uint8 x"
@@ -281,7 +321,11 @@ class CompiledClassifierStep:
         the row groups' gradients are shared: each thread writes its own row groups."""
         settings = optimizer_settings(self.optimizer, self.layers)
         weights, biases = settings["weights"], settings["biases"]
+        if self.bf16:  # float32 copies of the bf16 values (train_steps stores them back)
+            weights = tuple(w.astype(np.float32) for w in weights)
+            biases = tuple(b.astype(np.float32) for b in biases)
         first_moments, second_moments = settings["first_moments"], settings["second_moments"]
+        masters = settings["masters"]
         dtype = weights[0].dtype
         group_index = settings["group_index"]
         lrs = np.ascontiguousarray(lrs[:, group_index])
@@ -300,7 +344,7 @@ class CompiledClassifierStep:
         group_bias_grads = tuple(np.empty_like(b) for _ in range(COLUMN_BLOCKS) for b in biases)
         plan = StepPlan(x=x, x_scale=dtype.type(1 if x_scale is None else x_scale), y=y,
                         order=order, batch_size=batch_size, first_batch=first_batch, steps=steps,
-                        lrs=lrs, corrections=corrections, first_step=settings["steps_taken"] == 0,
+                        lrs=lrs, corrections=corrections, steps_taken=settings["steps_taken"],
                         late_limit=np.array(self.late_limit, dtype=np.float64))
         shared = SharedBuffers(counter=counter, partials=partials, acts=acts, pre_acts=pre_acts,
                                dzs=dzs, group_weight_grads=group_weight_grads,
@@ -318,12 +362,15 @@ class CompiledClassifierStep:
                 biases = tuple(b.copy() for b in biases)
                 first_moments = first_moments[:1] + tuple(m.copy() for m in first_moments[1:])
                 second_moments = second_moments[:1] + tuple(m.copy() for m in second_moments[1:])
+                masters = masters[:1] + tuple(m.copy() for m in masters[1:])
             # g_W0 too is per thread (each fills its own columns): two threads writing the two
             # ends of one cache line of a shared g_W0 made two threads slower than one.
             model = ThreadModel(weights=weights, biases=biases, activations=self.activations,
                                 adam=settings["adam"], first_moments=first_moments,
                                 second_moments=second_moments, hyper=settings["hyper"],
-                                flags=settings["flags"],
+                                flags=settings["flags"], storage=settings["storage"],
+                                masters=masters, tensor_index=settings["tensor_index"],
+                                seed=settings["seed"], bf16_inputs=self.bf16,
                                 grad_weights=tuple(np.empty_like(w) for w in weights),
                                 grad_biases=tuple(np.empty_like(b) for b in biases))
             arguments.append((thread, threads, plan, model, shared))

@@ -1,10 +1,11 @@
 """The compiled step runner: SGD/Adam/AdamW steps of a small classifier in chunks of one Numba call.
 
 It applies when the run is one CompiledClassifierStep supports (npcpu.train.compiled: a
-Sequential of Linear/FusedLinearReLU (a Linear optionally followed by ReLU, GELU or Tanh) in fp32
-or fp64, CrossEntropyLoss, SGD, Adam or AdamW) and the
+Sequential of Linear/FusedLinearReLU (a Linear optionally followed by ReLU, GELU or Tanh) in fp32,
+fp64 or bf16 (native bf16 GEMMs), CrossEntropyLoss, SGD, Adam or AdamW) and the
 reference step would do nothing it does not (one micro-batch per step, no loss scaler, no
-clipping, no freezer, no updates inside backward, an ArrayDataset in the parameters' dtype).
+clipping, no freezer, no updates inside backward, an ArrayDataset in the compute dtype; under
+bf16 its x is rounded to bfloat16 once, as layer 0's GEMMs read it).
 
 A call of `steps(limit)` runs up to `limit` steps in one compiled call, from the trainer's data
 position to at most the epoch's end. The Trainer's loop asks for at most the steps to its next
@@ -136,8 +137,9 @@ def _compiled_step(trainer, loader):
         raise ValueError(what)
     for unsupported, what in (
             (trainer.update_in_backward, "the optimizer updates inside backward"),
-            (trainer.precision not in ("fp32", "fp64"), f"precision is {trainer.precision!r}, not "
-                                                        "'fp32' or 'fp64'"),
+            (trainer.precision not in ("fp32", "fp64", "bf16"), f"precision is "
+                                                                f"{trainer.precision!r}, not 'fp32', "
+                                                                "'fp64' or 'bf16'"),
             (not trainer.model.training, "the model is in eval mode"),
             (trainer.model.input_requires_grad, "model.input_requires_grad is True")):
         if unsupported:
@@ -147,12 +149,16 @@ def _compiled_step(trainer, loader):
     if not isinstance(dataset, ArrayDataset) or type(dataset).batch is not ArrayDataset.batch:
         raise TypeError(f"the training data is a {type(dataset).__name__} (the compiled step "
                         "reads the x and y arrays of an ArrayDataset directly)")
-    dtype = step.layers[0].weight.data.dtype
+    dtype = step.compute_dtype
     if dataset.x.ndim != 2 or dataset.x.dtype != (dtype if dataset.scale is None else np.uint8):
         raise ValueError(f"the training data's x is {dataset.x.dtype} {dataset.x.shape}; the "
                          f"compiled step takes {dtype} (samples, features) for this model, or "
                          "uint8 pixels with a scale")
-    return step, dataset.x, dataset.y
+    if step.bf16 and dataset.scale is not None:
+        raise ValueError("the training data is uint8 pixels with a scale and the precision "
+                         "'bf16' (the reference rounds x * scale to bfloat16; the compiled step "
+                         "scales layer 0's sums)")
+    return step, step.gemm_input(dataset.x), dataset.y
 
 
 def _fixed_settings(groups) -> list:
