@@ -13,7 +13,7 @@ from npcpu.data.loader import DataLoader
 from npcpu.dtypes import bfloat16
 from npcpu.kernels import compiled_step as kernels
 from npcpu.kernels import compiled_update
-from npcpu.nn.activations import GELU, Tanh
+from npcpu.nn.activations import Tanh
 from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.losses import CrossEntropyLoss
 from npcpu.nn.module import Sequential
@@ -22,6 +22,7 @@ from npcpu.optim.sgd import SGD
 from npcpu.train.compiled import CompiledClassifierStep
 from npcpu.train.compiled_optim import optimizer_settings
 from npcpu.train.trainer import Trainer
+from tests.test_compiled import MODELS as COMPILED_MODELS
 
 OPTIMIZERS = {
     "sgd": (SGD, dict(lr=0.1)),
@@ -104,13 +105,7 @@ def test_bf16_update_matches_the_reference_optimizer(optimizer_name, storage_nam
 # ---------------------------------------------------------------------------------------------
 # whole epochs against the reference loop
 # ---------------------------------------------------------------------------------------------
-MODELS = {
-    "logreg": lambda: [Linear(23, 5, seed=0)],
-    "mlp": lambda: [FusedLinearReLU(23, 17, seed=0), FusedLinearReLU(17, 9, bias=False, seed=1),
-                    Linear(9, 5, seed=2)],
-    "gelu_tanh": lambda: [Linear(23, 17, seed=0), GELU(), Linear(17, 9, bias=False, seed=1),
-                          Tanh(), Linear(9, 5, seed=2)],
-}
+MODELS = {name: COMPILED_MODELS[name] for name in ("logreg", "mlp", "gelu_tanh")}
 # The compiled GEMMs sum in another order than the native bf16 kernels: float32 rounding apart,
 # until an update or an activation lands on the other side of a bf16 rounding boundary, which
 # then moves that value by one bf16 unit (2^-8 relative) and the losses by less.
