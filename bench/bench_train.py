@@ -133,10 +133,11 @@ def _numpy_logreg_loop(args):
     return epoch, len(x), {"loop": "plain NumPy: x W^T + b, softmax, dz^T x, in-place updates"}
 
 
-def _npcpu_logreg_trainer(pixels: bool, adam: bool = False):
+def _npcpu_logreg_trainer(pixels: bool, adam: bool = False, precision: str = "fp32"):
     """Trainer.fit on the float32 rows, or (`pixels`) on them as MNIST stores images: uint8
     round(255 x) with the data set's scale 1 / 255, which the compiled step reads as they are.
-    SGD at the workload's learning rate, or (`adam`) Adam with torch's defaults."""
+    SGD at the workload's learning rate, or (`adam`) Adam with torch's defaults; the model in
+    `precision`."""
     def build(args):
         from npcpu.data.arrays import ArrayDataset
         from npcpu.nn.losses import CrossEntropyLoss
@@ -145,7 +146,8 @@ def _npcpu_logreg_trainer(pixels: bool, adam: bool = False):
         from npcpu.train.trainer import Trainer
         model = wl.npcpu_logreg()
         optimizer = Adam(model.parameters()) if adam else SGD(model.parameters(), lr=wl.LOGREG_LR)
-        trainer = Trainer(model, CrossEntropyLoss(), optimizer, log_stream=io.StringIO())
+        trainer = Trainer(model, CrossEntropyLoss(), optimizer, precision=precision,
+                          log_stream=io.StringIO())
         x, y = wl.logreg_data(args.samples)
         if pixels:
             dataset = ArrayDataset(np.rint(x * 255).astype(np.uint8), y,
@@ -162,7 +164,7 @@ def _npcpu_logreg_trainer(pixels: bool, adam: bool = False):
             "loop": "Trainer.fit(ArrayDataset, epochs=1), default options (its header, progress "
                     "lines and prefetch thread included)",
             "data": "uint8 pixels, scale 1/255" if pixels else "float32",
-            "optimizer": type(optimizer).__name__}
+            "optimizer": type(optimizer).__name__, "precision": precision}
     return build
 
 
@@ -277,6 +279,8 @@ CONFIGS = {
         Config("npcpu layer loop", "npcpu", _npcpu_logreg_loop),
         Config("npcpu Trainer.fit", "npcpu", _npcpu_logreg_trainer(pixels=False)),
         Config("npcpu uint8 pixels, Trainer.fit", "npcpu", _npcpu_logreg_trainer(pixels=True)),
+        Config("npcpu bf16, Trainer.fit", "npcpu",
+               _npcpu_logreg_trainer(pixels=False, precision="bf16")),
         Config("npcpu CompiledClassifierStep", "npcpu", _npcpu_logreg_compiled),
         Config("naive NumPy", "numpy", _numpy_logreg_loop),
         Config("torch eager, default SGD", "torch", _torch_logreg({})),
