@@ -219,3 +219,15 @@ def test_bf16_refusals(native_bf16_gemm):
     with pytest.raises(ValueError, match="state_dtype='bf16'"):
         CompiledClassifierStep(model, CrossEntropyLoss(),
                                SGD(model.parameters(), lr=0.1, state_dtype="bf16"))
+
+
+
+def test_fit_on_scaled_pixels_under_bf16_falls_back_with_its_reason(native_bf16_gemm):
+    model = Sequential(Linear(12, 5, seed=0))
+    trainer = Trainer(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1),
+                      precision="bf16", log_stream=io.StringIO())
+    pixels = ArrayDataset(np.full((32, 12), 128, np.uint8), np.zeros(32, np.int64), scale=1 / 255)
+    trainer.fit(pixels, max_steps=2, batch_size=16, progress=False)
+    assert trainer.step == 2
+    assert ("compiled step: off (CompiledClassifierStep: uint8 features with a scale under bf16"
+            in trainer.log_stream.getvalue())

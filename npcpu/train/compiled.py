@@ -287,11 +287,16 @@ class CompiledClassifierStep:
                              f"finite learning rates >= 0, got shape {lrs.shape}")
         return lrs
 
-    def _check_data(self, x, y, order, x_scale):
-        features, classes = self.layers[0].in_features, self.layers[-1].out_features
+    def check_scale(self, x_scale) -> None:
+        """Refuse uint8 features with a scale under bf16 (ValueError): the reference rounds
+        x * scale to bfloat16, the compiled step scales layer 0's sums."""
         if self.bf16 and x_scale is not None:
             raise unsupported("uint8 features with a scale under bf16 (the reference rounds "
                                "x * scale to bfloat16; the compiled step scales layer 0's sums)")
+
+    def _check_data(self, x, y, order, x_scale):
+        features, classes = self.layers[0].in_features, self.layers[-1].out_features
+        self.check_scale(x_scale)
         expected = np.uint8 if x_scale is not None else self.compute_dtype
         if not isinstance(x, np.ndarray) or x.dtype != expected:
             got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__

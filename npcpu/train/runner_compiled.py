@@ -154,10 +154,7 @@ def _compiled_step(trainer, loader):
         raise ValueError(f"the training data's x is {dataset.x.dtype} {dataset.x.shape}; the "
                          f"compiled step takes {dtype} (samples, features) for this model, or "
                          "uint8 pixels with a scale")
-    if step.bf16 and dataset.scale is not None:
-        raise ValueError("the training data is uint8 pixels with a scale and the precision "
-                         "'bf16' (the reference rounds x * scale to bfloat16; the compiled step "
-                         "scales layer 0's sums)")
+    step.check_scale(dataset.scale)
     return step, step.gemm_input(dataset.x), dataset.y
 
 
