@@ -173,7 +173,7 @@ def pack_panels(source: np.ndarray, pairs_down_columns: bool) -> np.ndarray:
     span = 2 if source.dtype == np.uint16 else 1
     n_pairs, n_panels = (n_rows + span - 1) // span, (n_columns + COLUMNS - 1) // COLUMNS
     out = np.empty(n_panels * n_pairs * COLUMNS, word_dtype(source))
-    _pack_panels(source, pairs_down_columns, n_pairs, n_panels, out)
+    _pack_word_column_panels(source, n_pairs, n_panels, out)
     return out
 
 
@@ -192,10 +192,11 @@ def _panels_of_words(words: np.ndarray) -> np.ndarray:
 
 
 @njit(parallel=True, cache=True)
-def _pack_panels(source, pairs_down_columns, n_pairs, n_panels, out):
+def _pack_word_column_panels(source, n_pairs, n_panels, out):
+    """pack_panels for B = source^T (the words in source's rows), a panel per task."""
     for j in prange(n_panels):
-        _pack_block(source, pairs_down_columns, 0, n_pairs, j * COLUMNS, (j + 1) * COLUMNS,
-                    out[j * n_pairs * COLUMNS:(j + 1) * n_pairs * COLUMNS])
+        _pack_word_columns_block(source, 0, n_pairs, j * COLUMNS, (j + 1) * COLUMNS,
+                                 out[j * n_pairs * COLUMNS:(j + 1) * n_pairs * COLUMNS])
 
 
 @njit(parallel=True, cache=True)
