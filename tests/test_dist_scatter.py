@@ -48,7 +48,8 @@ got = np.concatenate(buckets.buffers)
 np.testing.assert_array_equal(got[start:stop], want[start:stop])
 sums.gather(world, 30.0)
 np.testing.assert_array_equal(np.concatenate(buckets.buffers), want)
-print("rank", world.rank, "ok", flush=True)
+sys.stdout.write(f"rank {world.rank} ok\\n")  # one write: the ranks share the output stream
+sys.stdout.flush()
 """
 
 
