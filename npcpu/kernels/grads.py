@@ -137,6 +137,89 @@ def chunk_power_sums(values, p, partials, scale=None):
             partials[c] = _power_sum_range(values, p, start, stop)
 
 
+RANK_SUM_BLOCK = 64
+"""Elements of one chunk that `sum_ranks_and_square_chunks` adds, writes and squares at a time:
+the ranks' sum and its squares are vector loops over a block in the cache, and only the running
+sum of squares, a chain of dependent additions, is left to scalar code."""
+
+
+@njit(inline="always", cache=True)
+def _sum_ranks_block(sources, out, start, count, running, squares):
+    """``out[start:start + count] = sources[0] + sources[1] + ...`` over those elements, each
+    addition rounded to the dtype (as NumPy adds them one source after the other), the sum kept
+    in `running` until every source is read (`out` may be one of them), and
+    ``squares[i] = float64(sum[i]) ** 2`` (exact: a float32 squared fits in a float64)."""
+    first, second = sources[0][start:start + count], sources[1][start:start + count]
+    for i in range(count):
+        running[i] = first[i] + second[i]
+    for r in range(2, len(sources)):
+        more = sources[r][start:start + count]
+        for i in range(count):
+            running[i] += more[i]
+    written = out[start:start + count]
+    for i in range(count):
+        written[i] = running[i]
+        v = np.float64(running[i])
+        squares[i] = v * v
+
+
+@njit(parallel=True, cache=True)
+def sum_ranks_and_square_chunks(sources, out, starts, partials):
+    """The ranks' sum of a gradient buffer's chunks, and each chunk's sum of squares in the same
+    pass: for each chunk c (elements starts[c] .. starts[c + 1] - 1 of the buffer, at most CHUNK
+    of them), ``out = sources[0] + sources[1] + ...`` in rank order (npcpu.dist.node.add_ranks),
+    and ``partials[c]`` the sum of the squares of those sums, in float64 and index order:
+    bit for bit `chunk_power_sums`' partial (p = 2) of that chunk. A run of whole chunks is
+    summed LANES at a time (their running sums side by side, as in chunk_power_sums), a block of
+    RANK_SUM_BLOCK elements of each at a time (`_sum_ranks_block`); the rest one chunk at a time.
+
+    Parameters
+    ----------
+    sources : tuple of (n,) float32 or float64
+        The ranks' buffers, in rank order (at least two). `out` may be one of them.
+    out : (n,) of the same dtype
+    starts : (chunks + 1,) int64
+        Where each chunk begins, then where the last one ends (the chunks are consecutive).
+    partials : (chunks,) float64, written
+    """
+    chunks = partials.shape[0]
+    groups = chunks // LANES
+    for task in prange(groups + chunks - groups * LANES):
+        first = task * LANES if task < groups else groups * LANES + task - groups
+        lanes = LANES if task < groups else 1
+        whole = True
+        for k in range(lanes):
+            whole = whole and starts[first + k + 1] - starts[first + k] == CHUNK
+        running = np.empty(RANK_SUM_BLOCK, out.dtype)
+        squares = np.empty((LANES, RANK_SUM_BLOCK))
+        if lanes == LANES and whole:
+            s0, s1, s2, s3 = starts[first], starts[first + 1], starts[first + 2], starts[first + 3]
+            q0, q1, q2, q3 = squares[0], squares[1], squares[2], squares[3]
+            t0 = t1 = t2 = t3 = 0.0
+            for block in range(0, CHUNK, RANK_SUM_BLOCK):
+                _sum_ranks_block(sources, out, s0 + block, RANK_SUM_BLOCK, running, q0)
+                _sum_ranks_block(sources, out, s1 + block, RANK_SUM_BLOCK, running, q1)
+                _sum_ranks_block(sources, out, s2 + block, RANK_SUM_BLOCK, running, q2)
+                _sum_ranks_block(sources, out, s3 + block, RANK_SUM_BLOCK, running, q3)
+                for i in range(RANK_SUM_BLOCK):
+                    t0 += q0[i]
+                    t1 += q1[i]
+                    t2 += q2[i]
+                    t3 += q3[i]
+            partials[first], partials[first + 1] = t0, t1
+            partials[first + 2], partials[first + 3] = t2, t3
+        else:
+            q0 = squares[0]
+            for c in range(first, first + lanes):
+                total = 0.0
+                for start in range(starts[c], starts[c + 1], RANK_SUM_BLOCK):
+                    count = min(RANK_SUM_BLOCK, starts[c + 1] - start)
+                    _sum_ranks_block(sources, out, start, count, running, q0)
+                    for i in range(count):
+                        total += q0[i]
+                partials[c] = total
+
+
 @njit(cache=True)
 def power_sum(values, p, scale=None):
     """``sum_i |values[i]| ** p`` accumulated in float64: the p-th power of the p-norm. With
