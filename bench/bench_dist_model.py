@@ -18,7 +18,9 @@ The float32 gradients are reduced in buckets of dist.bucket_mb in the order back
 them. Backward is taken to finish gradient bytes at an even rate over the window's last
 micro-batch (the earlier ones do not communicate), and the link to serve one bucket at a time:
 what runs past the end of backward is exposed. The scaling efficiency is step(1) / (N step(N)):
-N hosts against one host training the same global batch.
+N hosts against one host training the same global batch (npcpu's meaning of train.batch_size);
+"weak scaling" gives each host the whole batch (N times the global batch) and is step(1) over
+the N-host step.
 
 Not modeled: the CPU time the network stack takes from compute, other jobs on the link,
 stragglers; the rest's parts that do not shrink with the shard. alpha is assumed (--alpha-us);
@@ -42,6 +44,7 @@ from common import markdown_table, write_json
 from npcpu.config import build_config
 
 LINKS_GBIT = (1, 10, 25, 100)
+SETUPS = ("overlap", "after", "shard")
 
 
 def host_share(batch: int, accumulation: int, hosts: int) -> tuple[int, int] | None:
@@ -127,23 +130,26 @@ def main() -> None:
         print(f"one host, {n}-host share (micro-batch {share[0]} x {share[1]}): " + ", ".join(
             f"{phase} {1e3 * seconds:.1f} ms" for phase, seconds in phases.items() if seconds),
               flush=True)
-    single = measured[1][1]["total"]
+    full, single = measured[1][1], measured[1][1]["total"]
     for n, (share, phases, (parameter_bytes, gradient_bytes)) in measured.items():
         if n == 1:
             continue
         for gbit in LINKS_GBIT:
-            step = model(phases, n, share[1], parameter_bytes, gradient_bytes, bucket_bytes,
-                         1e-6 * args.alpha_us, gbit)
-            efficiency = {setup: single / (n * step[setup]) for setup in ("overlap", "after",
-                                                                           "shard")}
-            results.append({"hosts": n, "gbit": gbit, "step_s": step, "efficiency": efficiency})
-            rows.append([n, gbit, f"{1e3 * step['overlap']:.0f}", *(
-                f"{efficiency[s]:.2f}" for s in ("overlap", "after", "shard")),
-                f"{step['hides_at_gbit']:.1f}"])
+            sizes = (parameter_bytes, gradient_bytes, bucket_bytes, 1e-6 * args.alpha_us, gbit)
+            step = model(phases, n, share[1], *sizes)
+            weak = model(full, n, accumulation, *sizes)  # each host the whole batch
+            efficiency = {setup: single / (n * step[setup]) for setup in SETUPS}
+            efficiency |= {f"weak {setup}": single / weak[setup] for setup in SETUPS}
+            results.append({"hosts": n, "gbit": gbit, "step_s": step, "weak_step_s": weak,
+                            "efficiency": efficiency})
+            rows.append([n, gbit, f"{1e3 * step['overlap']:.0f}",
+                         *(f"{efficiency[s]:.2f}" for s in efficiency),
+                         f"{step['hides_at_gbit']:.1f}"])
     print(f"\n{args.preset}: one host {1e3 * single:.0f} ms per step "
           f"(global batch {batch} x {accumulation}); alpha {args.alpha_us} us assumed")
-    print(markdown_table(["hosts", "link Gbit/s", "step ms (overlap)", "efficiency overlap",
-                          "after", "shard", "overlap hides the all-reduce from Gbit/s"], rows))
+    print(markdown_table(["hosts", "link Gbit/s", "step ms (overlap)", "efficiency: overlap",
+                          "after", "shard", "weak scaling: overlap", "after", "shard",
+                          "overlap hides the all-reduce from Gbit/s"], rows))
     write_json("dist_model", {"args": vars(args),
                               "measured": {n: {"share": m[0], "phases_s": m[1],
                                                "parameter_bytes": m[2][0],
