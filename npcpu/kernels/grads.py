@@ -137,7 +137,7 @@ def chunk_power_sums(values, p, partials, scale=None):
             partials[c] = _power_sum_range(values, p, start, stop)
 
 
-RANK_SUM_BLOCK = 64
+RANK_SUM_BLOCK = 128
 """Elements of one chunk that `sum_ranks_and_square_chunks` adds, writes and squares at a time:
 the ranks' sum and its squares are vector loops over a block in the cache, and only the running
 sum of squares, a chain of dependent additions, is left to scalar code."""
@@ -163,15 +163,28 @@ def _sum_ranks_block(sources, out, start, count, running, squares):
         squares[i] = v * v
 
 
+@njit(inline="always", cache=True)
+def _add_in_order(total, squares, count):
+    """total + squares[0] + squares[1] + ... + squares[count - 1], added in that order."""
+    for i in range(count):
+        total += squares[i]
+    return total
+
+
 @njit(parallel=True, cache=True)
 def sum_ranks_and_square_chunks(sources, out, starts, partials):
     """The ranks' sum of a gradient buffer's chunks, and each chunk's sum of squares in the same
     pass: for each chunk c (elements starts[c] .. starts[c + 1] - 1 of the buffer, at most CHUNK
     of them), ``out = sources[0] + sources[1] + ...`` in rank order (npcpu.dist.node.add_ranks),
     and ``partials[c]`` the sum of the squares of those sums, in float64 and index order:
-    bit for bit `chunk_power_sums`' partial (p = 2) of that chunk. A run of whole chunks is
-    summed LANES at a time (their running sums side by side, as in chunk_power_sums), a block of
-    RANK_SUM_BLOCK elements of each at a time (`_sum_ranks_block`); the rest one chunk at a time.
+    bit for bit `chunk_power_sums`' partial (p = 2) of that chunk.
+
+    The chunk's elements go a block of RANK_SUM_BLOCK at a time (`_sum_ranks_block`). A run of
+    LANES whole chunks is summed side by side, their running sums of squares being independent
+    chains (as in chunk_power_sums); lane k works k blocks behind lane 0: the chunks lie CHUNK
+    elements apart, a multiple of 4 KiB, and a load at the same address modulo 4 KiB as a store
+    still in flight waits for it, so lanes in step would stall on each other's stores. The other
+    chunks go one at a time.
 
     Parameters
     ----------
@@ -182,6 +195,8 @@ def sum_ranks_and_square_chunks(sources, out, starts, partials):
         Where each chunk begins, then where the last one ends (the chunks are consecutive).
     partials : (chunks,) float64, written
     """
+    block = RANK_SUM_BLOCK
+    steps = CHUNK // block  # blocks in a chunk
     chunks = partials.shape[0]
     groups = chunks // LANES
     for task in prange(groups + chunks - groups * LANES):
@@ -190,34 +205,43 @@ def sum_ranks_and_square_chunks(sources, out, starts, partials):
         whole = True
         for k in range(lanes):
             whole = whole and starts[first + k + 1] - starts[first + k] == CHUNK
-        running = np.empty(RANK_SUM_BLOCK, out.dtype)
-        squares = np.empty((LANES, RANK_SUM_BLOCK))
+        running = np.empty(block, out.dtype)
+        squares = np.empty((LANES, block))
+        totals = np.zeros(LANES)
         if lanes == LANES and whole:
+            for step in range(LANES - 1):  # lanes 0 .. step start
+                for k in range(step + 1):
+                    _sum_ranks_block(sources, out, starts[first + k] + (step - k) * block,
+                                     block, running, squares[k])
+                    totals[k] = _add_in_order(totals[k], squares[k], block)
             s0, s1, s2, s3 = starts[first], starts[first + 1], starts[first + 2], starts[first + 3]
             q0, q1, q2, q3 = squares[0], squares[1], squares[2], squares[3]
-            t0 = t1 = t2 = t3 = 0.0
-            for block in range(0, CHUNK, RANK_SUM_BLOCK):
-                _sum_ranks_block(sources, out, s0 + block, RANK_SUM_BLOCK, running, q0)
-                _sum_ranks_block(sources, out, s1 + block, RANK_SUM_BLOCK, running, q1)
-                _sum_ranks_block(sources, out, s2 + block, RANK_SUM_BLOCK, running, q2)
-                _sum_ranks_block(sources, out, s3 + block, RANK_SUM_BLOCK, running, q3)
-                for i in range(RANK_SUM_BLOCK):
+            t0, t1, t2, t3 = totals[0], totals[1], totals[2], totals[3]
+            for step in range(LANES - 1, steps):  # every lane
+                _sum_ranks_block(sources, out, s0 + step * block, block, running, q0)
+                _sum_ranks_block(sources, out, s1 + (step - 1) * block, block, running, q1)
+                _sum_ranks_block(sources, out, s2 + (step - 2) * block, block, running, q2)
+                _sum_ranks_block(sources, out, s3 + (step - 3) * block, block, running, q3)
+                for i in range(block):
                     t0 += q0[i]
                     t1 += q1[i]
                     t2 += q2[i]
                     t3 += q3[i]
-            partials[first], partials[first + 1] = t0, t1
-            partials[first + 2], partials[first + 3] = t2, t3
+            totals[0], totals[1], totals[2], totals[3] = t0, t1, t2, t3
+            for step in range(steps, steps + LANES - 1):  # lanes step - steps + 1 .. 3 finish
+                for k in range(step - steps + 1, LANES):
+                    _sum_ranks_block(sources, out, starts[first + k] + (step - k) * block,
+                                     block, running, squares[k])
+                    totals[k] = _add_in_order(totals[k], squares[k], block)
         else:
-            q0 = squares[0]
-            for c in range(first, first + lanes):
-                total = 0.0
-                for start in range(starts[c], starts[c + 1], RANK_SUM_BLOCK):
-                    count = min(RANK_SUM_BLOCK, starts[c + 1] - start)
-                    _sum_ranks_block(sources, out, start, count, running, q0)
-                    for i in range(count):
-                        total += q0[i]
-                partials[c] = total
+            for k in range(lanes):
+                c = first + k
+                for start in range(starts[c], starts[c + 1], block):
+                    count = min(block, starts[c + 1] - start)
+                    _sum_ranks_block(sources, out, start, count, running, squares[0])
+                    totals[k] = _add_in_order(totals[k], squares[0], count)
+        for k in range(lanes):
+            partials[first + k] = totals[k]
 
 
 @njit(cache=True)
