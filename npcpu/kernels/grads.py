@@ -148,7 +148,7 @@ def _sum_ranks_block(sources, out, start, count, running, squares):
     """``out[start:start + count] = sources[0] + sources[1] + ...`` over those elements, each
     addition rounded to the dtype (as NumPy adds them one source after the other), the sum kept
     in `running` until every source is read (`out` may be one of them), and
-    ``squares[i] = float64(sum[i]) ** 2`` (exact: a float32 squared fits in a float64)."""
+    ``squares[i] = float64(sum[i]) ** 2``, the product `_power_sum_range` forms."""
     first, second = sources[0][start:start + count], sources[1][start:start + count]
     for i in range(count):
         running[i] = first[i] + second[i]
