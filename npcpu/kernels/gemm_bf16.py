@@ -42,8 +42,9 @@ are prefetched, so that neither C's read-modify-write nor the packing waits for 
 """
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types, uint32
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from npcpu.kernels import dpbf16
 from npcpu.kernels.dpbf16 import COLUMNS, ROWS
@@ -53,6 +54,9 @@ BLOCK_PAIRS = 256               # pairs of R per step: a panel of B is 32 KB
 BLOCK_ROWS = 16 * ROWS          # rows of C per task (at most)
 BLOCK_COLUMNS = 8 * COLUMNS     # columns of C per task: a B block is 256 KB
 _SHIFT = uint32(16)
+_U32_PANEL = ir.VectorType(ir.IntType(32), COLUMNS)    # a panel row of words
+_F32_PANEL = ir.VectorType(ir.FloatType(), COLUMNS)
+_WORD_VECTOR = {types.uint32: _U32_PANEL, types.float32: _F32_PANEL}
 
 
 # ------------------------------------------------------------------------------- packing
@@ -68,10 +72,14 @@ def _span(source):
     """Elements of `source` per word: 2 for bfloat16 bits (uint16), 1 for float32."""
 
 
-def _word_down(source, r, q):
-    """Word r of column q of `source`, the words running down its columns: (source[2r, q],
-    source[2r + 1, q]) for bfloat16 bits, a zero half past the last row; source[r, q] for
-    float32."""
+def _pair_rows(source, r):
+    """The rows of `source` whose elements make word r of each column (the words running down its
+    columns): rows 2r and 2r + 1 for bfloat16 bits (an all-zero row past the last), row r (twice)
+    for float32."""
+
+
+def _word_of(low, high, q):
+    """Word q of the rows of _pair_rows: (low[q], high[q]) for bfloat16 bits, low[q] for float32."""
 
 
 def _word_along(row, r):
@@ -88,15 +96,24 @@ def _span_specialized(source):
     return None
 
 
-@overload(_word_down)
-def _word_down_specialized(source, r, q):
+@overload(_pair_rows)
+def _pair_rows_specialized(source, r):
     if source.dtype == types.uint16:
-        def pair(source, r, q):
-            high = source[2 * r + 1, q] if 2 * r + 1 < source.shape[0] else 0
-            return _pair(source[2 * r, q], high)
-        return pair
+        def rows(source, r):
+            low = source[2 * r]
+            return low, source[2 * r + 1] if 2 * r + 1 < source.shape[0] else np.zeros_like(low)
+        return rows
     if source.dtype == types.float32:
-        return lambda source, r, q: source[r, q]
+        return lambda source, r: (source[r], source[r])
+    return None
+
+
+@overload(_word_of)
+def _word_of_specialized(low, high, q):
+    if low.dtype == types.uint16:
+        return lambda low, high, q: _pair(low[q], high[q])
+    if low.dtype == types.float32:
+        return lambda low, high, q: low[q]
     return None
 
 
@@ -114,24 +131,69 @@ def word_dtype(source: np.ndarray) -> np.dtype:
     return np.dtype(np.uint32) if source.dtype == np.uint16 else np.dtype(np.float32)
 
 
+@intrinsic
+def _words_of_panel(typingctx, low, high, q, out, start):
+    """out[start + c] = _word_of(low, high, q + c) for c < COLUMNS, in whole vectors: two loads of
+    COLUMNS elements (bfloat16 bits: zero-extended, high shifted up and or-ed in) or one (float32:
+    low's values), one store of COLUMNS words. low, high: C-contiguous rows of _pair_rows.
+
+    The loop Numba would write instead is not vectorized: LLVM cannot tell that `out` does not
+    overlap the rows, and unrolls it into COLUMNS scalar words."""
+    if low.dtype == types.uint16 and out.dtype == types.uint32:
+        halves = ir.VectorType(ir.IntType(16), COLUMNS)
+    elif low.dtype == types.float32 and out.dtype == types.float32:
+        halves = None
+    else:
+        return None
+    if low.layout != "C" or high != low or out.ndim != 1:
+        return None
+
+    def codegen(context, builder, signature, args):
+        low_type, _, q_type, out_type, start_type = signature.args
+        low_row, high_row, q_index, out_words, start_index = args
+
+        def vector_at(array_type, array, index, index_type, vector_type):
+            index = context.cast(builder, index, index_type, types.intp)
+            data = context.make_array(array_type)(context, builder, array).data
+            return builder.bitcast(builder.gep(data, [index]), vector_type.as_pointer())
+
+        target = vector_at(out_type, out_words, start_index, start_type, _WORD_VECTOR[out_type.dtype])
+        if halves is None:
+            words = builder.load(vector_at(low_type, low_row, q_index, q_type, _F32_PANEL), align=4)
+        else:
+            low_bits, high_bits = (
+                builder.zext(builder.load(vector_at(low_type, row, q_index, q_type, halves), align=2),
+                             _U32_PANEL)
+                for row in (low_row, high_row))
+            shift = ir.Constant(_U32_PANEL, [16] * COLUMNS)
+            words = builder.or_(low_bits, builder.shl(high_bits, shift))
+        builder.store(words, target, align=4)
+        return context.get_dummy_value()
+
+    return types.void(low, high, q, out, start), codegen
+
+
 @njit(cache=True)
 def _pack_row_pairs_block(source, pair_start, pair_stop, column_start, column_stop, out):
-    """out[((j * n) + r) * COLUMNS + c] = _word_down(source, pair_start + r, q), with
-    q = column_start + j * COLUMNS + c and n = pair_stop - pair_start; columns past source's end
-    are zero."""
-    n_columns = source.shape[1]
+    """out[((j * n) + r) * COLUMNS + c] = word pair_start + r of column q of `source` (C-contiguous,
+    the words running down its columns, _pair_rows), with q = column_start + j * COLUMNS + c and
+    n = pair_stop - pair_start; columns past source's end are zero.
+
+    A pass per word row: its source rows are read along their memory, whole cache lines, into
+    every panel of the block, a panel row as whole vectors (_words_of_panel); only the last
+    panel, where it runs past source's last column, goes word by word."""
     n_pairs = pair_stop - pair_start
-    for j in range((column_stop - column_start + COLUMNS - 1) // COLUMNS):
-        q0 = column_start + j * COLUMNS
-        width = min(COLUMNS, n_columns - q0)
-        for r in range(n_pairs):
-            base = (j * n_pairs + r) * COLUMNS
-            if width == COLUMNS:
-                for c in range(COLUMNS):
-                    out[base + c] = _word_down(source, pair_start + r, q0 + c)
-            else:
-                for c in range(COLUMNS):
-                    out[base + c] = _word_down(source, pair_start + r, q0 + c) if c < width else 0
+    n_panels = (column_stop - column_start + COLUMNS - 1) // COLUMNS
+    full_panels = min(n_panels, (source.shape[1] - column_start) // COLUMNS)
+    for r in range(n_pairs):
+        low, high = _pair_rows(source, pair_start + r)
+        for j in range(full_panels):
+            _words_of_panel(low, high, column_start + j * COLUMNS, out, (j * n_pairs + r) * COLUMNS)
+        for j in range(full_panels, n_panels):
+            q0, base = column_start + j * COLUMNS, (j * n_pairs + r) * COLUMNS
+            width = source.shape[1] - q0
+            for c in range(COLUMNS):
+                out[base + c] = _word_of(low, high, q0 + c) if c < width else 0
 
 
 @njit(cache=True)
