@@ -54,6 +54,7 @@ BLOCK_PAIRS = 256               # pairs of R per step: a panel of B is 32 KB
 BLOCK_ROWS = 16 * ROWS          # rows of C per task (at most)
 BLOCK_COLUMNS = 8 * COLUMNS     # columns of C per task: a B block is 256 KB
 _SHIFT = uint32(16)
+PANELS_PER_TASK = 8
 _U32_PANEL = ir.VectorType(ir.IntType(32), COLUMNS)    # a panel row of words
 _F32_PANEL = ir.VectorType(ir.FloatType(), COLUMNS)
 _WORD_VECTOR = {types.uint32: _U32_PANEL, types.float32: _F32_PANEL}
@@ -229,36 +230,22 @@ def pack_panels(source: np.ndarray, pairs_down_columns: bool) -> np.ndarray:
     float32 source: B = source (R, Q) with `pairs_down_columns` (for bfloat16, rows 2r, 2r + 1
     interleaved), else B = source^T, source (Q, R) holding the words in its rows (a transpose of
     32-bit words)."""
-    if pairs_down_columns:
-        return _panels_of_words(interleave_rows(source) if source.dtype == np.uint16 else source)
-    n_rows, n_columns = source.shape[::-1]
+    source = np.ascontiguousarray(source)
+    n_rows, n_columns = source.shape if pairs_down_columns else source.shape[::-1]
     span = 2 if source.dtype == np.uint16 else 1
     n_pairs, n_panels = (n_rows + span - 1) // span, (n_columns + COLUMNS - 1) // COLUMNS
     out = np.empty(n_panels * n_pairs * COLUMNS, word_dtype(source))
-    _pack_word_column_panels(source, n_pairs, n_panels, out)
+    _pack_all_panels(source, pairs_down_columns, n_pairs, n_panels, out)
     return out
 
 
-def _panels_of_words(words: np.ndarray) -> np.ndarray:
-    """words (pairs, Q) -> panels (ceil(Q / COLUMNS), pairs, COLUMNS), flat, zero past Q: one
-    strided NumPy copy, which moves each row's COLUMNS words as one piece (it measured faster
-    than the Numba loops of _pack_row_pairs_block, whose rows are too short to vectorize well)."""
-    n_pairs, n_columns = words.shape
-    full, n_panels = n_columns // COLUMNS, (n_columns + COLUMNS - 1) // COLUMNS
-    out = np.empty((n_panels, n_pairs, COLUMNS), words.dtype)
-    out[:full] = words[:, :full * COLUMNS].reshape(n_pairs, full, COLUMNS).transpose(1, 0, 2)
-    if full < n_panels:
-        out[full, :, :n_columns - full * COLUMNS] = words[:, full * COLUMNS:]
-        out[full, :, n_columns - full * COLUMNS:] = 0
-    return out.reshape(-1)
-
-
 @njit(parallel=True, cache=True)
-def _pack_word_column_panels(source, n_pairs, n_panels, out):
-    """pack_panels for B = source^T (the words in source's rows), a panel per task."""
-    for j in prange(n_panels):
-        _pack_word_columns_block(source, 0, n_pairs, j * COLUMNS, (j + 1) * COLUMNS,
-                                 out[j * n_pairs * COLUMNS:(j + 1) * n_pairs * COLUMNS])
+def _pack_all_panels(source, pairs_down_columns, n_pairs, n_panels, out):
+    """pack_panels' packing, PANELS_PER_TASK panels per task."""
+    for task in prange((n_panels + PANELS_PER_TASK - 1) // PANELS_PER_TASK):
+        first, stop = task * PANELS_PER_TASK, min(n_panels, (task + 1) * PANELS_PER_TASK)
+        _pack_block(source, pairs_down_columns, 0, n_pairs, first * COLUMNS, stop * COLUMNS,
+                    out[first * n_pairs * COLUMNS:stop * n_pairs * COLUMNS])
 
 
 @njit(parallel=True, cache=True)
