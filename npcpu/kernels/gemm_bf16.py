@@ -28,10 +28,10 @@ all of W at once.
 float32: the same code with one float32 in place of each 32-bit pair word (the tile then runs
 vfmadd231ps, npcpu.kernels.dpbf16): A is read in place as a float32 matrix (rows of A at
 a_row_step, its R elements at a_pair_step: dz^T for dW is dz itself, a_row_step 1 and a_pair_step
-M, no copy), B packs one float32 per "pair", and nothing is padded. The packing reads a word
-through `_word_down` / `_word_along`, which Numba specializes by the source's dtype: uint16
-bfloat16 bits make pairs, float32 values are their own words. Numba compiles each caller once per
-word type.
+M, no copy), B packs one float32 per "pair", and nothing is padded. The packing reads its words
+through `_pair_rows` / `_word_of` / `_words_of_panel` / `_word_along`, which Numba specializes by
+the source's dtype: uint16 bfloat16 bits make pairs, float32 values are their own words. Numba
+compiles each caller once per word type.
 
 Blocking: each task of the parallel loop owns a block of at most BLOCK_ROWS x BLOCK_COLUMNS of C
 (`_block_shape`: blocks as even as the tiles allow, so that both threads finish together) and walks
