@@ -55,9 +55,10 @@ BLOCK_ROWS = 16 * ROWS          # rows of C per task (at most)
 BLOCK_COLUMNS = 8 * COLUMNS     # columns of C per task: a B block is 256 KB
 _SHIFT = uint32(16)
 PANELS_PER_TASK = 8
-_U32_PANEL = ir.VectorType(ir.IntType(32), COLUMNS)    # a panel row of words
-_F32_PANEL = ir.VectorType(ir.FloatType(), COLUMNS)
-_WORD_VECTOR = {types.uint32: _U32_PANEL, types.float32: _F32_PANEL}
+_BITS_PANEL = ir.VectorType(ir.IntType(16), COLUMNS)     # a panel row of bfloat16 bits,
+_WORDS_PANEL = ir.VectorType(ir.IntType(32), COLUMNS)    # of their pair words,
+_FLOATS_PANEL = ir.VectorType(ir.FloatType(), COLUMNS)   # of float32 words
+_HALF_SHIFT = ir.Constant(_WORDS_PANEL, [16] * COLUMNS)
 
 
 # ------------------------------------------------------------------------------- packing
@@ -132,42 +133,42 @@ def word_dtype(source: np.ndarray) -> np.dtype:
     return np.dtype(np.uint32) if source.dtype == np.uint16 else np.dtype(np.float32)
 
 
+def _vector_at(context, builder, array_type, array, index_type, index, vector_type):
+    """An LLVM pointer to the vector_type that starts at array[index] (1-D, C-contiguous)."""
+    data = context.make_array(array_type)(context, builder, array).data
+    index = context.cast(builder, index, index_type, types.intp)
+    return builder.bitcast(builder.gep(data, [index]), vector_type.as_pointer())
+
+
 @intrinsic
 def _words_of_panel(typingctx, low, high, q, out, start):
-    """out[start + c] = _word_of(low, high, q + c) for c < COLUMNS, in whole vectors: two loads of
-    COLUMNS elements (bfloat16 bits: zero-extended, high shifted up and or-ed in) or one (float32:
-    low's values), one store of COLUMNS words. low, high: C-contiguous rows of _pair_rows.
+    """out[start + c] = _word_of(low, high, q + c) for c < COLUMNS, in whole vectors: bfloat16
+    bits as two loads of COLUMNS halves, zero-extended, high's shifted up and or-ed into low's;
+    float32 as one load of low's values; then one store of COLUMNS words. low, high: rows of
+    _pair_rows; low, high and out C-contiguous.
 
     The loop Numba would write instead is not vectorized: LLVM cannot tell that `out` does not
     overlap the rows, and unrolls it into COLUMNS scalar words."""
-    if low.dtype == types.uint16 and out.dtype == types.uint32:
-        halves = ir.VectorType(ir.IntType(16), COLUMNS)
-    elif low.dtype == types.float32 and out.dtype == types.float32:
-        halves = None
-    else:
-        return None
-    if low.layout != "C" or high != low or out.ndim != 1:
+    bits = low.dtype == types.uint16
+    if ((low.dtype, out.dtype) not in ((types.uint16, types.uint32), (types.float32, types.float32))
+            or high != low or low.layout != "C" or out.layout != "C"):
         return None
 
     def codegen(context, builder, signature, args):
-        low_type, _, q_type, out_type, start_type = signature.args
-        low_row, high_row, q_index, out_words, start_index = args
+        (low_type, _, q_type, out_type, start_type), (low, high, q, out, start) = (
+            signature.args, args)
 
-        def vector_at(array_type, array, index, index_type, vector_type):
-            index = context.cast(builder, index, index_type, types.intp)
-            data = context.make_array(array_type)(context, builder, array).data
-            return builder.bitcast(builder.gep(data, [index]), vector_type.as_pointer())
+        def load(row, vector_type, align):
+            pointer = _vector_at(context, builder, low_type, row, q_type, q, vector_type)
+            return builder.load(pointer, align=align)
 
-        target = vector_at(out_type, out_words, start_index, start_type, _WORD_VECTOR[out_type.dtype])
-        if halves is None:
-            words = builder.load(vector_at(low_type, low_row, q_index, q_type, _F32_PANEL), align=4)
+        if bits:
+            low_bits, high_bits = (builder.zext(load(row, _BITS_PANEL, 2), _WORDS_PANEL)
+                                   for row in (low, high))
+            words = builder.or_(low_bits, builder.shl(high_bits, _HALF_SHIFT))
         else:
-            low_bits, high_bits = (
-                builder.zext(builder.load(vector_at(low_type, row, q_index, q_type, halves), align=2),
-                             _U32_PANEL)
-                for row in (low_row, high_row))
-            shift = ir.Constant(_U32_PANEL, [16] * COLUMNS)
-            words = builder.or_(low_bits, builder.shl(high_bits, shift))
+            words = load(low, _FLOATS_PANEL, 4)
+        target = _vector_at(context, builder, out_type, out, start_type, start, words.type)
         builder.store(words, target, align=4)
         return context.get_dummy_value()
 
@@ -189,7 +190,8 @@ def _pack_row_pairs_block(source, pair_start, pair_stop, column_start, column_st
     for r in range(n_pairs):
         low, high = _pair_rows(source, pair_start + r)
         for j in range(full_panels):
-            _words_of_panel(low, high, column_start + j * COLUMNS, out, (j * n_pairs + r) * COLUMNS)
+            _words_of_panel(low, high, column_start + j * COLUMNS, out,
+                            (j * n_pairs + r) * COLUMNS)
         for j in range(full_panels, n_panels):
             q0, base = column_start + j * COLUMNS, (j * n_pairs + r) * COLUMNS
             width = source.shape[1] - q0
