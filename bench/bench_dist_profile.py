@@ -1,8 +1,8 @@
 """Where a data-parallel step spends its time, per rank: each phase timed inside real steps.
 
 Runs `npcpu train --preset PRESET` under mpiexec with timers around the parts of the step
-(npcpu.dist): the forward and backward passes of the micro-batches, the gradient reduction and
-the loss sum, the gradient norm and clipping, the freezer, the optimizer step, the parameters'
+(npcpu.dist): the forward passes of the micro-batches with their losses, their backward passes
+(with the reductions they start), the rest of the gradient reduction and the loss sum, the gradient norm and clipping, the freezer, the optimizer step, the parameters'
 broadcast from their owners, zeroing the gradients; "other" is the rest of the step. Prints, for
 each rank, the median milliseconds of each phase over the steps after the first `--skip`.
 
@@ -28,7 +28,9 @@ from pathlib import Path
 # (module, class, method) -> phase; a method called inside another timed one is counted in its
 # own phase only (the outer phase is charged the rest)
 TIMED = {
-    ("npcpu.train.runners", "ReferenceRunner", "micro_batch"): "forward+backward",
+    ("npcpu.train.runners", "ReferenceRunner", "micro_batch"): "forward+loss",
+    ("npcpu.nn.module", "Sequential", "backward"): "backward",
+    ("npcpu.models.gpt", "GPT", "backward"): "backward",
     ("npcpu.train.runners", "ReferenceRunner", "forward_backward"): "reduce+loss sum",
     ("npcpu.dist.trainer", "DataParallelRunner", "forward_backward"): "reduce+loss sum",
     ("npcpu.train.runners", "ReferenceRunner", "_grad_norm"): "norm+clip",
@@ -83,6 +85,33 @@ def worker(out: Path, train_args: list[str]) -> None:
     sys.exit(code)
 
 
+def profile(ranks: int, threads: int, steps: int, skip: int, preset: str,
+            options: list[str]) -> tuple[float, list[dict], str]:
+    """Train `preset` on `ranks` x `threads` for `steps` steps with the timers on: the median
+    items/s of the steps after the first `skip`, for each rank the median seconds of each phase
+    (and "total") over those steps, and what the run printed (its header goes to stderr)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        train = ["--preset", preset, "--run-dir", str(out / "run"), "--train.max_steps",
+                 str(steps), "--train.threads", str(threads), "--train.eval_every",
+                 "none", "--train.checkpoint_every", "none", "--train.log_every", "1",
+                 "--progress", "lines", *options]
+        program = [sys.executable, __file__, "--worker", str(out), *train]
+        command = program if ranks == 1 else [shutil.which("mpiexec"), "-n", str(ranks), *program]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        metrics = (out / "run" / "metrics.jsonl").read_text().splitlines()
+        lines = [json.loads(line) for line in metrics]
+        rates = [line["samples_per_s"] for line in lines if line["kind"] == "train"]
+        per_rank = [json.loads((out / f"rank{r}.json").read_text())[skip:] for r in range(ranks)]
+    phases = list(dict.fromkeys(TIMED.values()))
+    medians = [{phase: statistics.median([s.get(phase, 0.0) for s in kept]) for phase in phases}
+               | {"total": statistics.median([sum(s.values()) for s in kept])}
+               for kept in per_rank]
+    return statistics.median(rates[skip:]), medians, done.stdout + done.stderr
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--worker"]:  # a rank: the rest is the train command line
         worker(Path(sys.argv[2]), sys.argv[3:])
@@ -95,35 +124,14 @@ def main() -> None:
     parser.add_argument("--preset", default="mlp52m")
     args, rest = parser.parse_known_args()
     rest = [word for word in rest if word != "--"]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        train = ["--preset", args.preset, "--run-dir", str(out / "run"), "--train.max_steps",
-                 str(args.steps), "--train.threads", str(args.threads), "--train.eval_every",
-                 "none", "--train.checkpoint_every", "none", "--train.log_every", "1",
-                 "--progress", "lines", *rest]
-        program = [sys.executable, __file__, "--worker", str(out), *train]
-        command = program if args.ranks == 1 else [shutil.which("mpiexec"), "-n",
-                                                   str(args.ranks), *program]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-        metrics = (out / "run" / "metrics.jsonl").read_text().splitlines()
-        lines = [json.loads(line) for line in metrics]
-        rates = [line["samples_per_s"] for line in lines if line["kind"] == "train"]
-        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(args.ranks)]
-    phases = list(dict.fromkeys(TIMED.values()))
+    rate, ranks, _ = profile(args.ranks, args.threads, args.steps, args.skip, args.preset, rest)
     print(f"{args.preset}, {args.ranks} rank(s) x {args.threads} thread(s), options {rest}: "
-          f"items/s median {statistics.median(rates[args.skip:]):.0f}")
+          f"items/s median {rate:.0f}")
     print("| phase, ms per step (median) | " + " | ".join(f"rank {r}" for r in range(args.ranks))
           + " |")
     print("|---|" + "---|" * args.ranks)
-    for phase in [*phases, "total"]:
-        cells = []
-        for steps in ranks:
-            kept = steps[args.skip:]
-            values = [sum(s.values()) if phase == "total" else s.get(phase, 0.0) for s in kept]
-            cells.append(f"{1e3 * statistics.median(values):.1f}")
-        print(f"| {phase} | " + " | ".join(cells) + " |")
+    for phase in ranks[0]:
+        print(f"| {phase} | " + " | ".join(f"{1e3 * rank[phase]:.1f}" for rank in ranks) + " |")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Gradient clipping: norm kernels against NumPy, clip_grad_norm / clip_grad_value against torch."""
 
+import math
+
 import numba
 import numpy as np
 import pytest
 
 from npcpu.kernels.grads import CHUNK, LANES, chunk_power_sums, max_abs, power_sum
 from npcpu.nn.parameter import Parameter
-from npcpu.optim.clip import clip_grad_norm, clip_grad_value, get_total_norm
+from npcpu.optim.clip import (clip_grad_norm, clip_grad_norm_and_squares, clip_grad_value,
+                              get_total_norm, norm_from_squares)
 
 SIZES = [0, 1, 17, CHUNK + 3, 3 * CHUNK + 1]
 
@@ -205,3 +208,48 @@ def test_gradients_that_cannot_be_modified_in_place_are_rejected():
     p.grad = np.ones((4, 4), np.int32)
     with pytest.raises(TypeError, match="float32 or float64"):
         clip_grad_norm([p], 1.0)
+
+
+# ---------------------------------------------------------------- clipping with the squares kept
+
+
+def _parameters(seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    params = []
+    for shape, dtype in [((5, 7), np.float32), ((CHUNK + 9,), np.float32), ((3,), np.float64),
+                         ((4, 4), np.float32)]:
+        p = Parameter(rng.standard_normal(shape).astype(dtype))
+        p.grad = (scale * rng.standard_normal(shape)).astype(dtype)
+        params.append(p)
+    params[3].frozen = True  # left out, as torch leaves out a tensor without a gradient
+    return params
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.5, 1e6])
+def test_clip_keeping_squares_is_clip_grad_norm_bit_for_bit(num_threads, max_norm):
+    expected, kept = _parameters(), _parameters()
+    norm = get_total_norm(expected) if max_norm is None else clip_grad_norm(expected, max_norm)
+    total, squares = clip_grad_norm_and_squares(kept, max_norm)
+    assert total == norm
+    for a, b in zip(expected, kept):
+        assert np.array_equal(a.grad, b.grad)  # clipped alike (or untouched)
+    assert set(squares) == {id(p) for p in kept[:3]}
+    for p in kept[:3]:  # the sums of squares of the clipped gradients
+        assert squares[id(p)] == power_sum(p.grad.reshape(-1), 2.0)
+    # any subset's norm from the squares is get_total_norm's, bit for bit (the frozen one ignored)
+    for subset in (kept[:1], kept[1:3], kept[2:], kept):
+        assert norm_from_squares(squares, subset) == get_total_norm(subset)
+    if max_norm == 0.5:
+        assert math.isclose(get_total_norm(kept), 0.5, rel_tol=1e-6)
+
+
+def test_clip_keeping_squares_refuses_a_non_finite_norm_and_changes_nothing():
+    params = _parameters()
+    params[1].grad[5] = np.inf
+    before = [p.grad.copy() for p in params]
+    with pytest.raises(RuntimeError, match="total norm of order 2.0 of the gradients is inf"):
+        clip_grad_norm_and_squares(params, 1.0, error_if_nonfinite=True)
+    for p, b in zip(params, before):
+        assert np.array_equal(p.grad, b)
+    total, _ = clip_grad_norm_and_squares(params, 1.0)  # torch's behaviour: clipped to NaN/0
+    assert total == np.inf and np.isnan(params[1].grad[5])

@@ -1,6 +1,7 @@
 """Trainer: accumulation, freezing, precision, loss scaling, Lookahead evaluation, bad input."""
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from npcpu.nn.linear import FusedLinearReLU, Linear
 from npcpu.nn.losses import CrossEntropyLoss
 from npcpu.nn.module import Sequential
 from npcpu.optim.adam import Adam
+from npcpu.optim.clip import get_total_norm
 from npcpu.optim.lookahead import Lookahead
 from npcpu.optim.scaling import DynamicLossScaler
 from npcpu.optim.sgd import SGD
@@ -96,6 +98,28 @@ def test_freezing_skips_work_and_leaves_frozen_parameters_bit_identical():
         assert np.array_equal(model.state_dict()[key], before), key
     assert not np.array_equal(model.state_dict()["2.weight"], head_before)
     assert all(p.grad is None for p in model[0].parameters())
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_the_freezer_sees_the_clipped_norms_the_norm_pass_kept(clip):
+    seen = []
+
+    class Recording(DynamicFreezer):
+        def observe(self, model, step, gradient_norm=get_total_norm):
+            for _, layer in self.layers(model):  # the runner's norms, and read again now
+                seen.append((self.layer_signal(layer, gradient_norm), self.layer_signal(layer)))
+            return super().observe(model, step, gradient_norm)
+
+    model = make_model()
+    freezer = Recording(threshold=1e-12, patience=100, window=2)
+    trainer = quiet_trainer(model, SGD(model.parameters(), lr=0.1), freezer=freezer,
+                            clip_grad_norm=clip)
+    trainer.fit(make_data(256), max_steps=3, batch_size=32, progress=False)
+    assert len(seen) == 9 and all(kept == read for kept, read in seen)
+    if clip is not None:  # clipping was active: each step's clipped total norm is the clip
+        for step in range(3):
+            layers = [kept for kept, _ in seen[3 * step:3 * step + 3]]
+            assert math.isclose(math.sqrt(sum(n * n for n in layers)), clip, rel_tol=1e-4)
 
 
 def test_freezing_any_layer_skips_its_dw_gemm_only():

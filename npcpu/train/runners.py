@@ -39,6 +39,7 @@ the window's loss is a mean over (LanguageModelRunner: its non-ignored target to
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from typing import Protocol
 import numpy as np
 
 from npcpu.optim.clip import clip_grad_norm as clip_grad_norm_
-from npcpu.optim.clip import get_total_norm
+from npcpu.optim.clip import clip_grad_norm_and_squares, get_total_norm, norm_from_squares
 
 
 @dataclass
@@ -126,6 +127,7 @@ class ReferenceRunner:
     def __init__(self, trainer, loader, note: str = "reference step"):
         self.trainer, self.loader, self.note = trainer, loader, note
         self._batches = None  # the running iterator over the current epoch's micro-batches
+        self.squares: dict = {}  # id(param) -> its clipped gradient's sum of squares, this step
 
     def preferred_steps(self) -> int:
         return 1  # the loop checks its stop conditions between any two steps
@@ -217,11 +219,13 @@ class ReferenceRunner:
         return StepResult(loss, items, grad_norm, skipped=not stepped, frozen_now=frozen_now)
 
     def observe_for_freezing(self) -> list:
-        """The freezer's look at this step's (clipped) gradients: the layers it froze now. (A
-        data-parallel runner whose ranks each hold only their own parameters' summed gradients
-        gives it the layers' norms from the owners.)"""
+        """The freezer's look at this step's (clipped) gradients: the layers it froze now, their
+        norms from the sums of squares `_grad_norm` kept. (A data-parallel runner whose ranks
+        each hold only their own parameters' summed gradients gives it the layers' norms from
+        the owners.)"""
         trainer = self.trainer
-        return trainer.freezer.observe(trainer.model, trainer.step + 1)
+        return trainer.freezer.observe(trainer.model, trainer.step + 1,
+                                       functools.partial(norm_from_squares, self.squares))
 
     def _non_finite(self, message: str, loss: float, items: int) -> StepResult:
         """A non-finite loss or gradient without a loss scaler (the gradients already zeroed):
@@ -246,11 +250,16 @@ class ReferenceRunner:
 
     def _grad_norm(self, params: list, check: bool) -> float:
         """The total gradient norm, clipping when the trainer clips. With `check`, a non-finite
-        norm is returned with the gradients untouched (clipping would make them all NaN)."""
+        norm is returned with the gradients untouched (clipping would make them all NaN). With a
+        freezer, each parameter's sum of squares after clipping is kept for its layer norms,
+        taken in the same passes (`squares`)."""
         max_norm = self.trainer.clip_grad_norm
-        if max_norm is None:
-            return get_total_norm(params)
         try:
+            if self.trainer.freezer is not None:
+                norm, self.squares = clip_grad_norm_and_squares(params, max_norm, check)
+                return norm
+            if max_norm is None:
+                return get_total_norm(params)
             return clip_grad_norm_(params, max_norm, error_if_nonfinite=check)
         except RuntimeError:  # raised only for a non-finite norm, before any gradient changes
             return math.nan
