@@ -43,7 +43,7 @@ are prefetched, so that neither C's read-modify-write nor the packing waits for 
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types, uint32
+from numba import get_num_threads, njit, prange, types, uint32
 from numba.extending import intrinsic, overload
 
 from npcpu.kernels import dpbf16
@@ -54,7 +54,6 @@ BLOCK_PAIRS = 256               # pairs of R per step: a panel of B is 32 KB
 BLOCK_ROWS = 16 * ROWS          # rows of C per task (at most)
 BLOCK_COLUMNS = 8 * COLUMNS     # columns of C per task: a B block is 256 KB
 _SHIFT = uint32(16)
-PANELS_PER_TASK = 8
 _BITS_PANEL = ir.VectorType(ir.IntType(16), COLUMNS)     # a panel row of bfloat16 bits,
 _WORDS_PANEL = ir.VectorType(ir.IntType(32), COLUMNS)    # of their pair words,
 _FLOATS_PANEL = ir.VectorType(ir.FloatType(), COLUMNS)   # of float32 words
@@ -243,9 +242,11 @@ def pack_panels(source: np.ndarray, pairs_down_columns: bool) -> np.ndarray:
 
 @njit(parallel=True, cache=True)
 def _pack_all_panels(source, pairs_down_columns, n_pairs, n_panels, out):
-    """pack_panels' packing, PANELS_PER_TASK panels per task."""
-    for task in prange((n_panels + PANELS_PER_TASK - 1) // PANELS_PER_TASK):
-        first, stop = task * PANELS_PER_TASK, min(n_panels, (task + 1) * PANELS_PER_TASK)
+    """pack_panels' packing, a task per BLOCK_COLUMNS of B (as gemm's tasks pack it), or fewer
+    where that would leave a thread without two tasks."""
+    per_task = max(1, min(BLOCK_COLUMNS // COLUMNS, n_panels // (2 * get_num_threads())))
+    for task in prange((n_panels + per_task - 1) // per_task):
+        first, stop = task * per_task, min(n_panels, (task + 1) * per_task)
         _pack_block(source, pairs_down_columns, 0, n_pairs, first * COLUMNS, stop * COLUMNS,
                     out[first * n_pairs * COLUMNS:stop * n_pairs * COLUMNS])
 
