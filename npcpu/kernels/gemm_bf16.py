@@ -41,9 +41,10 @@ the task. While the tiles compute, C's rows (last step) or the next step's B row
 are prefetched, so that neither C's read-modify-write nor the packing waits for memory.
 """
 
+import numba
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, njit, prange, types, uint32
+from numba import njit, prange, types, uint32
 from numba.extending import intrinsic, overload
 
 from npcpu.kernels import dpbf16
@@ -236,15 +237,16 @@ def pack_panels(source: np.ndarray, pairs_down_columns: bool) -> np.ndarray:
     span = 2 if source.dtype == np.uint16 else 1
     n_pairs, n_panels = (n_rows + span - 1) // span, (n_columns + COLUMNS - 1) // COLUMNS
     out = np.empty(n_panels * n_pairs * COLUMNS, word_dtype(source))
-    _pack_all_panels(source, pairs_down_columns, n_pairs, n_panels, out)
+    # a task per BLOCK_COLUMNS of B (as gemm's tasks pack it), fewer where a thread would get
+    # under two tasks
+    per_task = max(1, min(BLOCK_COLUMNS // COLUMNS, n_panels // (2 * numba.get_num_threads())))
+    _pack_all_panels(source, pairs_down_columns, n_pairs, n_panels, per_task, out)
     return out
 
 
 @njit(parallel=True, cache=True)
-def _pack_all_panels(source, pairs_down_columns, n_pairs, n_panels, out):
-    """pack_panels' packing, a task per BLOCK_COLUMNS of B (as gemm's tasks pack it), or fewer
-    where that would leave a thread without two tasks."""
-    per_task = max(1, min(BLOCK_COLUMNS // COLUMNS, n_panels // (2 * get_num_threads())))
+def _pack_all_panels(source, pairs_down_columns, n_pairs, n_panels, per_task, out):
+    """pack_panels' packing, `per_task` panels per task."""
     for task in prange((n_panels + per_task - 1) // per_task):
         first, stop = task * per_task, min(n_panels, (task + 1) * per_task)
         _pack_block(source, pairs_down_columns, 0, n_pairs, first * COLUMNS, stop * COLUMNS,
