@@ -22,8 +22,9 @@ The three GEMMs of a linear layer, x (N, K), W (M, K), dz (N, M) (npcpu.blas_nat
     dx  = dz W    (N, K)                    A = dz's rows as words, B = W's rows 2r, 2r+1, packed
     dW += dz^T x  (M, K)                    A = dz's rows interleaved, B = x's rows interleaved, packed
                   (K <= M), else as dW^T += x^T dz: A = x's rows interleaved, B = dz's, packed
-W is packed a block at a time inside each task where C has one block of rows (batch 128): never
-all of W at once.
+W is packed a block at a time inside each task, never all at once: in dx always (each block of
+rows of C packs it again, which costs less than reading back a packed copy of W), in forward
+where C has one block of rows (else it is packed whole up front).
 
 float32: the same code with one float32 in place of each 32-bit pair word (the tile then runs
 vfmadd231ps, npcpu.kernels.dpbf16): A is read in place as a float32 matrix (rows of A at
