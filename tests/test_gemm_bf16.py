@@ -108,14 +108,14 @@ def test_block_packing_matches_numpy():
     check_block_packing(source)
 
 
-def test_in_task_packing_gives_the_gemm_bit_for_bit(native_bf16_gemm, num_threads):
+@pytest.mark.parametrize("n", [37, gemm_bf16.BLOCK_ROWS + 17])  # one block of rows of C, two
+def test_in_task_packing_gives_the_gemm_bit_for_bit(native_bf16_gemm, num_threads, n):
     """dx = dz W with W packed inside the tasks: several blocks of pairs (the last one holding
     W's odd last row) and of columns (the last one short of a panel)."""
     rng = np.random.default_rng(9)
-    n, m, k = 37, 2 * 2 * gemm_bf16.BLOCK_PAIRS + 3, gemm_bf16.BLOCK_COLUMNS + 2 * COLUMNS + 9
-    assert n <= gemm_bf16.BLOCK_ROWS  # C has one block of rows: gemm packs W inside the tasks
+    m, k = 2 * 2 * gemm_bf16.BLOCK_PAIRS + 3, gemm_bf16.BLOCK_COLUMNS + 2 * COLUMNS + 9
     dz, w = bf16(rng, n, m), bf16(rng, m, k)
-    dz_words = pairs_down_columns(dz.view(np.uint16).T).T.copy().reshape(-1)
+    dz_words = pairs_down_columns(dz.view(np.uint16).T).T.copy().reshape(-1)  # dz's rows' pairs
     dx = check_in_task_packing_is_exact(dz_words, n, w.view(np.uint16), num_threads)
     assert_order_close(dx, wide(dz) @ wide(w), np.abs(wide(dz)) @ np.abs(wide(w)))
 

@@ -50,12 +50,12 @@ def test_block_packing_matches_numpy():
                         .astype(np.float32))
 
 
-def test_in_task_packing_gives_the_gemm_bit_for_bit(num_threads):
+@pytest.mark.parametrize("n", [37, gemm_bf16.BLOCK_ROWS + 17])  # one block of rows of C, two
+def test_in_task_packing_gives_the_gemm_bit_for_bit(num_threads, n):
     """dx = dz W with W packed inside the tasks: several blocks of the sum and of columns (the
     last one short of a panel)."""
     rng = np.random.default_rng(7)
-    n, m, k = 37, 2 * gemm_bf16.BLOCK_PAIRS + 3, gemm_bf16.BLOCK_COLUMNS + 2 * COLUMNS + 9
-    assert n <= gemm_bf16.BLOCK_ROWS  # C has one block of rows: gemm packs W inside the tasks
+    m, k = 2 * gemm_bf16.BLOCK_PAIRS + 3, gemm_bf16.BLOCK_COLUMNS + 2 * COLUMNS + 9
     dz, w = f32(rng, n, m), f32(rng, m, k)
     assert_order_close(check_in_task_packing_is_exact(dz.reshape(-1), n, w, num_threads),
                        *exact(dz, w))
