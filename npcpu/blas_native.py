@@ -128,12 +128,12 @@ class NativeGemms:
             c *= np.float32(beta)
         return True
 
-    def _b_operand(self, source: np.ndarray, pairs_down_columns: bool, rows_of_c: int):
-        """gemm's (b_panels, b_source): B packed whole up front when C has several blocks of rows
-        (each would otherwise pack all of B again), else packed a block at a time inside the tasks
-        (no copy of B as large as B: W at mlp52m's batch 128)."""
+    def _transposed_b_operand(self, source: np.ndarray, rows_of_c: int):
+        """gemm's (b_panels, b_source) for B = source^T (a transpose of words): packed whole up
+        front when C has several blocks of rows (each would otherwise transpose all of B again),
+        else a block at a time inside the tasks (no copy of B as large as B)."""
         if rows_of_c > kernels.BLOCK_ROWS:
-            return kernels.pack_panels(source, pairs_down_columns), self._words.no_source
+            return kernels.pack_panels(source, False), self._words.no_source
         return self._words.no_panels, source
 
     def matmul_weight_transposed(self, x: np.ndarray, weight: np.ndarray,
@@ -158,13 +158,15 @@ class NativeGemms:
                          numba.get_num_threads())
         else:
             kernels.gemm(y, 0.0, words.row_words(x), pairs, 1, pairs,
-                         *self._b_operand(weight, False, rows), False, numba.get_num_threads())
+                         *self._transposed_b_operand(weight, rows), False, numba.get_num_threads())
         return y
 
     def matmul_weight(self, dz: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None,
                       beta: float = 0.0) -> np.ndarray:
         """dx = beta * out + dz W (N, K) float32 (beta = 0 does not read out); W packed down its
-        columns (for bfloat16, rows 2r, 2r + 1 interleaved)."""
+        columns (for bfloat16, rows 2r, 2r + 1 interleaved) a block at a time inside the tasks,
+        however many blocks of rows C has: that packing reads W's rows along their memory while
+        the tiles compute, and costs less than reading back a packed copy of all of W."""
         words = self._words
         dz, weight = words.operand(dz, "dz"), words.operand(weight, "W")
         rows, out_features = dz.shape
@@ -174,7 +176,7 @@ class NativeGemms:
             return dx
         pairs = words.words(out_features)
         kernels.gemm(dx, float(beta), words.row_words(dz), pairs, 1, pairs,
-                     *self._b_operand(weight, True, rows), True, numba.get_num_threads())
+                     words.no_panels, weight, True, numba.get_num_threads())
         return dx
 
     def accumulate_weight_grad(self, grad: np.ndarray, dz: np.ndarray, x: np.ndarray,

@@ -53,8 +53,75 @@ def panels(words):
     return padded.reshape(pairs, n_panels, COLUMNS).transpose(1, 0, 2).reshape(-1)
 
 
-@pytest.mark.parametrize("rows, columns", [(1, 1), (7, 33), (8, 64), (13, 100)])
-def test_packing_matches_numpy(native_bf16_gemm, rows, columns):
+def words_down_columns(source):
+    """The words running down source's columns: bfloat16 pairs of rows (uint16 bits), or the
+    float32 values themselves."""
+    return pairs_down_columns(source) if source.dtype == np.uint16 else source
+
+
+def packed_block(source, pairs_down, pair_start, pair_stop, column_start, column_stop):
+    """The twin of gemm_bf16._pack_block: words pair_start:pair_stop of B's columns
+    column_start:column_stop in panels, zero past B's last column; B = source's words running
+    down its columns (pairs_down), else source^T's."""
+    words = words_down_columns(source if pairs_down else source.T)
+    return panels(words[pair_start:pair_stop, column_start:column_stop])
+
+
+def check_block_packing(source):
+    """_pack_block against its twin on blocks of `source` (odd rows, columns not a multiple of
+    COLUMNS) that start past the first pair and column, end at the last (odd) row and run past
+    the last column, in both layouts; nothing past the block is written. A block ends at
+    source's last column or a whole number of panels past its first, as gemm's blocks do."""
+    for pairs_down in (True, False):
+        rows, columns = source.shape if pairs_down else source.shape[::-1]
+        pairs = -(-rows // 2) if source.dtype == np.uint16 else rows
+        for pair_start, pair_stop, column_start, column_stop in [
+                (0, pairs, 0, columns), (3, pairs, COLUMNS, columns), (2, 5, 0, COLUMNS),
+                (1, pairs - 2, 7, min(columns, 7 + 2 * COLUMNS)),
+                (pairs - 1, pairs, columns - 1, columns)]:
+            expected = packed_block(source, pairs_down, pair_start, pair_stop, column_start,
+                                    column_stop)
+            out = np.full(expected.size + 2 * COLUMNS, 7, gemm_bf16.word_dtype(source))
+            gemm_bf16._pack_block(source, pairs_down, pair_start, pair_stop, column_start,
+                                  column_stop, out)
+            np.testing.assert_array_equal(out[:expected.size], expected)
+            np.testing.assert_array_equal(out[expected.size:], 7)
+
+
+def check_in_task_packing_is_exact(a_words, n_rows, b_source, threads):
+    """gemm with B packed a block at a time inside its tasks (b_source) gives bit for bit the
+    result of gemm on B packed whole by the NumPy twin: the packing changes no word."""
+    pairs, n_columns = words_down_columns(b_source).shape
+    no_panels = np.empty(0, gemm_bf16.word_dtype(b_source))
+    results = []
+    for b_panels, source in [(no_panels, b_source),
+                             (panels(words_down_columns(b_source)), b_source[:0, :0])]:
+        c = np.full((n_rows, n_columns), np.nan, np.float32)
+        gemm_bf16.gemm(c, 0.0, a_words, pairs, 1, pairs, b_panels, source, True, threads)
+        results.append(c)
+    np.testing.assert_array_equal(results[0], results[1])
+    return results[0]
+
+
+def test_block_packing_matches_numpy():
+    source = np.random.default_rng(8).integers(0, 1 << 16, (37, 3 * COLUMNS + 5)).astype(np.uint16)
+    check_block_packing(source)
+
+
+@pytest.mark.parametrize("n", [37, gemm_bf16.BLOCK_ROWS + 17])  # one block of rows of C, two
+def test_in_task_packing_gives_the_gemm_bit_for_bit(native_bf16_gemm, num_threads, n):
+    """dx = dz W with W packed inside the tasks: several blocks of pairs (the last one holding
+    W's odd last row) and of columns (the last one short of a panel)."""
+    rng = np.random.default_rng(9)
+    m, k = 2 * 2 * gemm_bf16.BLOCK_PAIRS + 3, gemm_bf16.BLOCK_COLUMNS + 2 * COLUMNS + 9
+    dz, w = bf16(rng, n, m), bf16(rng, m, k)
+    dz_words = pairs_down_columns(dz.view(np.uint16).T).T.copy().reshape(-1)  # dz's rows' pairs
+    dx = check_in_task_packing_is_exact(dz_words, n, w.view(np.uint16), num_threads)
+    assert_order_close(dx, wide(dz) @ wide(w), np.abs(wide(dz)) @ np.abs(wide(w)))
+
+
+@pytest.mark.parametrize("rows, columns", [(1, 1), (7, 33), (8, 64), (13, 100), (37, 300)])
+def test_packing_matches_numpy(native_bf16_gemm, num_threads, rows, columns):
     source = np.random.default_rng(0).integers(0, 1 << 16, (rows, columns)).astype(np.uint16)
     np.testing.assert_array_equal(gemm_bf16.interleave_rows(source), pairs_down_columns(source))
     np.testing.assert_array_equal(gemm_bf16.pack_panels(source, True),

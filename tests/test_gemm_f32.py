@@ -15,7 +15,8 @@ import pytest
 from npcpu import backend, blas, blas_native, info
 from npcpu.kernels import gemm_bf16
 from npcpu.kernels.dpbf16 import COLUMNS, ROWS
-from test_gemm_bf16 import FP32_ORDER, assert_order_close, panels
+from test_gemm_bf16 import (FP32_ORDER, assert_order_close, check_block_packing,
+                            check_in_task_packing_is_exact, panels)
 
 native = blas_native.float32
 # (N, K, M): rows of x, its features (the sum of y = x W^T; K odd and even), rows of W
@@ -34,13 +35,30 @@ def exact(a, b):
     return a @ b, np.abs(a) @ np.abs(b)
 
 
-def test_packing_matches_numpy():
+@pytest.mark.parametrize("rows, columns", [(7, 2 * COLUMNS + 3), (37, 9 * COLUMNS + 1)])
+def test_packing_matches_numpy(num_threads, rows, columns):
     """float32 words are the values themselves: panel j, row r, column c at
     ((j * R) + r) * COLUMNS + c, zero columns past the last."""
-    source = np.random.default_rng(0).standard_normal((7, 2 * COLUMNS + 3)).astype(np.float32)
+    source = np.random.default_rng(0).standard_normal((rows, columns)).astype(np.float32)
     assert gemm_bf16.pack_panels(source, True).dtype == np.float32
     np.testing.assert_array_equal(gemm_bf16.pack_panels(source, True), panels(source))
     np.testing.assert_array_equal(gemm_bf16.pack_panels(source, False), panels(source.T))
+
+
+def test_block_packing_matches_numpy():
+    check_block_packing(np.random.default_rng(6).standard_normal((37, 3 * COLUMNS + 5))
+                        .astype(np.float32))
+
+
+@pytest.mark.parametrize("n", [37, gemm_bf16.BLOCK_ROWS + 17])  # one block of rows of C, two
+def test_in_task_packing_gives_the_gemm_bit_for_bit(num_threads, n):
+    """dx = dz W with W packed inside the tasks: several blocks of the sum and of columns (the
+    last one short of a panel)."""
+    rng = np.random.default_rng(7)
+    m, k = 2 * gemm_bf16.BLOCK_PAIRS + 3, gemm_bf16.BLOCK_COLUMNS + 2 * COLUMNS + 9
+    dz, w = f32(rng, n, m), f32(rng, m, k)
+    assert_order_close(check_in_task_packing_is_exact(dz.reshape(-1), n, w, num_threads),
+                       *exact(dz, w))
 
 
 @pytest.mark.parametrize("n, k, m", SHAPES)

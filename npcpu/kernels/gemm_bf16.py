@@ -22,16 +22,17 @@ The three GEMMs of a linear layer, x (N, K), W (M, K), dz (N, M) (npcpu.blas_nat
     dx  = dz W    (N, K)                    A = dz's rows as words, B = W's rows 2r, 2r+1, packed
     dW += dz^T x  (M, K)                    A = dz's rows interleaved, B = x's rows interleaved, packed
                   (K <= M), else as dW^T += x^T dz: A = x's rows interleaved, B = dz's, packed
-W is packed a block at a time inside each task where C has one block of rows (batch 128): never
-all of W at once.
+W is packed a block at a time inside each task, never all at once: in dx always (each block of
+rows of C packs it again, which costs less than reading back a packed copy of W), in forward
+where C has one block of rows (else it is packed whole up front).
 
 float32: the same code with one float32 in place of each 32-bit pair word (the tile then runs
 vfmadd231ps, npcpu.kernels.dpbf16): A is read in place as a float32 matrix (rows of A at
 a_row_step, its R elements at a_pair_step: dz^T for dW is dz itself, a_row_step 1 and a_pair_step
-M, no copy), B packs one float32 per "pair", and nothing is padded. The packing reads a word
-through `_word_down` / `_word_along`, which Numba specializes by the source's dtype: uint16
-bfloat16 bits make pairs, float32 values are their own words. Numba compiles each caller once per
-word type.
+M, no copy), B packs one float32 per "pair", and nothing is padded. The packing reads its words
+through `_pair_rows` / `_word_of` / `_words_of_panel` / `_word_along`, which Numba specializes by
+the source's dtype: uint16 bfloat16 bits make pairs, float32 values are their own words. Numba
+compiles each caller once per word type.
 
 Blocking: each task of the parallel loop owns a block of at most BLOCK_ROWS x BLOCK_COLUMNS of C
 (`_block_shape`: blocks as even as the tiles allow, so that both threads finish together) and walks
@@ -41,9 +42,11 @@ the task. While the tiles compute, C's rows (last step) or the next step's B row
 are prefetched, so that neither C's read-modify-write nor the packing waits for memory.
 """
 
+import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types, uint32
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from npcpu.kernels import dpbf16
 from npcpu.kernels.dpbf16 import COLUMNS, ROWS
@@ -53,6 +56,10 @@ BLOCK_PAIRS = 256               # pairs of R per step: a panel of B is 32 KB
 BLOCK_ROWS = 16 * ROWS          # rows of C per task (at most)
 BLOCK_COLUMNS = 8 * COLUMNS     # columns of C per task: a B block is 256 KB
 _SHIFT = uint32(16)
+_BITS_PANEL = ir.VectorType(ir.IntType(16), COLUMNS)     # a panel row of bfloat16 bits,
+_WORDS_PANEL = ir.VectorType(ir.IntType(32), COLUMNS)    # of their pair words,
+_FLOATS_PANEL = ir.VectorType(ir.FloatType(), COLUMNS)   # of float32 words
+_HALF_SHIFT = ir.Constant(_WORDS_PANEL, [16] * COLUMNS)
 
 
 # ------------------------------------------------------------------------------- packing
@@ -68,10 +75,14 @@ def _span(source):
     """Elements of `source` per word: 2 for bfloat16 bits (uint16), 1 for float32."""
 
 
-def _word_down(source, r, q):
-    """Word r of column q of `source`, the words running down its columns: (source[2r, q],
-    source[2r + 1, q]) for bfloat16 bits, a zero half past the last row; source[r, q] for
-    float32."""
+def _pair_rows(source, r):
+    """The rows of `source` whose elements make word r of each column (the words running down its
+    columns): rows 2r and 2r + 1 for bfloat16 bits (an all-zero row past the last), row r (twice)
+    for float32."""
+
+
+def _word_of(low, high, q):
+    """Word q of the rows of _pair_rows: (low[q], high[q]) for bfloat16 bits, low[q] for float32."""
 
 
 def _word_along(row, r):
@@ -88,15 +99,24 @@ def _span_specialized(source):
     return None
 
 
-@overload(_word_down)
-def _word_down_specialized(source, r, q):
+@overload(_pair_rows)
+def _pair_rows_specialized(source, r):
     if source.dtype == types.uint16:
-        def pair(source, r, q):
-            high = source[2 * r + 1, q] if 2 * r + 1 < source.shape[0] else 0
-            return _pair(source[2 * r, q], high)
-        return pair
+        def rows(source, r):
+            low = source[2 * r]
+            return low, source[2 * r + 1] if 2 * r + 1 < source.shape[0] else np.zeros_like(low)
+        return rows
     if source.dtype == types.float32:
-        return lambda source, r, q: source[r, q]
+        return lambda source, r: (source[r], source[r])
+    return None
+
+
+@overload(_word_of)
+def _word_of_specialized(low, high, q):
+    if low.dtype == types.uint16:
+        return lambda low, high, q: _pair(low[q], high[q])
+    if low.dtype == types.float32:
+        return lambda low, high, q: low[q]
     return None
 
 
@@ -114,24 +134,70 @@ def word_dtype(source: np.ndarray) -> np.dtype:
     return np.dtype(np.uint32) if source.dtype == np.uint16 else np.dtype(np.float32)
 
 
+def _vector_at(context, builder, array_type, array, index_type, index, vector_type):
+    """An LLVM pointer to the vector_type that starts at array[index] (1-D, C-contiguous)."""
+    data = context.make_array(array_type)(context, builder, array).data
+    index = context.cast(builder, index, index_type, types.intp)
+    return builder.bitcast(builder.gep(data, [index]), vector_type.as_pointer())
+
+
+@intrinsic
+def _words_of_panel(typingctx, low, high, q, out, start):
+    """out[start + c] = _word_of(low, high, q + c) for c < COLUMNS, in whole vectors: bfloat16
+    bits as two loads of COLUMNS halves, zero-extended, high's shifted up and or-ed into low's;
+    float32 as one load of low's values; then one store of COLUMNS words. low, high: rows of
+    _pair_rows; low, high and out C-contiguous.
+
+    The loop Numba would write instead is not vectorized: LLVM cannot tell that `out` does not
+    overlap the rows, and unrolls it into COLUMNS scalar words."""
+    bits = low.dtype == types.uint16
+    if ((low.dtype, out.dtype) not in ((types.uint16, types.uint32), (types.float32, types.float32))
+            or high != low or low.layout != "C" or out.layout != "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (low_type, _, q_type, out_type, start_type), (low, high, q, out, start) = (
+            signature.args, args)
+
+        def load(row, vector_type, align):
+            pointer = _vector_at(context, builder, low_type, row, q_type, q, vector_type)
+            return builder.load(pointer, align=align)
+
+        if bits:
+            low_bits, high_bits = (builder.zext(load(row, _BITS_PANEL, 2), _WORDS_PANEL)
+                                   for row in (low, high))
+            words = builder.or_(low_bits, builder.shl(high_bits, _HALF_SHIFT))
+        else:
+            words = load(low, _FLOATS_PANEL, 4)
+        target = _vector_at(context, builder, out_type, out, start_type, start, words.type)
+        builder.store(words, target, align=4)
+        return context.get_dummy_value()
+
+    return types.void(low, high, q, out, start), codegen
+
+
 @njit(cache=True)
 def _pack_row_pairs_block(source, pair_start, pair_stop, column_start, column_stop, out):
-    """out[((j * n) + r) * COLUMNS + c] = _word_down(source, pair_start + r, q), with
-    q = column_start + j * COLUMNS + c and n = pair_stop - pair_start; columns past source's end
-    are zero."""
-    n_columns = source.shape[1]
+    """out[((j * n) + r) * COLUMNS + c] = word pair_start + r of column q of `source` (C-contiguous,
+    the words running down its columns, _pair_rows), with q = column_start + j * COLUMNS + c and
+    n = pair_stop - pair_start; columns past source's end are zero.
+
+    A pass per word row: its source rows are read along their memory, whole cache lines, into
+    every panel of the block, a panel row as whole vectors (_words_of_panel); only the last
+    panel, where it runs past source's last column, goes word by word."""
     n_pairs = pair_stop - pair_start
-    for j in range((column_stop - column_start + COLUMNS - 1) // COLUMNS):
-        q0 = column_start + j * COLUMNS
-        width = min(COLUMNS, n_columns - q0)
-        for r in range(n_pairs):
-            base = (j * n_pairs + r) * COLUMNS
-            if width == COLUMNS:
-                for c in range(COLUMNS):
-                    out[base + c] = _word_down(source, pair_start + r, q0 + c)
-            else:
-                for c in range(COLUMNS):
-                    out[base + c] = _word_down(source, pair_start + r, q0 + c) if c < width else 0
+    n_panels = (column_stop - column_start + COLUMNS - 1) // COLUMNS
+    full_panels = min(n_panels, (source.shape[1] - column_start) // COLUMNS)
+    for r in range(n_pairs):
+        low, high = _pair_rows(source, pair_start + r)
+        for j in range(full_panels):
+            _words_of_panel(low, high, column_start + j * COLUMNS, out,
+                            (j * n_pairs + r) * COLUMNS)
+        for j in range(full_panels, n_panels):
+            q0, base = column_start + j * COLUMNS, (j * n_pairs + r) * COLUMNS
+            width = source.shape[1] - q0
+            for c in range(COLUMNS):
+                out[base + c] = _word_of(low, high, q0 + c) if c < width else 0
 
 
 @njit(cache=True)
@@ -167,36 +233,25 @@ def pack_panels(source: np.ndarray, pairs_down_columns: bool) -> np.ndarray:
     float32 source: B = source (R, Q) with `pairs_down_columns` (for bfloat16, rows 2r, 2r + 1
     interleaved), else B = source^T, source (Q, R) holding the words in its rows (a transpose of
     32-bit words)."""
-    if pairs_down_columns:
-        return _panels_of_words(interleave_rows(source) if source.dtype == np.uint16 else source)
-    n_rows, n_columns = source.shape[::-1]
+    source = np.ascontiguousarray(source)
+    n_rows, n_columns = source.shape if pairs_down_columns else source.shape[::-1]
     span = 2 if source.dtype == np.uint16 else 1
     n_pairs, n_panels = (n_rows + span - 1) // span, (n_columns + COLUMNS - 1) // COLUMNS
     out = np.empty(n_panels * n_pairs * COLUMNS, word_dtype(source))
-    _pack_word_column_panels(source, n_pairs, n_panels, out)
+    # a task per BLOCK_COLUMNS of B (as gemm's tasks pack it), fewer where a thread would get
+    # under two tasks
+    per_task = max(1, min(BLOCK_COLUMNS // COLUMNS, n_panels // (2 * numba.get_num_threads())))
+    _pack_all_panels(source, pairs_down_columns, n_pairs, n_panels, per_task, out)
     return out
 
 
-def _panels_of_words(words: np.ndarray) -> np.ndarray:
-    """words (pairs, Q) -> panels (ceil(Q / COLUMNS), pairs, COLUMNS), flat, zero past Q: one
-    strided NumPy copy, which moves each row's COLUMNS words as one piece (it measured faster
-    than the Numba loops of _pack_row_pairs_block, whose rows are too short to vectorize well)."""
-    n_pairs, n_columns = words.shape
-    full, n_panels = n_columns // COLUMNS, (n_columns + COLUMNS - 1) // COLUMNS
-    out = np.empty((n_panels, n_pairs, COLUMNS), words.dtype)
-    out[:full] = words[:, :full * COLUMNS].reshape(n_pairs, full, COLUMNS).transpose(1, 0, 2)
-    if full < n_panels:
-        out[full, :, :n_columns - full * COLUMNS] = words[:, full * COLUMNS:]
-        out[full, :, n_columns - full * COLUMNS:] = 0
-    return out.reshape(-1)
-
-
 @njit(parallel=True, cache=True)
-def _pack_word_column_panels(source, n_pairs, n_panels, out):
-    """pack_panels for B = source^T (the words in source's rows), a panel per task."""
-    for j in prange(n_panels):
-        _pack_word_columns_block(source, 0, n_pairs, j * COLUMNS, (j + 1) * COLUMNS,
-                                 out[j * n_pairs * COLUMNS:(j + 1) * n_pairs * COLUMNS])
+def _pack_all_panels(source, pairs_down_columns, n_pairs, n_panels, per_task, out):
+    """pack_panels' packing, `per_task` panels per task."""
+    for task in prange((n_panels + per_task - 1) // per_task):
+        first, stop = task * per_task, min(n_panels, (task + 1) * per_task)
+        _pack_block(source, pairs_down_columns, 0, n_pairs, first * COLUMNS, stop * COLUMNS,
+                    out[first * n_pairs * COLUMNS:stop * n_pairs * COLUMNS])
 
 
 @njit(parallel=True, cache=True)
