@@ -15,6 +15,9 @@ where they are, without a message copy:
 
 With `dist.shard_optimizer` the ranges are the ranks' shares of the optimizer step and the
 all-gather is left out: an owner alone reads its range's summed gradients (npcpu.dist.shard).
+Its pass that writes the sums also takes the gradient norm's sums of squares of its range's
+chunks, bit for bit the ones a pass over the summed gradients would give
+(npcpu.kernels.grads.sum_ranks_and_square_chunks), so the norm does not read them again.
 The parameters are one copy on the node (`SharedParameters`), in a second window that every
 rank's Parameters view: an owner's update is written where every rank reads it, and nothing
 is copied back.
@@ -36,6 +39,7 @@ import numpy as np
 
 from npcpu.dist.reduce import GradientBuckets
 from npcpu.dist.world import World, wait
+from npcpu.kernels.grads import sum_ranks_and_square_chunks
 
 CHUNK = 1 << 16
 """Elements added at a time: the running sum of a chunk stays in the core's cache."""
@@ -102,12 +106,14 @@ def even_spans(total: int, ranks: int) -> list[tuple[int, int]]:
 
 class SharedMemorySum:
     """The gradients of `params` in this node's shared memory (reversed: the order backward
-    finishes them), summed over the ranks as the module docstring says; rank r sums
-    `spans[r]` of the buffer (npcpu.dist.shard's ranges when the optimizer is sharded; by
-    default near-equal ones)."""
+    finishes them, end to end), summed over the ranks as the module docstring says; rank r
+    sums `spans[r]` of the buffer (npcpu.dist.shard's ranges when the optimizer is sharded; by
+    default near-equal ones). `chunks`: where the chunks of this rank's range begin, then where
+    the last ends (npcpu.dist.shard.OptimizerShard.chunk_starts): `reduce_scatter` can then
+    give the chunks' sums of squares of the summed gradients, taken in the pass that sums them."""
 
     def __init__(self, world: World, params: list, spans: list[tuple[int, int]] | None,
-                 timeout: float):
+                 timeout: float, chunks: np.ndarray | None = None):
         self.world, self.timeout = world, timeout
         total = sum(p.size for p in params)
         dtype = params[0].compute_dtype
@@ -116,15 +122,29 @@ class SharedMemorySum:
                                        allocate=lambda size, _: self.arrays[world.rank])
         self.ranges = spans or even_spans(total, world.size)
         self.scratch = np.empty(min(CHUNK, max(total, 1)), dtype)
+        if chunks is not None and (chunks[0], chunks[-1]) != self.ranges[world.rank]:
+            raise ValueError(f"SharedMemorySum: the chunks of rank {world.rank} span elements "
+                             f"{chunks[0]} to {chunks[-1]} of the gradients, its range is "
+                             f"{self.ranges[world.rank]}")
+        self.chunks = chunks
 
-    def reduce_scatter(self) -> None:
-        """This rank's range of its buffer becomes the sum over the ranks of that range."""
+    def reduce_scatter(self, squares: bool = False) -> np.ndarray | None:
+        """This rank's range of its buffer becomes the sum over the ranks of that range. With
+        `squares` (and `chunks`), the sums of squares of the summed chunks are taken in the same
+        pass and returned (float64, one per chunk: bit for bit
+        npcpu.kernels.grads.chunk_power_sums' partials of each parameter's piece)."""
         self.buckets.attach()
         barrier(self.world, self.timeout, "the ranks finishing their gradients")
         start, stop = self.ranges[self.world.rank]
-        add_ranks([a[start:stop] for a in self.arrays], self.arrays[self.world.rank][start:stop],
-                  self.scratch)
+        mine = self.arrays[self.world.rank]
+        partials = None
+        if squares and self.chunks is not None:
+            partials = np.zeros(self.chunks.size - 1)
+            sum_ranks_and_square_chunks(tuple(self.arrays), mine, self.chunks, partials)
+        else:
+            add_ranks([a[start:stop] for a in self.arrays], mine[start:stop], self.scratch)
         barrier(self.world, self.timeout, "the ranks adding their ranges of the gradients")
+        return partials
 
     def allreduce(self) -> None:
         """Every rank's buffer becomes the sum over the ranks."""

@@ -24,8 +24,9 @@ order: the one-process sum, bit for bit.
 
 So without a loss scaler (and without deterministic sums) a rank needs only its own range's
 summed gradients: the gradients are reduce-scattered to their owners (on one node through shared
-memory, npcpu.dist.node; between nodes by MPI_Ireduce_scatter, npcpu.dist.reduce), half the work
-and bytes of an all-reduce. (The loss scaler's check reads every gradient: with one, they are
+memory, npcpu.dist.node, whose pass also takes the chunks' sums of squares for the gradient norm:
+`own_chunks`; between nodes by MPI_Ireduce_scatter, npcpu.dist.reduce), half the work and bytes
+of an all-reduce. (The loss scaler's check reads every gradient: with one, they are
 all-reduced whole; a non-finite norm has them gathered whole too, for the error that names the
 first non-finite layer.) Before a checkpoint the owners send their ranges of the optimizer state
 and slow weights to rank 0 (which writes all of it, then drops the state of parameters it owns no
@@ -83,6 +84,24 @@ def pieces(sizes: list[int], offsets: list[int]) -> list[list[tuple[int, int, in
     return result
 
 
+def own_chunks(in_buffer: list, pieces: dict, start: int,
+               rank: int) -> tuple[np.ndarray, dict]:
+    """The chunks of `rank`'s range of the gradient buffer (`in_buffer`'s parameters end to end,
+    the range from element `start`): each piece of a parameter it owns cut into CHUNK elements
+    from the piece's first (a multiple of CHUNK from the parameter's first), as chunk_power_sums
+    cuts that piece. Returns (where each chunk begins, then where the last ends; id(p) -> the
+    index of p's first chunk)."""
+    starts, first_chunk, offset = [start], {}, 0
+    for p in in_buffer:
+        for owner, first, stop in pieces[id(p)]:
+            if owner == rank and stop > first:
+                first_chunk[id(p)] = len(starts) - 1
+                starts.extend(range(offset + first + CHUNK, offset + stop, CHUNK))
+                starts.append(offset + stop)
+        offset += p.size
+    return np.array(starts, dtype=np.int64), first_chunk
+
+
 def fold(partials: np.ndarray) -> np.ndarray:
     """Each row of `partials` (rows, chunks) added left to right, as the kernels add their chunks'
     sums (0.0 for no chunks)."""
@@ -111,6 +130,8 @@ class OptimizerShard:
             self.pieces.setdefault(id(p), [(0, 0, p.size)])
         self.mine = {key: (first, stop) for key, own in self.pieces.items()
                      for rank, first, stop in own if rank == world.rank}
+        self.chunk_starts, self.first_chunk = own_chunks(in_buffer, self.pieces,
+                                                         self.offsets[world.rank], world.rank)
         self.squares: dict = {}  # id(param) -> its sum of squared gradients (gradient_norm)
         self.shared = SharedParameters(world, self.params, timeout) \
             if shared_memory and one_node(world) else None
@@ -165,28 +186,38 @@ class OptimizerShard:
         sum_in_order(self.world, slots, self.timeout)
         return [fold(slots[:, starts[k]:starts[k + 1]]) for k in range(len(params))]
 
-    def _sums_of_squares(self, params: list, scale=None) -> list[float]:
+    def _sums_of_squares(self, params: list, scale=None, summed=None) -> list[float]:
         """Each of `params`' sum of squared gradients (with `scale`, after scaling this rank's
-        ranges by it in the same pass), from its owners' chunks."""
+        ranges by it in the same pass), from its owners' chunks: from `summed` (the chunks' sums
+        of squares, one per chunk of `chunk_starts`) where it has them."""
         partials = {}
         for p in params:
             span = self.mine.get(id(p))
-            if span is not None:
-                first, stop = span
-                partials[id(p)] = np.zeros((1, -(-(stop - first) // CHUNK)))
+            if span is None:
+                continue
+            first, stop = span
+            chunks = -(-(stop - first) // CHUNK)
+            if summed is not None and id(p) in self.first_chunk:
+                c = self.first_chunk[id(p)]
+                partials[id(p)] = summed[None, c:c + chunks]
+            else:
+                partials[id(p)] = np.zeros((1, chunks))
                 chunk_power_sums(p.grad.reshape(-1)[first:stop], 2.0, partials[id(p)][0], scale)
         return [float(total[0]) for total in self.fold_partial_sums(partials, CHUNK, params, 1)]
 
     def gradient_norm(self, params: list, max_norm: float | None, check: bool,
-                      keep_squares: bool = False) -> float:
+                      keep_squares: bool = False,
+                      summed_squares: np.ndarray | None = None) -> float:
         """The total 2-norm of the gradients of `params` (the trainable ones), and with `max_norm`
         this rank's ranges of the gradients clipped to it (the only ones its optimizer step reads).
         Each parameter's sum of squares comes from its owners' chunks (`fold_partial_sums`) and
         the sums are added in parameter order, the order npcpu.optim.clip adds them in: the same
         norm, bit for bit. With `check`, a non-finite norm leaves every gradient as it is.
         `keep_squares`: keep each parameter's sum of squares after clipping for `norm_of` (the
-        freezer's)."""
-        squares = self._sums_of_squares(params)
+        freezer's). `summed_squares`: this rank's chunks' sums of squares of the gradients as they
+        are now, taken by the pass that summed them (npcpu.dist.node.SharedMemorySum), instead
+        of reading the gradients again."""
+        squares = self._sums_of_squares(params, summed=summed_squares)
         total = math.sqrt(sum(squares))
         if keep_squares:
             self.squares = dict(zip(map(id, params), squares))

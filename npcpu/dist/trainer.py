@@ -229,8 +229,10 @@ class DataParallelRunner(ReferenceRunner):
         shared = shard.shared if shard is not None else None  # rank 0's values already
         broadcast_parameters(world, [p for p in params if shared is None or not shared.holds(p)],
                              trainer.timeout)
-        self.node_sum = SharedMemorySum(world, params, shard and shard.spans(),
-                                        trainer.timeout) if trainer.shared_memory else None
+        self.node_sum = SharedMemorySum(world, params, shard and shard.spans(), trainer.timeout,
+                                        shard and shard.chunk_starts) \
+            if trainer.shared_memory else None
+        self.summed_squares = None  # the owners' chunks' sums of squares, from the gradient sum
         # each owner alone reads its summed gradients, unless the loss scaler checks them all
         self.scatter = shard is not None and trainer.sums_to_owners()
         self.buckets = self.node_sum.buckets if self.node_sum is not None else \
@@ -312,10 +314,11 @@ class DataParallelRunner(ReferenceRunner):
         loss = 0.0
         for value in slots[:-1]:
             loss += float(value)
+        self.summed_squares = None
         if self.ordered is not None:
             self.ordered.reduce(trainer.world, trainer.timeout)
-        elif self.node_sum is not None and self.scatter:
-            self.node_sum.reduce_scatter()
+        elif self.node_sum is not None and self.scatter:  # and the norm's sums of squares
+            self.summed_squares = self.node_sum.reduce_scatter(squares=True)
         elif self.node_sum is not None:
             self.node_sum.allreduce()
         elif self.reducer is not None:
@@ -343,8 +346,10 @@ class DataParallelRunner(ReferenceRunner):
         shard = self.trainer.optimizer_shard
         if shard is None:
             return super()._grad_norm(params, check)
+        summed, self.summed_squares = self.summed_squares, None
         norm = shard.gradient_norm(params, self.trainer.clip_grad_norm, check,
-                                   keep_squares=self.trainer.freezer is not None)
+                                   keep_squares=self.trainer.freezer is not None,
+                                   summed_squares=summed)
         if self.scatter and not math.isfinite(norm):
             self.gather()
         return norm

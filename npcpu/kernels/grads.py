@@ -137,6 +137,113 @@ def chunk_power_sums(values, p, partials, scale=None):
             partials[c] = _power_sum_range(values, p, start, stop)
 
 
+RANK_SUM_BLOCK = 128
+"""Elements of one chunk that `sum_ranks_and_square_chunks` adds, writes and squares at a time:
+the ranks' sum and its squares are vector loops over a block in the cache, and only the running
+sum of squares, a chain of dependent additions, is left to scalar code."""
+
+
+@njit(inline="always", cache=True)
+def _sum_ranks_block(sources, out, start, count, running, squares):
+    """``out[start:start + count] = sources[0] + sources[1] + ...`` over those elements, each
+    addition rounded to the dtype (as NumPy adds them one source after the other), the sum kept
+    in `running` until every source is read (`out` may be one of them), and
+    ``squares[i] = float64(sum[i]) ** 2``, the product `_power_sum_range` forms."""
+    first, second = sources[0][start:start + count], sources[1][start:start + count]
+    for i in range(count):
+        running[i] = first[i] + second[i]
+    for r in range(2, len(sources)):
+        more = sources[r][start:start + count]
+        for i in range(count):
+            running[i] += more[i]
+    written = out[start:start + count]
+    for i in range(count):
+        written[i] = running[i]
+        v = np.float64(running[i])
+        squares[i] = v * v
+
+
+@njit(inline="always", cache=True)
+def _add_in_order(total, squares, count):
+    """total + squares[0] + squares[1] + ... + squares[count - 1], added in that order."""
+    for i in range(count):
+        total += squares[i]
+    return total
+
+
+@njit(parallel=True, cache=True)
+def sum_ranks_and_square_chunks(sources, out, starts, partials):
+    """The ranks' sum of a gradient buffer's chunks, and each chunk's sum of squares in the same
+    pass: for each chunk c (elements starts[c] .. starts[c + 1] - 1 of the buffer, at most CHUNK
+    of them), ``out = sources[0] + sources[1] + ...`` in rank order (npcpu.dist.node.add_ranks),
+    and ``partials[c]`` the sum of the squares of those sums, in float64 and index order:
+    bit for bit `chunk_power_sums`' partial (p = 2) of that chunk.
+
+    The chunk's elements go a block of RANK_SUM_BLOCK at a time (`_sum_ranks_block`). A run of
+    LANES whole chunks is summed side by side, their running sums of squares being independent
+    chains (as in chunk_power_sums); lane k works k blocks behind lane 0: the chunks lie CHUNK
+    elements apart, a multiple of 4 KiB, and a load at the same address modulo 4 KiB as a store
+    still in flight waits for it, so lanes in step would stall on each other's stores. The other
+    chunks go one at a time.
+
+    Parameters
+    ----------
+    sources : tuple of (n,) float32 or float64
+        The ranks' buffers, in rank order (at least two). `out` may be one of them.
+    out : (n,) of the same dtype
+    starts : (chunks + 1,) int64
+        Where each chunk begins, then where the last one ends (the chunks are consecutive).
+    partials : (chunks,) float64, written
+    """
+    block = RANK_SUM_BLOCK
+    steps = CHUNK // block  # blocks in a chunk
+    chunks = partials.shape[0]
+    groups = chunks // LANES
+    for task in prange(groups + chunks - groups * LANES):
+        first = task * LANES if task < groups else groups * LANES + task - groups
+        lanes = LANES if task < groups else 1
+        whole = True
+        for k in range(lanes):
+            whole = whole and starts[first + k + 1] - starts[first + k] == CHUNK
+        running = np.empty(block, out.dtype)
+        squares = np.empty((LANES, block))
+        totals = np.zeros(LANES)
+        if lanes == LANES and whole:
+            for step in range(LANES - 1):  # lanes 0 .. step start
+                for k in range(step + 1):
+                    _sum_ranks_block(sources, out, starts[first + k] + (step - k) * block,
+                                     block, running, squares[k])
+                    totals[k] = _add_in_order(totals[k], squares[k], block)
+            s0, s1, s2, s3 = starts[first], starts[first + 1], starts[first + 2], starts[first + 3]
+            q0, q1, q2, q3 = squares[0], squares[1], squares[2], squares[3]
+            t0, t1, t2, t3 = totals[0], totals[1], totals[2], totals[3]
+            for step in range(LANES - 1, steps):  # every lane
+                _sum_ranks_block(sources, out, s0 + step * block, block, running, q0)
+                _sum_ranks_block(sources, out, s1 + (step - 1) * block, block, running, q1)
+                _sum_ranks_block(sources, out, s2 + (step - 2) * block, block, running, q2)
+                _sum_ranks_block(sources, out, s3 + (step - 3) * block, block, running, q3)
+                for i in range(block):
+                    t0 += q0[i]
+                    t1 += q1[i]
+                    t2 += q2[i]
+                    t3 += q3[i]
+            totals[0], totals[1], totals[2], totals[3] = t0, t1, t2, t3
+            for step in range(steps, steps + LANES - 1):  # lanes step - steps + 1 .. 3 finish
+                for k in range(step - steps + 1, LANES):
+                    _sum_ranks_block(sources, out, starts[first + k] + (step - k) * block,
+                                     block, running, squares[k])
+                    totals[k] = _add_in_order(totals[k], squares[k], block)
+        else:
+            for k in range(lanes):
+                c = first + k
+                for start in range(starts[c], starts[c + 1], block):
+                    count = min(block, starts[c + 1] - start)
+                    _sum_ranks_block(sources, out, start, count, running, squares[0])
+                    totals[k] = _add_in_order(totals[k], squares[0], count)
+        for k in range(lanes):
+            partials[first + k] = totals[k]
+
+
 @njit(cache=True)
 def power_sum(values, p, scale=None):
     """``sum_i |values[i]| ** p`` accumulated in float64: the p-th power of the p-norm. With
