@@ -15,13 +15,11 @@ from test_dist_shard import assert_states_equal
 SHARD = ["--dist.shard_optimizer", "true"]
 MPI_COLLECTIVES = ["--dist.shared_memory", "false"]
 
-# Buckets of 7, 5, 7 and 4 elements; rank r's gradients are r + 1 + (element index) / 8 (exact
-# in float32, and so is their sum). The spans cut inside a bucket, rank 1's (10, 10) is empty,
-# and rank 2's covers the end of one bucket and the whole of the next two.
-BUCKETS = """
+# The start of a script run under mpiexec: the world, and a stand-in for a Parameter with a
+# float32 gradient (what the gradient buffers read of one).
+STAND_IN = """
 import sys
 import numpy as np
-from npcpu.dist.reduce import GradientBuckets, SpanSums
 from npcpu.dist.world import init_world
 
 class Param:
@@ -31,6 +29,13 @@ class Param:
         return self.grad if self.grad is not None else np.zeros(self.size, np.float32)
 
 world = init_world(require_mpi=True)
+"""
+
+# Buckets of 7, 5, 7 and 4 elements; rank r's gradients are r + 1 + (element index) / 8 (exact
+# in float32, and so is their sum). The spans cut inside a bucket, rank 1's (10, 10) is empty,
+# and rank 2's covers the end of one bucket and the whole of the next two.
+BUCKETS = STAND_IN + """
+from npcpu.dist.reduce import GradientBuckets, SpanSums
 params = [Param(s) for s in (4, 7, 3, 2, 7)]  # reversed in the buckets: 7 | 2 3 | 7 | 4
 buckets = GradientBuckets(params, 7 * 4)
 assert [b.size for b in buckets.buffers] == [7, 5, 7, 4], [b.size for b in buckets.buffers]

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 from test_dist_mpi import FP32, SECONDS, TINY, final_state, metrics, train
+from test_dist_scatter import STAND_IN
 from test_dist_shard import assert_states_equal
 
 from npcpu.dist.shard import SPLIT_UNIT, cuts, own_chunks, pieces
@@ -111,21 +112,10 @@ def test_each_ranks_chunks_tile_its_range_piece_by_piece(ranks):
 
 # Parameters of odd sizes, the first cut between the ranks; every rank's summed range and its
 # chunks' sums of squares checked against add-then-chunk_power_sums.
-SHARED_SUM = """
-import sys
-import numpy as np
+SHARED_SUM = STAND_IN + """
 from npcpu.dist.node import SharedMemorySum
 from npcpu.dist.shard import cuts, own_chunks, pieces
-from npcpu.dist.world import init_world
 from npcpu.kernels.grads import CHUNK, chunk_power_sums
-
-class Param:
-    def __init__(self, size):
-        self.size, self.shape, self.compute_dtype, self.grad = size, (size,), np.dtype(np.float32), None
-    def grad_buffer(self):
-        return self.grad if self.grad is not None else np.zeros(self.size, np.float32)
-
-world = init_world(require_mpi=True)
 params = [Param(s) for s in (5 * CHUNK + 3, 1, 4 * CHUNK, 9 * CHUNK + 11)]
 in_buffer = params[::-1]
 sizes = [p.size for p in in_buffer]

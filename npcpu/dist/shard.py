@@ -46,6 +46,7 @@ from npcpu.dist.reduce import sum_in_order
 from npcpu.dist.world import World, wait
 from npcpu.kernels.grads import CHUNK, chunk_power_sums
 from npcpu.kernels.optim_io import BLOCK, ELEMENTS_PER_HASH
+from npcpu.optim.clip import norm_from_squares
 
 SPLIT_UNIT = math.lcm(CHUNK, BLOCK, ELEMENTS_PER_HASH)
 """A parameter is cut only at multiples of this many elements (counted from its first element)."""
@@ -241,8 +242,7 @@ class OptimizerShard:
         """The 2-norm of the gradients of `params` (trainable, all among those of the last
         `gradient_norm`, after its clipping), from the owners' sums of squares: bit for bit
         npcpu.optim.clip.get_total_norm of the summed gradients."""
-        return math.sqrt(sum(self.squares[id(p)] for p in params
-                             if not p.frozen and p.grad is not None))
+        return norm_from_squares(self.squares, params)
 
     def publish_parameters(self) -> None:
         """Every rank takes each piece of each parameter (as bytes) from its owner: on one node
