@@ -112,9 +112,9 @@ def main() -> None:
     parser.add_argument("--option", action="append", default=[],
                         help="a train option for every run, e.g. --option=--data.path=DIR")
     args = parser.parse_args()
-    train = build_config(preset=args.preset)["train"]
-    batch, accumulation = train["batch_size"], train["accumulation_steps"]
-    bucket_bytes = build_config(preset=args.preset)["dist"]["bucket_mb"] * 2**20
+    config = build_config(preset=args.preset)
+    batch, accumulation = config["train"]["batch_size"], config["train"]["accumulation_steps"]
+    bucket_bytes = config["dist"]["bucket_mb"] * 2**20
     hosts = [1] + [int(n) for n in args.hosts.split(",")]
     measured, rows, results = {}, [], []
     for n in hosts:
